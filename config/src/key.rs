@@ -1,0 +1,130 @@
+//! Object keys: `<kind>/<name>` relative to the store prefix.
+
+use std::fmt;
+
+/// The kinds of object in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Services,
+    Routes,
+    Groups,
+    Nodes,
+    Instances,
+}
+
+impl Kind {
+    /// Config kinds, managed through the admin API, in dependency order
+    /// (a route refers to services, a service to a group).
+    pub const CONFIG: [Kind; 3] = [Kind::Groups, Kind::Services, Kind::Routes];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Services => "services",
+            Kind::Routes => "routes",
+            Kind::Groups => "groups",
+            Kind::Nodes => "nodes",
+            Kind::Instances => "instances",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "services" => Kind::Services,
+            "routes" => Kind::Routes,
+            "groups" => Kind::Groups,
+            "nodes" => Kind::Nodes,
+            "instances" => Kind::Instances,
+            _ => return None,
+        })
+    }
+
+    /// Config kinds are written by operators; runtime kinds by the
+    /// processes themselves, under leases.
+    pub fn is_config(self) -> bool {
+        matches!(self, Kind::Services | Kind::Routes | Kind::Groups)
+    }
+
+    /// The key prefix of every object of this kind, e.g. `services/`.
+    pub fn prefix(self) -> String {
+        format!("{}/", self.as_str())
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The key of one object, relative to the store prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub kind: Kind,
+    /// The object name. For instances: `<service>/<id>`.
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        Key {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    /// Parses a relative key such as `routes/checkout`. Returns `None` for
+    /// keys of unknown kinds or with an invalid name.
+    pub fn parse(rel: &str) -> Option<Key> {
+        let (kind, name) = rel.split_once('/')?;
+        let kind = Kind::parse(kind)?;
+        let ok = match kind {
+            Kind::Instances => match name.split_once('/') {
+                Some((svc, id)) => valid_name(svc) && valid_name(id),
+                None => false,
+            },
+            _ => valid_name(name),
+        };
+        ok.then(|| Key::new(kind, name))
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind.as_str(), self.name)
+    }
+}
+
+/// Object names: 1–128 characters of `a-z 0-9 - _ .`, starting and ending
+/// with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(c))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys() {
+        assert_eq!(
+            Key::parse("routes/checkout"),
+            Some(Key::new(Kind::Routes, "checkout"))
+        );
+        assert_eq!(
+            Key::parse("instances/orders/host-1"),
+            Some(Key::new(Kind::Instances, "orders/host-1"))
+        );
+        assert_eq!(Key::parse("routes/Bad"), None);
+        assert_eq!(Key::parse("routes/a/b"), None);
+        assert_eq!(Key::parse("widgets/a"), None);
+        assert_eq!(Key::parse("instances/orders"), None);
+        assert_eq!(Key::parse("routes/-x"), None);
+        assert_eq!(Key::new(Kind::Groups, "shop").to_string(), "groups/shop");
+    }
+}

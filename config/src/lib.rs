@@ -1,0 +1,20 @@
+//! Meshgate's config model and everything that moves it: the serde types
+//! ([`model`]), their validation with field paths ([`validate`]), the
+//! [`store::ConfigStore`] trait with its etcd and standalone-file stores, the
+//! sync engine that keeps a process's view current through outages
+//! ([`sync`]), lease-based registration ([`registration`]) and the
+//! last-known-good snapshot file ([`snapshot_file`]).
+
+#![forbid(unsafe_code)]
+
+pub mod key;
+pub mod model;
+pub mod node;
+pub mod registration;
+pub mod snapshot_file;
+pub mod store;
+pub mod sync;
+pub mod validate;
+
+pub use key::{Key, Kind};
+pub use validate::{FieldError, Invalid, Object};

@@ -1,0 +1,120 @@
+//! Pieces of the node config files shared by every process: where the store
+//! is, and loading a YAML file with errors that name the file and the field.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ConfigStore, EtcdOptions, EtcdStore, FileStore};
+
+/// Where the config lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum StoreConfig {
+    /// Cluster mode.
+    Etcd(EtcdConfig),
+    /// Standalone mode: one YAML file of the config model.
+    File(String),
+}
+
+/// etcd connection settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// e.g. `["http://127.0.0.1:2379"]`.
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Bound on every etcd call, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "/meshgate/v1".to_string()
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
+impl StoreConfig {
+    /// Checks the settings; returns `(field, message)` problems.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        match self {
+            StoreConfig::Etcd(e) => {
+                if e.endpoints.is_empty() {
+                    out.push(("store.etcd.endpoints".into(), "must list at least one endpoint".into()));
+                }
+                for (i, ep) in e.endpoints.iter().enumerate() {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        out.push((
+                            format!("store.etcd.endpoints[{i}]"),
+                            "must be a URL such as http://127.0.0.1:2379".into(),
+                        ));
+                    }
+                }
+                if !e.prefix.starts_with('/') {
+                    out.push(("store.etcd.prefix".into(), "must start with '/'".into()));
+                }
+                if e.timeout_ms == 0 {
+                    out.push(("store.etcd.timeout_ms".into(), "must be greater than 0".into()));
+                }
+            }
+            StoreConfig::File(f) => {
+                if f.is_empty() {
+                    out.push(("store.file".into(), "must name a file".into()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Opens the store.
+    pub async fn open(&self) -> anyhow::Result<Arc<dyn ConfigStore>> {
+        Ok(match self {
+            StoreConfig::Etcd(e) => Arc::new(
+                EtcdStore::connect(EtcdOptions {
+                    endpoints: e.endpoints.clone(),
+                    prefix: e.prefix.clone(),
+                    timeout: Duration::from_millis(e.timeout_ms),
+                })
+                .await?,
+            ),
+            StoreConfig::File(f) => FileStore::open(f).await?,
+        })
+    }
+}
+
+/// Reads a YAML file into `T`. The error names the file and the field path,
+/// e.g. `gateway.yaml: listen: invalid socket address syntax`.
+pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            anyhow::anyhow!("{}: {inner}", path.display())
+        } else {
+            anyhow::anyhow!("{}: {field}: {inner}", path.display())
+        }
+    })
+}
+
+/// Formats validation problems of a node config file as one error.
+pub fn problems_to_error(path: &Path, problems: Vec<(String, String)>) -> anyhow::Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = problems
+        .into_iter()
+        .map(|(f, m)| format!("{}: {f}: {m}", path.display()))
+        .collect();
+    Err(anyhow::anyhow!("{}", lines.join("\n")))
+}

@@ -1,0 +1,129 @@
+//! Lease-based registration of runtime objects (`nodes/<id>`,
+//! `instances/<service>/<id>`): the object lives while its process renews the
+//! lease, and disappears by itself when the process or its host dies.
+//!
+//! The task survives store outages: it keeps renewing, and when the lease has
+//! expired meanwhile it grants a new one and writes the object again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::key::Key;
+use crate::store::{ConfigStore, Op};
+
+/// A live registration. Update its value with [`Registration::update`];
+/// remove it at once with [`Registration::deregister`].
+pub struct Registration {
+    value: watch::Sender<Vec<u8>>,
+    stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+}
+
+impl Registration {
+    /// Starts registering `value` at `key` under a lease of `ttl`.
+    pub fn spawn(store: Arc<dyn ConfigStore>, key: Key, value: Vec<u8>, ttl: Duration) -> Self {
+        let (vtx, vrx) = watch::channel(value);
+        let (stx, srx) = oneshot::channel();
+        tokio::spawn(run(store, key, vrx, srx, ttl));
+        Registration {
+            value: vtx,
+            stop: Some(stx),
+        }
+    }
+
+    /// Replaces the registered value (written as soon as the store allows).
+    pub fn update(&self, value: Vec<u8>) {
+        self.value.send_if_modified(|v| {
+            if *v == value {
+                false
+            } else {
+                *v = value;
+                true
+            }
+        });
+    }
+
+    /// Revokes the lease so the object disappears now; waits (bounded) for
+    /// the store to confirm.
+    pub async fn deregister(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let (done_tx, done_rx) = oneshot::channel();
+            if stop.send(done_tx).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(3), done_rx).await;
+            }
+        }
+    }
+}
+
+async fn run(
+    store: Arc<dyn ConfigStore>,
+    key: Key,
+    mut value: watch::Receiver<Vec<u8>>,
+    mut stop: oneshot::Receiver<oneshot::Sender<()>>,
+    ttl: Duration,
+) {
+    let ttl_s = ttl.as_secs().max(1) as i64;
+    let renew_every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(200));
+    let mut lease: Option<i64> = None;
+    let mut written = false;
+    let mut tick = tokio::time::interval(renew_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut stop => {
+                if let Some(l) = lease {
+                    if let Err(e) = store.revoke(l).await {
+                        tracing::warn!(%key, error = %e, "could not revoke lease; it will expire by itself");
+                    }
+                }
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            changed = value.changed() => {
+                if changed.is_err() {
+                    // The Registration was dropped without deregistering:
+                    // leave the lease to expire.
+                    return;
+                }
+                written = false;
+            }
+            _ = tick.tick() => {
+                if let Some(l) = lease {
+                    match store.keep_alive(l).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(%key, "lease expired; registering again");
+                            lease = None;
+                        }
+                        Err(e) => tracing::debug!(%key, error = %e, "lease keep-alive failed"),
+                    }
+                }
+            }
+        }
+        if lease.is_none() {
+            written = false;
+            match store.grant_lease(ttl_s).await {
+                Ok(l) => lease = Some(l),
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "cannot grant lease yet");
+                    continue;
+                }
+            }
+        }
+        if !written {
+            let v = value.borrow_and_update().clone();
+            let op = Op::Put {
+                key: key.clone(),
+                value: v,
+                lease,
+            };
+            match store.txn(vec![], vec![op]).await {
+                Ok(_) => written = true,
+                Err(e) => tracing::debug!(%key, error = %e, "cannot write registration yet"),
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The sync engine: keeps a process's view of its slice of the store up to
+//! date, whatever the store does.
+//!
+//! It loads every watched prefix, then watches each from the next revision.
+//! After a disconnect it resumes each watch from the last revision it saw; on
+//! compaction it re-reads everything and applies only the difference. When
+//! the store cannot be reached at start it applies the last-known-good
+//! snapshot file, and it rewrites that file (debounced) after every change.
+//! It runs in its own task and hands changes to an [`Apply`] implementation,
+//! so readers of the data plane are never blocked by it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{select_all, StreamExt};
+use tokio::sync::watch;
+
+use crate::key::Key;
+use crate::model::now_ms;
+use crate::snapshot_file;
+use crate::store::{ConfigStore, Entry, Event, StoreError};
+
+/// One change to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Entry),
+    Delete(Key),
+}
+
+/// Receives the changes, in order. Implemented by the gateway's and the
+/// sidecar's config compilers.
+pub trait Apply: Send + 'static {
+    /// Applies `changes`; afterwards the view reflects the store at `revision`.
+    fn apply(&mut self, changes: Vec<Change>, revision: i64);
+}
+
+/// Where the applied config came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Nothing applied yet.
+    None,
+    /// The last-known-good snapshot file (the store was unreachable).
+    SnapshotFile,
+    /// The store.
+    Store,
+}
+
+/// The state of the sync, published on a watch channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncStatus {
+    pub source: Source,
+    /// Whether the watch on the store is currently established.
+    pub connected: bool,
+    /// The store revision the applied view reflects.
+    pub revision: i64,
+    /// Unix ms of the last moment the view was known to be in sync with the
+    /// store (now, while connected; the snapshot's time for a snapshot).
+    pub last_sync_ms: u64,
+    /// A short description of the last store error, if disconnected.
+    pub last_error: Option<String>,
+}
+
+impl SyncStatus {
+    /// Whether any config has been applied (from the store or the file).
+    pub fn ready(&self) -> bool {
+        self.source != Source::None
+    }
+}
+
+/// What to sync and where the last-known-good file lives.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Relative prefixes to load and watch (e.g. `services/`, `groups/shop`).
+    pub prefixes: Vec<String>,
+    /// The snapshot file and the scope written into it (e.g. `gateway:gw-1`).
+    pub snapshot: Option<(PathBuf, String)>,
+    /// Smallest and largest pause between reconnection attempts.
+    pub backoff: (Duration, Duration),
+}
+
+impl SyncOptions {
+    pub fn new(prefixes: Vec<String>) -> Self {
+        SyncOptions {
+            prefixes,
+            snapshot: None,
+            backoff: (Duration::from_millis(100), Duration::from_secs(3)),
+        }
+    }
+}
+
+/// Starts the sync task. Returns its status channel.
+pub fn spawn(
+    store: Arc<dyn ConfigStore>,
+    opts: SyncOptions,
+    applier: impl Apply,
+) -> watch::Receiver<SyncStatus> {
+    let (tx, rx) = watch::channel(SyncStatus {
+        source: Source::None,
+        connected: false,
+        revision: 0,
+        last_sync_ms: 0,
+        last_error: None,
+    });
+    tokio::spawn(Syncer::new(store, opts, applier, tx).run());
+    rx
+}
+
+// === impl Syncer ===
+
+struct Syncer<A> {
+    store: Arc<dyn ConfigStore>,
+    opts: SyncOptions,
+    applier: A,
+    status: watch::Sender<SyncStatus>,
+    mirror: BTreeMap<Key, Entry>,
+    /// Last revision seen per prefix.
+    revs: Vec<i64>,
+    dirty: bool,
+}
+
+impl<A: Apply> Syncer<A> {
+    fn new(
+        store: Arc<dyn ConfigStore>,
+        opts: SyncOptions,
+        applier: A,
+        status: watch::Sender<SyncStatus>,
+    ) -> Self {
+        let n = opts.prefixes.len();
+        Syncer {
+            store,
+            opts,
+            applier,
+            status,
+            mirror: BTreeMap::new(),
+            revs: vec![0; n],
+            dirty: false,
+        }
+    }
+
+    async fn run(mut self) {
+        let (min_backoff, max_backoff) = self.opts.backoff;
+        let mut backoff = min_backoff;
+        let mut need_load = true;
+        let mut tried_snapshot = false;
+        loop {
+            if need_load {
+                match self.load().await {
+                    Ok(()) => need_load = false,
+                    Err(e) => {
+                        self.disconnected(&e);
+                        if !tried_snapshot {
+                            tried_snapshot = true;
+                            self.load_snapshot_file();
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(max_backoff);
+                        continue;
+                    }
+                }
+            }
+            match self.watch().await {
+                WatchEnd::Compacted => need_load = true,
+                WatchEnd::Error(e) => {
+                    self.disconnected(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(max_backoff);
+                    continue;
+                }
+            }
+            backoff = min_backoff;
+        }
+    }
+
+    /// Reads every prefix and applies the difference with the current view.
+    async fn load(&mut self) -> Result<(), StoreError> {
+        let mut fresh = BTreeMap::new();
+        let mut revs = Vec::with_capacity(self.opts.prefixes.len());
+        for p in &self.opts.prefixes {
+            let r = self.store.range(p).await?;
+            revs.push(r.revision);
+            for e in r.entries {
+                fresh.insert(e.key.clone(), e);
+            }
+        }
+        let revision = revs.iter().copied().max().unwrap_or(0);
+        let changes = diff(&self.mirror, &fresh);
+        tracing::info!(
+            store = %self.store.describe(),
+            revision,
+            objects = fresh.len(),
+            changes = changes.len(),
+            "config loaded from store"
+        );
+        self.mirror = fresh;
+        self.revs = revs;
+        self.applier.apply(changes, revision);
+        self.dirty = true;
+        self.flush_snapshot().await;
+        self.status.send_modify(|s| {
+            s.source = Source::Store;
+            s.connected = true;
+            s.revision = revision;
+            s.last_sync_ms = now_ms();
+            s.last_error = None;
+        });
+        Ok(())
+    }
+
+    /// Watches every prefix until the store goes away or compacts.
+    async fn watch(&mut self) -> WatchEnd {
+        let mut streams = Vec::with_capacity(self.opts.prefixes.len());
+        for (i, p) in self.opts.prefixes.iter().enumerate() {
+            match self.store.watch(p, self.revs[i] + 1).await {
+                Ok(s) => streams.push(s.map(move |item| (i, item)).boxed()),
+                Err(StoreError::Compacted(_)) => return WatchEnd::Compacted,
+                Err(e) => return WatchEnd::Error(e),
+            }
+        }
+        let was_connected = self.status.borrow().connected;
+        if !was_connected {
+            tracing::info!(store = %self.store.describe(), "config store watch established");
+        }
+        self.status.send_modify(|s| {
+            s.source = Source::Store;
+            s.connected = true;
+            s.last_sync_ms = now_ms();
+            s.last_error = None;
+        });
+        let mut merged = select_all(streams);
+        let mut flush = tokio::time::interval(Duration::from_millis(500));
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                item = merged.next() => match item {
+                    Some((i, Ok(batch))) => self.on_batch(i, batch.revision, batch.events),
+                    Some((_, Err(StoreError::Compacted(rev)))) => {
+                        tracing::warn!(compact_revision = rev, "watch compacted; re-reading the store");
+                        self.flush_snapshot().await;
+                        return WatchEnd::Compacted;
+                    }
+                    Some((_, Err(e))) => {
+                        self.flush_snapshot().await;
+                        return WatchEnd::Error(e);
+                    }
+                    None => return WatchEnd::Error(StoreError::Unavailable("watch ended".into())),
+                },
+                _ = flush.tick() => self.flush_snapshot().await,
+                _ = heartbeat.tick() => self.status.send_modify(|s| s.last_sync_ms = now_ms()),
+            }
+        }
+    }
+
+    fn on_batch(&mut self, prefix: usize, revision: i64, events: Vec<Event>) {
+        if revision <= self.revs[prefix] && events.is_empty() {
+            return;
+        }
+        let mut changes = Vec::with_capacity(events.len());
+        for ev in events {
+            match ev {
+                Event::Put(e) => {
+                    if self
+                        .mirror
+                        .get(&e.key)
+                        .is_some_and(|old| old.mod_revision >= e.mod_revision)
+                    {
+                        continue;
+                    }
+                    self.mirror.insert(e.key.clone(), e.clone());
+                    changes.push(Change::Put(e));
+                }
+                Event::Delete { key, .. } => {
+                    if self.mirror.remove(&key).is_some() {
+                        changes.push(Change::Delete(key));
+                    }
+                }
+            }
+        }
+        self.revs[prefix] = self.revs[prefix].max(revision);
+        let revision = self.revs.iter().copied().max().unwrap_or(revision);
+        if !changes.is_empty() {
+            self.dirty = true;
+        }
+        self.applier.apply(changes, revision);
+        self.status.send_modify(|s| {
+            s.revision = revision;
+            s.last_sync_ms = now_ms();
+        });
+    }
+
+    fn disconnected(&self, e: &StoreError) {
+        let was = self.status.borrow().connected;
+        if was {
+            tracing::warn!(store = %self.store.describe(), error = %e, "config store unreachable; serving the last applied config");
+        } else {
+            tracing::debug!(store = %self.store.describe(), error = %e, "config store still unreachable");
+        }
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(e.to_string());
+        });
+    }
+
+    fn load_snapshot_file(&mut self) {
+        let Some((path, scope)) = &self.opts.snapshot else {
+            return;
+        };
+        match snapshot_file::read(path, scope) {
+            Ok(snap) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    revision = snap.revision,
+                    objects = snap.entries.len(),
+                    "config store unreachable at start; serving the last-known-good snapshot"
+                );
+                let fresh: BTreeMap<Key, Entry> =
+                    snap.entries.into_iter().map(|e| (e.key.clone(), e)).collect();
+                let changes = diff(&self.mirror, &fresh);
+                self.mirror = fresh;
+                self.revs.iter_mut().for_each(|r| *r = snap.revision);
+                self.applier.apply(changes, snap.revision);
+                self.status.send_modify(|s| {
+                    s.source = Source::SnapshotFile;
+                    s.revision = snap.revision;
+                    s.last_sync_ms = snap.written_at_ms;
+                });
+            }
+            Err(snapshot_file::SnapshotError::Missing) => {
+                tracing::warn!(file = %path.display(), "config store unreachable at start and no snapshot file yet")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "ignoring the snapshot file")
+            }
+        }
+    }
+
+    async fn flush_snapshot(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let Some((path, scope)) = self.opts.snapshot.clone() else {
+            self.dirty = false;
+            return;
+        };
+        self.dirty = false;
+        let entries: Vec<Entry> = self.mirror.values().cloned().collect();
+        let revision = self.revs.iter().copied().max().unwrap_or(0);
+        let res = tokio::task::spawn_blocking(move || {
+            snapshot_file::write(&path, &scope, revision, entries).map_err(|e| (path, e))
+        })
+        .await;
+        if let Ok(Err((path, e))) = res {
+            tracing::error!(file = %path.display(), error = %e, "cannot write the snapshot file");
+            self.dirty = true;
+        }
+    }
+}
+
+enum WatchEnd {
+    Compacted,
+    Error(StoreError),
+}
+
+/// The changes that turn `old` into `new`.
+pub fn diff(old: &BTreeMap<Key, Entry>, new: &BTreeMap<Key, Entry>) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (k, e) in new {
+        match old.get(k) {
+            Some(o) if o.value == e.value && o.mod_revision == e.mod_revision => {}
+            _ => out.push(Change::Put(e.clone())),
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(Change::Delete(k.clone()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Kind;
+
+    fn e(name: &str, v: &str, rev: i64) -> (Key, Entry) {
+        let key = Key::new(Kind::Routes, name);
+        (
+            key.clone(),
+            Entry {
+                key,
+                value: v.as_bytes().to_vec(),
+                mod_revision: rev,
+            },
+        )
+    }
+
+    #[test]
+    fn diff_reports_puts_and_deletes_only() {
+        let old: BTreeMap<_, _> = [e("a", "1", 1), e("b", "1", 1), e("c", "1", 1)].into();
+        let new: BTreeMap<_, _> = [e("a", "1", 1), e("b", "2", 5), e("d", "1", 5)].into();
+        let d = diff(&old, &new);
+        assert_eq!(
+            d,
+            vec![
+                Change::Put(e("b", "2", 5).1),
+                Change::Put(e("d", "1", 5).1),
+                Change::Delete(Key::new(Kind::Routes, "c")),
+            ]
+        );
+    }
+}

@@ -1,0 +1,479 @@
+//! Decoding and validation of config objects, reporting the field path of
+//! every problem (`routes/checkout: match.path.prefix: must start with '/'`).
+//!
+//! Decoding uses `serde_path_to_error`, so a wrong type or an unknown field is
+//! reported with its path too. Validation never stops at the first problem.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::key::{valid_name, Key, Kind};
+use crate::model::*;
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `backends[0].weight`; empty for the
+    /// object as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+/// Everything wrong with one object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Invalid {
+    /// The object, e.g. `routes/checkout`.
+    pub object: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            if e.field.is_empty() {
+                write!(f, "{}: {}", self.object, e.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.object, e.field, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A decoded, validated object of any kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Service),
+    Route(Route),
+    Group(Group),
+    Node(Node),
+    Instance(Instance),
+}
+
+impl Object {
+    /// Decodes and validates the JSON value stored at `key`.
+    pub fn decode(key: &Key, json: &[u8]) -> Result<Object, Invalid> {
+        let obj = match key.kind {
+            Kind::Services => Object::Service(decode_json(key, json)?),
+            Kind::Routes => Object::Route(decode_json(key, json)?),
+            Kind::Groups => Object::Group(decode_json(key, json)?),
+            Kind::Nodes => Object::Node(decode_json(key, json)?),
+            Kind::Instances => Object::Instance(decode_json(key, json)?),
+        };
+        obj.validate(key)?;
+        Ok(obj)
+    }
+
+    /// Checks the semantics of the object (its types are already right).
+    pub fn validate(&self, key: &Key) -> Result<(), Invalid> {
+        let mut v = Errors::default();
+        match self {
+            Object::Service(s) => validate_service(s, &mut v),
+            Object::Route(r) => validate_route(r, &mut v),
+            Object::Group(g) => validate_group(g, &mut v),
+            Object::Node(n) => {
+                if let Some(a) = &n.address {
+                    v.check("address", valid_address(a), ADDRESS_MSG);
+                }
+                for (i, g) in n.groups.iter().enumerate() {
+                    v.check(&format!("groups[{i}]"), valid_name(g), NAME_MSG);
+                }
+            }
+            Object::Instance(i) => {
+                v.check("address", valid_address(&i.address), ADDRESS_MSG);
+                v.check("weight", (1..=10_000).contains(&i.weight), WEIGHT_MSG);
+            }
+        }
+        v.into_result(key)
+    }
+
+    /// The encoded form stored in etcd.
+    pub fn to_json(&self) -> Vec<u8> {
+        let r = match self {
+            Object::Service(x) => serde_json::to_vec(x),
+            Object::Route(x) => serde_json::to_vec(x),
+            Object::Group(x) => serde_json::to_vec(x),
+            Object::Node(x) => serde_json::to_vec(x),
+            Object::Instance(x) => serde_json::to_vec(x),
+        };
+        r.expect("config types always serialize")
+    }
+
+    /// Names of the objects this one refers to and that must exist.
+    pub fn references(&self) -> Vec<(String, Key)> {
+        match self {
+            Object::Route(r) => r
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    (
+                        format!("backends[{i}].service"),
+                        Key::new(Kind::Services, &b.service),
+                    )
+                })
+                .collect(),
+            Object::Service(s) => {
+                let mut refs = Vec::new();
+                if let Some(g) = &s.group {
+                    refs.push(("group".to_string(), Key::new(Kind::Groups, g)));
+                }
+                if let Some(f) = &s.fallback {
+                    refs.push(("fallback".to_string(), Key::new(Kind::Services, f)));
+                }
+                refs
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Decodes JSON with the path of the offending field in the error.
+pub fn decode_json<T: DeserializeOwned>(key: &Key, json: &[u8]) -> Result<T, Invalid> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = clean_path(&e.path().to_string());
+        let message = strip_position(&e.inner().to_string());
+        Invalid {
+            object: key.to_string(),
+            errors: vec![FieldError { field, message }],
+        }
+    })
+}
+
+/// Decodes a `serde_json::Value` with field paths in the error.
+pub fn decode_value<T: DeserializeOwned>(key: &Key, value: serde_json::Value) -> Result<T, Invalid> {
+    serde_path_to_error::deserialize(value).map_err(|e| Invalid {
+        object: key.to_string(),
+        errors: vec![FieldError {
+            field: clean_path(&e.path().to_string()),
+            message: strip_position(&e.inner().to_string()),
+        }],
+    })
+}
+
+fn clean_path(p: &str) -> String {
+    if p == "." {
+        String::new()
+    } else {
+        p.to_string()
+    }
+}
+
+/// serde_json appends "at line 1 column 23": useless to an API user, who
+/// gets the field path instead.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+// === impl Errors ===
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, field: &str, ok: bool, message: &str) {
+        if !ok {
+            self.push(field, message);
+        }
+    }
+
+    fn into_result(self, key: &Key) -> Result<(), Invalid> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Invalid {
+                object: key.to_string(),
+                errors: self.0,
+            })
+        }
+    }
+}
+
+const NAME_MSG: &str =
+    "must be 1-128 characters of a-z, 0-9, '-', '_', '.', starting and ending with a letter or digit";
+const ADDRESS_MSG: &str = "must be host:port with a port from 1 to 65535";
+const WEIGHT_MSG: &str = "must be from 1 to 10000";
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// `host:port` (IPv6 as `[::1]:port`), port 1..=65535.
+pub fn valid_address(a: &str) -> bool {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = matches!(port.parse::<u16>(), Ok(p) if p > 0);
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        valid_hostname(host)
+    };
+    port_ok && host_ok
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+fn validate_timeouts(t: &Timeouts, base: &str, v: &mut Errors) {
+    for (name, val) in [("connect_ms", t.connect_ms), ("request_ms", t.request_ms)] {
+        if let Some(ms) = val {
+            v.check(
+                &format!("{base}{name}"),
+                (1..=MAX_TIMEOUT_MS).contains(&ms),
+                "must be from 1 to 3600000 (one hour)",
+            );
+        }
+    }
+}
+
+fn validate_service(s: &Service, v: &mut Errors) {
+    if let Some(g) = &s.group {
+        v.check("group", valid_name(g), NAME_MSG);
+    }
+    if let Some(f) = &s.fallback {
+        v.check("fallback", valid_name(f), NAME_MSG);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in s.endpoints.iter().enumerate() {
+        let base = format!("endpoints[{i}]");
+        v.check(&format!("{base}.address"), valid_address(&e.address), ADDRESS_MSG);
+        v.check(
+            &format!("{base}.weight"),
+            (1..=10_000).contains(&e.weight),
+            WEIGHT_MSG,
+        );
+        if !seen.insert(e.address.as_str()) {
+            v.push(&format!("{base}.address"), "duplicate endpoint address");
+        }
+    }
+    validate_timeouts(&s.timeouts, "timeouts.", v);
+}
+
+fn validate_route(r: &Route, v: &mut Errors) {
+    let m = &r.matches;
+    for (i, h) in m.hosts.iter().enumerate() {
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        v.check(
+            &format!("match.hosts[{i}]"),
+            valid_hostname(name) && !name.bytes().any(|c| c.is_ascii_uppercase()),
+            "must be a lower-case host name without port, optionally starting with '*.'",
+        );
+    }
+    if let Some(p) = &m.path {
+        match (&p.exact, &p.prefix) {
+            (Some(_), Some(_)) | (None, None) => {
+                v.push("match.path", "give exactly one of 'exact' and 'prefix'")
+            }
+            (Some(x), None) => v.check("match.path.exact", x.starts_with('/'), "must start with '/'"),
+            (None, Some(x)) => {
+                v.check("match.path.prefix", x.starts_with('/'), "must start with '/'")
+            }
+        }
+    }
+    for (i, meth) in m.methods.iter().enumerate() {
+        v.check(
+            &format!("match.methods[{i}]"),
+            !meth.is_empty() && meth.bytes().all(|c| c.is_ascii_uppercase()),
+            "must be an upper-case HTTP method such as GET",
+        );
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        v.check(
+            &format!("match.headers[{i}].name"),
+            http_header_name(&h.name),
+            "must be a lower-case HTTP header name",
+        );
+    }
+    match (&r.backends.is_empty(), &r.direct_response) {
+        (true, None) => v.push("backends", "a route needs backends or a direct_response"),
+        (false, Some(_)) => v.push(
+            "direct_response",
+            "give either backends or a direct_response, not both",
+        ),
+        _ => {}
+    }
+    let mut total = 0u64;
+    for (i, b) in r.backends.iter().enumerate() {
+        v.check(&format!("backends[{i}].service"), valid_name(&b.service), NAME_MSG);
+        v.check(
+            &format!("backends[{i}].weight"),
+            b.weight <= 10_000,
+            "must be from 0 to 10000",
+        );
+        total += u64::from(b.weight);
+    }
+    if !r.backends.is_empty() && total == 0 {
+        v.push("backends", "the backend weights must not all be 0");
+    }
+    if let Some(d) = &r.direct_response {
+        v.check(
+            "direct_response.status",
+            (200..=599).contains(&d.status),
+            "must be an HTTP status from 200 to 599",
+        );
+    }
+    if let Some(t) = &r.timeouts {
+        validate_timeouts(t, "timeouts.", v);
+    }
+}
+
+fn validate_group(g: &Group, v: &mut Errors) {
+    if let Some(s) = g.max_policy_staleness_s {
+        v.check(
+            "max_policy_staleness_s",
+            (1..=30 * 86_400).contains(&s),
+            "must be from 1 to 2592000 (30 days)",
+        );
+    }
+}
+
+fn http_header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_!#$%&'*+.^`|~".contains(&c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route_key() -> Key {
+        Key::new(Kind::Routes, "checkout")
+    }
+
+    fn decode_route(json: &str) -> Result<Object, Invalid> {
+        Object::decode(&route_key(), json.as_bytes())
+    }
+
+    #[test]
+    fn good_route_decodes() {
+        let o = decode_route(
+            r#"{"match":{"hosts":["shop.example.com","*.api.io"],"path":{"prefix":"/cart"},"methods":["GET"]},
+                "backends":[{"service":"cart","weight":90},{"service":"cart-v2","weight":10}]}"#,
+        )
+        .unwrap();
+        let Object::Route(r) = o else { panic!() };
+        assert_eq!(r.scope, Scope::Mesh);
+        assert_eq!(r.backends.len(), 2);
+    }
+
+    #[test]
+    fn bad_path_names_the_field() {
+        let e = decode_route(r#"{"match":{"path":{"prefix":"cart"}},"backends":[{"service":"a"}]}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "routes/checkout: match.path.prefix: must start with '/'"
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_the_path() {
+        let e = decode_route(r#"{"match":{"pathh":{"prefix":"/"}},"backends":[{"service":"a"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.errors[0].field, "match.pathh");
+        assert!(e.errors[0].message.contains("unknown field `pathh`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let e = decode_route(r#"{"backends":[{"service":"a","weight":"heavy"}]}"#).unwrap_err();
+        assert_eq!(e.errors[0].field, "backends[0].weight");
+        assert!(!e.errors[0].message.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let e = decode_route(
+            r#"{"match":{"hosts":["Shop:80"],"methods":["get"],"headers":[{"name":"X Y"}]},
+                "backends":[{"service":"Bad Name","weight":0}]}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<_> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "match.hosts[0]",
+                "match.methods[0]",
+                "match.headers[0].name",
+                "backends[0].service",
+                "backends"
+            ]
+        );
+    }
+
+    #[test]
+    fn route_needs_a_target() {
+        let e = decode_route(r#"{}"#).unwrap_err();
+        assert_eq!(e.errors[0].field, "backends");
+        let e = decode_route(
+            r#"{"backends":[{"service":"a"}],"direct_response":{"status":200}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.errors[0].field, "direct_response");
+    }
+
+    #[test]
+    fn service_validation() {
+        let key = Key::new(Kind::Services, "orders");
+        let e = Object::decode(
+            &key,
+            br#"{"endpoints":[{"address":"127.0.0.1:0"},{"address":"a.b:80","weight":0},{"address":"a.b:80"}],
+                 "timeouts":{"connect_ms":0}}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<_> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "endpoints[0].address",
+                "endpoints[1].weight",
+                "endpoints[2].address",
+                "timeouts.connect_ms"
+            ]
+        );
+        let ok = Object::decode(
+            &key,
+            br#"{"group":"shop","endpoints":[{"address":"[::1]:8080","weight":5,"zone":"a"}],"protocol":"http2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.references(),
+            vec![("group".to_string(), Key::new(Kind::Groups, "shop"))]
+        );
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(valid_address("127.0.0.1:80"));
+        assert!(valid_address("orders.internal:8080"));
+        assert!(valid_address("[::1]:1"));
+        assert!(!valid_address("127.0.0.1"));
+        assert!(!valid_address("127.0.0.1:70000"));
+        assert!(!valid_address(":80"));
+        assert!(!valid_address("a b:80"));
+    }
+}
