@@ -1,1 +1,77 @@
-//! placeholder
+//! The Meshgate admin REST API: an axum router over any
+//! [`meshgate_config::store::ConfigStore`], served by the `meshgate-admin`
+//! process (etcd) or embedded in a standalone gateway (YAML file).
+//!
+//! Module map: [`api`] (the handlers), [`auth`] (bearer tokens and roles),
+//! [`error`] (the one JSON error shape).
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+pub use api::AdminState;
+pub use auth::{Role, Tokens};
+use error::ApiError;
+
+/// The `/api/v1` router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/api/v1/nodes", get(api::nodes))
+        .route("/api/v1/{kind}", get(api::list))
+        .route(
+            "/api/v1/{kind}/{name}",
+            get(api::get).put(api::put).delete(api::delete),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+async fn authenticate(State(st): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let Some(caller) = st.tokens.check(auth) else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
+            .into_response();
+    };
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if caller.role == Role::Viewer && !read_only {
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token may only read").into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Refuses to expose an unauthenticated admin API beyond loopback.
+pub fn check_listen(addr: SocketAddr, tokens: &Tokens) -> anyhow::Result<()> {
+    if tokens.is_empty() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve the admin API on {addr} without a token: configure a token file, or listen on 127.0.0.1"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the state for a store and tokens.
+pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens) -> AdminState {
+    AdminState {
+        store,
+        tokens: Arc::new(tokens),
+    }
+}

@@ -1,1 +1,73 @@
-fn main() {}
+//! `meshgate-admin`: the admin REST API as its own process, against etcd.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Meshgate admin REST API server.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Admin node config file (YAML): `listen`, `store`, `token_file`.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate=debug`.
+    #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminConfig {
+    /// Address of the API, e.g. 127.0.0.1:9000.
+    listen: SocketAddr,
+    store: meshgate_config::node::StoreConfig,
+    /// YAML file of bearer tokens; required unless `listen` is loopback.
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .init();
+    if let Err(e) = run(args).await {
+        eprintln!("meshgate-admin: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg: AdminConfig = meshgate_config::node::load_yaml(&args.config)?;
+    meshgate_config::node::problems_to_error(&args.config, cfg.store.problems())?;
+    let tokens = match &cfg.token_file {
+        Some(p) => meshgate_admin::Tokens::load(p)?,
+        None => meshgate_admin::Tokens::default(),
+    };
+    meshgate_admin::check_listen(cfg.listen, &tokens)?;
+    let store = cfg.store.open().await?;
+    let app = meshgate_admin::router(meshgate_admin::state(store, tokens))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: listen: cannot bind {}: {e}", args.config.display(), cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, "admin API listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,1 +1,29 @@
-//! placeholder
+//! The Meshgate proxy engine and the gateway process.
+//!
+//! Module map (each owns one concern):
+//! - [`server`]: listeners, HTTP/1.1 + h2c connections, graceful drain
+//! - [`proxy`]: the gateway request path, in order (see its docs)
+//! - [`router`]: route tables and matching
+//! - [`balance`]: weighted round robin, priorities, passive ejection
+//! - [`client`]: pooled upstream clients
+//! - [`state`]: the compiled snapshot and the compiler applying store changes
+//! - [`headers`], [`body`], [`error`]: wire conventions, bodies, synthetic errors
+//! - [`metrics`], [`ops`]: Prometheus metrics and the ops port
+//! - [`process`]: the gateway process wiring and node config
+//!
+//! The lite sidecar is built from the same parts.
+
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod ops;
+pub mod process;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod state;

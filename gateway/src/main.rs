@@ -1,1 +1,90 @@
-fn main() {}
+//! `meshgate-gateway`: the gateway process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use meshgate_config::model::Role;
+use meshgate_config::node::StoreConfig;
+use meshgate_gateway::process::{EmbeddedAdmin, GatewayConfig};
+
+/// Meshgate gateway: ingress, per-group egress and central routing.
+///
+/// Cluster mode: `--config gateway.yaml` (config in etcd).
+/// Standalone mode: `--standalone mesh.yaml` (config in that YAML file,
+/// hot-reloaded; admin API embedded on the ops port; no etcd needed).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Node config file (YAML). See docs/configuration.md.
+    #[arg(short, long, required_unless_present = "standalone")]
+    config: Option<PathBuf>,
+    /// Run standalone on this config-model YAML file, with the admin API embedded.
+    #[arg(long, conflicts_with = "config")]
+    standalone: Option<PathBuf>,
+    /// Standalone: mesh listener.
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "standalone")]
+    listen: SocketAddr,
+    /// Standalone: ingress listener.
+    #[arg(long, default_value = "127.0.0.1:8000", requires = "standalone")]
+    ingress_listen: SocketAddr,
+    /// Standalone: ops port (/healthz, /readyz, /metrics, /config, /api/v1).
+    #[arg(long, default_value = "127.0.0.1:9901", requires = "standalone")]
+    admin_listen: SocketAddr,
+    /// Standalone: bearer token file for the embedded admin API (required when
+    /// --admin-listen is not a loopback address).
+    #[arg(long, requires = "standalone")]
+    token_file: Option<PathBuf>,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate_gateway=debug`.
+    #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .init();
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshgate-gateway: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = meshgate_gateway::process::run(cfg).await {
+        eprintln!("meshgate-gateway: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
+    if let Some(file) = &args.standalone {
+        // Fail early, with the file's own error, if the model file is bad.
+        if !file.exists() {
+            anyhow::bail!("{}: no such file", file.display());
+        }
+        return Ok(GatewayConfig {
+            id: "standalone".into(),
+            roles: vec![Role::Ingress, Role::Central],
+            groups: vec![],
+            listen: Some(args.listen),
+            ingress_listen: Some(args.ingress_listen),
+            admin_listen: args.admin_listen,
+            advertise: None,
+            store: StoreConfig::File(file.to_string_lossy().into_owned()),
+            snapshot_file: None,
+            proxy: Default::default(),
+            lease_ttl_s: 10,
+            shutdown_grace_ms: 10_000,
+            admin_api: Some(EmbeddedAdmin {
+                token_file: args.token_file.clone(),
+            }),
+        });
+    }
+    let path = args.config.as_ref().expect("clap requires --config");
+    let cfg: GatewayConfig = meshgate_config::node::load_yaml(path)?;
+    meshgate_config::node::problems_to_error(path, cfg.problems())?;
+    Ok(cfg)
+}

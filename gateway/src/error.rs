@@ -1,0 +1,95 @@
+//! Synthetic responses: every response the mesh generates itself carries
+//! `x-mesh-error: <code>` and a small JSON body `{"error", "message"}`.
+//! This is the one place where failures become HTTP answers.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::body::{full, ProxyBody};
+
+/// The header naming the reason of a mesh-generated response.
+pub const X_MESH_ERROR: &str = "x-mesh-error";
+
+/// A mesh-generated failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshError {
+    /// No route matched (404).
+    NoRoute,
+    /// The destination has no usable endpoint (503).
+    NoHealthyEndpoint,
+    /// No connection could be made to any endpoint tried (502).
+    UpstreamConnectFailed,
+    /// The upstream broke the connection after the request was sent (502).
+    UpstreamReset,
+    /// No response headers within the request timeout (504).
+    UpstreamTimeout,
+    /// Too many mesh hops: a forwarding loop (508).
+    LoopDetected,
+    /// The process has not loaded any config yet (503).
+    NotReady,
+    /// The request does not name a destination (400).
+    NoDestination,
+    /// The request is malformed in a way the proxy cannot forward (400).
+    BadRequest,
+    /// The request body is larger than allowed (413).
+    PayloadTooLarge,
+    /// The process is shutting down (503).
+    ShuttingDown,
+}
+
+impl MeshError {
+    pub fn code(self) -> &'static str {
+        match self {
+            MeshError::NoRoute => "no_route",
+            MeshError::NoHealthyEndpoint => "no_healthy_endpoint",
+            MeshError::UpstreamConnectFailed => "upstream_connect_failed",
+            MeshError::UpstreamReset => "upstream_reset",
+            MeshError::UpstreamTimeout => "upstream_timeout",
+            MeshError::LoopDetected => "loop_detected",
+            MeshError::NotReady => "not_ready",
+            MeshError::NoDestination => "no_destination",
+            MeshError::BadRequest => "bad_request",
+            MeshError::PayloadTooLarge => "payload_too_large",
+            MeshError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            MeshError::NoRoute => StatusCode::NOT_FOUND,
+            MeshError::NoHealthyEndpoint | MeshError::NotReady | MeshError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            MeshError::UpstreamConnectFailed | MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
+            MeshError::NoDestination | MeshError::BadRequest => StatusCode::BAD_REQUEST,
+            MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// The synthetic response, with a human message.
+    pub fn response(self, message: &str) -> Response<ProxyBody> {
+        let body = serde_json::json!({ "error": self.code(), "message": message });
+        let mut resp = Response::new(full(Full::new(Bytes::from(body.to_string()))));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(X_MESH_ERROR, HeaderValue::from_static(self.code()));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_response_is_marked() {
+        let r = MeshError::NoRoute.response("no route for GET /x");
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()[X_MESH_ERROR], "no_route");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+}

@@ -1,0 +1,175 @@
+//! The mesh wire conventions on request and response headers: hop counting,
+//! request ids, trace context, caller identity, hop-by-hop header removal,
+//! and naming the destination service.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rand::Rng;
+
+pub const X_MESH_SERVICE: HeaderName = HeaderName::from_static("x-mesh-service");
+pub const X_MESH_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
+pub const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// Which tier answered (set by the sidecar on responses, for operators).
+pub const X_MESH_TIER: HeaderName = HeaderName::from_static("x-mesh-tier");
+
+/// Headers that apply to one connection only and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned() {
+        if let Ok(s) = conn.to_str() {
+            for name in s.split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    h.remove(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    h.remove(header::UPGRADE);
+    h.remove(header::TRAILER);
+}
+
+/// Increments `x-mesh-hops`; returns the new count, or `None` when the
+/// header is not a number.
+pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
+    let hops = match h.get(&X_MESH_HOPS) {
+        None => 0,
+        Some(v) => v.to_str().ok()?.trim().parse::<u32>().ok()?,
+    };
+    let next = hops.saturating_add(1);
+    h.insert(X_MESH_HOPS, HeaderValue::from(next));
+    Some(next)
+}
+
+/// Ensures `x-request-id` and `traceparent` exist.
+pub fn ensure_ids(h: &mut HeaderMap) {
+    let mut rng = rand::thread_rng();
+    if !h.contains_key(&X_REQUEST_ID) {
+        let id: u128 = rng.gen();
+        h.insert(X_REQUEST_ID, hex_value(&format!("{id:032x}")));
+    }
+    if !h.contains_key(&TRACEPARENT) {
+        let trace: u128 = rng.gen::<u128>() | 1;
+        let span: u64 = rng.gen::<u64>() | 1;
+        h.insert(
+            TRACEPARENT,
+            hex_value(&format!("00-{trace:032x}-{span:016x}-01")),
+        );
+    }
+}
+
+fn hex_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).expect("hex is a valid header value")
+}
+
+/// The service a mesh request is for: `x-mesh-service`, else the host
+/// (from `Host` or the URI authority) without port and `.mesh` suffix,
+/// lower-cased.
+pub fn destination(h: &HeaderMap, uri_host: Option<&str>) -> Option<String> {
+    if let Some(v) = h.get(&X_MESH_SERVICE).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if !v.is_empty() {
+            return Some(v.to_ascii_lowercase());
+        }
+    }
+    let host = request_host(h, uri_host)?;
+    let host = host.strip_suffix(".mesh").unwrap_or(&host);
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// The request's host without port, lower-cased.
+pub fn request_host(h: &HeaderMap, uri_host: Option<&str>) -> Option<String> {
+    let raw = match h.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        Some(v) => v,
+        None => uri_host?,
+    };
+    let host = strip_port(raw.trim());
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        // [v6]:port
+        return match h.find(']') {
+            Some(i) => &h[..=i],
+            None => h,
+        };
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|c| c.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+/// Whether a method is idempotent (RFC 9110 §9.2.2), so safe to replay.
+pub fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_and_ids() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bump_hops(&mut h), Some(1));
+        assert_eq!(bump_hops(&mut h), Some(2));
+        h.insert(X_MESH_HOPS, HeaderValue::from_static("x"));
+        assert_eq!(bump_hops(&mut h), None);
+        ensure_ids(&mut h);
+        let tp = h[&TRACEPARENT].to_str().unwrap().to_string();
+        assert_eq!(tp.len(), 55);
+        assert_eq!(h[&X_REQUEST_ID].len(), 32);
+        // Existing ids are kept.
+        ensure_ids(&mut h);
+        assert_eq!(h[&TRACEPARENT], tp.as_str());
+    }
+
+    #[test]
+    fn destinations() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("Orders.mesh:8080"));
+        assert_eq!(destination(&h, None).as_deref(), Some("orders"));
+        h.insert(X_MESH_SERVICE, HeaderValue::from_static("billing"));
+        assert_eq!(destination(&h, None).as_deref(), Some("billing"));
+        let h = HeaderMap::new();
+        assert_eq!(destination(&h, Some("cart")).as_deref(), Some("cart"));
+        assert_eq!(destination(&h, None), None);
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics of a gateway or sidecar process, served on the ops
+//! port at `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by listener, route, service and status class.
+    pub requests: IntCounterVec,
+    /// Request duration by listener and route.
+    pub duration: HistogramVec,
+    /// Failed upstream connection attempts by service (or tier).
+    pub connect_failures: IntCounterVec,
+    /// The store revision of the applied config.
+    pub config_revision: IntGauge,
+    /// 1 while the config store watch is established.
+    pub store_connected: IntGauge,
+    /// Config objects currently rejected as invalid (their previous
+    /// version, if any, stays in force).
+    pub config_rejected: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new(process: &str) -> Metrics {
+        let registry = Registry::new_custom(Some("meshgate".into()), None).expect("registry");
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Requests handled, by listener, route, service and status class"),
+            &["listener", "route", "service", "class"],
+        )
+        .expect("metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time from request received to response headers sent")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            &["listener", "route"],
+        )
+        .expect("metric");
+        let connect_failures = IntCounterVec::new(
+            Opts::new("upstream_connect_failures_total", "Failed connection attempts to upstream endpoints"),
+            &["service"],
+        )
+        .expect("metric");
+        let config_revision =
+            IntGauge::new("config_revision", "Store revision of the applied config").expect("metric");
+        let store_connected =
+            IntGauge::new("store_connected", "1 while the config store watch is established").expect("metric");
+        let config_rejected = IntGauge::new(
+            "config_rejected_objects",
+            "Config objects rejected as invalid (previous good version kept)",
+        )
+        .expect("metric");
+        let info = IntGauge::with_opts(
+            Opts::new("build_info", "Build information").const_label("version", env!("CARGO_PKG_VERSION")).const_label("process", process),
+        )
+        .expect("metric");
+        info.set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(connect_failures.clone()),
+            Box::new(config_revision.clone()),
+            Box::new(store_connected.clone()),
+            Box::new(config_rejected.clone()),
+            Box::new(info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            connect_failures,
+            config_revision,
+            store_connected,
+            config_rejected,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// `2xx`, `4xx`...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

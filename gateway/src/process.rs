@@ -1,0 +1,328 @@
+//! The gateway process: node config, wiring of store, sync, data plane,
+//! listeners, ops port and registration, and graceful shutdown.
+//!
+//! Start-up order: bind every port first (so a port conflict fails fast),
+//! start the sync (store, or the snapshot file when the store is down),
+//! serve; register in `nodes/` and keep the record's applied revision
+//! current. On SIGTERM: deregister, mark not ready, stop accepting, drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshgate_config::model::{now_ms, Node, NodeKind, Role};
+use meshgate_config::node::StoreConfig;
+use meshgate_config::registration::Registration;
+use meshgate_config::sync::{self, Source, SyncOptions};
+use meshgate_config::{Key, Kind};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::balance::EndpointRegistry;
+use crate::client::Clients;
+use crate::metrics::Metrics;
+use crate::proxy::{ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use crate::state::{Compiler, Defaults, Snapshot};
+
+/// The gateway's node config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Unique node id (its key in `nodes/`).
+    pub id: String,
+    /// `ingress`, `egress`, `central` (one or more).
+    pub roles: Vec<Role>,
+    /// Groups served by the egress role.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Mesh listener (egress and central roles).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Ingress listener (ingress role).
+    #[serde(default)]
+    pub ingress_listen: Option<SocketAddr>,
+    /// Ops port: /healthz, /readyz, /metrics, /config (+ admin API if embedded).
+    pub admin_listen: SocketAddr,
+    /// Mesh address registered for sidecars (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    pub store: StoreConfig,
+    /// Last-known-good snapshot file.
+    #[serde(default)]
+    pub snapshot_file: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy: ProxySettings,
+    /// Lease TTL of the node registration, seconds.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+    /// How long to drain in-flight requests on shutdown, ms.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+    /// Embed the admin API on the ops port.
+    #[serde(default)]
+    pub admin_api: Option<EmbeddedAdmin>,
+}
+
+/// Proxy tunables in the node config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    pub max_hops: u32,
+    pub replay_buffer_bytes: usize,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        let d = ProxyOptions::default();
+        ProxySettings {
+            max_hops: d.max_hops,
+            replay_buffer_bytes: d.replay_buffer_bytes,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+/// The embedded admin API.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedAdmin {
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+fn default_grace() -> u64 {
+    15_000
+}
+
+impl GatewayConfig {
+    /// Semantic checks; `(field, message)` for each problem.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = self.store.problems();
+        let mut push = |f: &str, m: &str| p.push((f.to_string(), m.to_string()));
+        if !meshgate_config::key::valid_name(&self.id) {
+            push("id", "must be 1-128 characters of a-z, 0-9, '-', '_', '.'");
+        }
+        if self.roles.is_empty() {
+            push("roles", "give at least one of ingress, egress, central");
+        }
+        let mesh = self.roles.iter().any(|r| matches!(r, Role::Egress | Role::Central));
+        if mesh && self.listen.is_none() {
+            push("listen", "required for the egress and central roles");
+        }
+        if self.roles.contains(&Role::Ingress) && self.ingress_listen.is_none() {
+            push("ingress_listen", "required for the ingress role");
+        }
+        if self.roles.contains(&Role::Egress) && self.groups.is_empty() {
+            push("groups", "the egress role needs the groups it serves");
+        }
+        for (i, g) in self.groups.iter().enumerate() {
+            if !meshgate_config::key::valid_name(g) {
+                p.push((format!("groups[{i}]"), "invalid group name".into()));
+            }
+        }
+        if self.proxy.max_hops == 0 {
+            p.push(("proxy.max_hops".into(), "must be at least 1".into()));
+        }
+        if self.proxy.connect_timeout_ms == 0 || self.proxy.request_timeout_ms == 0 {
+            p.push(("proxy".into(), "timeouts must be greater than 0".into()));
+        }
+        if self.lease_ttl_s < 2 {
+            p.push(("lease_ttl_s".into(), "must be at least 2".into()));
+        }
+        p
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT.
+pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    let bind = |addr: SocketAddr, field: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{field}: cannot bind {addr}: {e}"))
+    };
+    let mesh_listener = match cfg.listen {
+        Some(a) => Some(bind(a, "listen").await?),
+        None => None,
+    };
+    let ingress_listener = match cfg.ingress_listen {
+        Some(a) => Some(bind(a, "ingress_listen").await?),
+        None => None,
+    };
+    let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
+    let mesh_addr = mesh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let ops_addr = ops_listener.local_addr()?;
+
+    let store = cfg.store.open().await?;
+    let metrics = Arc::new(Metrics::new("gateway"));
+    let shared = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let m = metrics.clone();
+    let compiler = Compiler::new(
+        shared.clone(),
+        Defaults {
+            connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
+            request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+        },
+        Arc::new(Clients::default()),
+        Arc::new(EndpointRegistry::default()),
+        Box::new(move |snap: &Snapshot, rejected| {
+            m.config_revision.set(snap.revision);
+            m.config_rejected.set(rejected as i64);
+        }),
+    );
+    let dump = compiler.dump_handle();
+    let mut opts = SyncOptions::new(Kind::CONFIG.iter().map(|k| k.prefix()).collect());
+    if let Some(p) = &cfg.snapshot_file {
+        opts.snapshot = Some((p.clone(), format!("gateway:{}", cfg.id)));
+    }
+    let status = sync::spawn(store.clone(), opts, compiler);
+
+    let proxy = Arc::new(Proxy {
+        snapshot: shared.clone(),
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+        opts: ProxyOptions {
+            max_hops: cfg.proxy.max_hops,
+            replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
+            ..ProxyOptions::default()
+        },
+    });
+
+    // Ops port (+ embedded admin API).
+    let st = status.clone();
+    let dr = draining.clone();
+    let ops_state = crate::ops::OpsState {
+        metrics: metrics.clone(),
+        readiness: Arc::new(move || {
+            let s = st.borrow().clone();
+            let draining = dr.load(Ordering::Relaxed);
+            let ready = s.ready() && !draining;
+            (ready, status_json(&s, draining))
+        }),
+        config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+    };
+    let mut ops_app = crate::ops::router(ops_state);
+    if let Some(a) = &cfg.admin_api {
+        let tokens = match &a.token_file {
+            Some(p) => meshgate_admin::Tokens::load(p)?,
+            None => meshgate_admin::Tokens::default(),
+        };
+        meshgate_admin::check_listen(ops_addr, &tokens)?;
+        ops_app = ops_app.merge(meshgate_admin::router(meshgate_admin::state(store.clone(), tokens)));
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::ops::serve(ops_listener, ops_app, shutdown_rx.clone())));
+    for (listener, kind) in [(mesh_listener, ListenerKind::Mesh), (ingress_listener, ListenerKind::Ingress)] {
+        let Some(listener) = listener else { continue };
+        tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
+        let p = proxy.clone();
+        let handler = move |remote, req| {
+            let p = p.clone();
+            async move { p.handle(kind, remote, req).await }
+        };
+        tasks.push(tokio::spawn(crate::server::serve(kind.as_str(), listener, handler, shutdown_rx.clone(), grace)));
+    }
+    tracing::info!(id = %cfg.id, ops = %ops_addr, store = %store.describe(), "gateway started");
+
+    // Readiness, metrics and the node record follow the sync status.
+    let node_key = Key::new(Kind::Nodes, cfg.id.clone());
+    let advertise = cfg.advertise.clone().or(mesh_addr.map(|a| a.to_string()));
+    let record = {
+        let cfg = cfg.clone();
+        move |revision: i64| -> Vec<u8> {
+            let n = Node {
+                kind: NodeKind::Gateway,
+                roles: cfg.roles.clone(),
+                groups: cfg.groups.clone(),
+                address: advertise.clone(),
+                admin_address: Some(ops_addr.to_string()),
+                service: None,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                applied_revision: revision,
+                updated_at_ms: now_ms(),
+                policy: None,
+            };
+            serde_json::to_vec(&n).expect("node encodes")
+        }
+    };
+    let registration = Registration::spawn(
+        store.clone(),
+        node_key,
+        record(0),
+        Duration::from_secs(cfg.lease_ttl_s),
+    );
+    let follow = {
+        let mut status = status.clone();
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        let record = record.clone();
+        let registration = &registration;
+        async move {
+            loop {
+                let s = status.borrow_and_update().clone();
+                metrics.store_connected.set(i64::from(s.connected));
+                if s.source != Source::None {
+                    ready.store(true, Ordering::Release);
+                    registration.update(record(s.revision));
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = follow => {}
+        _ = shutdown_signal() => {}
+    }
+
+    tracing::info!("shutdown: deregistering, then draining for up to {:?}", grace);
+    draining.store(true, Ordering::Relaxed);
+    registration.deregister().await;
+    let _ = shutdown_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// The sync status as JSON for `/readyz`.
+pub fn status_json(s: &sync::SyncStatus, draining: bool) -> serde_json::Value {
+    serde_json::json!({
+        "ready": s.ready() && !draining,
+        "draining": draining,
+        "source": match s.source { Source::None => "none", Source::SnapshotFile => "snapshot_file", Source::Store => "store" },
+        "store_connected": s.connected,
+        "revision": s.revision,
+        "last_sync_ms": s.last_sync_ms,
+        "last_error": s.last_error,
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,298 @@
+//! The gateway's request path. In order, for every request:
+//!
+//! 1. readiness: no config loaded yet → 503 `not_ready`
+//! 2. `x-mesh-hops` + 1; over the limit → 508 `loop_detected`
+//! 3. `x-request-id` / `traceparent` created when missing; on ingress
+//!    listeners `x-mesh-source` is removed (never trusted from outside)
+//! 4. route match on the listener's table (mesh: by `x-mesh-service` or
+//!    host; a service named directly gets its implicit route) → 404 `no_route`
+//! 5. direct response, or weighted backend choice → service
+//! 6. forward: pick an endpoint (weighted round robin, ejected ones
+//!    skipped); a refused connection is retried on another endpoint when the
+//!    body can be replayed; timeouts → 504, connect failures → 502
+//! 7. metrics and the response, hop-by-hop headers removed
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::balance::EndpointState;
+use crate::body::{full, ProxyBody, ReplayBody};
+use crate::client::Wire;
+use crate::error::MeshError;
+use crate::headers;
+use crate::metrics::{status_class, Metrics};
+use crate::router::CompiledRoute;
+use crate::state::{ServiceRt, SharedSnapshot};
+
+/// Which table a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// North–south traffic: `scope: ingress` routes.
+    Ingress,
+    /// East–west traffic from sidecars: `scope: mesh` routes.
+    Mesh,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Ingress => "ingress",
+            ListenerKind::Mesh => "mesh",
+        }
+    }
+}
+
+/// Tunables of the proxy path.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    pub max_hops: u32,
+    /// Request bodies up to this size are buffered so they can be replayed.
+    pub replay_buffer_bytes: usize,
+    /// Endpoints tried per request when connections are refused.
+    pub max_connect_attempts: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            max_hops: 8,
+            replay_buffer_bytes: 64 * 1024,
+            max_connect_attempts: 3,
+        }
+    }
+}
+
+/// The gateway data plane.
+pub struct Proxy {
+    pub snapshot: SharedSnapshot,
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub opts: ProxyOptions,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("opts", &self.opts).finish()
+    }
+}
+
+impl Proxy {
+    /// Handles one request end to end; never fails (errors become synthetic
+    /// responses).
+    pub async fn handle(&self, kind: ListenerKind, remote: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let (resp, route) = self.route_and_forward(kind, remote, req).await;
+        let status = resp.status().as_u16();
+        let route_name = route.as_ref().map(|r| &*r.0).unwrap_or("");
+        let service = route.as_ref().map(|r| &*r.1).unwrap_or("");
+        self.metrics
+            .requests
+            .with_label_values(&[kind.as_str(), route_name, service, status_class(status)])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[kind.as_str(), route_name])
+            .observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn route_and_forward(
+        &self,
+        kind: ListenerKind,
+        remote: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, Option<(Arc<str>, Arc<str>)>) {
+        if !self.ready.load(Ordering::Acquire) {
+            return (MeshError::NotReady.response("no config loaded yet"), None);
+        }
+        let snap = self.snapshot.load_full();
+        let h = req.headers_mut();
+        match headers::bump_hops(h) {
+            None => return (MeshError::BadRequest.response("x-mesh-hops is not a number"), None),
+            Some(n) if n > self.opts.max_hops => {
+                return (
+                    MeshError::LoopDetected.response(&format!("more than {} mesh hops", self.opts.max_hops)),
+                    None,
+                )
+            }
+            Some(_) => {}
+        }
+        headers::ensure_ids(h);
+        if kind == ListenerKind::Ingress {
+            h.remove(&headers::X_MESH_SOURCE);
+        }
+        append_forwarded_for(h, remote);
+
+        let uri_host = req.uri().host().map(str::to_string);
+        let (router, host) = match kind {
+            ListenerKind::Mesh => (&snap.mesh, headers::destination(req.headers(), uri_host.as_deref())),
+            ListenerKind::Ingress => (&snap.ingress, headers::request_host(req.headers(), uri_host.as_deref())),
+        };
+        let host = host.unwrap_or_default();
+        let path = req.uri().path();
+        let found = router.find(&host, req.method(), path, req.headers()).cloned();
+        let route: Arc<CompiledRoute> = match found {
+            Some(r) => r,
+            None => match (kind, snap.services.get(host.as_str())) {
+                (ListenerKind::Mesh, Some(svc)) => svc.implicit_route.clone(),
+                _ => {
+                    let msg = format!("no {} route for {} {}{}", kind.as_str(), req.method(), host, path);
+                    return (MeshError::NoRoute.response(&msg), None);
+                }
+            },
+        };
+        if let Some((status, body, ctype)) = &route.direct {
+            let mut resp = Response::new(full(Full::new(body.clone())));
+            *resp.status_mut() = *status;
+            if let Some(c) = ctype {
+                resp.headers_mut().insert(header::CONTENT_TYPE, c.clone());
+            }
+            return (resp, Some((route.name.clone(), Arc::from(""))));
+        }
+        let Some(backend) = route.pick_backend() else {
+            return (MeshError::NoHealthyEndpoint.response("route has no weighted backend"), None);
+        };
+        let labels = Some((route.name.clone(), backend.clone()));
+        let Some(svc) = snap.services.get(backend).cloned() else {
+            let msg = format!("service {backend} is not configured");
+            return (MeshError::NoHealthyEndpoint.response(&msg), labels);
+        };
+        let resp = self.forward(&svc, &route, req).await;
+        (resp, labels)
+    }
+
+    /// Sends the request to one of the service's endpoints.
+    async fn forward(&self, svc: &ServiceRt, route: &CompiledRoute, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let content_length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut body = match ReplayBody::new(body, content_length, self.opts.replay_buffer_bytes).await {
+            Ok(b) => b,
+            Err(e) => return MeshError::BadRequest.response(&e.to_string()),
+        };
+        // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let timeout = svc.request_timeout(route.timeouts.as_ref());
+        let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+        loop {
+            let Some(ep) = svc.balancer.pick(&tried) else {
+                return if tried.is_empty() {
+                    MeshError::NoHealthyEndpoint.response(&format!("service {} has no endpoints", svc.name))
+                } else {
+                    MeshError::UpstreamConnectFailed.response(&format!(
+                        "no connection to any of {} endpoint(s) of {}",
+                        tried.len(),
+                        svc.name
+                    ))
+                };
+            };
+            let Some(attempt_body) = body.take() else {
+                return MeshError::UpstreamConnectFailed.response("connection failed and the request body cannot be replayed");
+            };
+            let Some(auth) = svc.authorities.get(&ep.address) else {
+                tried.push(ep);
+                continue;
+            };
+            let mut up = Request::new(attempt_body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(auth.clone())
+                .path_and_query(pq.clone())
+                .build()
+                .expect("valid uri parts");
+            *up.version_mut() = match svc.wire {
+                Wire::Http1 => Version::HTTP_11,
+                Wire::Http2 => Version::HTTP_2,
+            };
+            *up.headers_mut() = parts.headers.clone();
+            match tokio::time::timeout(timeout, svc.client.request(up)).await {
+                Ok(Ok(resp)) => {
+                    ep.on_success();
+                    let (mut rp, rb) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut rp.headers);
+                    return Response::from_parts(rp, Either::Left(rb));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    ep.on_failure();
+                    self.metrics.connect_failures.with_label_values(&[&svc.name]).inc();
+                    tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream connect failed");
+                    tried.push(ep);
+                    if tried.len() >= self.opts.max_connect_attempts || !body.replayable() {
+                        return MeshError::UpstreamConnectFailed.response(&format!(
+                            "cannot connect to service {} ({} attempt(s))",
+                            svc.name,
+                            tried.len()
+                        ));
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream request failed");
+                    return MeshError::UpstreamReset.response(&format!("upstream {} failed: {}", svc.name, root_cause(&e)));
+                }
+                Err(_) => {
+                    return MeshError::UpstreamTimeout.response(&format!(
+                        "no response from {} within {} ms",
+                        svc.name,
+                        timeout.as_millis()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn append_forwarded_for(h: &mut http::HeaderMap, remote: SocketAddr) {
+    let ip = remote.ip().to_string();
+    let v = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert("x-forwarded-for", v);
+    }
+}
+
+/// The innermost error message (hyper wraps io errors several levels deep).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// A small text response (used by ops endpoints and tests).
+pub fn text(status: http::StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(full(Full::new(Bytes::from_static(body.as_bytes()))));
+    *r.status_mut() = status;
+    r
+}
+
+/// Default timeouts of the proxy path.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

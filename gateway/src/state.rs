@@ -1,0 +1,288 @@
+//! The compiled config snapshot the data plane reads, and the compiler that
+//! turns store changes into new snapshots.
+//!
+//! Each change is decoded and validated alone: an invalid object is
+//! rejected (and reported) while its previous good version stays in force.
+//! The new snapshot is swapped in atomically; requests in flight finish on
+//! the snapshot they started with. Upstream pools and endpoint health live
+//! outside the snapshot and survive every swap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use meshgate_config::model::{Group, Protocol, Service, Timeouts};
+use meshgate_config::sync::{Apply, Change};
+use meshgate_config::{Key, Kind, Object};
+use serde::Serialize;
+
+use crate::balance::{Balancer, EndpointRegistry};
+use crate::client::{Clients, HttpClient, Wire};
+use crate::router::{CompiledRoute, Router};
+
+/// Process-wide defaults for what a service or route does not set.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// A service ready for the data plane.
+#[derive(Debug)]
+pub struct ServiceRt {
+    pub name: Arc<str>,
+    pub version: i64,
+    pub spec: Service,
+    pub balancer: Balancer,
+    /// Parsed endpoint authorities, by endpoint address.
+    pub authorities: HashMap<String, Authority>,
+    pub client: HttpClient,
+    pub wire: Wire,
+    pub request_timeout: Duration,
+    /// The route used for a mesh request naming this service directly.
+    pub implicit_route: Arc<CompiledRoute>,
+}
+
+impl ServiceRt {
+    /// The request timeout for a route (its own, else the service's).
+    pub fn request_timeout(&self, route: Option<&Timeouts>) -> Duration {
+        route
+            .and_then(|t| t.request_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(self.request_timeout)
+    }
+}
+
+/// An immutable view of the whole applied config.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
+    pub groups: HashMap<String, Group>,
+    pub mesh: Router,
+    pub ingress: Router,
+}
+
+/// What was rejected and why, for `/config` and logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    pub object: String,
+    pub version: i64,
+    pub error: String,
+}
+
+/// The shared handle the data plane reads from.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+/// Turns store changes into snapshots. Runs in the sync task.
+pub struct Compiler {
+    shared: SharedSnapshot,
+    defaults: Defaults,
+    clients: Arc<Clients>,
+    endpoints: Arc<EndpointRegistry>,
+    services: HashMap<Arc<str>, Arc<ServiceRt>>,
+    routes: BTreeMap<String, Arc<CompiledRoute>>,
+    groups: HashMap<String, Group>,
+    /// Raw accepted objects (for the `/config` dump).
+    accepted: BTreeMap<Key, (i64, serde_json::Value)>,
+    rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
+    on_apply: Box<dyn Fn(&Snapshot, usize) + Send>,
+    dump: Arc<std::sync::Mutex<serde_json::Value>>,
+}
+
+impl Compiler {
+    pub fn new(
+        shared: SharedSnapshot,
+        defaults: Defaults,
+        clients: Arc<Clients>,
+        endpoints: Arc<EndpointRegistry>,
+        on_apply: Box<dyn Fn(&Snapshot, usize) + Send>,
+    ) -> Compiler {
+        Compiler {
+            shared,
+            defaults,
+            clients,
+            endpoints,
+            services: HashMap::new(),
+            routes: BTreeMap::new(),
+            groups: HashMap::new(),
+            accepted: BTreeMap::new(),
+            rejected: Default::default(),
+            on_apply,
+            dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
+        }
+    }
+
+    /// A JSON dump of the applied config (accepted and rejected objects),
+    /// updated after every change.
+    pub fn dump_handle(&self) -> Arc<std::sync::Mutex<serde_json::Value>> {
+        self.dump.clone()
+    }
+
+    fn compile_service(&self, name: &str, version: i64, spec: Service) -> ServiceRt {
+        let connect = spec
+            .timeouts
+            .connect_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.defaults.connect_timeout);
+        let request_timeout = spec
+            .timeouts
+            .request_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.defaults.request_timeout);
+        let wire = match spec.protocol {
+            Protocol::Http2 | Protocol::Grpc => Wire::Http2,
+            Protocol::Http1 | Protocol::Tcp => Wire::Http1,
+        };
+        let mut authorities = HashMap::new();
+        let members = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let auth: Authority = e.address.parse().ok()?;
+                authorities.insert(e.address.clone(), auth);
+                Some((self.endpoints.get(&e.address), e.weight, e.priority))
+            })
+            .collect();
+        ServiceRt {
+            name: name.into(),
+            version,
+            balancer: Balancer::new(members),
+            authorities,
+            client: self.clients.get(wire, connect),
+            wire,
+            request_timeout,
+            implicit_route: Arc::new(CompiledRoute::implicit(name)),
+            spec,
+        }
+    }
+
+    fn reject(&mut self, key: &Key, version: i64, error: String) {
+        tracing::error!(object = %key, version, %error, "config object rejected; previous version kept");
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key.clone(),
+            Rejected {
+                object: key.to_string(),
+                version,
+                error,
+            },
+        );
+    }
+
+    fn publish(&mut self, revision: i64, routes_changed: bool) {
+        let old = self.shared.load();
+        let (mesh, ingress) = if routes_changed {
+            let mesh: Vec<_> = self
+                .routes
+                .values()
+                .filter(|r| r.scope == meshgate_config::model::Scope::Mesh)
+                .cloned()
+                .collect();
+            let ingress: Vec<_> = self
+                .routes
+                .values()
+                .filter(|r| r.scope == meshgate_config::model::Scope::Ingress)
+                .cloned()
+                .collect();
+            (Router::build(&mesh), Router::build(&ingress))
+        } else {
+            (old.mesh.clone(), old.ingress.clone())
+        };
+        let snap = Snapshot {
+            revision,
+            services: self.services.clone(),
+            groups: self.groups.clone(),
+            mesh,
+            ingress,
+        };
+        let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).len();
+        (self.on_apply)(&snap, rejected);
+        self.shared.store(Arc::new(snap));
+        self.update_dump(revision);
+    }
+
+    fn update_dump(&self, revision: i64) {
+        let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
+        for (k, (v, obj)) in &self.accepted {
+            kinds.entry(k.kind.as_str()).or_default().insert(
+                &k.name,
+                serde_json::json!({ "version": v, "spec": obj }),
+            );
+        }
+        let rejected: Vec<Rejected> = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        *self.dump.lock().unwrap_or_else(|e| e.into_inner()) =
+            serde_json::json!({ "revision": revision, "objects": kinds, "rejected": rejected });
+    }
+}
+
+impl Apply for Compiler {
+    fn apply(&mut self, changes: Vec<Change>, revision: i64) {
+        let mut routes_changed = false;
+        let mut touched = false;
+        for change in changes {
+            touched = true;
+            match change {
+                Change::Delete(key) => {
+                    self.rejected.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    self.accepted.remove(&key);
+                    match key.kind {
+                        Kind::Services => {
+                            self.services.remove(key.name.as_str());
+                        }
+                        Kind::Routes => {
+                            routes_changed |= self.routes.remove(&key.name).is_some();
+                        }
+                        Kind::Groups => {
+                            self.groups.remove(&key.name);
+                        }
+                        _ => {}
+                    }
+                }
+                Change::Put(entry) => {
+                    let key = entry.key.clone();
+                    let obj = match Object::decode(&key, &entry.value) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            self.reject(&key, entry.mod_revision, e.to_string());
+                            continue;
+                        }
+                    };
+                    self.rejected.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    if let Ok(v) = serde_json::from_slice(&entry.value) {
+                        self.accepted.insert(key.clone(), (entry.mod_revision, v));
+                    }
+                    match obj {
+                        Object::Service(s) => {
+                            let rt = self.compile_service(&key.name, entry.mod_revision, s);
+                            self.services.insert(rt.name.clone(), Arc::new(rt));
+                        }
+                        Object::Route(r) => {
+                            let c = CompiledRoute::new(&key.name, entry.mod_revision, &r);
+                            self.routes.insert(key.name.clone(), Arc::new(c));
+                            routes_changed = true;
+                        }
+                        Object::Group(g) => {
+                            self.groups.insert(key.name.clone(), g);
+                        }
+                        Object::Node(_) | Object::Instance(_) => {}
+                    }
+                }
+            }
+        }
+        let old_rev = self.shared.load().revision;
+        if touched || revision != old_rev {
+            if touched {
+                tracing::info!(revision, "config applied");
+            }
+            self.publish(revision, routes_changed);
+        }
+    }
+}
