@@ -252,7 +252,6 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
             let node: Node = decode_json(&e.key, &e.value).ok()?;
             let mut v = serde_json::to_value(node).ok()?;
             v["id"] = Value::String(e.key.name.clone());
-            v["lag"] = json!((r.revision - v["applied_revision"].as_i64().unwrap_or(0)).max(0));
             Some(v)
         })
         .collect();

@@ -252,7 +252,7 @@ mod tests {
         });
         assert_eq!(counts, [500, 100, 100]);
         assert!(Schedule::new(&[0, 0]).next().is_none());
-        assert_eq!(Schedule::new(&[10_000, 10_000, 1]).len(), 4097);
+        assert_eq!(Schedule::new(&[10_000, 10_000, 1]).len(), 2047 + 2047 + 1);
     }
 
     #[test]

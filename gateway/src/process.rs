@@ -274,12 +274,17 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let record = record.clone();
         let registration = &registration;
         async move {
+            let mut registered_rev = None;
             loop {
                 let s = status.borrow_and_update().clone();
                 metrics.store_connected.set(i64::from(s.connected));
                 if s.source != Source::None {
                     ready.store(true, Ordering::Release);
-                    registration.update(record(s.revision));
+                    // Rewrite the node record only when the revision moves.
+                    if registered_rev != Some(s.revision) {
+                        registered_rev = Some(s.revision);
+                        registration.update(record(s.revision));
+                    }
                 }
                 if status.changed().await.is_err() {
                     return;

@@ -394,24 +394,28 @@ impl ConfigStore for FileStore {
                 .collect(),
         };
         let filter2 = filter.clone();
-        let replayed = futures::stream::iter(replay.into_iter().map(move |b| Ok(filter(&b))));
+        let replayed = futures::stream::iter(
+            replay.into_iter().map(move |b| filter(&b)).filter(|b| !b.events.is_empty()).map(Ok).collect::<Vec<_>>(),
+        );
+        // Like etcd, a watch only sees batches with events under its prefix.
         let live = futures::stream::unfold(Some(rx), move |rx| {
             let filter = filter2.clone();
             async move {
                 let mut rx = rx?;
-                match rx.recv().await {
-                    Ok(b) if b.revision >= from_revision => Some((Ok(filter(&b)), Some(rx))),
-                    Ok(b) => Some((
-                        Ok(WatchBatch {
-                            revision: b.revision,
-                            events: Vec::new(),
-                        }),
-                        Some(rx),
-                    )),
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        Some((Err(StoreError::Compacted(0)), None))
+                loop {
+                    match rx.recv().await {
+                        Ok(b) if b.revision >= from_revision => {
+                            let f = filter(&b);
+                            if !f.events.is_empty() {
+                                return Some((Ok(f), Some(rx)));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return Some((Err(StoreError::Compacted(0)), None))
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
-                    Err(broadcast::error::RecvError::Closed) => None,
                 }
             }
         });
