@@ -1,1 +1,193 @@
-fn main() {}
+//! `lite-sidecar`: the thin local sidecar. Apps call it on 127.0.0.1; it
+//! forwards to the group's egress gateways, failing over to another member
+//! and then to the central tier, and to the central tier directly when its
+//! local policy is unavailable.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod forward;
+mod policy;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use http::HeaderValue;
+use meshgate_config::model::{now_ms, Node, NodeKind};
+use meshgate_config::registration::Registration;
+use meshgate_config::sync::{self, SyncOptions};
+use meshgate_config::{Key, Kind};
+use meshgate_gateway::balance::EndpointRegistry;
+use meshgate_gateway::client::{build, Wire};
+use meshgate_gateway::metrics::Metrics;
+use tokio::sync::watch;
+
+use crate::config::SidecarConfig;
+use crate::forward::{Forwarder, Freshness};
+use crate::policy::PolicyCompiler;
+
+/// Meshgate lite sidecar.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Sidecar node config file (YAML). See docs/configuration.md.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .init();
+    let cfg = match load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lite-sidecar: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cfg).await {
+        eprintln!("lite-sidecar: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<SidecarConfig> {
+    let cfg: SidecarConfig = meshgate_config::node::load_yaml(path)?;
+    meshgate_config::node::problems_to_error(path, cfg.problems())?;
+    Ok(cfg)
+}
+
+async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", cfg.listen))?;
+    let ops_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin_listen: cannot bind {}: {e}", cfg.admin_listen))?;
+    let store = cfg.store.open().await?;
+    let metrics = Arc::new(Metrics::new("sidecar"));
+
+    let registry = Arc::new(EndpointRegistry::default());
+    let (compiler, policy) = PolicyCompiler::new(cfg.group.clone(), cfg.central.clone(), registry);
+    let dump = compiler.dump_handle();
+    let mut opts = SyncOptions::new(PolicyCompiler::prefixes(&cfg.group, &cfg.service));
+    if let Some(p) = &cfg.snapshot_file {
+        opts.snapshot = Some((p.clone(), format!("sidecar:{}:{}:{}", cfg.id, cfg.service, cfg.group)));
+    }
+    let status = sync::spawn(store.clone(), opts, compiler);
+
+    let connect = Duration::from_millis(cfg.proxy.connect_timeout_ms);
+    let fwd = Arc::new(Forwarder {
+        service: HeaderValue::from_str(&cfg.service)?,
+        policy: policy.clone(),
+        status: status.clone(),
+        default_staleness: Duration::from_secs(cfg.max_policy_staleness_s),
+        h1: build(Wire::Http1, connect),
+        h2: build(Wire::Http2, connect),
+        metrics: metrics.clone(),
+        max_hops: cfg.proxy.max_hops,
+        replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
+        request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let f = fwd.clone();
+    let st = status.clone();
+    let pol = policy.clone();
+    let ops_state = meshgate_gateway::ops::OpsState {
+        metrics: metrics.clone(),
+        readiness: Arc::new(move || {
+            let s = st.borrow().clone();
+            let fresh = f.freshness();
+            let p = pol.load();
+            // Serving is possible with a policy, or with a central tier to fall back to.
+            let ready = fresh != Freshness::Unavailable || !p.central_tier.members.is_empty();
+            let mut v = meshgate_gateway::process::status_json(&s, false);
+            v["ready"] = ready.into();
+            v["policy"] = fresh.as_str().into();
+            if fresh != Freshness::Fresh && s.last_sync_ms > 0 {
+                v["stale_since_ms"] = s.last_sync_ms.into();
+            }
+            (ready, v)
+        }),
+        config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+    };
+    let ops = tokio::spawn(meshgate_gateway::ops::serve(
+        ops_listener,
+        meshgate_gateway::ops::router(ops_state),
+        shutdown_rx.clone(),
+    ));
+    let f = fwd.clone();
+    let handler = move |_remote, req| {
+        let f = f.clone();
+        async move { f.handle(req).await }
+    };
+    let server = tokio::spawn(meshgate_gateway::server::serve("app", listener, handler, shutdown_rx.clone(), grace));
+    tracing::info!(id = %cfg.id, service = %cfg.service, group = %cfg.group, listen = %cfg.listen, "sidecar started");
+
+    let record = {
+        let cfg = cfg.clone();
+        move |revision: i64, fresh: Freshness| -> Vec<u8> {
+            let n = Node {
+                kind: NodeKind::Sidecar,
+                roles: vec![],
+                groups: vec![cfg.group.clone()],
+                address: Some(cfg.listen.to_string()),
+                admin_address: Some(cfg.admin_listen.to_string()),
+                service: Some(cfg.service.clone()),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                applied_revision: revision,
+                updated_at_ms: now_ms(),
+                policy: Some(fresh.as_str().to_string()),
+            };
+            serde_json::to_vec(&n).expect("node encodes")
+        }
+    };
+    let registration = Registration::spawn(
+        store.clone(),
+        Key::new(Kind::Nodes, cfg.id.clone()),
+        record(0, Freshness::Unavailable),
+        Duration::from_secs(cfg.lease_ttl_s),
+    );
+    let follow = {
+        let mut status = status.clone();
+        let fwd = fwd.clone();
+        let metrics = metrics.clone();
+        let registration = &registration;
+        async move {
+            let mut last = None;
+            loop {
+                let s = status.borrow_and_update().clone();
+                metrics.store_connected.set(i64::from(s.connected));
+                metrics.config_revision.set(s.revision);
+                let fresh = fwd.freshness();
+                if last != Some((s.revision, fresh)) {
+                    last = Some((s.revision, fresh));
+                    registration.update(record(s.revision, fresh));
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = follow => {}
+        _ = meshgate_gateway::process::shutdown_signal() => {}
+    }
+    tracing::info!("shutdown: deregistering, then draining");
+    registration.deregister().await;
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    let _ = ops.await;
+    Ok(())
+}

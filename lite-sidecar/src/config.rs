@@ -1,0 +1,102 @@
+//! The sidecar's node config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshgate_config::node::StoreConfig;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Unique node id (its key in `nodes/`).
+    pub id: String,
+    /// The service of the local app (sent as `x-mesh-source`).
+    pub service: String,
+    /// The app's service group: its egress gateways are the first tier.
+    pub group: String,
+    /// App-facing listener; must be a loopback address.
+    pub listen: SocketAddr,
+    /// Ops port: /healthz, /readyz, /metrics, /config.
+    pub admin_listen: SocketAddr,
+    /// Bootstrap addresses of the central gateway tier (`host:port`), used
+    /// when local policy is unavailable; refreshed from etcd when reachable.
+    #[serde(default)]
+    pub central: Vec<String>,
+    pub store: StoreConfig,
+    /// Last-known-good local-policy file.
+    #[serde(default)]
+    pub snapshot_file: Option<PathBuf>,
+    /// Policy older than this (while the store is unreachable) is treated
+    /// as unavailable; the group's `max_policy_staleness_s` overrides it.
+    #[serde(default = "default_staleness")]
+    pub max_policy_staleness_s: u64,
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+    #[serde(default)]
+    pub proxy: SidecarProxy,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidecarProxy {
+    pub max_hops: u32,
+    pub replay_buffer_bytes: usize,
+    /// Connect timeout to a gateway member.
+    pub connect_timeout_ms: u64,
+    /// Time for a tier to answer with response headers.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for SidecarProxy {
+    fn default() -> Self {
+        SidecarProxy {
+            max_hops: 8,
+            replay_buffer_bytes: 64 * 1024,
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 15_000,
+        }
+    }
+}
+
+fn default_staleness() -> u64 {
+    3600
+}
+fn default_lease_ttl() -> u64 {
+    10
+}
+fn default_grace() -> u64 {
+    10_000
+}
+
+impl SidecarConfig {
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = self.store.problems();
+        let name_ok = meshgate_config::key::valid_name;
+        for (field, v) in [("id", &self.id), ("service", &self.service), ("group", &self.group)] {
+            if !name_ok(v) {
+                p.push((field.into(), "must be 1-128 characters of a-z, 0-9, '-', '_', '.'".into()));
+            }
+        }
+        if !self.listen.ip().is_loopback() {
+            p.push(("listen".into(), "the app-facing listener must be a loopback address".into()));
+        }
+        for (i, c) in self.central.iter().enumerate() {
+            if !meshgate_config::validate::valid_address(c) {
+                p.push((format!("central[{i}]"), "must be host:port".into()));
+            }
+        }
+        if self.max_policy_staleness_s == 0 {
+            p.push(("max_policy_staleness_s".into(), "must be at least 1".into()));
+        }
+        if self.lease_ttl_s < 2 {
+            p.push(("lease_ttl_s".into(), "must be at least 2".into()));
+        }
+        if self.proxy.connect_timeout_ms == 0 || self.proxy.request_timeout_ms == 0 {
+            p.push(("proxy".into(), "timeouts must be greater than 0".into()));
+        }
+        p
+    }
+}

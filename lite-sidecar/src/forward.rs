@@ -1,0 +1,269 @@
+//! The sidecar's request path and fail-over chain.
+//!
+//! 1. destination: `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400 `no_destination`
+//! 2. `x-mesh-hops` + 1 (508 over the limit), ids, `x-mesh-source` = own service
+//! 3. tiers: local policy available → [group egress gateways, central];
+//!    unavailable (none, too stale) → [central]
+//! 4. within a tier, members are tried in weighted round robin, ejected
+//!    members skipped: a refused connection moves to the next member (any
+//!    method: nothing was sent); a broken exchange does so only for
+//!    idempotent or `x-mesh-retryable: true` requests with a replayable body
+//! 5. a gateway-originated error (`x-mesh-error`) moves idempotent or
+//!    retryable requests to the next tier; an app's own 5xx never does
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use meshgate_config::model::now_ms;
+use meshgate_config::sync::{Source, SyncStatus};
+use meshgate_gateway::body::{ProxyBody, ReplayBody};
+use meshgate_gateway::client::HttpClient;
+use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
+use meshgate_gateway::headers;
+use meshgate_gateway::metrics::{status_class, Metrics};
+use tokio::sync::watch;
+
+use crate::policy::{SharedPolicy, Tier};
+
+/// Freshness of the local policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Watching the store.
+    Fresh,
+    /// Store unreachable; policy within the staleness bound.
+    Stale,
+    /// No policy, or older than the bound.
+    Unavailable,
+}
+
+impl Freshness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Freshness::Fresh => "fresh",
+            Freshness::Stale => "stale",
+            Freshness::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Computes freshness from the sync status and the staleness bound.
+pub fn freshness(s: &SyncStatus, max_staleness: Duration) -> Freshness {
+    match s.source {
+        Source::None => Freshness::Unavailable,
+        _ if s.connected => Freshness::Fresh,
+        _ => {
+            let age = now_ms().saturating_sub(s.last_sync_ms);
+            if age <= max_staleness.as_millis() as u64 {
+                Freshness::Stale
+            } else {
+                Freshness::Unavailable
+            }
+        }
+    }
+}
+
+pub struct Forwarder {
+    pub service: HeaderValue,
+    pub policy: SharedPolicy,
+    pub status: watch::Receiver<SyncStatus>,
+    pub default_staleness: Duration,
+    pub h1: HttpClient,
+    pub h2: HttpClient,
+    pub metrics: Arc<Metrics>,
+    pub max_hops: u32,
+    pub replay_buffer_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+const X_MESH_RETRYABLE: &str = "x-mesh-retryable";
+
+impl Forwarder {
+    pub fn freshness(&self) -> Freshness {
+        let policy = self.policy.load();
+        let bound = policy
+            .group
+            .as_ref()
+            .and_then(|g| g.max_policy_staleness_s)
+            .map(Duration::from_secs)
+            .unwrap_or(self.default_staleness);
+        freshness(&self.status.borrow(), bound)
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = std::time::Instant::now();
+        let (resp, dest, tier) = self.forward(req).await;
+        self.metrics
+            .requests
+            .with_label_values(&["app", tier, &dest, status_class(resp.status().as_u16())])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&["app", tier])
+            .observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> (Response<ProxyBody>, String, &'static str) {
+        let (mut parts, body) = req.into_parts();
+        let Some(dest) = headers::destination(&parts.headers, parts.uri.host()) else {
+            return (
+                MeshError::NoDestination.response("name the destination with Host: <service> or x-mesh-service"),
+                String::new(),
+                "",
+            );
+        };
+        let h = &mut parts.headers;
+        match headers::bump_hops(h) {
+            None => return (MeshError::BadRequest.response("x-mesh-hops is not a number"), dest, ""),
+            Some(n) if n > self.max_hops => {
+                return (MeshError::LoopDetected.response("too many mesh hops"), dest, "");
+            }
+            Some(_) => {}
+        }
+        headers::ensure_ids(h);
+        if let Ok(v) = HeaderValue::from_str(&dest) {
+            h.insert(headers::X_MESH_SERVICE, v);
+        }
+        h.insert(headers::X_MESH_SOURCE, self.service.clone());
+        if !h.contains_key(header::HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    h.insert(header::HOST, v);
+                }
+            }
+        }
+        let retryable = headers::idempotent(&parts.method)
+            || h.get(X_MESH_RETRYABLE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        headers::strip_hop_by_hop(h);
+        let content_length = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut body = match ReplayBody::new(body, content_length, self.replay_buffer_bytes).await {
+            Ok(b) => b,
+            Err(e) => return (MeshError::BadRequest.response(&e.to_string()), dest, ""),
+        };
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let (client, version) = if parts.version == Version::HTTP_2 {
+            (&self.h2, Version::HTTP_2)
+        } else {
+            (&self.h1, Version::HTTP_11)
+        };
+
+        let policy = self.policy.load_full();
+        let tiers: Vec<&Tier> = match self.freshness() {
+            Freshness::Unavailable => vec![&policy.central_tier],
+            _ => vec![&policy.group_tier, &policy.central_tier],
+        };
+        let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
+        let mut tried_any = false;
+        for tier in tiers {
+            let mut tried = Vec::new();
+            while let Some(member) = tier.members.pick(&tried) {
+                let Some(attempt) = body.take() else {
+                    return self.give_up(last_error, "the request body cannot be replayed", dest);
+                };
+                tried_any = true;
+                let Ok(auth) = member.address.parse::<Authority>() else {
+                    tried.push(member);
+                    continue;
+                };
+                let mut up = Request::new(attempt);
+                *up.method_mut() = parts.method.clone();
+                *up.uri_mut() = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(auth)
+                    .path_and_query(pq.clone())
+                    .build()
+                    .expect("valid uri parts");
+                *up.version_mut() = version;
+                *up.headers_mut() = parts.headers.clone();
+                match tokio::time::timeout(self.request_timeout, client.request(up)).await {
+                    Ok(Ok(resp)) => {
+                        member.on_success();
+                        let (mut rp, rb) = resp.into_parts();
+                        headers::strip_hop_by_hop(&mut rp.headers);
+                        rp.headers.insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
+                        let resp = Response::from_parts(rp, Either::Left(rb));
+                        let mesh_error = resp.headers().contains_key(X_MESH_ERROR);
+                        if mesh_error && retryable && body.replayable() {
+                            // The tier itself failed: try the next tier.
+                            tracing::debug!(tier = tier.name, member = %member.address, "gateway error; next tier");
+                            last_error = Some((resp, tier.name));
+                            break;
+                        }
+                        return (resp, dest, tier.name);
+                    }
+                    Ok(Err(e)) if e.is_connect() => {
+                        member.on_failure();
+                        self.metrics.connect_failures.with_label_values(&[tier.name]).inc();
+                        tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway connect failed");
+                        tried.push(member);
+                    }
+                    Ok(Err(e)) => {
+                        member.on_failure();
+                        tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
+                        if !(retryable && body.replayable()) {
+                            let msg = format!("gateway {} failed after the request was sent", member.address);
+                            return (MeshError::UpstreamReset.response(&msg), dest, tier.name);
+                        }
+                        tried.push(member);
+                    }
+                    Err(_) => {
+                        let msg = format!("no response within {} ms", self.request_timeout.as_millis());
+                        return (MeshError::UpstreamTimeout.response(&msg), dest, tier.name);
+                    }
+                }
+            }
+        }
+        if !tried_any {
+            return (
+                MeshError::UpstreamConnectFailed.response("no gateway tier is known (no policy and no central bootstrap)"),
+                dest,
+                "",
+            );
+        }
+        self.give_up(last_error, "no gateway tier could be reached", dest)
+    }
+
+    fn give_up(
+        &self,
+        last_error: Option<(Response<ProxyBody>, &'static str)>,
+        msg: &str,
+        dest: String,
+    ) -> (Response<ProxyBody>, String, &'static str) {
+        match last_error {
+            Some((resp, tier)) => (resp, dest, tier),
+            None => (MeshError::UpstreamConnectFailed.response(msg), dest, ""),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(source: Source, connected: bool, age_ms: u64) -> SyncStatus {
+        SyncStatus {
+            source,
+            connected,
+            revision: 1,
+            last_sync_ms: now_ms() - age_ms,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn freshness_rules() {
+        let bound = Duration::from_secs(60);
+        assert_eq!(freshness(&status(Source::None, false, 0), bound), Freshness::Unavailable);
+        assert_eq!(freshness(&status(Source::Store, true, 0), bound), Freshness::Fresh);
+        assert_eq!(freshness(&status(Source::Store, false, 1000), bound), Freshness::Stale);
+        assert_eq!(freshness(&status(Source::SnapshotFile, false, 120_000), bound), Freshness::Unavailable);
+    }
+}
