@@ -10,14 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{ConfigStore, EtcdOptions, EtcdStore, FileStore};
 
-/// Where the config lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum StoreConfig {
+/// Where the config lives: exactly one of `etcd` and `file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
     /// Cluster mode.
-    Etcd(EtcdConfig),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
     /// Standalone mode: one YAML file of the config model.
-    File(String),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// etcd connection settings.
@@ -45,8 +47,11 @@ impl StoreConfig {
     /// Checks the settings; returns `(field, message)` problems.
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        match self {
-            StoreConfig::Etcd(e) => {
+        match (&self.etcd, &self.file) {
+            (Some(_), Some(_)) | (None, None) => {
+                out.push(("store".into(), "give exactly one of `etcd` and `file`".into()));
+            }
+            (Some(e), None) => {
                 if e.endpoints.is_empty() {
                     out.push(("store.etcd.endpoints".into(), "must list at least one endpoint".into()));
                 }
@@ -65,7 +70,7 @@ impl StoreConfig {
                     out.push(("store.etcd.timeout_ms".into(), "must be greater than 0".into()));
                 }
             }
-            StoreConfig::File(f) => {
+            (None, Some(f)) => {
                 if f.is_empty() {
                     out.push(("store.file".into(), "must name a file".into()));
                 }
@@ -76,8 +81,8 @@ impl StoreConfig {
 
     /// Opens the store.
     pub async fn open(&self) -> anyhow::Result<Arc<dyn ConfigStore>> {
-        Ok(match self {
-            StoreConfig::Etcd(e) => Arc::new(
+        Ok(match (&self.etcd, &self.file) {
+            (Some(e), _) => Arc::new(
                 EtcdStore::connect(EtcdOptions {
                     endpoints: e.endpoints.clone(),
                     prefix: e.prefix.clone(),
@@ -85,7 +90,8 @@ impl StoreConfig {
                 })
                 .await?,
             ),
-            StoreConfig::File(f) => FileStore::open(f).await?,
+            (None, Some(f)) => FileStore::open(f).await?,
+            (None, None) => anyhow::bail!("store: give exactly one of `etcd` and `file`"),
         })
     }
 }

@@ -73,7 +73,10 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             ingress_listen: Some(args.ingress_listen),
             admin_listen: args.admin_listen,
             advertise: None,
-            store: StoreConfig::File(file.to_string_lossy().into_owned()),
+            store: StoreConfig {
+                etcd: None,
+                file: Some(file.to_string_lossy().into_owned()),
+            },
             snapshot_file: None,
             proxy: Default::default(),
             lease_ttl_s: 10,

@@ -1,1 +1,645 @@
-//! placeholder
+//! Test harness for Meshgate's end-to-end tests: starts a real etcd, the
+//! real `meshgate-gateway`, `lite-sidecar` and `meshgate-admin` binaries,
+//! and HTTP backends on real sockets, all on 127.0.0.1 with free ports.
+//! Waits are conditions with deadlines, never bare sleeps. Process logs go
+//! to files, and their tails are printed when a test fails.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// The workspace's target dir for the current profile (where the binaries are).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary, building the binaries once per test process
+/// so tests never run stale ones.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args(["build", "--bins", "-q"]);
+        if bin_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cargo build --bins failed");
+    });
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not found: run `cargo build --bins` first", p.display());
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+pub fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Waits until `f` returns true, polling every 50 ms; panics with `what`
+/// after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// === processes ===
+
+/// A child process, killed when dropped. Its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    program: PathBuf,
+    args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Proc {
+        let mut p = Proc {
+            name: name.to_string(),
+            child: None,
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            log: dir.join(format!("{name}.log")),
+        };
+        p.start();
+        p
+    }
+
+    /// (Re)starts the process with its original arguments.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("MESHGATE_LOG", "info,meshgate_gateway=debug,lite_sidecar=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.program.display()));
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn signal(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded; SIGKILL after `timeout`). Returns the exit status.
+    pub fn term(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("----- last lines of {} -----", self.name);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A real etcd server with its own data dir and ports.
+pub struct Etcd {
+    pub proc: Proc,
+    pub client_port: u16,
+}
+
+impl Etcd {
+    pub async fn start(dir: &Path) -> Etcd {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let data = dir.join("etcd-data");
+        let args: Vec<String> = [
+            "--name",
+            "test",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{client_port}"),
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{client_port}"),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer_port}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer_port}"),
+            "--initial-cluster",
+            &format!("test=http://127.0.0.1:{peer_port}"),
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let etcd = which("etcd").expect("etcd not installed: run scripts/test.sh (it installs etcd-server)");
+        let e = Etcd {
+            proc: Proc::spawn("etcd", &etcd, &args, dir),
+            client_port,
+        };
+        e.wait_healthy().await;
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub async fn wait_healthy(&self) {
+        let url = format!("{}/health", self.endpoint());
+        wait_until("etcd healthy", Duration::from_secs(20), || async {
+            matches!(http_get(&url, &[]).await, Ok(r) if r.status == 200 && r.body.contains("true"))
+        })
+        .await;
+    }
+
+    /// Stops etcd (SIGTERM, like an operator would).
+    pub fn stop(&mut self) {
+        self.proc.term(Duration::from_secs(10));
+    }
+
+    /// Starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.proc.start();
+        self.wait_healthy().await;
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd client")
+    }
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+// === HTTP client ===
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
+    static C: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
+    C.get_or_init(|| {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build_http()
+    })
+}
+
+/// Sends a request; errors are transport errors only.
+pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Result<Resp, String> {
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    if !body.is_empty() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_string()))).map_err(|e| e.to_string())?;
+    let fut = client().request(req);
+    let resp = tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<Resp, String> {
+    http("GET", url, headers, "").await
+}
+
+// === backends ===
+
+/// An HTTP backend on a real socket, answering `x-served-by: <name>` and
+/// counting the requests it served.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    /// Bodies of POST requests received, in order.
+    pub posts: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        Self::start_on(name, 0).await
+    }
+
+    pub async fn start_on(name: &str, port: u16) -> Backend {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let n: Arc<str> = Arc::from(name);
+        let (h, p) = (hits.clone(), posts.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (n, h, p) = (n.clone(), h.clone(), p.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (n, h, p) = (n.clone(), h.clone(), p.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let method = req.method().clone();
+                            let path = req.uri().path().to_string();
+                            let src = req
+                                .headers()
+                                .get("x-mesh-source")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            if method == http::Method::POST {
+                                p.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                            }
+                            let status = if path.starts_with("/status/") {
+                                path[8..].parse().unwrap_or(200)
+                            } else {
+                                200
+                            };
+                            let resp = http::Response::builder()
+                                .status(status)
+                                .header("x-served-by", &*n)
+                                .header("x-seen-source", src)
+                                .body(Full::new(Bytes::from(format!("{n}\n"))))
+                                .unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            hits,
+            posts,
+            task,
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// === mesh processes ===
+
+/// Ports of a gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayPorts {
+    pub mesh: u16,
+    pub ingress: u16,
+    pub ops: u16,
+}
+
+/// Writes a gateway node config and starts the gateway.
+pub fn start_gateway(dir: &Path, id: &str, roles: &[&str], groups: &[&str], etcd: &str) -> (Proc, GatewayPorts) {
+    let ports = GatewayPorts {
+        mesh: free_port(),
+        ingress: free_port(),
+        ops: free_port(),
+    };
+    let cfg = serde_json::json!({
+        "id": id,
+        "roles": roles,
+        "groups": groups,
+        "listen": addr(ports.mesh),
+        "ingress_listen": addr(ports.ingress),
+        "admin_listen": addr(ports.ops),
+        "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
+        "snapshot_file": dir.join(format!("{id}.snapshot.json")),
+        "lease_ttl_s": 5,
+        "shutdown_grace_ms": 3000,
+    });
+    let path = dir.join(format!("{id}.yaml"));
+    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let p = Proc::spawn(id, &bin("meshgate-gateway"), &["--config".into(), path.to_string_lossy().into()], dir);
+    (p, ports)
+}
+
+/// Ports of a sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct SidecarPorts {
+    pub app: u16,
+    pub ops: u16,
+}
+
+/// Writes a sidecar node config and starts the sidecar.
+pub fn start_sidecar(dir: &Path, id: &str, service: &str, group: &str, central: &[String], etcd: &str) -> (Proc, SidecarPorts) {
+    let ports = SidecarPorts {
+        app: free_port(),
+        ops: free_port(),
+    };
+    let cfg = serde_json::json!({
+        "id": id,
+        "service": service,
+        "group": group,
+        "listen": addr(ports.app),
+        "admin_listen": addr(ports.ops),
+        "central": central,
+        "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
+        "snapshot_file": dir.join(format!("{id}.snapshot.json")),
+        "lease_ttl_s": 5,
+    });
+    let path = dir.join(format!("{id}.yaml"));
+    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let p = Proc::spawn(id, &bin("lite-sidecar"), &["--config".into(), path.to_string_lossy().into()], dir);
+    (p, ports)
+}
+
+/// Starts `meshgate-admin` with a token; returns (proc, base url, token).
+pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
+    let port = free_port();
+    let token = "test-token-0123456789abcdef".to_string();
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!("tokens:\n  - name: tests\n    token: {token}\n    role: admin\n  - name: reader\n    token: viewer-token-0123456789\n    role: viewer\n"),
+    )
+    .unwrap();
+    let cfg = serde_json::json!({
+        "listen": addr(port),
+        "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
+        "token_file": tokens,
+    });
+    let path = dir.join("admin.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let p = Proc::spawn("admin", &bin("meshgate-admin"), &["--config".into(), path.to_string_lossy().into()], dir);
+    (p, format!("http://127.0.0.1:{port}"), token)
+}
+
+/// A client of the admin API.
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    pub token: String,
+}
+
+impl Admin {
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Resp {
+        let auth = self.auth();
+        http("PUT", &format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)], &body.to_string())
+            .await
+            .expect("admin reachable")
+    }
+
+    pub async fn put_raw(&self, path: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+        let auth = self.auth();
+        let mut h = vec![("authorization", auth.as_str())];
+        h.extend_from_slice(extra);
+        http("PUT", &format!("{}/api/v1/{path}", self.base), &h, body)
+            .await
+            .expect("admin reachable")
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        let auth = self.auth();
+        http_get(&format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)])
+            .await
+            .expect("admin reachable")
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        let auth = self.auth();
+        http("DELETE", &format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)], "")
+            .await
+            .expect("admin reachable")
+    }
+
+    /// Waits until the admin API answers.
+    pub async fn wait_up(&self) {
+        let url = format!("{}/healthz", self.base);
+        wait_until("admin API up", Duration::from_secs(20), || async {
+            matches!(http_get(&url, &[]).await, Ok(r) if r.status == 200)
+        })
+        .await;
+    }
+}
+
+/// GETs `url` as JSON, `None` on any failure.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let r = http_get(url, &[]).await.ok()?;
+    serde_json::from_str(&r.body).ok()
+}
+
+/// Waits for a process's `/readyz` to say ready.
+pub async fn wait_ready(ops_port: u16) {
+    let url = format!("http://127.0.0.1:{ops_port}/readyz");
+    wait_until(&format!("{url} ready"), Duration::from_secs(30), || async {
+        matches!(http_get(&url, &[]).await, Ok(r) if r.status == 200)
+    })
+    .await;
+}
+
+/// Counts responses by `x-served-by` over `n` requests.
+pub async fn served_by(url: &str, headers: &[(&str, &str)], n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let r = http_get(url, headers).await.expect("request");
+        assert_eq!(r.status, 200, "unexpected response: {r:?}");
+        *m.entry(r.header("x-served-by").unwrap_or("?").to_string()).or_default() += 1;
+    }
+    m
+}
+
+// === a whole mesh ===
+
+/// etcd, admin, egress gateways `gw-a` and `gw-b` for group `shop`, central
+/// gateway `gw-c`, sidecar `sc-1` (service `frontend` in `shop`), backends
+/// `b1` and `b2` of service `orders`, and a mesh route for `orders`.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub etcd: Etcd,
+    pub admin_proc: Proc,
+    pub admin: Admin,
+    pub gws: Vec<(Proc, GatewayPorts)>,
+    pub sidecar: (Proc, SidecarPorts),
+    pub b1: Backend,
+    pub b2: Backend,
+}
+
+impl Mesh {
+    pub async fn start() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path()).await;
+        let ep = etcd.endpoint();
+        let (admin_proc, base, token) = start_admin(dir.path(), &ep);
+        let admin = Admin { base, token };
+        admin.wait_up().await;
+        let b1 = Backend::start("b1").await;
+        let b2 = Backend::start("b2").await;
+        assert_eq!(admin.put("groups/shop", &serde_json::json!({"description": "shop"})).await.status, 201);
+        let svc = serde_json::json!({"group": "shop", "endpoints": [{"address": b1.addr.to_string()}, {"address": b2.addr.to_string()}]});
+        let r = admin.put("services/orders", &svc).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        let route = serde_json::json!({"scope": "mesh", "match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]});
+        let r = admin.put("routes/orders", &route).await;
+        assert_eq!(r.status, 201, "{r:?}");
+
+        let d = dir.path();
+        let gws = vec![
+            start_gateway(d, "gw-a", &["egress"], &["shop"], &ep),
+            start_gateway(d, "gw-b", &["egress"], &["shop"], &ep),
+            start_gateway(d, "gw-c", &["central"], &[], &ep),
+        ];
+        let central = vec![addr(gws[2].1.mesh)];
+        let sidecar = start_sidecar(d, "sc-1", "frontend", "shop", &central, &ep);
+        for (_, p) in &gws {
+            wait_ready(p.ops).await;
+        }
+        wait_ready(sidecar.1.ops).await;
+        let m = Mesh { dir, etcd, admin_proc, admin, gws, sidecar, b1, b2 };
+        m.wait_group_members(2).await;
+        m
+    }
+
+    /// The sidecar's app URL for `path`.
+    pub fn app_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.sidecar.1.app)
+    }
+
+    /// The sidecar's `/config` dump.
+    pub async fn sidecar_config(&self) -> serde_json::Value {
+        get_json(&format!("http://127.0.0.1:{}/config", self.sidecar.1.ops))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Waits until the sidecar's group tier has `n` members.
+    pub async fn wait_group_members(&self, n: usize) {
+        let url = format!("http://127.0.0.1:{}/config", self.sidecar.1.ops);
+        wait_until(&format!("sidecar sees {n} group gateways"), Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                get_json(&url).await.is_some_and(|v| v["tiers"]["group"].as_array().map(|a| a.len()) == Some(n))
+            }
+        })
+        .await;
+    }
+}
