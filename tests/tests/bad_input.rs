@@ -1,0 +1,98 @@
+//! End-to-end: bad input changes nothing. Invalid bodies get 400/409 naming
+//! the field and leave etcd as it was; malformed HTTP gets 400 and a closed
+//! connection, and the gateway keeps serving.
+
+use std::time::Duration;
+
+use meshgate_tests::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_config_is_refused_with_the_field_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (_admin_proc, base, token) = start_admin(dir.path(), &etcd.endpoint());
+    let admin = Admin { base, token };
+    admin.wait_up().await;
+    let b = Backend::start("b").await;
+    assert_eq!(admin.put("services/orders", &json!({"endpoints": [{"address": b.addr.to_string()}]})).await.status, 201);
+    assert_eq!(admin.put("routes/orders", &json!({"match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]})).await.status, 201);
+    let before = (admin.get("services").await.json()["items"].clone(), admin.get("routes").await.json()["items"].clone());
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("routes/r1", json!({"match": {"path": {"prefix": "no-slash"}}, "backends": [{"service": "orders"}]}).to_string(), 400, "match.path.prefix"),
+        ("routes/r1", json!({"backends": [{"service": "orders", "weight": "heavy"}]}).to_string(), 400, "backends[0].weight"),
+        ("routes/r1", json!({"backends": [{"service": "orders"}], "retries": 3}).to_string(), 400, "retries"),
+        ("routes/r1", json!({"backends": [{"service": "missing"}]}).to_string(), 400, "backends[0].service"),
+        ("services/s1", json!({"endpoints": [{"address": "no-port"}]}).to_string(), 400, "endpoints[0].address"),
+        ("services/s1", json!({"endpoints": [{"address": "127.0.0.1:1", "weight": -1}]}).to_string(), 400, "endpoints[0].weight"),
+        ("services/s1", json!({"group": "nope", "endpoints": []}).to_string(), 400, "group"),
+        ("services/s1", "{not json".to_string(), 400, ""),
+        ("routes/Bad_Name", json!({"backends": [{"service": "orders"}]}).to_string(), 400, "name"),
+    ];
+    for (path, body, status, field) in cases {
+        let r = admin.put_raw(path, &body, &[]).await;
+        assert_eq!(r.status, status, "{path} {body}: {r:?}");
+        let v = r.json();
+        assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
+        if !field.is_empty() {
+            assert_eq!(v["field"], field, "{path} {body}: {v}");
+        }
+    }
+    // Deleting a service in use: 409 naming the route.
+    let r = admin.delete("services/orders").await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["referrers"], json!(["routes/orders"]));
+    // A stale If-Match: 412.
+    let r = admin.put_raw("routes/orders", &json!({"backends": [{"service": "orders"}]}).to_string(), &[("if-match", "\"1\"")]).await;
+    assert_eq!(r.status, 412, "{r:?}");
+    // No token / read-only token.
+    let r = http("PUT", &format!("{}/api/v1/routes/x", admin.base), &[], "{}").await.unwrap();
+    assert_eq!(r.status, 401);
+    let r = http("DELETE", &format!("{}/api/v1/routes/orders", admin.base), &[("authorization", "Bearer viewer-token-0123456789")], "").await.unwrap();
+    assert_eq!(r.status, 403);
+
+    let after = (admin.get("services").await.json()["items"].clone(), admin.get("routes").await.json()["items"].clone());
+    assert_eq!(before, after, "the store changed");
+}
+
+/// Sends raw bytes, returns everything the server wrote until it closed.
+async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    // The server must close the connection: read_to_end returns.
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("server closed the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_gets_400_and_the_gateway_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (mut gw, ports) = start_gateway(dir.path(), "gw", &["central"], &[], &etcd.endpoint());
+    wait_ready(ports.ops).await;
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /\x01\x02 HTTP/1.1\r\n\r\n",
+    ] {
+        let out = raw_exchange(ports.mesh, garbage).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{garbage:?} -> {out:?}");
+    }
+    // A non-numeric hop count is refused by the mesh, with its marker.
+    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-hops", "lots")]).await.unwrap();
+    assert_eq!((r.status, r.header("x-mesh-error")), (400, Some("bad_request")));
+    // Too many hops: 508.
+    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-hops", "8")]).await.unwrap();
+    assert_eq!((r.status, r.header("x-mesh-error")), (508, Some("loop_detected")));
+    // Still alive and answering.
+    assert!(gw.running());
+    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-service", "nothing")]).await.unwrap();
+    assert_eq!((r.status, r.header("x-mesh-error")), (404, Some("no_route")));
+}
