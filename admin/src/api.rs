@@ -77,8 +77,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
     s.parse::<i64>()
         .map(|v| Some(IfMatch::Version(v)))
         .map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_if_match", "If-Match must be a version such as \"12\"")
-                .field("If-Match")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_if_match",
+                "If-Match must be a version such as \"12\"",
+            )
+            .field("If-Match")
         })
 }
 
@@ -88,16 +92,26 @@ enum IfMatch {
     Version(i64),
 }
 
-pub async fn list(State(st): State<AdminState>, Path(kind): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(st): State<AdminState>,
+    Path(kind): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let kind = config_kind(&kind)?;
     let r = st.store.range(&kind.prefix()).await?;
     let items: Vec<Value> = r.entries.iter().map(render).collect();
     Ok(Json(json!({ "items": items, "revision": r.revision })))
 }
 
-pub async fn get(State(st): State<AdminState>, Path((kind, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(st): State<AdminState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let key = object_key(&kind, &name)?;
-    let e = st.store.get(&key).await?.ok_or_else(|| ApiError::not_found(&key))?;
+    let e = st
+        .store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&key))?;
     let mut resp = Json(render(&e)).into_response();
     resp.headers_mut().insert("etag", etag(e.mod_revision));
     Ok(resp)
@@ -151,7 +165,11 @@ pub async fn put(
                 value,
                 mod_revision: revision,
             };
-            let status = if current.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+            let status = if current.is_some() {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
             let mut resp = (status, Json(render(&e))).into_response();
             resp.headers_mut().insert("etag", etag(revision));
             Ok(resp)
@@ -163,7 +181,12 @@ pub async fn put(
                     return Err(missing_ref(&key, field, r));
                 }
             }
-            let now = st.store.get(&key).await?.map(|e| e.mod_revision).unwrap_or(0);
+            let now = st
+                .store
+                .get(&key)
+                .await?
+                .map(|e| e.mod_revision)
+                .unwrap_or(0);
             if expect.is_some() {
                 Err(precondition_failed(&key, version_cond, now))
             } else {
@@ -185,7 +208,11 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let key = object_key(&kind, &name)?;
     let expect = if_match(&headers)?;
-    let current = st.store.get(&key).await?.ok_or_else(|| ApiError::not_found(&key))?;
+    let current = st
+        .store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&key))?;
     if let Some(IfMatch::Version(v)) = expect {
         if v != current.mod_revision {
             return Err(precondition_failed(&key, v, current.mod_revision));
@@ -221,7 +248,11 @@ pub async fn delete(
         e.referrers = referrers;
         return Err(e);
     }
-    match st.store.txn(conds, vec![Op::Delete { key: key.clone() }]).await? {
+    match st
+        .store
+        .txn(conds, vec![Op::Delete { key: key.clone() }])
+        .await?
+    {
         TxnOutcome::Committed { revision } => {
             tracing::info!(object = %key, revision, by = %caller.name, "object deleted");
             Ok(Json(json!({ "deleted": key.to_string(), "revision": revision })).into_response())
@@ -262,10 +293,18 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
 /// envelope that GET returns (`{"kind", "name", "version", "spec"}`).
 fn spec_from_body(key: &Key, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
     })?;
     let Value::Object(mut map) = v else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "request body must be a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "request body must be a JSON object",
+        ));
     };
     if map.contains_key("spec") {
         for (field, want) in [("kind", key.kind.as_str()), ("name", key.name.as_str())] {
@@ -280,7 +319,10 @@ fn spec_from_body(key: &Key, body: &[u8]) -> Result<Vec<u8>, ApiError> {
                 }
             }
         }
-        if let Some(extra) = map.keys().find(|k| !["kind", "name", "version", "spec"].contains(&k.as_str())) {
+        if let Some(extra) = map
+            .keys()
+            .find(|k| !["kind", "name", "version", "spec"].contains(&k.as_str()))
+        {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_config",

@@ -59,7 +59,10 @@ impl Tokens {
         let mut t = Tokens::default();
         for (i, e) in file.tokens.into_iter().enumerate() {
             if e.token.len() < 16 {
-                anyhow::bail!("{}: tokens[{i}].token: must be at least 16 characters", path.display());
+                anyhow::bail!(
+                    "{}: tokens[{i}].token: must be at least 16 characters",
+                    path.display()
+                );
             }
             t.add(e.name, &e.token, e.role);
         }
@@ -67,7 +70,8 @@ impl Tokens {
     }
 
     pub fn add(&mut self, name: String, token: &str, role: Role) {
-        self.entries.push((name, Sha256::digest(token.as_bytes()).into(), role));
+        self.entries
+            .push((name, Sha256::digest(token.as_bytes()).into(), role));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,7 +91,10 @@ impl Tokens {
         let mut found = None;
         // Walk every entry whatever matches, comparing without early exit.
         for (name, want, role) in &self.entries {
-            let diff = want.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            let diff = want
+                .iter()
+                .zip(digest.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 && found.is_none() {
                 found = Some(Caller {
                     name: name.clone(),
@@ -112,7 +119,13 @@ mod tests {
         assert!(t.check(None).is_none());
         assert!(t.check(Some("Bearer nope")).is_none());
         assert!(t.check(Some("s3cret-s3cret-s3cret")).is_none());
-        assert_eq!(t.check(Some("Bearer s3cret-s3cret-s3cret")).unwrap().name, "ops");
-        assert_eq!(t.check(Some("Bearer read-only-read-only")).unwrap().role, Role::Viewer);
+        assert_eq!(
+            t.check(Some("Bearer s3cret-s3cret-s3cret")).unwrap().name,
+            "ops"
+        );
+        assert_eq!(
+            t.check(Some("Bearer read-only-read-only")).unwrap().role,
+            Role::Viewer
+        );
     }
 }

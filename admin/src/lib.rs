@@ -37,7 +37,10 @@ pub fn router(state: AdminState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .with_state(state)
 }
 
@@ -47,12 +50,21 @@ async fn authenticate(State(st): State<AdminState>, mut req: Request, next: Next
         .get("authorization")
         .and_then(|v| v.to_str().ok());
     let Some(caller) = st.tokens.check(auth) else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
+        )
+        .into_response();
     };
     let read_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if caller.role == Role::Viewer && !read_only {
-        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token may only read").into_response();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may only read",
+        )
+        .into_response();
     }
     req.extensions_mut().insert(caller);
     next.run(req).await

@@ -54,7 +54,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("{}: listen: cannot bind {}: {e}", args.config.display(), cfg.listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: listen: cannot bind {}: {e}",
+                args.config.display(),
+                cfg.listen
+            )
+        })?;
     tracing::info!(listen = %cfg.listen, "admin API listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

@@ -49,11 +49,17 @@ impl StoreConfig {
         let mut out = Vec::new();
         match (&self.etcd, &self.file) {
             (Some(_), Some(_)) | (None, None) => {
-                out.push(("store".into(), "give exactly one of `etcd` and `file`".into()));
+                out.push((
+                    "store".into(),
+                    "give exactly one of `etcd` and `file`".into(),
+                ));
             }
             (Some(e), None) => {
                 if e.endpoints.is_empty() {
-                    out.push(("store.etcd.endpoints".into(), "must list at least one endpoint".into()));
+                    out.push((
+                        "store.etcd.endpoints".into(),
+                        "must list at least one endpoint".into(),
+                    ));
                 }
                 for (i, ep) in e.endpoints.iter().enumerate() {
                     if !(ep.starts_with("http://") || ep.starts_with("https://")) {
@@ -67,7 +73,10 @@ impl StoreConfig {
                     out.push(("store.etcd.prefix".into(), "must start with '/'".into()));
                 }
                 if e.timeout_ms == 0 {
-                    out.push(("store.etcd.timeout_ms".into(), "must be greater than 0".into()));
+                    out.push((
+                        "store.etcd.timeout_ms".into(),
+                        "must be greater than 0".into(),
+                    ));
                 }
             }
             (None, Some(f)) => {
@@ -99,8 +108,8 @@ impl StoreConfig {
 /// Reads a YAML file into `T`. The error names the file and the field path,
 /// e.g. `gateway.yaml: listen: invalid socket address syntax`.
 pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let de = serde_yaml::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();

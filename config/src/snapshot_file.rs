@@ -142,7 +142,10 @@ pub fn read(path: &Path, scope: &str) -> Result<Snapshot, SnapshotError> {
 /// Writes `bytes` to a temp file beside `path`, syncs it, and renames it
 /// over `path`, so readers see the old or the new file, never a torn one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("path has no file name"))?;
@@ -211,6 +214,9 @@ mod tests {
         // Truncation.
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-        assert!(matches!(read(&p, "gateway:gw-1"), Err(SnapshotError::Corrupt(_))));
+        assert!(matches!(
+            read(&p, "gateway:gw-1"),
+            Err(SnapshotError::Corrupt(_))
+        ));
     }
 }

@@ -314,8 +314,11 @@ impl<A: Apply> Syncer<A> {
                     objects = snap.entries.len(),
                     "config store unreachable at start; serving the last-known-good snapshot"
                 );
-                let fresh: BTreeMap<Key, Entry> =
-                    snap.entries.into_iter().map(|e| (e.key.clone(), e)).collect();
+                let fresh: BTreeMap<Key, Entry> = snap
+                    .entries
+                    .into_iter()
+                    .map(|e| (e.key.clone(), e))
+                    .collect();
                 let changes = diff(&self.mirror, &fresh);
                 self.mirror = fresh;
                 self.revs.iter_mut().for_each(|r| *r = snap.revision);

@@ -147,7 +147,10 @@ pub fn decode_json<T: DeserializeOwned>(key: &Key, json: &[u8]) -> Result<T, Inv
 }
 
 /// Decodes a `serde_json::Value` with field paths in the error.
-pub fn decode_value<T: DeserializeOwned>(key: &Key, value: serde_json::Value) -> Result<T, Invalid> {
+pub fn decode_value<T: DeserializeOwned>(
+    key: &Key,
+    value: serde_json::Value,
+) -> Result<T, Invalid> {
     serde_path_to_error::deserialize(value).map_err(|e| Invalid {
         object: key.to_string(),
         errors: vec![FieldError {
@@ -259,7 +262,11 @@ fn validate_service(s: &Service, v: &mut Errors) {
     let mut seen = std::collections::HashSet::new();
     for (i, e) in s.endpoints.iter().enumerate() {
         let base = format!("endpoints[{i}]");
-        v.check(&format!("{base}.address"), valid_address(&e.address), ADDRESS_MSG);
+        v.check(
+            &format!("{base}.address"),
+            valid_address(&e.address),
+            ADDRESS_MSG,
+        );
         v.check(
             &format!("{base}.weight"),
             (1..=10_000).contains(&e.weight),
@@ -287,10 +294,16 @@ fn validate_route(r: &Route, v: &mut Errors) {
             (Some(_), Some(_)) | (None, None) => {
                 v.push("match.path", "give exactly one of 'exact' and 'prefix'")
             }
-            (Some(x), None) => v.check("match.path.exact", x.starts_with('/'), "must start with '/'"),
-            (None, Some(x)) => {
-                v.check("match.path.prefix", x.starts_with('/'), "must start with '/'")
-            }
+            (Some(x), None) => v.check(
+                "match.path.exact",
+                x.starts_with('/'),
+                "must start with '/'",
+            ),
+            (None, Some(x)) => v.check(
+                "match.path.prefix",
+                x.starts_with('/'),
+                "must start with '/'",
+            ),
         }
     }
     for (i, meth) in m.methods.iter().enumerate() {
@@ -317,7 +330,11 @@ fn validate_route(r: &Route, v: &mut Errors) {
     }
     let mut total = 0u64;
     for (i, b) in r.backends.iter().enumerate() {
-        v.check(&format!("backends[{i}].service"), valid_name(&b.service), NAME_MSG);
+        v.check(
+            &format!("backends[{i}].service"),
+            valid_name(&b.service),
+            NAME_MSG,
+        );
         v.check(
             &format!("backends[{i}].weight"),
             b.weight <= 10_000,
@@ -352,8 +369,9 @@ fn validate_group(g: &Group, v: &mut Errors) {
 
 fn http_header_name(n: &str) -> bool {
     !n.is_empty()
-        && n.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_!#$%&'*+.^`|~".contains(&c))
+        && n.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_!#$%&'*+.^`|~".contains(&c)
+        })
 }
 
 #[cfg(test)]
@@ -382,8 +400,9 @@ mod tests {
 
     #[test]
     fn bad_path_names_the_field() {
-        let e = decode_route(r#"{"match":{"path":{"prefix":"cart"}},"backends":[{"service":"a"}]}"#)
-            .unwrap_err();
+        let e =
+            decode_route(r#"{"match":{"path":{"prefix":"cart"}},"backends":[{"service":"a"}]}"#)
+                .unwrap_err();
         assert_eq!(
             e.to_string(),
             "routes/checkout: match.path.prefix: must start with '/'"
@@ -429,10 +448,8 @@ mod tests {
     fn route_needs_a_target() {
         let e = decode_route(r#"{}"#).unwrap_err();
         assert_eq!(e.errors[0].field, "backends");
-        let e = decode_route(
-            r#"{"backends":[{"service":"a"}],"direct_response":{"status":200}}"#,
-        )
-        .unwrap_err();
+        let e = decode_route(r#"{"backends":[{"service":"a"}],"direct_response":{"status":200}}"#)
+            .unwrap_err();
         assert_eq!(e.errors[0].field, "direct_response");
     }
 

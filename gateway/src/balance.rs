@@ -118,7 +118,8 @@ impl EndpointState {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(5);
         let ms = (EJECT_BASE.as_millis() as u64 * (1 << n)).min(EJECT_MAX.as_millis() as u64);
-        self.ejected_until_ms.store(mono_ms() + ms, Ordering::Relaxed);
+        self.ejected_until_ms
+            .store(mono_ms() + ms, Ordering::Relaxed);
     }
 
     pub fn on_success(&self) {
@@ -170,7 +171,9 @@ pub struct Balancer {
 
 impl std::fmt::Debug for Balancer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Balancer").field("levels", &self.levels.len()).finish()
+        f.debug_struct("Balancer")
+            .field("levels", &self.levels.len())
+            .finish()
     }
 }
 
@@ -219,7 +222,9 @@ impl Balancer {
         for level in &self.levels {
             let n = level.schedule.len();
             for _ in 0..n {
-                let Some(i) = level.schedule.next() else { break };
+                let Some(i) = level.schedule.next() else {
+                    break;
+                };
                 let e = &level.endpoints[i];
                 if !untried(e) {
                     continue;
@@ -232,9 +237,7 @@ impl Balancer {
                 }
             }
         }
-        fallback.or_else(|| {
-            self.endpoints().find(|e| untried(e)).cloned()
-        })
+        fallback.or_else(|| self.endpoints().find(|e| untried(e)).cloned())
     }
 }
 
@@ -265,10 +268,12 @@ mod tests {
             assert_eq!(bal.pick(&[]).unwrap().address, "b:1");
         }
         // Only the ejected one is left: still returned rather than nothing.
-        assert_eq!(bal.pick(&[b.clone()]).unwrap().address, "a:1");
+        assert_eq!(bal.pick(std::slice::from_ref(&b)).unwrap().address, "a:1");
         assert!(bal.pick(&[a.clone(), b.clone()]).is_none());
         a.on_success();
-        let picked: Vec<_> = (0..4).map(|_| bal.pick(&[]).unwrap().address.clone()).collect();
+        let picked: Vec<_> = (0..4)
+            .map(|_| bal.pick(&[]).unwrap().address.clone())
+            .collect();
         assert!(picked.contains(&"a:1".to_string()));
     }
 

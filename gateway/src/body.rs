@@ -38,22 +38,23 @@ pub enum BodyError {
 }
 
 impl ReplayBody {
-    pub async fn new(body: Incoming, content_length: Option<u64>, limit: usize) -> Result<Self, BodyError> {
+    pub async fn new(
+        body: Incoming,
+        content_length: Option<u64>,
+        limit: usize,
+    ) -> Result<Self, BodyError> {
         if body.is_end_stream() {
             return Ok(ReplayBody::Buffered(Bytes::new()));
         }
         match content_length {
             Some(n) if n <= limit as u64 => {
-                let collected = Limited::new(body, limit)
-                    .collect()
-                    .await
-                    .map_err(|e| {
-                        if e.is::<http_body_util::LengthLimitError>() {
-                            BodyError::TooLarge(limit)
-                        } else {
-                            BodyError::Read(e.to_string())
-                        }
-                    })?;
+                let collected = Limited::new(body, limit).collect().await.map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        BodyError::TooLarge(limit)
+                    } else {
+                        BodyError::Read(e.to_string())
+                    }
+                })?;
                 Ok(ReplayBody::Buffered(collected.to_bytes()))
             }
             _ => Ok(ReplayBody::Streaming(body)),

@@ -75,7 +75,10 @@ impl MeshError {
         let mut resp = Response::new(full(Full::new(Bytes::from(body.to_string()))));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(X_MESH_ERROR, HeaderValue::from_static(self.code()));
         resp
     }

@@ -33,34 +33,50 @@ impl Metrics {
     pub fn new(process: &str) -> Metrics {
         let registry = Registry::new_custom(Some("meshgate".into()), None).expect("registry");
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Requests handled, by listener, route, service and status class"),
+            Opts::new(
+                "requests_total",
+                "Requests handled, by listener, route, service and status class",
+            ),
             &["listener", "route", "service", "class"],
         )
         .expect("metric");
         let duration = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Time from request received to response headers sent")
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]),
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request received to response headers sent",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
             &["listener", "route"],
         )
         .expect("metric");
         let connect_failures = IntCounterVec::new(
-            Opts::new("upstream_connect_failures_total", "Failed connection attempts to upstream endpoints"),
+            Opts::new(
+                "upstream_connect_failures_total",
+                "Failed connection attempts to upstream endpoints",
+            ),
             &["service"],
         )
         .expect("metric");
         let config_revision =
-            IntGauge::new("config_revision", "Store revision of the applied config").expect("metric");
-        let store_connected =
-            IntGauge::new("store_connected", "1 while the config store watch is established").expect("metric");
+            IntGauge::new("config_revision", "Store revision of the applied config")
+                .expect("metric");
+        let store_connected = IntGauge::new(
+            "store_connected",
+            "1 while the config store watch is established",
+        )
+        .expect("metric");
         let config_rejected = IntGauge::new(
             "config_rejected_objects",
             "Config objects rejected as invalid (previous good version kept)",
         )
         .expect("metric");
         let info = IntGauge::with_opts(
-            Opts::new("build_info", "Build information").const_label("version", env!("CARGO_PKG_VERSION")).const_label("process", process),
+            Opts::new("build_info", "Build information")
+                .const_label("version", env!("CARGO_PKG_VERSION"))
+                .const_label("process", process),
         )
         .expect("metric");
         info.set(1);

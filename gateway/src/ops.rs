@@ -35,7 +35,11 @@ pub fn router(state: OpsState) -> Router {
 
 async fn readyz(State(st): State<OpsState>) -> Response {
     let (ready, details) = (st.readiness)();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(details)).into_response()
 }
 
@@ -52,7 +56,11 @@ async fn config(State(st): State<OpsState>) -> Json<Value> {
 }
 
 /// Serves an axum router until `shutdown` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             crate::server::wait_true(&mut shutdown).await;

@@ -25,7 +25,9 @@ use tokio::sync::watch;
 use crate::balance::EndpointRegistry;
 use crate::client::Clients;
 use crate::metrics::Metrics;
-use crate::proxy::{ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use crate::proxy::{
+    ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+};
 use crate::state::{Compiler, Defaults, Snapshot};
 
 /// The gateway's node config file.
@@ -116,7 +118,10 @@ impl GatewayConfig {
         if self.roles.is_empty() {
             push("roles", "give at least one of ingress, egress, central");
         }
-        let mesh = self.roles.iter().any(|r| matches!(r, Role::Egress | Role::Central));
+        let mesh = self
+            .roles
+            .iter()
+            .any(|r| matches!(r, Role::Egress | Role::Central));
         if mesh && self.listen.is_none() {
             push("listen", "required for the egress and central roles");
         }
@@ -221,14 +226,24 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             None => meshgate_admin::Tokens::default(),
         };
         meshgate_admin::check_listen(ops_addr, &tokens)?;
-        ops_app = ops_app.merge(meshgate_admin::router(meshgate_admin::state(store.clone(), tokens)));
+        ops_app = ops_app.merge(meshgate_admin::router(meshgate_admin::state(
+            store.clone(),
+            tokens,
+        )));
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::ops::serve(ops_listener, ops_app, shutdown_rx.clone())));
-    for (listener, kind) in [(mesh_listener, ListenerKind::Mesh), (ingress_listener, ListenerKind::Ingress)] {
+    tasks.push(tokio::spawn(crate::ops::serve(
+        ops_listener,
+        ops_app,
+        shutdown_rx.clone(),
+    )));
+    for (listener, kind) in [
+        (mesh_listener, ListenerKind::Mesh),
+        (ingress_listener, ListenerKind::Ingress),
+    ] {
         let Some(listener) = listener else { continue };
         tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
         let p = proxy.clone();
@@ -236,7 +251,13 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             let p = p.clone();
             async move { p.handle(kind, remote, req).await }
         };
-        tasks.push(tokio::spawn(crate::server::serve(kind.as_str(), listener, handler, shutdown_rx.clone(), grace)));
+        tasks.push(tokio::spawn(crate::server::serve(
+            kind.as_str(),
+            listener,
+            handler,
+            shutdown_rx.clone(),
+            grace,
+        )));
     }
     tracing::info!(id = %cfg.id, ops = %ops_addr, store = %store.describe(), "gateway started");
 
@@ -297,7 +318,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         _ = shutdown_signal() => {}
     }
 
-    tracing::info!("shutdown: deregistering, then draining for up to {:?}", grace);
+    tracing::info!(
+        "shutdown: deregistering, then draining for up to {:?}",
+        grace
+    );
     draining.store(true, Ordering::Relaxed);
     registration.deregister().await;
     let _ = shutdown_tx.send(true);

@@ -88,7 +88,12 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Handles one request end to end; never fails (errors become synthetic
     /// responses).
-    pub async fn handle(&self, kind: ListenerKind, remote: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        kind: ListenerKind,
+        remote: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let (resp, route) = self.route_and_forward(kind, remote, req).await;
         let status = resp.status().as_u16();
@@ -117,10 +122,16 @@ impl Proxy {
         let snap = self.snapshot.load_full();
         let h = req.headers_mut();
         match headers::bump_hops(h) {
-            None => return (MeshError::BadRequest.response("x-mesh-hops is not a number"), None),
+            None => {
+                return (
+                    MeshError::BadRequest.response("x-mesh-hops is not a number"),
+                    None,
+                )
+            }
             Some(n) if n > self.opts.max_hops => {
                 return (
-                    MeshError::LoopDetected.response(&format!("more than {} mesh hops", self.opts.max_hops)),
+                    MeshError::LoopDetected
+                        .response(&format!("more than {} mesh hops", self.opts.max_hops)),
                     None,
                 )
             }
@@ -134,18 +145,32 @@ impl Proxy {
 
         let uri_host = req.uri().host().map(str::to_string);
         let (router, host) = match kind {
-            ListenerKind::Mesh => (&snap.mesh, headers::destination(req.headers(), uri_host.as_deref())),
-            ListenerKind::Ingress => (&snap.ingress, headers::request_host(req.headers(), uri_host.as_deref())),
+            ListenerKind::Mesh => (
+                &snap.mesh,
+                headers::destination(req.headers(), uri_host.as_deref()),
+            ),
+            ListenerKind::Ingress => (
+                &snap.ingress,
+                headers::request_host(req.headers(), uri_host.as_deref()),
+            ),
         };
         let host = host.unwrap_or_default();
         let path = req.uri().path();
-        let found = router.find(&host, req.method(), path, req.headers()).cloned();
+        let found = router
+            .find(&host, req.method(), path, req.headers())
+            .cloned();
         let route: Arc<CompiledRoute> = match found {
             Some(r) => r,
             None => match (kind, snap.services.get(host.as_str())) {
                 (ListenerKind::Mesh, Some(svc)) => svc.implicit_route.clone(),
                 _ => {
-                    let msg = format!("no {} route for {} {}{}", kind.as_str(), req.method(), host, path);
+                    let msg = format!(
+                        "no {} route for {} {}{}",
+                        kind.as_str(),
+                        req.method(),
+                        host,
+                        path
+                    );
                     return (MeshError::NoRoute.response(&msg), None);
                 }
             },
@@ -159,7 +184,10 @@ impl Proxy {
             return (resp, Some((route.name.clone(), Arc::from(""))));
         }
         let Some(backend) = route.pick_backend() else {
-            return (MeshError::NoHealthyEndpoint.response("route has no weighted backend"), None);
+            return (
+                MeshError::NoHealthyEndpoint.response("route has no weighted backend"),
+                None,
+            );
         };
         let labels = Some((route.name.clone(), backend.clone()));
         let Some(svc) = snap.services.get(backend).cloned() else {
@@ -171,17 +199,23 @@ impl Proxy {
     }
 
     /// Sends the request to one of the service's endpoints.
-    async fn forward(&self, svc: &ServiceRt, route: &CompiledRoute, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        svc: &ServiceRt,
+        route: &CompiledRoute,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let content_length = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut body = match ReplayBody::new(body, content_length, self.opts.replay_buffer_bytes).await {
-            Ok(b) => b,
-            Err(e) => return MeshError::BadRequest.response(&e.to_string()),
-        };
+        let mut body =
+            match ReplayBody::new(body, content_length, self.opts.replay_buffer_bytes).await {
+                Ok(b) => b,
+                Err(e) => return MeshError::BadRequest.response(&e.to_string()),
+            };
         // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
         if !parts.headers.contains_key(header::HOST) {
             if let Some(a) = parts.uri.authority() {
@@ -201,7 +235,8 @@ impl Proxy {
         loop {
             let Some(ep) = svc.balancer.pick(&tried) else {
                 return if tried.is_empty() {
-                    MeshError::NoHealthyEndpoint.response(&format!("service {} has no endpoints", svc.name))
+                    MeshError::NoHealthyEndpoint
+                        .response(&format!("service {} has no endpoints", svc.name))
                 } else {
                     MeshError::UpstreamConnectFailed.response(&format!(
                         "no connection to any of {} endpoint(s) of {}",
@@ -211,7 +246,8 @@ impl Proxy {
                 };
             };
             let Some(attempt_body) = body.take() else {
-                return MeshError::UpstreamConnectFailed.response("connection failed and the request body cannot be replayed");
+                return MeshError::UpstreamConnectFailed
+                    .response("connection failed and the request body cannot be replayed");
             };
             let Some(auth) = svc.authorities.get(&ep.address) else {
                 tried.push(ep);
@@ -239,7 +275,10 @@ impl Proxy {
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     ep.on_failure();
-                    self.metrics.connect_failures.with_label_values(&[&svc.name]).inc();
+                    self.metrics
+                        .connect_failures
+                        .with_label_values(&[&svc.name])
+                        .inc();
                     tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream connect failed");
                     tried.push(ep);
                     if tried.len() >= self.opts.max_connect_attempts || !body.replayable() {
@@ -252,7 +291,11 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream request failed");
-                    return MeshError::UpstreamReset.response(&format!("upstream {} failed: {}", svc.name, root_cause(&e)));
+                    return MeshError::UpstreamReset.response(&format!(
+                        "upstream {} failed: {}",
+                        svc.name,
+                        root_cause(&e)
+                    ));
                 }
                 Err(_) => {
                     return MeshError::UpstreamTimeout.response(&format!(

@@ -73,13 +73,21 @@ impl CompiledRoute {
                     Some((name, val))
                 })
                 .collect(),
-            backends: r.backends.iter().map(|b| Arc::from(b.service.as_str())).collect(),
-            backend_schedule: Schedule::new(&r.backends.iter().map(|b| b.weight).collect::<Vec<_>>()),
+            backends: r
+                .backends
+                .iter()
+                .map(|b| Arc::from(b.service.as_str()))
+                .collect(),
+            backend_schedule: Schedule::new(
+                &r.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            ),
             direct: r.direct_response.as_ref().map(|d| {
                 (
                     StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK),
                     Bytes::from(d.body.clone()),
-                    d.content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()),
+                    d.content_type
+                        .as_deref()
+                        .and_then(|c| HeaderValue::from_str(c).ok()),
                 )
             }),
             timeouts: r.timeouts,
@@ -142,7 +150,12 @@ impl CompiledRoute {
 fn prefix_match(path: &str, prefix: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        Some(rest) => {
+            prefix.ends_with('/')
+                || rest.is_empty()
+                || rest.starts_with('/')
+                || rest.starts_with('?')
+        }
     }
 }
 
@@ -175,7 +188,10 @@ impl Router {
             }
             for h in &route.hosts {
                 match h.strip_prefix('*') {
-                    Some(suffix) => wild.entry(suffix.to_string()).or_default().push(route.clone()),
+                    Some(suffix) => wild
+                        .entry(suffix.to_string())
+                        .or_default()
+                        .push(route.clone()),
                     None => r.exact.entry(h.clone()).or_default().push(route.clone()),
                 }
             }
@@ -191,7 +207,8 @@ impl Router {
                 (s, v)
             })
             .collect();
-        r.wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        r.wildcard
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         r
     }
 
@@ -204,27 +221,44 @@ impl Router {
     }
 
     /// The best route for a request, if any.
-    pub fn find<'a>(&'a self, host: &str, method: &Method, path: &str, headers: &HeaderMap) -> Option<&'a Arc<CompiledRoute>> {
+    pub fn find<'a>(
+        &'a self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&'a Arc<CompiledRoute>> {
         fn first<'r>(
             bucket: &'r [Arc<CompiledRoute>],
             method: &Method,
             path: &str,
             headers: &HeaderMap,
         ) -> Option<&'r Arc<CompiledRoute>> {
-            bucket.iter().find(|r| r.matches_rest(method, path, headers))
+            bucket
+                .iter()
+                .find(|r| r.matches_rest(method, path, headers))
         }
         // The best candidate with its host rank: (kind, suffix length).
         let mut best: Option<(&Arc<CompiledRoute>, (u8, usize))> = None;
-        let consider = |r: &'a Arc<CompiledRoute>, rank: (u8, usize), best: &mut Option<(&'a Arc<CompiledRoute>, (u8, usize))>| {
-            let better = match best {
-                None => true,
-                Some((b, brank)) => (r.priority, rank, r.specificity()) > (b.priority, *brank, b.specificity()),
+        let consider =
+            |r: &'a Arc<CompiledRoute>,
+             rank: (u8, usize),
+             best: &mut Option<(&'a Arc<CompiledRoute>, (u8, usize))>| {
+                let better = match best {
+                    None => true,
+                    Some((b, brank)) => {
+                        (r.priority, rank, r.specificity()) > (b.priority, *brank, b.specificity())
+                    }
+                };
+                if better {
+                    *best = Some((r, rank));
+                }
             };
-            if better {
-                *best = Some((r, rank));
-            }
-        };
-        if let Some(r) = self.exact.get(host).and_then(|b| first(b, method, path, headers)) {
+        if let Some(r) = self
+            .exact
+            .get(host)
+            .and_then(|b| first(b, method, path, headers))
+        {
             consider(r, (2, 0), &mut best);
         }
         for (suffix, bucket) in &self.wildcard {
@@ -254,38 +288,88 @@ mod tests {
         Arc::new(CompiledRoute::new(name, 1, &r))
     }
 
-    fn find<'a>(r: &'a Router, host: &str, method: &str, path: &str, hdrs: &[(&str, &str)]) -> Option<&'a str> {
+    fn find<'a>(
+        r: &'a Router,
+        host: &str,
+        method: &str,
+        path: &str,
+        hdrs: &[(&str, &str)],
+    ) -> Option<&'a str> {
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
-            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
-        r.find(host, &Method::from_bytes(method.as_bytes()).unwrap(), path, &h)
-            .map(|r| &*r.name)
+        r.find(
+            host,
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            path,
+            &h,
+        )
+        .map(|r| &*r.name)
     }
 
     #[test]
     fn host_path_method_header_matching() {
         let routes = vec![
             route("catch-all", r#"{"backends":[{"service":"a"}]}"#),
-            route("shop", r#"{"match":{"hosts":["shop.io"]},"backends":[{"service":"a"}]}"#),
-            route("shop-api", r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"}},"backends":[{"service":"a"}]}"#),
-            route("shop-api-exact", r#"{"match":{"hosts":["shop.io"],"path":{"exact":"/api/v1"}},"backends":[{"service":"a"}]}"#),
-            route("post-only", r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"},"methods":["POST"]},"backends":[{"service":"a"}]}"#),
-            route("beta", r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"},"headers":[{"name":"x-beta","exact":"1"}]},"backends":[{"service":"a"}]}"#),
-            route("wild", r#"{"match":{"hosts":["*.shop.io"]},"backends":[{"service":"a"}]}"#),
-            route("wild-deeper", r#"{"match":{"hosts":["*.eu.shop.io"]},"backends":[{"service":"a"}]}"#),
+            route(
+                "shop",
+                r#"{"match":{"hosts":["shop.io"]},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "shop-api",
+                r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"}},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "shop-api-exact",
+                r#"{"match":{"hosts":["shop.io"],"path":{"exact":"/api/v1"}},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "post-only",
+                r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"},"methods":["POST"]},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "beta",
+                r#"{"match":{"hosts":["shop.io"],"path":{"prefix":"/api"},"headers":[{"name":"x-beta","exact":"1"}]},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "wild",
+                r#"{"match":{"hosts":["*.shop.io"]},"backends":[{"service":"a"}]}"#,
+            ),
+            route(
+                "wild-deeper",
+                r#"{"match":{"hosts":["*.eu.shop.io"]},"backends":[{"service":"a"}]}"#,
+            ),
         ];
         let r = Router::build(&routes);
         assert_eq!(r.len(), 8);
         assert_eq!(find(&r, "shop.io", "GET", "/", &[]), Some("shop"));
         assert_eq!(find(&r, "shop.io", "GET", "/api/x", &[]), Some("shop-api"));
         assert_eq!(find(&r, "shop.io", "GET", "/apix", &[]), Some("shop"));
-        assert_eq!(find(&r, "shop.io", "GET", "/api/v1", &[]), Some("shop-api-exact"));
-        assert_eq!(find(&r, "shop.io", "POST", "/api/x", &[]), Some("post-only"));
-        assert_eq!(find(&r, "shop.io", "GET", "/api/x", &[("x-beta", "1")]), Some("beta"));
-        assert_eq!(find(&r, "shop.io", "GET", "/api/x", &[("x-beta", "2")]), Some("shop-api"));
+        assert_eq!(
+            find(&r, "shop.io", "GET", "/api/v1", &[]),
+            Some("shop-api-exact")
+        );
+        assert_eq!(
+            find(&r, "shop.io", "POST", "/api/x", &[]),
+            Some("post-only")
+        );
+        assert_eq!(
+            find(&r, "shop.io", "GET", "/api/x", &[("x-beta", "1")]),
+            Some("beta")
+        );
+        assert_eq!(
+            find(&r, "shop.io", "GET", "/api/x", &[("x-beta", "2")]),
+            Some("shop-api")
+        );
         assert_eq!(find(&r, "a.shop.io", "GET", "/", &[]), Some("wild"));
-        assert_eq!(find(&r, "a.eu.shop.io", "GET", "/", &[]), Some("wild-deeper"));
+        assert_eq!(
+            find(&r, "a.eu.shop.io", "GET", "/", &[]),
+            Some("wild-deeper")
+        );
         assert_eq!(find(&r, "other.io", "GET", "/", &[]), Some("catch-all"));
         // "*.shop.io" does not match the bare domain.
         assert_eq!(find(&r, "x.io", "GET", "/", &[]), Some("catch-all"));
@@ -294,17 +378,26 @@ mod tests {
     #[test]
     fn priority_beats_specificity() {
         let routes = vec![
-            route("specific", r#"{"match":{"hosts":["a.io"],"path":{"exact":"/x"}},"backends":[{"service":"a"}]}"#),
+            route(
+                "specific",
+                r#"{"match":{"hosts":["a.io"],"path":{"exact":"/x"}},"backends":[{"service":"a"}]}"#,
+            ),
             route("urgent", r#"{"priority":10,"backends":[{"service":"a"}]}"#),
         ];
         let r = Router::build(&routes);
         assert_eq!(find(&r, "a.io", "GET", "/x", &[]), Some("urgent"));
-        assert_eq!(find(&Router::build(&routes[..1]), "a.io", "GET", "/y", &[]), None);
+        assert_eq!(
+            find(&Router::build(&routes[..1]), "a.io", "GET", "/y", &[]),
+            None
+        );
     }
 
     #[test]
     fn weighted_backends() {
-        let r = route("split", r#"{"backends":[{"service":"v1","weight":3},{"service":"v2","weight":1}]}"#);
+        let r = route(
+            "split",
+            r#"{"backends":[{"service":"v1","weight":3},{"service":"v2","weight":1}]}"#,
+        );
         let mut n = 0;
         for _ in 0..400 {
             if &**r.pick_backend().unwrap() == "v2" {

@@ -76,8 +76,14 @@ pub async fn serve<H, F>(
     }
     drop(listener);
     tracing::info!(listener = name, "stopped accepting; draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(listener = name, "drain deadline reached; closing remaining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "drain deadline reached; closing remaining connections"
+        );
     }
 }
 

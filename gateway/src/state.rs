@@ -73,6 +73,9 @@ pub struct Rejected {
     pub error: String,
 }
 
+/// Called after each publish with the snapshot and the count of rejected objects.
+pub type OnApply = Box<dyn Fn(&Snapshot, usize) + Send>;
+
 /// The shared handle the data plane reads from.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
@@ -88,7 +91,7 @@ pub struct Compiler {
     /// Raw accepted objects (for the `/config` dump).
     accepted: BTreeMap<Key, (i64, serde_json::Value)>,
     rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
-    on_apply: Box<dyn Fn(&Snapshot, usize) + Send>,
+    on_apply: OnApply,
     dump: Arc<std::sync::Mutex<serde_json::Value>>,
 }
 
@@ -98,7 +101,7 @@ impl Compiler {
         defaults: Defaults,
         clients: Arc<Clients>,
         endpoints: Arc<EndpointRegistry>,
-        on_apply: Box<dyn Fn(&Snapshot, usize) + Send>,
+        on_apply: OnApply,
     ) -> Compiler {
         Compiler {
             shared,
@@ -161,14 +164,17 @@ impl Compiler {
 
     fn reject(&mut self, key: &Key, version: i64, error: String) {
         tracing::error!(object = %key, version, %error, "config object rejected; previous version kept");
-        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            key.clone(),
-            Rejected {
-                object: key.to_string(),
-                version,
-                error,
-            },
-        );
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.clone(),
+                Rejected {
+                    object: key.to_string(),
+                    version,
+                    error,
+                },
+            );
     }
 
     fn publish(&mut self, revision: i64, routes_changed: bool) {
@@ -197,7 +203,11 @@ impl Compiler {
             mesh,
             ingress,
         };
-        let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
         (self.on_apply)(&snap, rejected);
         self.shared.store(Arc::new(snap));
         self.update_dump(revision);
@@ -206,10 +216,10 @@ impl Compiler {
     fn update_dump(&self, revision: i64) {
         let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
         for (k, (v, obj)) in &self.accepted {
-            kinds.entry(k.kind.as_str()).or_default().insert(
-                &k.name,
-                serde_json::json!({ "version": v, "spec": obj }),
-            );
+            kinds
+                .entry(k.kind.as_str())
+                .or_default()
+                .insert(&k.name, serde_json::json!({ "version": v, "spec": obj }));
         }
         let rejected: Vec<Rejected> = self
             .rejected
@@ -231,7 +241,10 @@ impl Apply for Compiler {
             touched = true;
             match change {
                 Change::Delete(key) => {
-                    self.rejected.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    self.rejected
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     self.accepted.remove(&key);
                     match key.kind {
                         Kind::Services => {
@@ -255,7 +268,10 @@ impl Apply for Compiler {
                             continue;
                         }
                     };
-                    self.rejected.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    self.rejected
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     if let Ok(v) = serde_json::from_slice(&entry.value) {
                         self.accepted.insert(key.clone(), (entry.mod_revision, v));
                     }

@@ -75,13 +75,23 @@ impl SidecarConfig {
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut p = self.store.problems();
         let name_ok = meshgate_config::key::valid_name;
-        for (field, v) in [("id", &self.id), ("service", &self.service), ("group", &self.group)] {
+        for (field, v) in [
+            ("id", &self.id),
+            ("service", &self.service),
+            ("group", &self.group),
+        ] {
             if !name_ok(v) {
-                p.push((field.into(), "must be 1-128 characters of a-z, 0-9, '-', '_', '.'".into()));
+                p.push((
+                    field.into(),
+                    "must be 1-128 characters of a-z, 0-9, '-', '_', '.'".into(),
+                ));
             }
         }
         if !self.listen.ip().is_loopback() {
-            p.push(("listen".into(), "the app-facing listener must be a loopback address".into()));
+            p.push((
+                "listen".into(),
+                "the app-facing listener must be a loopback address".into(),
+            ));
         }
         for (i, c) in self.central.iter().enumerate() {
             if !meshgate_config::validate::valid_address(c) {

@@ -112,16 +112,27 @@ impl Forwarder {
         let (mut parts, body) = req.into_parts();
         let Some(dest) = headers::destination(&parts.headers, parts.uri.host()) else {
             return (
-                MeshError::NoDestination.response("name the destination with Host: <service> or x-mesh-service"),
+                MeshError::NoDestination
+                    .response("name the destination with Host: <service> or x-mesh-service"),
                 String::new(),
                 "",
             );
         };
         let h = &mut parts.headers;
         match headers::bump_hops(h) {
-            None => return (MeshError::BadRequest.response("x-mesh-hops is not a number"), dest, ""),
+            None => {
+                return (
+                    MeshError::BadRequest.response("x-mesh-hops is not a number"),
+                    dest,
+                    "",
+                )
+            }
             Some(n) if n > self.max_hops => {
-                return (MeshError::LoopDetected.response("too many mesh hops"), dest, "");
+                return (
+                    MeshError::LoopDetected.response("too many mesh hops"),
+                    dest,
+                    "",
+                );
             }
             Some(_) => {}
         }
@@ -138,7 +149,8 @@ impl Forwarder {
             }
         }
         let retryable = headers::idempotent(&parts.method)
-            || h.get(X_MESH_RETRYABLE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+            || h.get(X_MESH_RETRYABLE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         headers::strip_hop_by_hop(h);
         let content_length = h
             .get(header::CONTENT_LENGTH)
@@ -148,7 +160,11 @@ impl Forwarder {
             Ok(b) => b,
             Err(e) => return (MeshError::BadRequest.response(&e.to_string()), dest, ""),
         };
-        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let (client, version) = if parts.version == Version::HTTP_2 {
             (&self.h2, Version::HTTP_2)
         } else {
@@ -188,7 +204,8 @@ impl Forwarder {
                         member.on_success();
                         let (mut rp, rb) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rp.headers);
-                        rp.headers.insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
+                        rp.headers
+                            .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
                         let resp = Response::from_parts(rp, Either::Left(rb));
                         let mesh_error = resp.headers().contains_key(X_MESH_ERROR);
                         if mesh_error && retryable && body.replayable() {
@@ -201,7 +218,10 @@ impl Forwarder {
                     }
                     Ok(Err(e)) if e.is_connect() => {
                         member.on_failure();
-                        self.metrics.connect_failures.with_label_values(&[tier.name]).inc();
+                        self.metrics
+                            .connect_failures
+                            .with_label_values(&[tier.name])
+                            .inc();
                         tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway connect failed");
                         tried.push(member);
                     }
@@ -209,13 +229,17 @@ impl Forwarder {
                         member.on_failure();
                         tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
                         if !(retryable && body.replayable()) {
-                            let msg = format!("gateway {} failed after the request was sent", member.address);
+                            let msg = format!(
+                                "gateway {} failed after the request was sent",
+                                member.address
+                            );
                             return (MeshError::UpstreamReset.response(&msg), dest, tier.name);
                         }
                         tried.push(member);
                     }
                     Err(_) => {
-                        let msg = format!("no response within {} ms", self.request_timeout.as_millis());
+                        let msg =
+                            format!("no response within {} ms", self.request_timeout.as_millis());
                         return (MeshError::UpstreamTimeout.response(&msg), dest, tier.name);
                     }
                 }
@@ -223,7 +247,8 @@ impl Forwarder {
         }
         if !tried_any {
             return (
-                MeshError::UpstreamConnectFailed.response("no gateway tier is known (no policy and no central bootstrap)"),
+                MeshError::UpstreamConnectFailed
+                    .response("no gateway tier is known (no policy and no central bootstrap)"),
                 dest,
                 "",
             );
@@ -261,9 +286,21 @@ mod tests {
     #[test]
     fn freshness_rules() {
         let bound = Duration::from_secs(60);
-        assert_eq!(freshness(&status(Source::None, false, 0), bound), Freshness::Unavailable);
-        assert_eq!(freshness(&status(Source::Store, true, 0), bound), Freshness::Fresh);
-        assert_eq!(freshness(&status(Source::Store, false, 1000), bound), Freshness::Stale);
-        assert_eq!(freshness(&status(Source::SnapshotFile, false, 120_000), bound), Freshness::Unavailable);
+        assert_eq!(
+            freshness(&status(Source::None, false, 0), bound),
+            Freshness::Unavailable
+        );
+        assert_eq!(
+            freshness(&status(Source::Store, true, 0), bound),
+            Freshness::Fresh
+        );
+        assert_eq!(
+            freshness(&status(Source::Store, false, 1000), bound),
+            Freshness::Stale
+        );
+        assert_eq!(
+            freshness(&status(Source::SnapshotFile, false, 120_000), bound),
+            Freshness::Unavailable
+        );
     }
 }

@@ -80,7 +80,10 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let dump = compiler.dump_handle();
     let mut opts = SyncOptions::new(PolicyCompiler::prefixes(&cfg.group, &cfg.service));
     if let Some(p) = &cfg.snapshot_file {
-        opts.snapshot = Some((p.clone(), format!("sidecar:{}:{}:{}", cfg.id, cfg.service, cfg.group)));
+        opts.snapshot = Some((
+            p.clone(),
+            format!("sidecar:{}:{}:{}", cfg.id, cfg.service, cfg.group),
+        ));
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
@@ -131,7 +134,13 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let f = f.clone();
         async move { f.handle(req).await }
     };
-    let server = tokio::spawn(meshgate_gateway::server::serve("app", listener, handler, shutdown_rx.clone(), grace));
+    let server = tokio::spawn(meshgate_gateway::server::serve(
+        "app",
+        listener,
+        handler,
+        shutdown_rx.clone(),
+        grace,
+    ));
     tracing::info!(id = %cfg.id, service = %cfg.service, group = %cfg.group, listen = %cfg.listen, "sidecar started");
 
     let record = {

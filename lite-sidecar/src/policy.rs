@@ -45,9 +45,12 @@ pub struct PolicyCompiler {
 }
 
 impl PolicyCompiler {
-    pub fn new(group_name: String, bootstrap_central: Vec<String>, registry: Arc<EndpointRegistry>) -> (Self, SharedPolicy) {
+    pub fn new(
+        group_name: String,
+        bootstrap_central: Vec<String>,
+        registry: Arc<EndpointRegistry>,
+    ) -> (Self, SharedPolicy) {
         let shared = Arc::new(ArcSwap::from_pointee(Policy {
-
             group: None,
             group_tier: tier("group", &registry, vec![]),
             central_tier: tier("central", &registry, bootstrap_central.clone()),
@@ -106,7 +109,9 @@ impl Apply for PolicyCompiler {
                     Kind::Groups if e.key.name == self.group_name => {
                         match decode_json::<Group>(&e.key, &e.value) {
                             Ok(g) => self.group = Some(g),
-                            Err(err) => tracing::error!(error = %err, "group rejected; previous version kept"),
+                            Err(err) => {
+                                tracing::error!(error = %err, "group rejected; previous version kept")
+                            }
                         }
                     }
                     _ => {}

@@ -26,7 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 /// The workspace's target dir for the current profile (where the binaries are).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary, building the binaries once per test process
@@ -35,7 +38,9 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
         let mut cmd = Command::new(cargo);
         cmd.current_dir(root).args(["build", "--bins", "-q"]);
         if bin_dir().ends_with("release") {
@@ -45,7 +50,11 @@ pub fn bin(name: &str) -> PathBuf {
         assert!(st.success(), "cargo build --bins failed");
     });
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} not found: run `cargo build --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -114,7 +123,10 @@ impl Proc {
             .expect("log file");
         let child = Command::new(&self.program)
             .args(&self.args)
-            .env("MESHGATE_LOG", "info,meshgate_gateway=debug,lite_sidecar=debug")
+            .env(
+                "MESHGATE_LOG",
+                "info,meshgate_gateway=debug,lite_sidecar=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -217,7 +229,8 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let etcd = which("etcd").expect("etcd not installed: run scripts/test.sh (it installs etcd-server)");
+        let etcd = which("etcd")
+            .expect("etcd not installed: run scripts/test.sh (it installs etcd-server)");
         let e = Etcd {
             proc: Proc::spawn("etcd", &etcd, &args, dir),
             client_port,
@@ -250,7 +263,9 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd client")
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("etcd client")
     }
 }
 
@@ -291,7 +306,12 @@ fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
 }
 
 /// Sends a request; errors are transport errors only.
-pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Result<Resp, String> {
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Resp, String> {
     let mut b = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -299,7 +319,9 @@ pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &str)
     if !body.is_empty() {
         b = b.header("content-type", "application/json");
     }
-    let req = b.body(Full::new(Bytes::from(body.to_string()))).map_err(|e| e.to_string())?;
+    let req = b
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
     let fut = client().request(req);
     let resp = tokio::time::timeout(Duration::from_secs(20), fut)
         .await
@@ -337,7 +359,9 @@ impl Backend {
     }
 
     pub async fn start_on(name: &str, port: u16) -> Backend {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind backend");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let posts = Arc::new(Mutex::new(Vec::new()));
@@ -345,7 +369,9 @@ impl Backend {
         let (h, p) = (hits.clone(), posts.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (n, h, p) = (n.clone(), h.clone(), p.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -360,15 +386,21 @@ impl Backend {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("")
                                 .to_string();
-                            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             if method == http::Method::POST {
-                                p.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                                p.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(&body).into_owned());
                             }
-                            let status = if path.starts_with("/status/") {
-                                path[8..].parse().unwrap_or(200)
-                            } else {
-                                200
-                            };
+                            let status = path
+                                .strip_prefix("/status/")
+                                .and_then(|c| c.parse().ok())
+                                .unwrap_or(200);
                             let resp = http::Response::builder()
                                 .status(status)
                                 .header("x-served-by", &*n)
@@ -415,7 +447,13 @@ pub struct GatewayPorts {
 }
 
 /// Writes a gateway node config and starts the gateway.
-pub fn start_gateway(dir: &Path, id: &str, roles: &[&str], groups: &[&str], etcd: &str) -> (Proc, GatewayPorts) {
+pub fn start_gateway(
+    dir: &Path,
+    id: &str,
+    roles: &[&str],
+    groups: &[&str],
+    etcd: &str,
+) -> (Proc, GatewayPorts) {
     let ports = GatewayPorts {
         mesh: free_port(),
         ingress: free_port(),
@@ -435,7 +473,12 @@ pub fn start_gateway(dir: &Path, id: &str, roles: &[&str], groups: &[&str], etcd
     });
     let path = dir.join(format!("{id}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn(id, &bin("meshgate-gateway"), &["--config".into(), path.to_string_lossy().into()], dir);
+    let p = Proc::spawn(
+        id,
+        &bin("meshgate-gateway"),
+        &["--config".into(), path.to_string_lossy().into()],
+        dir,
+    );
     (p, ports)
 }
 
@@ -447,7 +490,14 @@ pub struct SidecarPorts {
 }
 
 /// Writes a sidecar node config and starts the sidecar.
-pub fn start_sidecar(dir: &Path, id: &str, service: &str, group: &str, central: &[String], etcd: &str) -> (Proc, SidecarPorts) {
+pub fn start_sidecar(
+    dir: &Path,
+    id: &str,
+    service: &str,
+    group: &str,
+    central: &[String],
+    etcd: &str,
+) -> (Proc, SidecarPorts) {
     let ports = SidecarPorts {
         app: free_port(),
         ops: free_port(),
@@ -465,7 +515,12 @@ pub fn start_sidecar(dir: &Path, id: &str, service: &str, group: &str, central: 
     });
     let path = dir.join(format!("{id}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn(id, &bin("lite-sidecar"), &["--config".into(), path.to_string_lossy().into()], dir);
+    let p = Proc::spawn(
+        id,
+        &bin("lite-sidecar"),
+        &["--config".into(), path.to_string_lossy().into()],
+        dir,
+    );
     (p, ports)
 }
 
@@ -486,7 +541,12 @@ pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
     });
     let path = dir.join("admin.yaml");
     std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn("admin", &bin("meshgate-admin"), &["--config".into(), path.to_string_lossy().into()], dir);
+    let p = Proc::spawn(
+        "admin",
+        &bin("meshgate-admin"),
+        &["--config".into(), path.to_string_lossy().into()],
+        dir,
+    );
     (p, format!("http://127.0.0.1:{port}"), token)
 }
 
@@ -504,9 +564,14 @@ impl Admin {
 
     pub async fn put(&self, path: &str, body: &serde_json::Value) -> Resp {
         let auth = self.auth();
-        http("PUT", &format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)], &body.to_string())
-            .await
-            .expect("admin reachable")
+        http(
+            "PUT",
+            &format!("{}/api/v1/{path}", self.base),
+            &[("authorization", &auth)],
+            &body.to_string(),
+        )
+        .await
+        .expect("admin reachable")
     }
 
     pub async fn put_raw(&self, path: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
@@ -520,16 +585,24 @@ impl Admin {
 
     pub async fn get(&self, path: &str) -> Resp {
         let auth = self.auth();
-        http_get(&format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)])
-            .await
-            .expect("admin reachable")
+        http_get(
+            &format!("{}/api/v1/{path}", self.base),
+            &[("authorization", &auth)],
+        )
+        .await
+        .expect("admin reachable")
     }
 
     pub async fn delete(&self, path: &str) -> Resp {
         let auth = self.auth();
-        http("DELETE", &format!("{}/api/v1/{path}", self.base), &[("authorization", &auth)], "")
-            .await
-            .expect("admin reachable")
+        http(
+            "DELETE",
+            &format!("{}/api/v1/{path}", self.base),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await
+        .expect("admin reachable")
     }
 
     /// Waits until the admin API answers.
@@ -563,7 +636,8 @@ pub async fn served_by(url: &str, headers: &[(&str, &str)], n: usize) -> HashMap
     for _ in 0..n {
         let r = http_get(url, headers).await.expect("request");
         assert_eq!(r.status, 200, "unexpected response: {r:?}");
-        *m.entry(r.header("x-served-by").unwrap_or("?").to_string()).or_default() += 1;
+        *m.entry(r.header("x-served-by").unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     m
 }
@@ -594,7 +668,13 @@ impl Mesh {
         admin.wait_up().await;
         let b1 = Backend::start("b1").await;
         let b2 = Backend::start("b2").await;
-        assert_eq!(admin.put("groups/shop", &serde_json::json!({"description": "shop"})).await.status, 201);
+        assert_eq!(
+            admin
+                .put("groups/shop", &serde_json::json!({"description": "shop"}))
+                .await
+                .status,
+            201
+        );
         let svc = serde_json::json!({"group": "shop", "endpoints": [{"address": b1.addr.to_string()}, {"address": b2.addr.to_string()}]});
         let r = admin.put("services/orders", &svc).await;
         assert_eq!(r.status, 201, "{r:?}");
@@ -614,7 +694,16 @@ impl Mesh {
             wait_ready(p.ops).await;
         }
         wait_ready(sidecar.1.ops).await;
-        let m = Mesh { dir, etcd, admin_proc, admin, gws, sidecar, b1, b2 };
+        let m = Mesh {
+            dir,
+            etcd,
+            admin_proc,
+            admin,
+            gws,
+            sidecar,
+            b1,
+            b2,
+        };
         m.wait_group_members(2).await;
         m
     }
@@ -634,12 +723,18 @@ impl Mesh {
     /// Waits until the sidecar's group tier has `n` members.
     pub async fn wait_group_members(&self, n: usize) {
         let url = format!("http://127.0.0.1:{}/config", self.sidecar.1.ops);
-        wait_until(&format!("sidecar sees {n} group gateways"), Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                get_json(&url).await.is_some_and(|v| v["tiers"]["group"].as_array().map(|a| a.len()) == Some(n))
-            }
-        })
+        wait_until(
+            &format!("sidecar sees {n} group gateways"),
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    get_json(&url)
+                        .await
+                        .is_some_and(|v| v["tiers"]["group"].as_array().map(|a| a.len()) == Some(n))
+                }
+            },
+        )
         .await;
     }
 }

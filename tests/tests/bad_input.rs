@@ -16,20 +16,82 @@ async fn invalid_config_is_refused_with_the_field_and_changes_nothing() {
     let admin = Admin { base, token };
     admin.wait_up().await;
     let b = Backend::start("b").await;
-    assert_eq!(admin.put("services/orders", &json!({"endpoints": [{"address": b.addr.to_string()}]})).await.status, 201);
-    assert_eq!(admin.put("routes/orders", &json!({"match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]})).await.status, 201);
-    let before = (admin.get("services").await.json()["items"].clone(), admin.get("routes").await.json()["items"].clone());
+    assert_eq!(
+        admin
+            .put(
+                "services/orders",
+                &json!({"endpoints": [{"address": b.addr.to_string()}]})
+            )
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        admin
+            .put(
+                "routes/orders",
+                &json!({"match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]})
+            )
+            .await
+            .status,
+        201
+    );
+    let before = (
+        admin.get("services").await.json()["items"].clone(),
+        admin.get("routes").await.json()["items"].clone(),
+    );
 
     let cases: Vec<(&str, String, u16, &str)> = vec![
-        ("routes/r1", json!({"match": {"path": {"prefix": "no-slash"}}, "backends": [{"service": "orders"}]}).to_string(), 400, "match.path.prefix"),
-        ("routes/r1", json!({"backends": [{"service": "orders", "weight": "heavy"}]}).to_string(), 400, "backends[0].weight"),
-        ("routes/r1", json!({"backends": [{"service": "orders"}], "retries": 3}).to_string(), 400, "retries"),
-        ("routes/r1", json!({"backends": [{"service": "missing"}]}).to_string(), 400, "backends[0].service"),
-        ("services/s1", json!({"endpoints": [{"address": "no-port"}]}).to_string(), 400, "endpoints[0].address"),
-        ("services/s1", json!({"endpoints": [{"address": "127.0.0.1:1", "weight": -1}]}).to_string(), 400, "endpoints[0].weight"),
-        ("services/s1", json!({"group": "nope", "endpoints": []}).to_string(), 400, "group"),
+        (
+            "routes/r1",
+            json!({"match": {"path": {"prefix": "no-slash"}}, "backends": [{"service": "orders"}]})
+                .to_string(),
+            400,
+            "match.path.prefix",
+        ),
+        (
+            "routes/r1",
+            json!({"backends": [{"service": "orders", "weight": "heavy"}]}).to_string(),
+            400,
+            "backends[0].weight",
+        ),
+        (
+            "routes/r1",
+            json!({"backends": [{"service": "orders"}], "retries": 3}).to_string(),
+            400,
+            "retries",
+        ),
+        (
+            "routes/r1",
+            json!({"backends": [{"service": "missing"}]}).to_string(),
+            400,
+            "backends[0].service",
+        ),
+        (
+            "services/s1",
+            json!({"endpoints": [{"address": "no-port"}]}).to_string(),
+            400,
+            "endpoints[0].address",
+        ),
+        (
+            "services/s1",
+            json!({"endpoints": [{"address": "127.0.0.1:1", "weight": -1}]}).to_string(),
+            400,
+            "endpoints[0].weight",
+        ),
+        (
+            "services/s1",
+            json!({"group": "nope", "endpoints": []}).to_string(),
+            400,
+            "group",
+        ),
         ("services/s1", "{not json".to_string(), 400, ""),
-        ("routes/Bad_Name", json!({"backends": [{"service": "orders"}]}).to_string(), 400, "name"),
+        (
+            "routes/Bad_Name",
+            json!({"backends": [{"service": "orders"}]}).to_string(),
+            400,
+            "name",
+        ),
     ];
     for (path, body, status, field) in cases {
         let r = admin.put_raw(path, &body, &[]).await;
@@ -45,21 +107,41 @@ async fn invalid_config_is_refused_with_the_field_and_changes_nothing() {
     assert_eq!(r.status, 409);
     assert_eq!(r.json()["referrers"], json!(["routes/orders"]));
     // A stale If-Match: 412.
-    let r = admin.put_raw("routes/orders", &json!({"backends": [{"service": "orders"}]}).to_string(), &[("if-match", "\"1\"")]).await;
+    let r = admin
+        .put_raw(
+            "routes/orders",
+            &json!({"backends": [{"service": "orders"}]}).to_string(),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
     assert_eq!(r.status, 412, "{r:?}");
     // No token / read-only token.
-    let r = http("PUT", &format!("{}/api/v1/routes/x", admin.base), &[], "{}").await.unwrap();
+    let r = http("PUT", &format!("{}/api/v1/routes/x", admin.base), &[], "{}")
+        .await
+        .unwrap();
     assert_eq!(r.status, 401);
-    let r = http("DELETE", &format!("{}/api/v1/routes/orders", admin.base), &[("authorization", "Bearer viewer-token-0123456789")], "").await.unwrap();
+    let r = http(
+        "DELETE",
+        &format!("{}/api/v1/routes/orders", admin.base),
+        &[("authorization", "Bearer viewer-token-0123456789")],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 403);
 
-    let after = (admin.get("services").await.json()["items"].clone(), admin.get("routes").await.json()["items"].clone());
+    let after = (
+        admin.get("services").await.json()["items"].clone(),
+        admin.get("routes").await.json()["items"].clone(),
+    );
     assert_eq!(before, after, "the store changed");
 }
 
 /// Sends raw bytes, returns everything the server wrote until it closed.
 async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     // The server must close the connection: read_to_end returns.
@@ -86,13 +168,37 @@ async fn malformed_http_gets_400_and_the_gateway_keeps_serving() {
         assert!(out.starts_with("HTTP/1.1 400"), "{garbage:?} -> {out:?}");
     }
     // A non-numeric hop count is refused by the mesh, with its marker.
-    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-hops", "lots")]).await.unwrap();
-    assert_eq!((r.status, r.header("x-mesh-error")), (400, Some("bad_request")));
+    let r = http_get(
+        &format!("http://127.0.0.1:{}/", ports.mesh),
+        &[("x-mesh-hops", "lots")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-mesh-error")),
+        (400, Some("bad_request"))
+    );
     // Too many hops: 508.
-    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-hops", "8")]).await.unwrap();
-    assert_eq!((r.status, r.header("x-mesh-error")), (508, Some("loop_detected")));
+    let r = http_get(
+        &format!("http://127.0.0.1:{}/", ports.mesh),
+        &[("x-mesh-hops", "8")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-mesh-error")),
+        (508, Some("loop_detected"))
+    );
     // Still alive and answering.
     assert!(gw.running());
-    let r = http_get(&format!("http://127.0.0.1:{}/", ports.mesh), &[("x-mesh-service", "nothing")]).await.unwrap();
-    assert_eq!((r.status, r.header("x-mesh-error")), (404, Some("no_route")));
+    let r = http_get(
+        &format!("http://127.0.0.1:{}/", ports.mesh),
+        &[("x-mesh-service", "nothing")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-mesh-error")),
+        (404, Some("no_route"))
+    );
 }

@@ -29,13 +29,18 @@ impl Relay {
         let (u, c) = (up.clone(), cut.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 if !u.load(Ordering::SeqCst) {
                     continue; // dropped: connection closed at once
                 }
                 let c = c.clone();
                 tokio::spawn(async move {
-                    let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
                         _ = c.notified() => {}
@@ -82,14 +87,20 @@ impl Apply for Recorder {
 
 async fn etcd_state(client: &mut etcd_client::Client) -> BTreeMap<String, String> {
     let r = client
-        .get("/meshgate/v1/routes/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            "/meshgate/v1/routes/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     r.kvs()
         .iter()
         .map(|kv| {
             (
-                kv.key_str().unwrap().trim_start_matches("/meshgate/v1/").to_string(),
+                kv.key_str()
+                    .unwrap()
+                    .trim_start_matches("/meshgate/v1/")
+                    .to_string(),
                 kv.value_str().unwrap().to_string(),
             )
         })
@@ -121,7 +132,14 @@ async fn watch_resumes_after_disconnect_and_resyncs_after_compaction() {
     .unwrap();
     let store: Arc<dyn ConfigStore> = Arc::new(store);
     for i in 0..5 {
-        client.put(format!("/meshgate/v1/routes/r{i}"), format!("{{\"n\":{i}}}"), None).await.unwrap();
+        client
+            .put(
+                format!("/meshgate/v1/routes/r{i}"),
+                format!("{{\"n\":{i}}}"),
+                None,
+            )
+            .await
+            .unwrap();
     }
     let rec = Recorder::default();
     let status = sync::spawn(store, SyncOptions::new(vec!["routes/".into()]), rec.clone());
@@ -131,27 +149,54 @@ async fn watch_resumes_after_disconnect_and_resyncs_after_compaction() {
     //    last revision and every event arrives.
     relay.cut();
     let mut st = status.clone();
-    tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| !s.connected)).await.unwrap().unwrap();
-    client.put("/meshgate/v1/routes/r1", "{\"n\":101}", None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| !s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    client
+        .put("/meshgate/v1/routes/r1", "{\"n\":101}", None)
+        .await
+        .unwrap();
     client.delete("/meshgate/v1/routes/r2", None).await.unwrap();
-    client.put("/meshgate/v1/routes/r9", "{\"n\":9}", None).await.unwrap();
+    client
+        .put("/meshgate/v1/routes/r9", "{\"n\":9}", None)
+        .await
+        .unwrap();
     relay.restore();
-    wait_same(&rec, &mut client, "resumed watch delivers the missed events").await;
+    wait_same(
+        &rec,
+        &mut client,
+        "resumed watch delivers the missed events",
+    )
+    .await;
     assert_eq!(*rec.deletes.lock().unwrap(), vec!["routes/r2".to_string()]);
 
     // 2. Disconnect, change things, compact past them, reconnect: the
     //    missed revisions are gone, so the engine re-reads and diffs.
     relay.cut();
-    tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| !s.connected)).await.unwrap().unwrap();
-    client.put("/meshgate/v1/routes/r3", "{\"n\":103}", None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| !s.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    client
+        .put("/meshgate/v1/routes/r3", "{\"n\":103}", None)
+        .await
+        .unwrap();
     client.delete("/meshgate/v1/routes/r4", None).await.unwrap();
-    let r = client.put("/meshgate/v1/routes/r10", "{\"n\":10}", None).await.unwrap();
+    let r = client
+        .put("/meshgate/v1/routes/r10", "{\"n\":10}", None)
+        .await
+        .unwrap();
     let rev = r.header().unwrap().revision();
     client.compact(rev, None).await.unwrap();
     relay.restore();
     wait_same(&rec, &mut client, "re-read after compaction").await;
     let deletes = rec.deletes.lock().unwrap().clone();
-    assert_eq!(deletes, vec!["routes/r2".to_string(), "routes/r4".to_string()], "exactly the missing deletes");
+    assert_eq!(
+        deletes,
+        vec!["routes/r2".to_string(), "routes/r4".to_string()],
+        "exactly the missing deletes"
+    );
     let s = status.borrow().clone();
     assert!(s.connected && s.revision >= rev, "{s:?}");
 }

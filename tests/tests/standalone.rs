@@ -8,8 +8,15 @@ use std::time::Duration;
 use meshgate_tests::*;
 
 fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl").args(["-s", "-S", "--max-time", "10"]).args(args).output().expect("curl installed");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl installed");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,21 +51,38 @@ async fn yaml_edits_and_admin_puts_both_apply() {
     assert!(out.contains("x-served-by: b1"), "{out}");
 
     // Edit the file by hand: point the service at b2.
-    let text = std::fs::read_to_string(&file).unwrap().replace(&b1.addr.to_string(), &b2.addr.to_string());
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(&b1.addr.to_string(), &b2.addr.to_string());
     std::fs::write(&file, text).unwrap();
     wait_until("file edit applied", Duration::from_secs(10), || {
         let url = url.clone();
-        async move { matches!(http_get(&url, &[]).await, Ok(r) if r.header("x-served-by") == Some("b2")) }
+        async move {
+            matches!(http_get(&url, &[]).await, Ok(r) if r.header("x-served-by") == Some("b2"))
+        }
     })
     .await;
 
     // PUT a new route through the embedded admin API with curl.
     let api = format!("http://127.0.0.1:{ops}/api/v1/routes/hello");
     let body = r#"{"scope":"ingress","match":{"path":{"exact":"/hello"}},"direct_response":{"status":200,"body":"hi from meshgate"}}"#;
-    let (out, err) = curl(&["-X", "PUT", "-H", "content-type: application/json", "-d", body, "-w", "\n%{http_code}", &api]);
+    let (out, err) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        "-w",
+        "\n%{http_code}",
+        &api,
+    ]);
     assert!(out.ends_with("201"), "{out} {err}");
     let saved = std::fs::read_to_string(&file).unwrap();
-    assert!(saved.contains("hello:") && saved.contains("hi from meshgate"), "{saved}");
+    assert!(
+        saved.contains("hello:") && saved.contains("hi from meshgate"),
+        "{saved}"
+    );
     let hello = format!("http://127.0.0.1:{ingress}/hello");
     wait_until("admin PUT applied", Duration::from_secs(10), || {
         let hello = hello.clone();
@@ -73,7 +97,11 @@ async fn yaml_edits_and_admin_puts_both_apply() {
     let log = dir.path().join("gateway.log");
     wait_until("broken file noticed", Duration::from_secs(10), || {
         let log = log.clone();
-        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("config file rejected") }
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("config file rejected")
+        }
     })
     .await;
     let r = http_get(&hello, &[]).await.unwrap();

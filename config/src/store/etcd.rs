@@ -136,47 +136,44 @@ impl ConfigStore for EtcdStore {
                 .and_then(Key::parse)
         };
         // The watcher is kept alive with the stream: dropping it would end the watch.
-        let s = futures::stream::unfold(
-            Some((watcher, stream, rel)),
-            |state| async move {
-                let (watcher, mut stream, rel) = state?;
-                let msg = stream.message().await;
-                let item = match msg {
-                    Ok(Some(resp)) if resp.compact_revision() > 0 => {
-                        Err(StoreError::Compacted(resp.compact_revision()))
+        let s = futures::stream::unfold(Some((watcher, stream, rel)), |state| async move {
+            let (watcher, mut stream, rel) = state?;
+            let msg = stream.message().await;
+            let item = match msg {
+                Ok(Some(resp)) if resp.compact_revision() > 0 => {
+                    Err(StoreError::Compacted(resp.compact_revision()))
+                }
+                Ok(Some(resp)) if resp.canceled() => Err(StoreError::Unavailable(format!(
+                    "etcd watch canceled: {}",
+                    resp.cancel_reason()
+                ))),
+                Ok(Some(resp)) => {
+                    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    let mut events = Vec::with_capacity(resp.events().len());
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Some(key) = rel(kv.key()) else { continue };
+                        events.push(match ev.event_type() {
+                            etcd_client::EventType::Put => Event::Put(Entry {
+                                key,
+                                value: kv.value().to_vec(),
+                                mod_revision: kv.mod_revision(),
+                            }),
+                            etcd_client::EventType::Delete => Event::Delete {
+                                key,
+                                mod_revision: kv.mod_revision(),
+                            },
+                        });
                     }
-                    Ok(Some(resp)) if resp.canceled() => Err(StoreError::Unavailable(format!(
-                        "etcd watch canceled: {}",
-                        resp.cancel_reason()
-                    ))),
-                    Ok(Some(resp)) => {
-                        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-                        let mut events = Vec::with_capacity(resp.events().len());
-                        for ev in resp.events() {
-                            let Some(kv) = ev.kv() else { continue };
-                            let Some(key) = rel(kv.key()) else { continue };
-                            events.push(match ev.event_type() {
-                                etcd_client::EventType::Put => Event::Put(Entry {
-                                    key,
-                                    value: kv.value().to_vec(),
-                                    mod_revision: kv.mod_revision(),
-                                }),
-                                etcd_client::EventType::Delete => Event::Delete {
-                                    key,
-                                    mod_revision: kv.mod_revision(),
-                                },
-                            });
-                        }
-                        Ok(WatchBatch { revision, events })
-                    }
-                    Ok(None) => Err(StoreError::Unavailable("etcd watch stream ended".into())),
-                    Err(e) => Err(StoreError::Unavailable(format!("etcd watch: {e}"))),
-                };
-                // After an error the stream is over.
-                let next = item.is_ok().then_some((watcher, stream, rel));
-                Some((item, next))
-            },
-        );
+                    Ok(WatchBatch { revision, events })
+                }
+                Ok(None) => Err(StoreError::Unavailable("etcd watch stream ended".into())),
+                Err(e) => Err(StoreError::Unavailable(format!("etcd watch: {e}"))),
+            };
+            // After an error the stream is over.
+            let next = item.is_ok().then_some((watcher, stream, rel));
+            Some((item, next))
+        });
         Ok(s.boxed())
     }
 

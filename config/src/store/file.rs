@@ -151,7 +151,10 @@ impl FileStore {
         let revision = st.revision + 1;
         let mut events = Vec::new();
         for (key, value) in &new {
-            let same = st.entries.get(key).is_some_and(|e| same_json(&e.value, value));
+            let same = st
+                .entries
+                .get(key)
+                .is_some_and(|e| same_json(&e.value, value));
             if !same {
                 events.push(Event::Put(Entry {
                     key: key.clone(),
@@ -198,7 +201,12 @@ impl FileStore {
     }
 
     /// Writes the config kinds of `entries` to the file, atomically.
-    fn write_file(&self, st: &mut State, entries: &BTreeMap<Key, Entry>, revision: i64) -> Result<(), StoreError> {
+    fn write_file(
+        &self,
+        st: &mut State,
+        entries: &BTreeMap<Key, Entry>,
+        revision: i64,
+    ) -> Result<(), StoreError> {
         let mut doc = FileDoc {
             revision: Some(revision),
             ..FileDoc::default()
@@ -220,8 +228,9 @@ impl FileStore {
             "# Meshgate standalone config. Hot-reloaded on change; rewritten by the admin API\n\
              # (comments are not kept then). `revision` is maintained by Meshgate.\n{body}"
         );
-        write_atomically(&self.path, text.as_bytes())
-            .map_err(|e| StoreError::Unavailable(format!("writing {}: {e}", self.path.display())))?;
+        write_atomically(&self.path, text.as_bytes()).map_err(|e| {
+            StoreError::Unavailable(format!("writing {}: {e}", self.path.display()))
+        })?;
         st.file_hash = Sha256::digest(text.as_bytes()).into();
         st.file_sig = file_sig(&self.path);
         Ok(())
@@ -306,7 +315,9 @@ fn doc_entries(path: &Path, doc: &FileDoc) -> Vec<(Key, Vec<u8>)> {
     for (kind, map) in doc.kinds() {
         for (name, value) in map {
             match Key::parse(&format!("{kind}/{name}")) {
-                Some(key) => out.push((key, serde_json::to_vec(value).expect("json value encodes"))),
+                Some(key) => {
+                    out.push((key, serde_json::to_vec(value).expect("json value encodes")))
+                }
                 None => tracing::error!(
                     file = %path.display(),
                     "{kind}.{name}: invalid name (use a-z, 0-9, '-', '_', '.'); object ignored"
@@ -395,7 +406,12 @@ impl ConfigStore for FileStore {
         };
         let filter2 = filter.clone();
         let replayed = futures::stream::iter(
-            replay.into_iter().map(move |b| filter(&b)).filter(|b| !b.events.is_empty()).map(Ok).collect::<Vec<_>>(),
+            replay
+                .into_iter()
+                .map(move |b| filter(&b))
+                .filter(|b| !b.events.is_empty())
+                .map(Ok)
+                .collect::<Vec<_>>(),
         );
         // Like etcd, a watch only sees batches with events under its prefix.
         let live = futures::stream::unfold(Some(rx), move |rx| {
@@ -509,7 +525,11 @@ mod tests {
     async fn put_writes_the_file_and_watch_sees_edits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
-        std::fs::write(&path, "services:\n  a:\n    endpoints: [{address: '127.0.0.1:1'}]\n").unwrap();
+        std::fs::write(
+            &path,
+            "services:\n  a:\n    endpoints: [{address: '127.0.0.1:1'}]\n",
+        )
+        .unwrap();
         let store = FileStore::open(&path).await.unwrap();
         let r = store.range("").await.unwrap();
         assert_eq!(r.entries.len(), 1);
@@ -519,8 +539,15 @@ mod tests {
         let key = Key::new(Kind::Services, "b");
         let out = store
             .txn(
-                vec![Cond::Version { key: key.clone(), version: 0 }],
-                vec![Op::Put { key: key.clone(), value: br#"{"endpoints":[]}"#.to_vec(), lease: None }],
+                vec![Cond::Version {
+                    key: key.clone(),
+                    version: 0,
+                }],
+                vec![Op::Put {
+                    key: key.clone(),
+                    value: br#"{"endpoints":[]}"#.to_vec(),
+                    lease: None,
+                }],
             )
             .await
             .unwrap();
@@ -534,7 +561,10 @@ mod tests {
         // A second create of the same key fails its condition.
         let out = store
             .txn(
-                vec![Cond::Version { key: key.clone(), version: 0 }],
+                vec![Cond::Version {
+                    key: key.clone(),
+                    version: 0,
+                }],
                 vec![Op::Delete { key: key.clone() }],
             )
             .await
@@ -551,7 +581,9 @@ mod tests {
             .unwrap();
         assert_eq!(b.revision, 3);
         assert_eq!(b.events.len(), 1);
-        let Event::Put(e) = &b.events[0] else { panic!() };
+        let Event::Put(e) = &b.events[0] else {
+            panic!()
+        };
         assert_eq!(e.key, Key::new(Kind::Services, "a"));
 
         // A broken edit is refused and changes nothing.
@@ -569,7 +601,14 @@ mod tests {
         let lease = store.grant_lease(1).await.unwrap();
         let key = Key::new(Kind::Nodes, "gw-1");
         store
-            .txn(vec![], vec![Op::Put { key: key.clone(), value: b"{}".to_vec(), lease: Some(lease) }])
+            .txn(
+                vec![],
+                vec![Op::Put {
+                    key: key.clone(),
+                    value: b"{}".to_vec(),
+                    lease: Some(lease),
+                }],
+            )
             .await
             .unwrap();
         assert!(store.get(&key).await.unwrap().is_some());

@@ -39,11 +39,17 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    eprintln!("meshgate-echo {} listening on {}", args.name, listener.local_addr().unwrap());
+    eprintln!(
+        "meshgate-echo {} listening on {}",
+        args.name,
+        listener.local_addr().unwrap()
+    );
     let name: &'static str = Box::leak(args.name.into_boxed_str());
     let fixed: Option<Bytes> = args.fixed_body.map(|n| Bytes::from(vec![b'x'; n]));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let fixed = fixed.clone();
         tokio::spawn(async move {
@@ -55,12 +61,20 @@ async fn main() {
     }
 }
 
-async fn handle(name: &'static str, fixed: Option<Bytes>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    name: &'static str,
+    fixed: Option<Bytes>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let body = match fixed {
         Some(b) => b,
         None => {
             let (parts, body) = req.into_parts();
-            let got = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let got = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
@@ -78,7 +92,11 @@ async fn handle(name: &'static str, fixed: Option<Bytes>, req: Request<Incoming>
         }
     };
     let mut resp = Response::new(Full::new(body));
-    resp.headers_mut().insert("x-served-by", http::HeaderValue::from_static(name));
-    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("x-served-by", http::HeaderValue::from_static(name));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs
+# (etcd-server, protobuf-compiler, curl), checks formatting and lints, then
+# runs every unit and end-to-end test (real etcd, real processes, 127.0.0.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh --test
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace
