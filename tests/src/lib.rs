@@ -401,6 +401,12 @@ impl Backend {
                                 .strip_prefix("/status/")
                                 .and_then(|c| c.parse().ok())
                                 .unwrap_or(200);
+                            if let Some(ms) = path
+                                .strip_prefix("/delay/")
+                                .and_then(|v| v.parse::<u64>().ok())
+                            {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                             let resp = http::Response::builder()
                                 .status(status)
                                 .header("x-served-by", &*n)
