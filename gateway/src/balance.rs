@@ -89,6 +89,9 @@ impl Schedule {
 #[derive(Debug)]
 pub struct EndpointState {
     pub address: String,
+    /// The address parsed once, for building upstream URIs; `None` if it
+    /// is not a valid authority (such an endpoint is never connected to).
+    pub authority: Option<http::uri::Authority>,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
@@ -100,8 +103,10 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl EndpointState {
     pub fn new(address: impl Into<String>) -> Self {
+        let address = address.into();
         EndpointState {
-            address: address.into(),
+            authority: address.parse().ok(),
+            address,
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),

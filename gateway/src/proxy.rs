@@ -249,7 +249,7 @@ impl Proxy {
                 return MeshError::UpstreamConnectFailed
                     .response("connection failed and the request body cannot be replayed");
             };
-            let Some(auth) = svc.authorities.get(&ep.address) else {
+            let Some(auth) = &ep.authority else {
                 tried.push(ep);
                 continue;
             };

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
 use meshgate_config::model::{Group, Protocol, Service, Timeouts};
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
@@ -36,8 +35,6 @@ pub struct ServiceRt {
     pub version: i64,
     pub spec: Service,
     pub balancer: Balancer,
-    /// Parsed endpoint authorities, by endpoint address.
-    pub authorities: HashMap<String, Authority>,
     pub client: HttpClient,
     pub wire: Wire,
     pub request_timeout: Duration,
@@ -139,21 +136,15 @@ impl Compiler {
             Protocol::Http2 | Protocol::Grpc => Wire::Http2,
             Protocol::Http1 | Protocol::Tcp => Wire::Http1,
         };
-        let mut authorities = HashMap::new();
         let members = spec
             .endpoints
             .iter()
-            .filter_map(|e| {
-                let auth: Authority = e.address.parse().ok()?;
-                authorities.insert(e.address.clone(), auth);
-                Some((self.endpoints.get(&e.address), e.weight, e.priority))
-            })
+            .map(|e| (self.endpoints.get(&e.address), e.weight, e.priority))
             .collect();
         ServiceRt {
             name: name.into(),
             version,
             balancer: Balancer::new(members),
-            authorities,
             client: self.clients.get(wire, connect),
             wire,
             request_timeout,

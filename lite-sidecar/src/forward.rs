@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -185,7 +185,7 @@ impl Forwarder {
                     return self.give_up(last_error, "the request body cannot be replayed", dest);
                 };
                 tried_any = true;
-                let Ok(auth) = member.address.parse::<Authority>() else {
+                let Some(auth) = member.authority.clone() else {
                     tried.push(member);
                     continue;
                 };
