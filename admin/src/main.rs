@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use meshgate_config::node;
 use serde::Deserialize;
 
 /// Meshgate admin REST API server.
@@ -32,18 +33,12 @@ struct AdminConfig {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .init();
-    if let Err(e) = run(args).await {
-        eprintln!("meshgate-admin: {e:#}");
-        std::process::exit(2);
-    }
+    node::init_logging(&args.log);
+    node::exit_on_error("meshgate-admin", 2, run(args).await);
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let cfg: AdminConfig = meshgate_config::node::load_yaml(&args.config)?;
-    meshgate_config::node::problems_to_error(&args.config, cfg.store.problems())?;
+    let cfg: AdminConfig = node::load_checked(&args.config, |c: &AdminConfig| c.store.problems())?;
     let tokens = match &cfg.token_file {
         Some(p) => meshgate_admin::Tokens::load(p)?,
         None => meshgate_admin::Tokens::default(),
@@ -63,17 +58,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?;
     tracing::info!(listen = %cfg.listen, "admin API listening");
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async {
+            node::shutdown_signal().await;
+            tracing::info!("shutting down");
+        })
         .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -1,5 +1,6 @@
-//! Pieces of the node config files shared by every process: where the store
-//! is, and loading a YAML file with errors that name the file and the field.
+//! What every Meshgate process shares at its edges: where the store is,
+//! loading its node config file (errors name the file and the field),
+//! logging set-up, and the shutdown signal.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -110,14 +111,25 @@ impl StoreConfig {
 pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let de = serde_yaml::Deserializer::from_str(&text);
+    parse_yaml(path, text.as_bytes()).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Parses YAML into `T`; the error reads `<file>: <field path>: <problem>`.
+pub fn parse_yaml<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, String> {
+    let de = serde_yaml::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = e.into_inner().to_string();
+        // serde_yaml starts some messages with the path (or its parent):
+        // drop that, the full path is given once in front.
+        let inner = match inner.split_once(": ") {
+            Some((head, rest)) if !head.contains(' ') && field.starts_with(head) => rest,
+            _ => inner.as_str(),
+        };
         if field == "." {
-            anyhow::anyhow!("{}: {inner}", path.display())
+            format!("{}: {inner}", path.display())
         } else {
-            anyhow::anyhow!("{}: {field}: {inner}", path.display())
+            format!("{}: {field}: {inner}", path.display())
         }
     })
 }
@@ -132,4 +144,74 @@ pub fn problems_to_error(path: &Path, problems: Vec<(String, String)>) -> anyhow
         .map(|(f, m)| format!("{}: {f}: {m}", path.display()))
         .collect();
     Err(anyhow::anyhow!("{}", lines.join("\n")))
+}
+
+/// Loads a node config file and runs its semantic checks.
+pub fn load_checked<T: DeserializeOwned>(
+    path: &Path,
+    problems: impl FnOnce(&T) -> Vec<(String, String)>,
+) -> anyhow::Result<T> {
+    let cfg: T = load_yaml(path)?;
+    problems_to_error(path, problems(&cfg))?;
+    Ok(cfg)
+}
+
+/// Sets up logging with a tracing env-filter (`--log` / `MESHGATE_LOG`).
+pub fn init_logging(filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
+}
+
+/// Prints `<binary>: <error>` and exits with `code` when `res` failed.
+pub fn exit_on_error<T>(binary: &str, code: i32, res: anyhow::Result<T>) -> T {
+    res.unwrap_or_else(|e| {
+        eprintln!("{binary}: {e:#}");
+        std::process::exit(code)
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Doc {
+        roles: Vec<crate::model::Role>,
+        store: StoreConfig,
+    }
+
+    #[test]
+    fn yaml_errors_name_file_and_field_once() {
+        let p = Path::new("gw.yaml");
+        let e = parse_yaml::<Doc>(p, b"roles: [egres]\nstore: {}\n").unwrap_err();
+        assert!(
+            e.starts_with("gw.yaml: roles[0]: unknown variant `egres`"),
+            "{e}"
+        );
+        let e = parse_yaml::<Doc>(p, b"roles: []\nstore: {etcd: {endpoints: [], colour: 1}}\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("gw.yaml: store.etcd.colour: unknown field `colour`")
+                || e.starts_with("gw.yaml: store.etcd: unknown field `colour`"),
+            "{e}"
+        );
+        let doc: Doc = parse_yaml(p, b"roles: [egress]\nstore: {file: m.yaml}\n").unwrap();
+        assert_eq!(doc.store.problems(), vec![]);
+        let doc: Doc = parse_yaml(p, b"roles: [egress]\nstore: {}\n").unwrap();
+        assert_eq!(doc.store.problems()[0].0, "store");
+    }
 }

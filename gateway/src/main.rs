@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use meshgate_config::model::Role;
-use meshgate_config::node::StoreConfig;
+use meshgate_config::node::{exit_on_error, StoreConfig};
 use meshgate_gateway::process::{EmbeddedAdmin, GatewayConfig};
 
 /// Meshgate gateway: ingress, per-group egress and central routing.
@@ -43,20 +43,13 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .init();
-    let cfg = match load(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("meshgate-gateway: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = meshgate_gateway::process::run(cfg).await {
-        eprintln!("meshgate-gateway: {e:#}");
-        std::process::exit(1);
-    }
+    meshgate_config::node::init_logging(&args.log);
+    let cfg = exit_on_error("meshgate-gateway", 2, load(&args));
+    exit_on_error(
+        "meshgate-gateway",
+        1,
+        meshgate_gateway::process::run(cfg).await,
+    );
 }
 
 fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
@@ -87,7 +80,5 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
         });
     }
     let path = args.config.as_ref().expect("clap requires --config");
-    let cfg: GatewayConfig = meshgate_config::node::load_yaml(path)?;
-    meshgate_config::node::problems_to_error(path, cfg.problems())?;
-    Ok(cfg)
+    meshgate_config::node::load_checked(path, GatewayConfig::problems)
 }

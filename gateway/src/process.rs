@@ -315,7 +315,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = follow => {}
-        _ = shutdown_signal() => {}
+        _ = meshgate_config::node::shutdown_signal() => {}
     }
 
     tracing::info!(
@@ -343,15 +343,4 @@ pub fn status_json(s: &sync::SyncStatus, draining: bool) -> serde_json::Value {
         "last_sync_ms": s.last_sync_ms,
         "last_error": s.last_error,
     })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::Parser;
 use http::HeaderValue;
 use meshgate_config::model::{now_ms, Node, NodeKind};
+use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
 use meshgate_config::{Key, Kind};
@@ -43,26 +44,13 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .init();
-    let cfg = match load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("lite-sidecar: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(cfg).await {
-        eprintln!("lite-sidecar: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn load(path: &std::path::Path) -> anyhow::Result<SidecarConfig> {
-    let cfg: SidecarConfig = meshgate_config::node::load_yaml(path)?;
-    meshgate_config::node::problems_to_error(path, cfg.problems())?;
-    Ok(cfg)
+    node::init_logging(&args.log);
+    let cfg = node::exit_on_error(
+        "lite-sidecar",
+        2,
+        node::load_checked(&args.config, SidecarConfig::problems),
+    );
+    node::exit_on_error("lite-sidecar", 1, run(cfg).await);
 }
 
 async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
@@ -191,7 +179,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = follow => {}
-        _ = meshgate_gateway::process::shutdown_signal() => {}
+        _ = node::shutdown_signal() => {}
     }
     tracing::info!("shutdown: deregistering, then draining");
     registration.deregister().await;

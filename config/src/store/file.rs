@@ -296,16 +296,7 @@ fn file_sig(path: &Path) -> Option<FileSig> {
 }
 
 fn parse_doc(path: &Path, bytes: &[u8]) -> Result<FileDoc, StoreError> {
-    let de = serde_yaml::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let inner = e.into_inner();
-        if field == "." {
-            StoreError::Invalid(format!("{}: {inner}", path.display()))
-        } else {
-            StoreError::Invalid(format!("{}: {field}: {inner}", path.display()))
-        }
-    })
+    crate::node::parse_yaml(path, bytes).map_err(StoreError::Invalid)
 }
 
 /// The objects of a document as (key, JSON). Objects with invalid names are
