@@ -171,6 +171,24 @@ pub fn exit_on_error<T>(binary: &str, code: i32, res: anyhow::Result<T>) -> T {
     })
 }
 
+/// Builds the process's tokio runtime: `workers` threads, or one per CPU
+/// when 0. One worker runs everything on the calling thread (a
+/// current-thread runtime: no cross-thread wake-ups, the cheapest choice
+/// for a sidecar or a pinned single-core gateway).
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b.enable_all().build()
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -59,21 +59,30 @@ pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
 pub fn ensure_ids(h: &mut HeaderMap) {
     let mut rng = rand::thread_rng();
     if !h.contains_key(&X_REQUEST_ID) {
-        let id: u128 = rng.gen();
-        h.insert(X_REQUEST_ID, hex_value(&format!("{id:032x}")));
+        let mut buf = [0u8; 32];
+        hex(&mut buf, &rng.gen::<u128>().to_be_bytes());
+        h.insert(X_REQUEST_ID, hex_value(&buf));
     }
     if !h.contains_key(&TRACEPARENT) {
-        let trace: u128 = rng.gen::<u128>() | 1;
-        let span: u64 = rng.gen::<u64>() | 1;
-        h.insert(
-            TRACEPARENT,
-            hex_value(&format!("00-{trace:032x}-{span:016x}-01")),
-        );
+        // 00-<32 hex trace id>-<16 hex span id>-01; ids must not be all zero.
+        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+        hex(&mut buf[3..35], &(rng.gen::<u128>() | 1).to_be_bytes());
+        hex(&mut buf[36..52], &(rng.gen::<u64>() | 1).to_be_bytes());
+        h.insert(TRACEPARENT, hex_value(&buf));
     }
 }
 
-fn hex_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).expect("hex is a valid header value")
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
+fn hex_value(s: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(s).expect("hex is a valid header value")
 }
 
 /// The service a mesh request is for: `x-mesh-service`, else the host
@@ -142,6 +151,13 @@ mod tests {
         ensure_ids(&mut h);
         let tp = h[&TRACEPARENT].to_str().unwrap().to_string();
         assert_eq!(tp.len(), 55);
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"));
+        assert!(parts[1..3].iter().all(|p| p
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())));
+        assert!(parts[1].bytes().any(|c| c != b'0') && parts[2].len() == 16);
         assert_eq!(h[&X_REQUEST_ID].len(), 32);
         // Existing ids are kept.
         ensure_ids(&mut h);

@@ -4,6 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+
+/// mimalloc: glibc's malloc returns freed pages to the kernel and faults
+/// them back in under steady request load (measured: one page fault per
+/// ~5 proxied requests); mimalloc keeps per-thread free lists and does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use meshgate_config::model::Role;
 use meshgate_config::node::{exit_on_error, StoreConfig};
 use meshgate_gateway::process::{EmbeddedAdmin, GatewayConfig};
@@ -35,20 +41,27 @@ struct Args {
     /// --admin-listen is not a loopback address).
     #[arg(long, requires = "standalone")]
     token_file: Option<PathBuf>,
+    /// Standalone: worker threads (0 = one per CPU).
+    #[arg(long, default_value_t = 0, requires = "standalone")]
+    workers: usize,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate_gateway=debug`.
     #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
     log: String,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
     meshgate_config::node::init_logging(&args.log);
     let cfg = exit_on_error("meshgate-gateway", 2, load(&args));
+    let rt = exit_on_error(
+        "meshgate-gateway",
+        1,
+        meshgate_config::node::runtime(cfg.workers).map_err(Into::into),
+    );
     exit_on_error(
         "meshgate-gateway",
         1,
-        meshgate_gateway::process::run(cfg).await,
+        rt.block_on(meshgate_gateway::process::run(cfg)),
     );
 }
 
@@ -74,6 +87,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             proxy: Default::default(),
             lease_ttl_s: 10,
             shutdown_grace_ms: 10_000,
+            workers: args.workers,
             admin_api: Some(EmbeddedAdmin {
                 token_file: args.token_file.clone(),
             }),

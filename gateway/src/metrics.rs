@@ -2,7 +2,8 @@
 //! port at `/metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// The process's metrics.
@@ -117,13 +118,60 @@ impl Metrics {
     }
 }
 
+/// One route's metric handles: the duration histogram and a request
+/// counter per backend and status class. Resolving them once per route
+/// keeps label hashing and the metric-vector lock off the request path.
+#[derive(Debug)]
+pub struct RouteStats {
+    pub duration: Histogram,
+    /// `[backend index][status class index]` (see [`class_index`]).
+    requests: Vec<[IntCounter; 5]>,
+}
+
+impl RouteStats {
+    /// Handles for a route on `listener` with these backend services
+    /// (an empty list: the route answers itself, counted with service "").
+    pub fn new(m: &Metrics, listener: &str, route: &str, backends: &[&str]) -> RouteStats {
+        let services: Vec<&str> = if backends.is_empty() {
+            vec![""]
+        } else {
+            backends.to_vec()
+        };
+        RouteStats {
+            duration: m.duration.with_label_values(&[listener, route]),
+            requests: services
+                .iter()
+                .map(|svc| {
+                    CLASSES
+                        .map(|class| m.requests.with_label_values(&[listener, route, svc, class]))
+                })
+                .collect(),
+        }
+    }
+
+    /// Counts a request served by backend `backend` (0 for routes without
+    /// backends) with `status`.
+    pub fn count(&self, backend: usize, status: u16) {
+        if let Some(row) = self.requests.get(backend) {
+            row[class_index(status)].inc();
+        }
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index of a status's class in [`CLASSES`].
+pub fn class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
 /// `2xx`, `4xx`...
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+    CLASSES[class_index(status)]
 }

@@ -67,6 +67,10 @@ pub struct GatewayConfig {
     /// Embed the admin API on the ops port.
     #[serde(default)]
     pub admin_api: Option<EmbeddedAdmin>,
+    /// Worker threads of the data plane (0 = one per CPU; 1 = a
+    /// single-threaded runtime).
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// Proxy tunables in the node config.
@@ -247,9 +251,9 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let Some(listener) = listener else { continue };
         tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
         let p = proxy.clone();
-        let handler = move |remote, req| {
+        let handler = move |peer, req| {
             let p = p.clone();
-            async move { p.handle(kind, remote, req).await }
+            async move { p.handle(kind, peer, req).await }
         };
         tasks.push(tokio::spawn(crate::server::serve(
             kind.as_str(),

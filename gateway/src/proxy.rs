@@ -12,7 +12,6 @@
 //!    body can be replayed; timeouts → 504, connect failures → 502
 //! 7. metrics and the response, hop-by-hop headers removed
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +28,9 @@ use crate::body::{full, ProxyBody, ReplayBody};
 use crate::client::Wire;
 use crate::error::MeshError;
 use crate::headers;
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::{status_class, Metrics, RouteStats};
 use crate::router::CompiledRoute;
+use crate::server::Peer;
 use crate::state::{ServiceRt, SharedSnapshot};
 
 /// Which table a listener serves.
@@ -91,31 +91,43 @@ impl Proxy {
     pub async fn handle(
         &self,
         kind: ListenerKind,
-        remote: SocketAddr,
+        peer: Peer,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let (resp, route) = self.route_and_forward(kind, remote, req).await;
+        let (resp, route) = self.route_and_forward(kind, &peer, req).await;
         let status = resp.status().as_u16();
-        let route_name = route.as_ref().map(|r| &*r.0).unwrap_or("");
-        let service = route.as_ref().map(|r| &*r.1).unwrap_or("");
-        self.metrics
-            .requests
-            .with_label_values(&[kind.as_str(), route_name, service, status_class(status)])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[kind.as_str(), route_name])
-            .observe(start.elapsed().as_secs_f64());
+        let elapsed = start.elapsed().as_secs_f64();
+        match route {
+            Some((route, backend)) => {
+                let stats = route.stats.get_or_init(|| {
+                    let backends: Vec<&str> = route.backends.iter().map(|b| &**b).collect();
+                    RouteStats::new(&self.metrics, kind.as_str(), &route.name, &backends)
+                });
+                stats.count(backend, status);
+                stats.duration.observe(elapsed);
+            }
+            None => {
+                self.metrics
+                    .requests
+                    .with_label_values(&[kind.as_str(), "", "", status_class(status)])
+                    .inc();
+                self.metrics
+                    .duration
+                    .with_label_values(&[kind.as_str(), ""])
+                    .observe(elapsed);
+            }
+        }
         resp
     }
 
+    /// The response, and the route and backend index it was counted under.
     async fn route_and_forward(
         &self,
         kind: ListenerKind,
-        remote: SocketAddr,
+        peer: &Peer,
         mut req: Request<Incoming>,
-    ) -> (Response<ProxyBody>, Option<(Arc<str>, Arc<str>)>) {
+    ) -> (Response<ProxyBody>, Option<(Arc<CompiledRoute>, usize)>) {
         if !self.ready.load(Ordering::Acquire) {
             return (MeshError::NotReady.response("no config loaded yet"), None);
         }
@@ -141,7 +153,7 @@ impl Proxy {
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
         }
-        append_forwarded_for(h, remote);
+        append_forwarded_for(h, &peer.ip);
 
         let uri_host = req.uri().host().map(str::to_string);
         let (router, host) = match kind {
@@ -181,21 +193,23 @@ impl Proxy {
             if let Some(c) = ctype {
                 resp.headers_mut().insert(header::CONTENT_TYPE, c.clone());
             }
-            return (resp, Some((route.name.clone(), Arc::from(""))));
+            return (resp, Some((route, 0)));
         }
-        let Some(backend) = route.pick_backend() else {
+        let Some((index, backend)) = route.pick_backend() else {
             return (
                 MeshError::NoHealthyEndpoint.response("route has no weighted backend"),
                 None,
             );
         };
-        let labels = Some((route.name.clone(), backend.clone()));
-        let Some(svc) = snap.services.get(backend).cloned() else {
+        let Some(svc) = snap.services.get(&**backend).cloned() else {
             let msg = format!("service {backend} is not configured");
-            return (MeshError::NoHealthyEndpoint.response(&msg), labels);
+            return (
+                MeshError::NoHealthyEndpoint.response(&msg),
+                Some((route, index)),
+            );
         };
         let resp = self.forward(&svc, &route, req).await;
-        (resp, labels)
+        (resp, Some((route, index)))
     }
 
     /// Sends the request to one of the service's endpoints.
@@ -309,15 +323,18 @@ impl Proxy {
     }
 }
 
-fn append_forwarded_for(h: &mut http::HeaderMap, remote: SocketAddr) {
-    let ip = remote.ip().to_string();
-    let v = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+fn append_forwarded_for(h: &mut http::HeaderMap, ip: &HeaderValue) {
+    const XFF: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+    let v = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            match HeaderValue::from_str(&format!("{prev}, {}", ip.to_str().unwrap_or(""))) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        None => ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&v) {
-        h.insert("x-forwarded-for", v);
-    }
+    h.insert(XFF, v);
 }
 
 /// The innermost error message (hyper wraps io errors several levels deep).

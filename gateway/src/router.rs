@@ -38,6 +38,9 @@ pub struct CompiledRoute {
     backend_schedule: Schedule,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
+    /// This route's metric handles, resolved on first use so the request
+    /// path does not hash label values (see `metrics::RouteStats`).
+    pub stats: std::sync::OnceLock<crate::metrics::RouteStats>,
 }
 
 impl CompiledRoute {
@@ -91,6 +94,7 @@ impl CompiledRoute {
                 )
             }),
             timeouts: r.timeouts,
+            stats: Default::default(),
         }
     }
 
@@ -115,8 +119,9 @@ impl CompiledRoute {
     }
 
     /// The backend service for the next request.
-    pub fn pick_backend(&self) -> Option<&Arc<str>> {
-        self.backend_schedule.next().map(|i| &self.backends[i])
+    /// The next backend in weighted order, with its index in `backends`.
+    pub fn pick_backend(&self) -> Option<(usize, &Arc<str>)> {
+        self.backend_schedule.next().map(|i| (i, &self.backends[i]))
     }
 
     fn matches_rest(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
@@ -400,7 +405,7 @@ mod tests {
         );
         let mut n = 0;
         for _ in 0..400 {
-            if &**r.pick_backend().unwrap() == "v2" {
+            if &**r.pick_backend().unwrap().1 == "v2" {
                 n += 1;
             }
         }

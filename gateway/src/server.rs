@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +21,23 @@ use tokio::sync::watch;
 
 use crate::body::ProxyBody;
 
+/// The client end of a connection, resolved once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's IP as a header value (for `x-forwarded-for`).
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a valid header"),
+        }
+    }
+}
+
 /// Serves HTTP on `listener` with `handler` until `shutdown` turns true,
 /// then drains open connections for at most `grace`.
 pub async fn serve<H, F>(
@@ -30,7 +47,7 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) where
-    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Peer, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -59,9 +76,10 @@ pub async fn serve<H, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 let h = handler.clone();
+                let peer = Peer::new(remote);
                 let svc = service_fn(move |req| {
-                    let h = h.clone();
-                    async move { Ok::<_, Infallible>(h(remote, req).await) }
+                    let fut = h(peer.clone(), req);
+                    async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn.into_owned());

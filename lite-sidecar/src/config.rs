@@ -37,6 +37,10 @@ pub struct SidecarConfig {
     pub proxy: SidecarProxy,
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+    /// Worker threads (default 1: a sidecar serves one app, and one thread
+    /// keeps its CPU and memory small; 0 = one per CPU).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +73,9 @@ fn default_lease_ttl() -> u64 {
 }
 fn default_grace() -> u64 {
     10_000
+}
+fn default_workers() -> usize {
+    1
 }
 
 impl SidecarConfig {

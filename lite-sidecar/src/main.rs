@@ -14,6 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+
+/// mimalloc: glibc's malloc returns freed pages to the kernel and faults
+/// them back in under steady request load (measured: one page fault per
+/// ~5 proxied requests); mimalloc keeps per-thread free lists and does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use http::HeaderValue;
 use meshgate_config::model::{now_ms, Node, NodeKind};
 use meshgate_config::node;
@@ -41,8 +47,7 @@ struct Args {
     log: String,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
     node::init_logging(&args.log);
     let cfg = node::exit_on_error(
@@ -50,7 +55,12 @@ async fn main() {
         2,
         node::load_checked(&args.config, SidecarConfig::problems),
     );
-    node::exit_on_error("lite-sidecar", 1, run(cfg).await);
+    let rt = node::exit_on_error(
+        "lite-sidecar",
+        1,
+        node::runtime(cfg.workers).map_err(Into::into),
+    );
+    node::exit_on_error("lite-sidecar", 1, rt.block_on(run(cfg)));
 }
 
 async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
@@ -118,7 +128,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     let f = fwd.clone();
-    let handler = move |_remote, req| {
+    let handler = move |_peer, req| {
         let f = f.clone();
         async move { f.handle(req).await }
     };
