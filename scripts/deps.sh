@@ -5,9 +5,19 @@ set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-if [ "${1:-}" = "--test" ]; then
-  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-fi
+case "${1:-}" in
+  --test)
+    command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+    ;;
+  --bench)
+    command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+    command -v nginx >/dev/null 2>&1 || need+=(nginx)
+    command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+    command -v wrk >/dev/null 2>&1 || need+=(wrk)
+    command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+    command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+    ;;
+esac
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

@@ -1,16 +1,23 @@
 //! The ops port of gateways and sidecars: `/healthz` (the process is up),
 //! `/readyz` (config is loaded and the process is not draining), `/metrics`
-//! (Prometheus) and `/config` (what the process has applied). A standalone
-//! gateway also mounts the admin API here.
+//! (Prometheus), `/config` (what the process has applied) and
+//! `/config/revision` (the applied store revision; with `?at_least=N` it
+//! waits up to `wait_ms` for that revision to be applied, which is how
+//! benchmarks and operators time propagation without polling). A
+//! standalone gateway also mounts the admin API here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::Value;
+use meshgate_config::sync::SyncStatus;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
@@ -22,6 +29,8 @@ pub struct OpsState {
     pub readiness: Arc<dyn Fn() -> (bool, Value) + Send + Sync>,
     /// The applied config for `/config`.
     pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// The config sync's status (its `revision` is the applied revision).
+    pub status: watch::Receiver<SyncStatus>,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -30,6 +39,7 @@ pub fn router(state: OpsState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/config", get(config))
+        .route("/config/revision", get(revision))
         .with_state(state)
 }
 
@@ -53,6 +63,43 @@ async fn metrics(State(st): State<OpsState>) -> Response {
 
 async fn config(State(st): State<OpsState>) -> Json<Value> {
     Json((st.config_dump)())
+}
+
+#[derive(Debug, Deserialize)]
+struct RevisionQuery {
+    at_least: Option<i64>,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Longest wait a `/config/revision` call may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// `{"revision": N}`; with `at_least`, 200 once the applied revision
+/// reaches it, or 408 with the current revision when `wait_ms` runs out.
+async fn revision(State(st): State<OpsState>, Query(q): Query<RevisionQuery>) -> Response {
+    let mut rx = st.status.clone();
+    let Some(want) = q.at_least else {
+        let rev = rx.borrow().revision;
+        return Json(json!({ "revision": rev })).into_response();
+    };
+    let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    let reached = tokio::time::timeout(wait, rx.wait_for(|s| s.revision >= want))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let rev = rx.borrow().revision;
+    match reached {
+        true => Json(json!({ "revision": rev })).into_response(),
+        false => (
+            StatusCode::REQUEST_TIMEOUT,
+            Json(json!({
+                "error": "not_yet_applied",
+                "message": format!("revision {want} not applied within {} ms", wait.as_millis()),
+                "revision": rev,
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves an axum router until `shutdown` turns true.

@@ -222,6 +222,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             (ready, status_json(&s, draining))
         }),
         config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        status: status.clone(),
     };
     let mut ops_app = crate::ops::router(ops_state);
     if let Some(a) = &cfg.admin_api {

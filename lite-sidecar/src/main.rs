@@ -121,6 +121,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             (ready, v)
         }),
         config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        status: status.clone(),
     };
     let ops = tokio::spawn(meshgate_gateway::ops::serve(
         ops_listener,

@@ -1,21 +1,16 @@
-//! `meshgate-load`: an HTTP/1.1 load generator with HDR latency histograms.
-//!
-//! Closed loop (each connection sends as fast as answers come) or open loop
-//! (`--rate`: a fixed request rate, latency measured from each request's
-//! *intended* send time so queueing is not hidden — coordinated omission).
-//! Errors are counted by kind: connect, I/O, status class, and the mesh's
-//! `x-mesh-error` reason.
+//! `meshgate-load`: HTTP/1.1 and HTTP/2 load generator with HDR latency
+//! histograms, closed or open loop (see the library docs for the model).
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use meshgate_loadtest::{parse_header, run, LoadConfig, Progress};
 
-/// HTTP/1.1 load generator.
+/// HTTP load generator: closed loop (max throughput) or open loop at a
+/// fixed rate with latency measured from each request's intended send time.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
@@ -24,240 +19,148 @@ struct Args {
     /// Extra request header, `name: value` (repeatable).
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// Request method.
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    /// Request body.
+    #[arg(long, default_value = "")]
+    body: String,
     /// Concurrent keep-alive connections.
     #[arg(short, long, default_value_t = 10)]
     connections: usize,
+    /// HTTP/2 with prior knowledge (h2c).
+    #[arg(long)]
+    h2: bool,
+    /// HTTP/2: concurrent streams per connection.
+    #[arg(short = 'm', long, default_value_t = 1)]
+    streams: usize,
     /// Run time in seconds.
     #[arg(short, long, default_value_t = 10.0)]
     duration: f64,
     /// Open loop at this many requests per second in total (default: closed loop).
     #[arg(short, long)]
     rate: Option<f64>,
-    /// Print a JSON summary instead of the table.
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Send each request's sequence number in this header.
+    #[arg(long)]
+    seq_header: Option<String>,
+    /// Print the JSON report (with the timeline and every failure) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Show a progress bar even when stderr is not a terminal.
+    #[arg(long)]
+    progress: bool,
 }
 
-#[derive(Default)]
-struct Stats {
-    hist: Option<Histogram<u64>>,
-    errors: BTreeMap<String, u64>,
-    ok: u64,
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("meshgate-load: {msg}");
+    std::process::exit(2)
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+/// A finite number above zero (NaN is not).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    let uri: http::Uri = match args.url.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("meshgate-load: url: {e}");
-            std::process::exit(2);
-        }
+fn config(args: &Args) -> LoadConfig {
+    let uri: http::Uri = args
+        .url
+        .parse()
+        .unwrap_or_else(|e| fail(format!("url: {e}")));
+    if uri.scheme_str() != Some("http") {
+        fail("url: only http:// is supported");
+    }
+    let Some(host) = uri.host() else {
+        fail("url: needs a host")
     };
-    let (Some(host), Some(port)) = (uri.host().map(str::to_string), uri.port_u16().or(Some(80)))
-    else {
-        eprintln!("meshgate-load: url: needs a host");
-        std::process::exit(2);
-    };
-    let mut headers = http::HeaderMap::new();
-    for h in &args.headers {
-        let Some((k, v)) = h.split_once(':') else {
-            eprintln!("meshgate-load: header {h:?}: expected `name: value`");
-            std::process::exit(2);
-        };
-        match (
-            http::HeaderName::from_bytes(k.trim().as_bytes()),
-            http::HeaderValue::from_str(v.trim()),
-        ) {
-            (Ok(k), Ok(v)) => {
-                headers.insert(k, v);
-            }
-            _ => {
-                eprintln!("meshgate-load: header {h:?}: invalid");
-                std::process::exit(2);
-            }
-        }
-    }
-    if !headers.contains_key(http::header::HOST) {
-        headers.insert(
-            http::header::HOST,
-            http::HeaderValue::from_str(&format!("{host}:{port}")).expect("host"),
-        );
-    }
-    let duration = Duration::from_secs_f64(args.duration);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..args.connections.max(1) {
-        let (host, headers, uri) = (host.clone(), headers.clone(), uri.clone());
-        let interval = args
-            .rate
-            .map(|r| Duration::from_secs_f64(args.connections as f64 / r));
-        // Spread open-loop start times so connections do not fire together.
-        let offset = interval
-            .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
-            .unwrap_or_default();
-        tasks.push(tokio::spawn(worker(
-            host,
-            port,
-            uri,
-            headers,
-            start + offset,
-            start + duration,
-            interval,
-        )));
-    }
-    let mut total = Stats {
-        hist: Some(histogram()),
-        ..Default::default()
-    };
-    for t in tasks {
-        let s = t.await.expect("worker");
-        total.ok += s.ok;
-        if let (Some(a), Some(b)) = (&mut total.hist, &s.hist) {
-            a.add(b).expect("same bounds");
-        }
-        for (k, v) in s.errors {
-            *total.errors.entry(k).or_default() += v;
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let h = total.hist.as_ref().expect("histogram");
-    let errors: u64 = total.errors.values().sum();
-    let q = |p: f64| h.value_at_quantile(p);
-    if args.json {
-        let v = serde_json::json!({
-            "url": args.url, "connections": args.connections, "rate": args.rate,
-            "duration_s": elapsed, "requests": total.ok + errors, "ok": total.ok,
-            "rps": (total.ok + errors) as f64 / elapsed,
-            "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": h.max()},
-            "errors": total.errors,
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "requests {}  ok {}  errors {}  in {:.2}s  = {:.0} req/s",
-            total.ok + errors,
-            total.ok,
-            errors,
-            elapsed,
-            (total.ok + errors) as f64 / elapsed
-        );
-        println!(
-            "latency µs  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-            q(0.5),
-            q(0.9),
-            q(0.99),
-            q(0.999),
-            h.max()
-        );
-        for (k, v) in &total.errors {
-            println!("error {k}: {v}");
-        }
-    }
-}
-
-async fn worker(
-    host: String,
-    port: u16,
-    uri: http::Uri,
-    headers: http::HeaderMap,
-    first: Instant,
-    end: Instant,
-    interval: Option<Duration>,
-) -> Stats {
-    let mut s = Stats {
-        hist: Some(histogram()),
-        ..Default::default()
-    };
+    let port = uri.port_u16().unwrap_or(80);
     let path = uri
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let mut sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
-    let mut next = first;
-    loop {
-        let intended = match interval {
-            Some(iv) => {
-                if next >= end {
-                    break;
-                }
-                tokio::time::sleep_until(next.into()).await;
-                let t = next;
-                next += iv;
-                t
-            }
-            None => {
-                let now = Instant::now();
-                if now >= end {
-                    break;
-                }
-                now
-            }
-        };
-        if sender.as_ref().is_none_or(|x| x.is_closed()) {
-            match tokio::net::TcpStream::connect((host.as_str(), port)).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                        Ok((tx, conn)) => {
-                            tokio::spawn(conn);
-                            sender = Some(tx);
-                        }
-                        Err(_) => {
-                            *s.errors.entry("connect".into()).or_default() += 1;
-                            continue;
-                        }
-                    }
-                }
-                Err(_) => {
-                    *s.errors.entry("connect".into()).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            }
-        }
-        let tx = sender.as_mut().expect("connected");
-        let mut req = http::Request::new(Empty::<Bytes>::new());
-        *req.uri_mut() = path.parse().expect("path");
-        *req.headers_mut() = headers.clone();
-        if tx.ready().await.is_err() {
-            sender = None;
-            *s.errors.entry("io".into()).or_default() += 1;
-            continue;
-        }
-        match tx.send_request(req).await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let mesh = resp
-                    .headers()
-                    .get("x-mesh-error")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let _ = resp.into_body().collect().await;
-                let us = intended.elapsed().as_micros() as u64;
-                if let Some(h) = &mut s.hist {
-                    let _ = h.record(us.max(1));
-                }
-                if let Some(reason) = mesh {
-                    *s.errors.entry(format!("mesh:{reason}")).or_default() += 1;
-                } else if status >= 400 {
-                    *s.errors
-                        .entry(format!("status:{}xx", status / 100))
-                        .or_default() += 1;
-                } else {
-                    s.ok += 1;
-                }
-            }
-            Err(_) => {
-                sender = None;
-                *s.errors.entry("io".into()).or_default() += 1;
-            }
+    let mut cfg = LoadConfig::new(host, port, path);
+    for h in &args.headers {
+        let (k, v) = parse_header(h).unwrap_or_else(|e| fail(e));
+        cfg.headers.insert(k, v);
+    }
+    if !args.h2 && !cfg.headers.contains_key(http::header::HOST) {
+        let v = http::HeaderValue::from_str(&format!("{host}:{port}"))
+            .unwrap_or_else(|e| fail(format!("url: {e}")));
+        cfg.headers.insert(http::header::HOST, v);
+    }
+    cfg.method = args
+        .method
+        .parse()
+        .unwrap_or_else(|e| fail(format!("method: {e}")));
+    cfg.body = Bytes::from(args.body.clone());
+    cfg.connections = args.connections.max(1);
+    cfg.http2 = args.h2;
+    cfg.streams = args.streams.max(1);
+    if !positive(args.duration) {
+        fail("duration: must be greater than 0");
+    }
+    cfg.duration = Duration::from_secs_f64(args.duration);
+    if let Some(r) = args.rate {
+        if !positive(r) {
+            fail("rate: must be greater than 0");
         }
     }
-    s
+    cfg.rate = args.rate;
+    if !positive(args.timeout) {
+        fail("timeout: must be greater than 0");
+    }
+    cfg.timeout = Duration::from_secs_f64(args.timeout);
+    cfg.seq_header = args.seq_header.as_ref().map(|h| {
+        http::HeaderName::from_bytes(h.as_bytes())
+            .unwrap_or_else(|e| fail(format!("seq-header: {e}")))
+    });
+    cfg
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let cfg = config(&args);
+    let progress = Arc::new(Progress::default());
+    let bar = indicatif::ProgressBar::new(cfg.duration.as_millis() as u64);
+    if args.progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    } else if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {elapsed}/{duration} {msg}")
+            .expect("template"),
+    );
+    let ticker = {
+        let (bar, progress) = (bar.clone(), progress.clone());
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let mut last = (start, 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = std::time::Instant::now();
+                let done = progress.done.load(Ordering::Relaxed);
+                let rps = (done - last.1) as f64 / (now - last.0).as_secs_f64();
+                last = (now, done);
+                bar.set_position((now - start).as_millis() as u64);
+                bar.set_message(format!(
+                    "{done} requests, {rps:.0} req/s, {} errors",
+                    progress.errors.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+    let report = run(cfg, progress).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let out = if args.json {
+        serde_json::to_string(&report).expect("report encodes") + "\n"
+    } else {
+        report.table()
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
 }

@@ -1,0 +1,736 @@
+#!/usr/bin/env python3
+"""Meshgate benchmark suite: the gateway against nginx and HAProxy.
+
+Every target runs on 127.0.0.1 with one worker pinned to the same core
+(the "proxy core", shared with the nginx backend, as a sidecar shares a
+host with its app); the load generators run pinned to the other core.
+Runs are interleaved (every repetition goes through all targets in a fresh
+random order) so machine drift hits every target alike; tables report
+medians over the repetitions and each target's ratio to nginx.
+
+Scenarios: HTTP/1.1 max throughput (wrk, 10 and 50 connections) with CPU
+time per request read from /proc; latency at 25/50/75 % of nginx's
+maximum (meshgate-load, open loop, latency from the intended send time);
+HTTP/2 (h2load); the two-hop mesh path app -> lite-sidecar -> gateway ->
+backend against direct and one nginx hop; RSS idle and under load;
+config propagation (200 route changes through the admin API, applied on
+3 gateways, timed with each gateway's /config/revision long-poll); and
+route-table scale (meshgate-routebench, 50,000 routes).
+
+Run through loadtest/run.sh (installs the tools, builds release binaries).
+Results go between the markers in BENCHMARKS.md; the text around them is
+kept. Uses only the Python standard library.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BEGIN = "<!-- results:begin (written by loadtest/bench.py; edits here are overwritten) -->"
+END = "<!-- results:end -->"
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, fn, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if fn():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def http(method, url, body=None, headers=None, timeout=10.0):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_ok(url):
+    try:
+        return http("GET", url, timeout=1.0)[0] == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class Procs:
+    """Started processes, stopped at exit."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, name, cmd, cpu=None, env=None):
+        if cpu is not None:
+            cmd = ["taskset", "-c", str(cpu)] + cmd
+        logf = open(os.path.join(self.workdir, f"{name}.log"), "ab")
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})}, cwd=self.workdir,
+                             start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def mem_kb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def tool_version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not found"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.ncpu = os.cpu_count() or 1
+        self.proxy_cpu = args.proxy_cpu
+        self.load_cpu = args.load_cpu if self.ncpu > 1 else args.proxy_cpu
+        self.workdir = tempfile.mkdtemp(prefix="meshgate-bench-")
+        self.procs = Procs(self.workdir)
+        self.results = {}
+        self.commands = []
+
+    # ---------------------------------------------------------- targets
+
+    def write(self, name, text):
+        path = os.path.join(self.workdir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def start_backend(self):
+        self.backend_port = free_port()
+        conf = self.write("backend.conf", f"""
+worker_processes 1;
+daemon off;
+pid {self.workdir}/backend.pid;
+error_log {self.workdir}/backend.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{self.backend_port};
+    location / {{ return 200 "hello from the backend\\n"; }}
+  }}
+}}
+""")
+        self.backend = self.procs.start("nginx-backend", ["nginx", "-p", self.workdir, "-c", conf],
+                                        cpu=self.proxy_cpu)
+        wait_until("nginx backend", lambda: http_ok(f"http://127.0.0.1:{self.backend_port}/"))
+
+    def start_nginx(self):
+        port, h2 = free_port(), free_port()
+        conf = self.write("nginx-proxy.conf", f"""
+worker_processes 1;
+daemon off;
+pid {self.workdir}/nginx-proxy.pid;
+error_log {self.workdir}/nginx-proxy.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  upstream backend {{
+    server 127.0.0.1:{self.backend_port};
+    keepalive 512;
+    keepalive_requests 10000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{h2} http2;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+        p = self.procs.start("nginx-proxy", ["nginx", "-p", self.workdir, "-c", conf], cpu=self.proxy_cpu)
+        wait_until("nginx proxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
+        return {"name": "nginx", "port": port, "h2_port": h2, "pids": lambda: children(p.pid)}
+
+    def start_haproxy(self):
+        port, h2 = free_port(), free_port()
+        conf = self.write("haproxy.cfg", f"""
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{h2} proto h2
+  default_backend be
+backend be
+  server s1 127.0.0.1:{self.backend_port}
+""")
+        p = self.procs.start("haproxy", ["haproxy", "-f", conf], cpu=self.proxy_cpu)
+        wait_until("haproxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
+        return {"name": "haproxy", "port": port, "h2_port": h2, "pids": lambda: [p.pid]}
+
+    def start_meshgate(self):
+        """A standalone gateway on the demo config plus the bench route."""
+        with open(os.path.join(ROOT, "config", "examples", "demo.yaml")) as f:
+            demo = f.read()
+        bench_service = f"  bench-backend:\n    endpoints:\n      - address: 127.0.0.1:{self.backend_port}\n"
+        bench_route = ("  bench:\n    scope: ingress\n    match:\n      path:\n        prefix: /\n"
+                       "    priority: -1\n    backends:\n      - service: bench-backend\n")
+        model = demo.replace("services:\n", "services:\n" + bench_service, 1)
+        model = model.replace("routes:\n", "routes:\n" + bench_route, 1)
+        # The demo's exact "/" status route would answer the bench's GET /.
+        path = "/bench"
+        mesh_yaml = self.write("mesh.yaml", model)
+        port, mesh_port, ops = free_port(), free_port(), free_port()
+        p = self.procs.start("meshgate", [
+            os.path.join(BIN, "meshgate-gateway"), "--standalone", mesh_yaml, "--workers", "1",
+            "--listen", f"127.0.0.1:{mesh_port}", "--ingress-listen", f"127.0.0.1:{port}",
+            "--admin-listen", f"127.0.0.1:{ops}"], cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
+        wait_until("meshgate", lambda: http_ok(f"http://127.0.0.1:{port}{path}"))
+        return {"name": "meshgate", "port": port, "h2_port": port, "pids": lambda: [p.pid],
+                "path": path, "proc": p}
+
+    # ---------------------------------------------------------- tools
+
+    def pinned(self, cmd):
+        return ["taskset", "-c", str(self.load_cpu)] + cmd
+
+    def wrk(self, url, conns, duration):
+        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", url]
+        out = subprocess.run(self.pinned(cmd), capture_output=True, text=True, check=True).stdout
+        reqs = int(re.search(r"(\d+) requests in", out).group(1))
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        errors = 0
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        if m:
+            errors += int(m.group(1))
+        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        if m:
+            errors += sum(int(x) for x in m.groups())
+        return {"requests": reqs, "rps": rps, "errors": errors}
+
+    def h2load(self, url, conns, streams, duration):
+        cmd = ["h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{duration}", url]
+        out = subprocess.run(self.pinned(cmd), capture_output=True, text=True, check=True).stdout
+        m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+        done, ok = int(m.group(2)), int(m.group(3))
+        rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+        return {"requests": done, "rps": rps, "errors": done - ok}
+
+    def load(self, url, conns, duration, rate=None, headers=()):
+        cmd = [os.path.join(BIN, "meshgate-load"), "--json", "-c", str(conns), "-d", str(duration)]
+        if rate:
+            cmd += ["-r", str(rate)]
+        for h in headers:
+            cmd += ["-H", h]
+        out = subprocess.run(self.pinned(cmd + [url]), capture_output=True, text=True, check=True).stdout
+        r = json.loads(out)
+        r.pop("failures", None)
+        return r
+
+    def measured(self, target, fn):
+        """Runs fn() and adds the target's CPU time per request."""
+        pids = target["pids"]()
+        before = cpu_seconds(pids)
+        r = fn()
+        after = cpu_seconds(pids)
+        if r["requests"]:
+            r["cpu_us_per_req"] = (after - before) * 1e6 / r["requests"]
+        return r
+
+    def note_cmd(self, cmd):
+        if cmd not in self.commands:
+            self.commands.append(cmd)
+
+    # ---------------------------------------------------------- scenarios
+
+    def interleaved(self, targets, run_one):
+        """{target: [result per repetition]}, targets shuffled per repetition."""
+        out = {t["name"]: [] for t in targets}
+        for rep in range(self.args.runs):
+            order = list(targets)
+            random.shuffle(order)
+            for t in order:
+                out[t["name"]].append(run_one(t))
+        return out
+
+    def url(self, t, port_key="port"):
+        return f"http://127.0.0.1:{t[port_key]}{t.get('path', '/')}"
+
+    def throughput(self, targets):
+        d = self.args.duration
+        for conns in (10, 50):
+            log(f"throughput, HTTP/1.1, {conns} connections")
+            self.note_cmd(f"taskset -c {self.load_cpu} wrk -t1 -c{conns} -d{d}s http://127.0.0.1:<port>/")
+            res = self.interleaved(targets, lambda t: self.measured(t, lambda: self.wrk(self.url(t), conns, d)))
+            self.results[f"throughput_{conns}"] = res
+
+    def latency(self, targets):
+        d = self.args.duration
+        nginx_max = median([r["rps"] for r in self.results["throughput_50"]["nginx"]])
+        self.results["nginx_max_rps"] = nginx_max
+        for pct in (25, 50, 75):
+            rate = round(nginx_max * pct / 100)
+            log(f"latency at {pct}% of nginx's max ({rate} req/s)")
+            self.note_cmd(f"taskset -c {self.load_cpu} meshgate-load --json -c 50 -d {d} -r <rate> http://127.0.0.1:<port>/")
+            res = self.interleaved(targets, lambda t: self.load(self.url(t), 50, d, rate))
+            self.results[f"latency_{pct}"] = {"rate": rate, "runs": res}
+
+    def http2(self, targets):
+        d = self.args.duration
+        log("HTTP/2 (h2c prior knowledge), 10 connections x 10 streams")
+        self.note_cmd(f"taskset -c {self.load_cpu} h2load -t1 -c10 -m10 -D{d} http://127.0.0.1:<port>/")
+        res = self.interleaved(targets, lambda t: self.measured(
+            t, lambda: self.h2load(self.url(t, "h2_port"), 10, 10, d)))
+        self.results["http2"] = res
+
+    def rss_sample(self, pid):
+        return {"rss_kb": mem_kb(pid, "VmRSS"), "hwm_kb": mem_kb(pid, "VmHWM")}
+
+    # ---------------------------------------------------------- cluster
+
+    def start_etcd(self):
+        client, peer = free_port(), free_port()
+        etcd = self.procs.start("etcd", [
+            "etcd", "--name", "bench", "--data-dir", os.path.join(self.workdir, "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"bench=http://127.0.0.1:{peer}", "--log-level", "warn"],
+            cpu=self.load_cpu)
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        wait_until("etcd", lambda: http_ok(f"{self.etcd_url}/health"))
+        return etcd
+
+    def start_admin(self):
+        port = free_port()
+        self.token = "bench-token-0123456789abcdef"
+        tokens = self.write("tokens.yaml", f"tokens:\n  - name: bench\n    token: {self.token}\n    role: admin\n")
+        cfg = self.write("admin.yaml", json.dumps({
+            "listen": f"127.0.0.1:{port}", "token_file": tokens,
+            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
+        self.procs.start("admin", [os.path.join(BIN, "meshgate-admin"), "--config", cfg],
+                         cpu=self.load_cpu, env={"MESHGATE_LOG": "warn"})
+        self.admin = f"http://127.0.0.1:{port}"
+        # Up once it answers at all (401 without a token).
+        wait_until("admin", lambda: http("GET", f"{self.admin}/api/v1/services", timeout=1.0)[0] == 401)
+
+    def api(self, method, path, body=None):
+        status, data = http(method, f"{self.admin}/api/v1{path}", body,
+                            {"authorization": f"Bearer {self.token}"})
+        if status >= 300:
+            raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
+        return json.loads(data) if data else None
+
+    def start_cluster_gateway(self, gid, groups):
+        mesh, ops = free_port(), free_port()
+        cfg = self.write(f"{gid}.yaml", json.dumps({
+            "id": gid, "roles": ["egress"], "groups": groups, "workers": 1,
+            "listen": f"127.0.0.1:{mesh}", "admin_listen": f"127.0.0.1:{ops}",
+            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
+        p = self.procs.start(gid, [os.path.join(BIN, "meshgate-gateway"), "--config", cfg],
+                             cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
+        wait_until(gid, lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
+        return {"id": gid, "mesh": mesh, "ops": ops, "proc": p}
+
+    def start_sidecar(self, central):
+        app, ops = free_port(), free_port()
+        cfg = self.write("sidecar.yaml", json.dumps({
+            "id": "bench-sidecar", "service": "bench-client", "group": "bench",
+            "listen": f"127.0.0.1:{app}", "admin_listen": f"127.0.0.1:{ops}",
+            "central": [f"127.0.0.1:{central}"],
+            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
+        p = self.procs.start("sidecar", [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
+                             cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
+        wait_until("sidecar", lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
+        return {"app": app, "ops": ops, "proc": p}
+
+    def cluster(self, direct, nginx):
+        """Two-hop mesh path, RSS of the sidecar, config propagation."""
+        self.start_etcd()
+        self.start_admin()
+        self.api("PUT", "/groups/bench", {"description": "benchmark group"})
+        self.api("PUT", "/groups/other", {"description": "the other gateways' group"})
+        self.api("PUT", "/services/backend", {
+            "group": "bench", "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
+        gws = [self.start_cluster_gateway("gw-1", ["bench"]),
+               self.start_cluster_gateway("gw-2", ["other"]),
+               self.start_cluster_gateway("gw-3", ["other"])]
+        sc = self.start_sidecar(gws[0]["mesh"])
+        sidecar_url = f"http://127.0.0.1:{sc['app']}/"
+        wait_until("sidecar route to the backend", lambda: http(
+            "GET", sidecar_url, headers={"x-mesh-service": "backend"})[0] == 200
+            and self.sidecar_tier(sidecar_url) == "group")
+        self.results["sidecar_rss_idle"] = self.rss_sample(sc["proc"].pid)
+
+        d = self.args.duration
+        rate = round(self.results["nginx_max_rps"] * 0.5)
+        two_hop = {"name": "mesh two-hop", "port": sc["app"], "pids": lambda: [sc["proc"].pid, gws[0]["proc"].pid]}
+        targets = [dict(direct, name="direct"), dict(nginx, name="nginx"), two_hop]
+        log(f"two-hop mesh path at {rate} req/s (50% of nginx's max)")
+        self.note_cmd(f"taskset -c {self.load_cpu} meshgate-load --json -c 50 -d {d} -r <rate> "
+                      "-H 'x-mesh-service: backend' http://127.0.0.1:<sidecar port>/")
+
+        def run(t):
+            hdr = ["x-mesh-service: backend"] if t is two_hop else []
+            return self.load(self.url(t), 50, d, rate, hdr)
+        self.results["two_hop"] = {"rate": rate, "runs": self.interleaved(targets, run)}
+        log("two-hop mesh path, max throughput (50 connections)")
+        self.results["two_hop_max"] = self.interleaved([two_hop], lambda t: self.measured(
+            t, lambda: self.load(self.url(t), 50, d, None, ["x-mesh-service: backend"])))
+        self.results["sidecar_rss_load"] = self.rss_sample(sc["proc"].pid)
+        self.results["cluster_gateway_rss_load"] = self.rss_sample(gws[0]["proc"].pid)
+
+        log(f"config propagation: {self.args.changes} route changes, 3 gateways")
+        self.results["propagation"] = self.propagation(gws)
+
+    def sidecar_tier(self, url):
+        req = urllib.request.Request(url, headers={"x-mesh-service": "backend"})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.headers.get("x-mesh-tier")
+
+    def propagation(self, gws):
+        """ms from sending a route PUT until each gateway has applied it."""
+        pool = concurrent.futures.ThreadPoolExecutor(len(gws))
+        samples = {g["id"]: [] for g in gws}
+        for i in range(self.args.changes):
+            t0 = time.perf_counter()
+            obj = self.api("PUT", "/routes/propagation-probe", {
+                "scope": "mesh", "match": {"hosts": ["probe"], "path": {"prefix": f"/v{i}"}},
+                "backends": [{"service": "backend"}]})
+            version = obj["version"]
+
+            def wait(g):
+                status, _ = http("GET", f"http://127.0.0.1:{g['ops']}/config/revision"
+                                        f"?at_least={version}&wait_ms=10000", timeout=15)
+                if status != 200:
+                    raise RuntimeError(f"{g['id']} did not apply revision {version}")
+                return g["id"], (time.perf_counter() - t0) * 1000.0
+            for gid, ms in pool.map(wait, gws):
+                samples[gid].append(ms)
+        allms = sorted(x for v in samples.values() for x in v)
+
+        def q(p):
+            return allms[min(len(allms) - 1, int(p * len(allms)))]
+        return {"changes": self.args.changes, "gateways": len(gws), "p50_ms": q(0.5), "p99_ms": q(0.99),
+                "max_ms": allms[-1], "per_gateway_p50_ms": {k: median(v) for k, v in samples.items()}}
+
+    def route_scale(self):
+        out = {}
+        for shape in ("hosts", "paths"):
+            log(f"route table scale: {self.args.routes} routes, shape {shape}")
+            cmd = [os.path.join(BIN, "meshgate-routebench"), "--json", "--routes", str(self.args.routes),
+                   "--shape", shape, "--changes", "20", "--lookups", "20000" if shape == "paths" else "200000"]
+            self.note_cmd(" ".join(["meshgate-routebench"] + cmd[1:]))
+            r = subprocess.run(self.pinned(cmd), capture_output=True, text=True, check=True)
+            out[shape] = json.loads(r.stdout)
+        self.results["route_scale"] = out
+
+    # ---------------------------------------------------------- main
+
+    def run(self):
+        log(f"work dir {self.workdir}; proxies on CPU {self.proxy_cpu}, load on CPU {self.load_cpu}")
+        try:
+            self.start_backend()
+            direct = {"name": "direct", "port": self.backend_port,
+                      "pids": lambda: children(self.backend.pid)}
+            nginx = self.start_nginx()
+            haproxy = self.start_haproxy()
+            mg = self.start_meshgate()
+            self.results["gateway_rss_idle"] = self.rss_sample(mg["proc"].pid)
+            self.throughput([direct, nginx, haproxy, mg])
+            self.latency([nginx, haproxy, mg])
+            self.http2([nginx, haproxy, mg])
+            self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
+            self.cluster(direct, nginx)
+            self.route_scale()
+        finally:
+            self.procs.stop_all()
+        return self.results
+
+    def machine(self):
+        cpu = "unknown"
+        try:
+            with open("/proc/cpuinfo") as f:
+                m = re.search(r"model name\s*:\s*(.+)", f.read())
+                cpu = m.group(1).strip() if m else cpu
+        except OSError:
+            pass
+        mem = mem_kb("self", "VmRSS") and 0
+        try:
+            with open("/proc/meminfo") as f:
+                mem = int(f.readline().split()[1]) // 1024 // 1024
+        except OSError:
+            pass
+        return {
+            "date": datetime.date.today().isoformat(), "cpu": cpu, "cores": self.ncpu,
+            "memory_gib": mem, "kernel": platform.release(),
+            "nginx": tool_version(["nginx", "-v"]), "haproxy": tool_version(["haproxy", "-v"]),
+            "wrk": tool_version(["wrk", "--version"]), "h2load": tool_version(["h2load", "--version"]),
+            "etcd": tool_version(["etcd", "--version"]), "rustc": tool_version(["rustc", "--version"]),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                     capture_output=True, text=True).stdout.strip(),
+        }
+
+
+# -------------------------------------------------------------- report
+
+def fmt(x, digits=0):
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def report(res, machine, args, commands):
+    L = []
+    L.append(f"Generated by `loadtest/run.sh --runs {args.runs} --duration {args.duration}` on {machine['date']} "
+             f"(commit `{machine['commit']}`).\n")
+    L.append("### Machine\n")
+    L.append(f"- CPU: {machine['cpu']}, {machine['cores']} cores; {machine['memory_gib']} GiB; kernel {machine['kernel']}")
+    L.append(f"- {machine['nginx']}; {machine['haproxy']}; {machine['wrk']}; {machine['h2load']}; "
+             f"{machine['etcd'].splitlines()[0]}; {machine['rustc']}")
+    L.append(f"- Proxies (one worker each: nginx `worker_processes 1`, HAProxy `nbthread 1`, "
+             f"Meshgate `--workers 1`) and the nginx backend pinned to CPU {args.proxy_cpu}; load generators "
+             f"pinned to CPU {args.load_cpu}. Each run {args.duration} s, {args.runs} interleaved repetitions, "
+             f"medians shown.\n")
+    L.append("### Commands\n")
+    L.append("```")
+    L.extend(commands)
+    L.append("```\n")
+
+    def tp_table(key, title):
+        runs = res[key]
+        nginx_rps = median([r["rps"] for r in runs["nginx"]])
+        nginx_cpu = median([r.get("cpu_us_per_req", 0) for r in runs["nginx"]])
+        L.append(f"### {title}\n")
+        L.append("| target | req/s (median) | runs | vs nginx | CPU µs/req (proxy) | CPU vs nginx | errors |")
+        L.append("|---|---|---|---|---|---|---|")
+        for name, rs in runs.items():
+            rps = median([r["rps"] for r in rs])
+            cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
+            errs = sum(r["errors"] for r in rs)
+            cpu_s = "-" if name == "direct" else fmt(cpu, 1)
+            cpu_ratio = "-" if name == "direct" else f"{cpu / nginx_cpu:.2f}×"
+            L.append(f"| {name} | {fmt(rps)} | {' / '.join(fmt(r['rps']) for r in rs)} | "
+                     f"{rps / nginx_rps:.2f}× | {cpu_s} | {cpu_ratio} | {errs} |")
+        L.append("")
+
+    tp_table("throughput_10", "HTTP/1.1 keep-alive, max throughput, 10 connections (wrk)")
+    tp_table("throughput_50", "HTTP/1.1 keep-alive, max throughput, 50 connections (wrk)")
+
+    L.append(f"### Latency at fixed rates (meshgate-load, open loop, 50 connections)\n")
+    L.append(f"Rates are fractions of nginx's median maximum at 50 connections "
+             f"({fmt(res['nginx_max_rps'])} req/s). Latency in µs from each request's intended send time.\n")
+    L.append("| load | target | p50 | p99 | p99.9 | p99 vs nginx | errors |")
+    L.append("|---|---|---|---|---|---|---|")
+    for pct in (25, 50, 75):
+        block = res[f"latency_{pct}"]
+        n99 = median([r["latency_us"]["p99"] for r in block["runs"]["nginx"]])
+        for name, rs in block["runs"].items():
+            p50 = median([r["latency_us"]["p50"] for r in rs])
+            p99 = median([r["latency_us"]["p99"] for r in rs])
+            p999 = median([r["latency_us"]["p999"] for r in rs])
+            errs = sum(sum(r["errors"].values()) for r in rs)
+            L.append(f"| {pct}% ({fmt(block['rate'])}/s) | {name} | {fmt(p50)} | {fmt(p99)} | {fmt(p999)} | "
+                     f"{p99 / n99:.2f}× | {errs} |")
+    L.append("")
+
+    tp_table("http2", "HTTP/2 cleartext, 10 connections × 10 streams (h2load; upstream HTTP/1.1)")
+
+    th = res["two_hop"]
+    L.append(f"### Two-hop mesh path: app → lite-sidecar → gateway → backend\n")
+    L.append(f"Open loop at {fmt(th['rate'])} req/s (50% of nginx's max), 50 connections; the sidecar and "
+             f"the egress gateway run on the proxy CPU (one worker each), etcd and the admin API on the load CPU.\n")
+    L.append("| path | p50 µs | p99 µs | p99.9 µs | added p50 | added p99 | errors |")
+    L.append("|---|---|---|---|---|---|---|")
+    base50 = median([r["latency_us"]["p50"] for r in th["runs"]["direct"]])
+    base99 = median([r["latency_us"]["p99"] for r in th["runs"]["direct"]])
+    added = {}
+    for name, rs in th["runs"].items():
+        p50 = median([r["latency_us"]["p50"] for r in rs])
+        p99 = median([r["latency_us"]["p99"] for r in rs])
+        p999 = median([r["latency_us"]["p999"] for r in rs])
+        errs = sum(sum(r["errors"].values()) for r in rs)
+        added[name] = (p50 - base50, p99 - base99)
+        L.append(f"| {name} | {fmt(p50)} | {fmt(p99)} | {fmt(p999)} | {fmt(p50 - base50)} | {fmt(p99 - base99)} | {errs} |")
+    if added.get("nginx", (0, 0))[0] > 0:
+        L.append(f"\nAdded p50 latency of the two-hop mesh path vs one nginx hop: "
+                 f"**{added['mesh two-hop'][0] / added['nginx'][0]:.2f}×** (target ≤ 2×); added p99: "
+                 f"{added['mesh two-hop'][1] / max(added['nginx'][1], 1):.2f}×.")
+    m = res["two_hop_max"]["mesh two-hop"]
+    L.append(f"\nTwo-hop max throughput at 50 connections: {fmt(median([r['rps'] for r in m]))} req/s, "
+             f"{fmt(median([r.get('cpu_us_per_req', 0) for r in m]), 1)} µs CPU per request (sidecar + gateway).\n")
+
+    L.append("### Memory (RSS)\n")
+    L.append("| process | idle | after load (VmHWM peak) | target |")
+    L.append("|---|---|---|---|")
+    g0, g1 = res["gateway_rss_idle"], res["gateway_rss_load"]
+    s0, s1 = res["sidecar_rss_idle"], res["sidecar_rss_load"]
+    c1 = res["cluster_gateway_rss_load"]
+    L.append(f"| gateway, standalone, demo config + bench route | {g0['rss_kb'] / 1024:.1f} MB | {g1['hwm_kb'] / 1024:.1f} MB | ≤ 30 MB |")
+    L.append(f"| gateway, etcd cluster (two-hop runs) | - | {c1['hwm_kb'] / 1024:.1f} MB | ≤ 30 MB |")
+    L.append(f"| lite-sidecar (two-hop runs) | {s0['rss_kb'] / 1024:.1f} MB | {s1['hwm_kb'] / 1024:.1f} MB | ≤ 15 MB |")
+    L.append("")
+
+    p = res["propagation"]
+    L.append("### Config propagation\n")
+    L.append(f"{p['changes']} route changes through the admin API (etcd on the load CPU, 3 gateways on the proxy "
+             f"CPU); time from sending each PUT until each gateway has applied its revision "
+             f"(`GET /config/revision?at_least=<version>` long-poll on each gateway).\n")
+    L.append("| samples | p50 ms | p99 ms | max ms | per-gateway p50 ms |")
+    L.append("|---|---|---|---|---|")
+    per = ", ".join(f"{k} {v:.2f}" for k, v in p["per_gateway_p50_ms"].items())
+    L.append(f"| {p['changes'] * p['gateways']} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['max_ms']:.2f} | {per} |\n")
+
+    L.append("### Route table scale\n")
+    L.append("Routes loaded through the gateway's config compiler; `match` is one lookup on the published "
+             "table; `apply one change` is one changed route from watch event to published snapshot.\n")
+    L.append("| shape | routes | initial load ms | match p50 ns | match p99 ns | apply one change p50 µs | p99 µs |")
+    L.append("|---|---|---|---|---|---|---|")
+    for shape, r in res["route_scale"].items():
+        a = r["apply_one_change_us"]
+        L.append(f"| {shape} | {r['routes']:,} | {r['initial_load_ms']:.0f} | {r['match_ns']['p50']:,} | "
+                 f"{r['match_ns']['p99']:,} | {a['p50']:,.0f} | {a['p99']:,.0f} |")
+    L.append("\n`hosts`: one host per route (`svc-N.example.com`, prefix `/`); `paths`: one shared host, "
+             "a path prefix per route (`/svc-N`).\n")
+    return "\n".join(L)
+
+
+def write_benchmarks(path, body):
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text else "# Benchmarks\n\n") + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved repetitions per scenario")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per run")
+    ap.add_argument("--changes", type=int, default=200, help="route changes for the propagation test")
+    ap.add_argument("--routes", type=int, default=50_000, help="routes for the route-table scale test")
+    ap.add_argument("--proxy-cpu", type=int, default=0)
+    ap.add_argument("--load-cpu", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 repetition of 2 s, 20 changes, 5,000 routes; prints, writes nothing")
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--json", help="also write the raw results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.duration, args.changes, args.routes = 1, 2, 20, 5000
+    for tool in ("nginx", "haproxy", "wrk", "h2load", "etcd", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (loadtest/run.sh installs it)")
+    b = Bench(args)
+    res = b.run()
+    machine = b.machine()
+    body = report(res, machine, args, b.commands)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "results": res}, f, indent=1, default=str)
+    if args.quick:
+        print(body)
+    else:
+        write_benchmarks(args.out, body)
+        log(f"wrote {args.out}")
+    shutil.rmtree(b.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
