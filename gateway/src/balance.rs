@@ -92,6 +92,8 @@ pub struct EndpointState {
     /// The address parsed once, for building upstream URIs; `None` if it
     /// is not a valid authority (such an endpoint is never connected to).
     pub authority: Option<http::uri::Authority>,
+    /// Idle HTTP/1.1 connections to this endpoint.
+    pub h1: Arc<crate::upstream::H1Pool>,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
@@ -107,6 +109,7 @@ impl EndpointState {
         EndpointState {
             authority: address.parse().ok(),
             address,
+            h1: Default::default(),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),

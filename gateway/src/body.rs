@@ -1,21 +1,69 @@
-//! The body types on the proxy path: a streamed hyper body or a buffered
-//! one (replayable for retries and fail-over), without boxing.
+//! The body types on the proxy path: a streamed hyper body, a response
+//! from a pooled upstream connection, or a buffered one (replayable for
+//! retries and fail-over), without boxing.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::{Body, Incoming};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::upstream::UpstreamBody;
 
 /// A request or response body passing through the proxy.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Streamed from a client, or from an HTTP/2 upstream.
+    Incoming(Incoming),
+    /// Streamed from a pooled HTTP/1.1 upstream connection.
+    Upstream(UpstreamBody),
+    /// In memory.
+    Full(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Full(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| Ok(r.unwrap_or_else(|never| match never {})))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Full(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Full(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Wraps a buffered body.
 pub fn full(b: Full<Bytes>) -> ProxyBody {
-    Either::Right(b)
+    ProxyBody::Full(b)
 }
 
 /// An empty body.
 pub fn empty() -> ProxyBody {
-    Either::Right(Full::new(Bytes::new()))
+    ProxyBody::Full(Full::new(Bytes::new()))
 }
 
 /// A request body made replayable when that is cheap: empty bodies and
@@ -72,7 +120,7 @@ impl ReplayBody {
         match self {
             ReplayBody::Buffered(b) => Some(full(Full::new(b.clone()))),
             ReplayBody::Streaming(_) => match std::mem::replace(self, ReplayBody::Spent) {
-                ReplayBody::Streaming(inc) => Some(Either::Left(inc)),
+                ReplayBody::Streaming(inc) => Some(ProxyBody::Incoming(inc)),
                 _ => None,
             },
             ReplayBody::Spent => None,

@@ -5,7 +5,8 @@
 //! - [`proxy`]: the gateway request path, in order (see its docs)
 //! - [`router`]: route tables and matching
 //! - [`balance`]: weighted round robin, priorities, passive ejection
-//! - [`client`]: pooled upstream clients
+//! - [`upstream`]: HTTP/1.1 upstream connections pooled per endpoint
+//! - [`client`]: the shared HTTP/2 upstream client
 //! - [`state`]: the compiled snapshot and the compiler applying store changes
 //! - [`headers`], [`body`], [`error`]: wire conventions, bodies, synthetic errors
 //! - [`metrics`], [`ops`]: Prometheus metrics and the ops port
@@ -27,3 +28,4 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod upstream;

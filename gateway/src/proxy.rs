@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::balance::EndpointState;
@@ -32,6 +32,7 @@ use crate::metrics::{status_class, Metrics, RouteStats};
 use crate::router::CompiledRoute;
 use crate::server::Peer;
 use crate::state::{ServiceRt, SharedSnapshot};
+use crate::upstream::SendError;
 
 /// Which table a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +213,10 @@ impl Proxy {
         (resp, Some((route, index)))
     }
 
-    /// Sends the request to one of the service's endpoints.
+    /// Sends the request to one of the service's endpoints. A refused
+    /// connection moves on to another endpoint (HTTP/1.1 gets the unsent
+    /// request back, so even a streamed body can move on; HTTP/2 replays a
+    /// buffered body).
     async fn forward(
         &self,
         svc: &ServiceRt,
@@ -246,6 +250,8 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let timeout = svc.request_timeout(route.timeouts.as_ref());
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+        // HTTP/1.1: the request itself, back unsent from a failed connect.
+        let mut unsent: Option<Request<ProxyBody>> = None;
         loop {
             let Some(ep) = svc.balancer.pick(&tried) else {
                 return if tried.is_empty() {
@@ -259,43 +265,77 @@ impl Proxy {
                     ))
                 };
             };
-            let Some(attempt_body) = body.take() else {
-                return MeshError::UpstreamConnectFailed
-                    .response("connection failed and the request body cannot be replayed");
-            };
             let Some(auth) = &ep.authority else {
                 tried.push(ep);
                 continue;
             };
-            let mut up = Request::new(attempt_body);
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(auth.clone())
-                .path_and_query(pq.clone())
-                .build()
-                .expect("valid uri parts");
-            *up.version_mut() = match svc.wire {
-                Wire::Http1 => Version::HTTP_11,
-                Wire::Http2 => Version::HTTP_2,
+            let up = match unsent.take() {
+                Some(r) => r,
+                None => {
+                    let Some(attempt_body) = body.take() else {
+                        return MeshError::UpstreamConnectFailed
+                            .response("connection failed and the request body cannot be replayed");
+                    };
+                    let mut up = Request::new(attempt_body);
+                    *up.method_mut() = parts.method.clone();
+                    match svc.wire {
+                        Wire::Http1 => {
+                            *up.uri_mut() = Uri::from(pq.clone());
+                            // Only the first request is built from `parts`;
+                            // later attempts reuse it.
+                            *up.headers_mut() = std::mem::take(&mut parts.headers);
+                        }
+                        Wire::Http2 => {
+                            *up.uri_mut() = Uri::builder()
+                                .scheme(Scheme::HTTP)
+                                .authority(auth.clone())
+                                .path_and_query(pq.clone())
+                                .build()
+                                .expect("valid uri parts");
+                            *up.version_mut() = Version::HTTP_2;
+                            *up.headers_mut() = parts.headers.clone();
+                        }
+                    }
+                    up
+                }
             };
-            *up.headers_mut() = parts.headers.clone();
-            match tokio::time::timeout(timeout, svc.client.request(up)).await {
-                Ok(Ok(resp)) => {
+            let attempt = match svc.wire {
+                Wire::Http1 => {
+                    let sent = ep.h1.send(&ep.address, svc.connect_timeout, up);
+                    match tokio::time::timeout(timeout, sent).await {
+                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
+                        Ok(Err(SendError::Connect(e, back))) => {
+                            unsent = Some(*back);
+                            Err(Attempt::Connect(e.to_string()))
+                        }
+                        Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(root_cause(&e))),
+                        Err(_) => Err(Attempt::Timeout),
+                    }
+                }
+                Wire::Http2 => match tokio::time::timeout(timeout, svc.client.request(up)).await {
+                    Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+                    Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e))),
+                    Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
+                    Err(_) => Err(Attempt::Timeout),
+                },
+            };
+            match attempt {
+                Ok(resp) => {
                     ep.on_success();
                     let (mut rp, rb) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers);
-                    return Response::from_parts(rp, Either::Left(rb));
+                    return Response::from_parts(rp, rb);
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Err(Attempt::Connect(error)) => {
                     ep.on_failure();
                     self.metrics
                         .connect_failures
                         .with_label_values(&[&svc.name])
                         .inc();
-                    tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream connect failed");
+                    tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
                     tried.push(ep);
-                    if tried.len() >= self.opts.max_connect_attempts || !body.replayable() {
+                    let can_retry = unsent.is_some() || body.replayable();
+                    if tried.len() >= self.opts.max_connect_attempts || !can_retry {
                         return MeshError::UpstreamConnectFailed.response(&format!(
                             "cannot connect to service {} ({} attempt(s))",
                             svc.name,
@@ -303,15 +343,12 @@ impl Proxy {
                         ));
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(service = %svc.name, endpoint = %ep.address, error = %e, "upstream request failed");
-                    return MeshError::UpstreamReset.response(&format!(
-                        "upstream {} failed: {}",
-                        svc.name,
-                        root_cause(&e)
-                    ));
+                Err(Attempt::Exchange(error)) => {
+                    tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream request failed");
+                    return MeshError::UpstreamReset
+                        .response(&format!("upstream {} failed: {error}", svc.name));
                 }
-                Err(_) => {
+                Err(Attempt::Timeout) => {
                     return MeshError::UpstreamTimeout.response(&format!(
                         "no response from {} within {} ms",
                         svc.name,
@@ -321,6 +358,15 @@ impl Proxy {
             }
         }
     }
+}
+
+/// How one attempt to an endpoint failed.
+enum Attempt {
+    /// No connection: nothing was sent.
+    Connect(String),
+    /// Failed after the request was (or may have been) sent.
+    Exchange(String),
+    Timeout,
 }
 
 fn append_forwarded_for(h: &mut http::HeaderMap, ip: &HeaderValue) {

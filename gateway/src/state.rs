@@ -35,8 +35,10 @@ pub struct ServiceRt {
     pub version: i64,
     pub spec: Service,
     pub balancer: Balancer,
+    /// The HTTP/2 client (HTTP/1.1 goes through each endpoint's pool).
     pub client: HttpClient,
     pub wire: Wire,
+    pub connect_timeout: Duration,
     pub request_timeout: Duration,
     /// The route used for a mesh request naming this service directly.
     pub implicit_route: Arc<CompiledRoute>,
@@ -147,6 +149,7 @@ impl Compiler {
             balancer: Balancer::new(members),
             client: self.clients.get(wire, connect),
             wire,
+            connect_timeout: connect,
             request_timeout,
             implicit_route: Arc::new(CompiledRoute::implicit(name)),
             spec,

@@ -17,7 +17,6 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use meshgate_config::model::now_ms;
 use meshgate_config::sync::{Source, SyncStatus};
@@ -206,7 +205,7 @@ impl Forwarder {
                         headers::strip_hop_by_hop(&mut rp.headers);
                         rp.headers
                             .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
-                        let resp = Response::from_parts(rp, Either::Left(rb));
+                        let resp = Response::from_parts(rp, ProxyBody::Incoming(rb));
                         let mesh_error = resp.headers().contains_key(X_MESH_ERROR);
                         if mesh_error && retryable && body.replayable() {
                             // The tier itself failed: try the next tier.

@@ -1,0 +1,315 @@
+//! HTTP/1.1 upstream connections, pooled per endpoint.
+//!
+//! Each endpoint keeps its idle keep-alive connections (hyper's low-level
+//! `SendRequest` handles) in a small LIFO stack. The request path checks
+//! one out, or connects; the response body hands the connection back when
+//! it has been read to the end, so a connection is never shared by two
+//! exchanges. Compared with hyper-util's pooled client this skips the
+//! per-request pool-key hashing, the connector service and the checkout
+//! futures, and it lets the caller tell the three ways a send can fail:
+//! no connection (safe to try elsewhere), a pooled connection that turned
+//! out closed before the request was written (retried here on a fresh
+//! one, invisibly), and a failure after the request was written.
+//!
+//! HTTP/2 upstreams use the shared multiplexing client in [`crate::client`].
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use crate::body::ProxyBody;
+
+/// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+/// Idle connections older than this are closed instead of reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Sender = http1::SendRequest<ProxyBody>;
+
+/// The idle HTTP/1.1 connections of one endpoint.
+#[derive(Default)]
+pub struct H1Pool {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("idle", &self.idle_count())
+            .finish()
+    }
+}
+
+/// Why a send failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent, and here is the
+    /// request back, to try elsewhere.
+    Connect(std::io::Error, Box<Request<ProxyBody>>),
+    /// The exchange failed; the request may have been (partly) sent.
+    Exchange(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e, _) => write!(f, "connect: {e}"),
+            SendError::Exchange(e) => write!(f, "{}", crate::proxy::root_cause(e)),
+        }
+    }
+}
+
+impl H1Pool {
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.lock();
+        while let Some((tx, since)) = idle.pop() {
+            if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to the end. Its
+    /// connection task may not have noticed yet, so readiness is awaited
+    /// at checkout, not checked here.
+    fn put(&self, tx: Sender) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        // Drop the oldest when full or expired (the bottom of the stack).
+        if idle.len() >= MAX_IDLE
+            || idle
+                .first()
+                .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        idle.push((tx, Instant::now()));
+    }
+
+    async fn connect(address: &str, timeout: Duration) -> Result<Sender, std::io::Error> {
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {} ms", timeout.as_millis()),
+                )
+            })??;
+        stream.set_nodelay(true)?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with error");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Sends `req` (origin-form URI, `Host` header set) to `address`,
+    /// reusing an idle connection when there is one.
+    pub async fn send(
+        self: &Arc<Self>,
+        address: &str,
+        connect_timeout: Duration,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        // A pooled connection can have been closed by the peer just now;
+        // its request comes back unsent and goes on a fresh connection.
+        let mut pooled = self.checkout();
+        loop {
+            let fresh = pooled.is_none();
+            let mut tx = match pooled.take() {
+                Some(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        // Closed while idle: connect instead.
+                        pooled = self.checkout();
+                        continue;
+                    }
+                    tx
+                }
+                None => match Self::connect(address, connect_timeout).await {
+                    Ok(tx) => tx,
+                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                },
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let done = body.is_end_stream();
+                    let mut body = UpstreamBody {
+                        inner: body,
+                        release: Some((tx, self.clone())),
+                    };
+                    if done {
+                        body.release();
+                    }
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => req = back,
+                    _ => return Err(SendError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A response body from a pooled connection: returns the connection to
+/// its pool once the body has been read to the end. A body dropped early
+/// closes its connection instead (its remaining bytes are unread).
+pub struct UpstreamBody {
+    inner: Incoming,
+    release: Option<(Sender, Arc<H1Pool>)>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some((tx, pool)) = self.release.take() {
+            pool.put(tx);
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamBody")
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.release = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+
+    use super::*;
+
+    /// A backend counting its accepted connections; with `close` it
+    /// closes each connection after one response.
+    async fn backend(close: bool) -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"hi"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!close)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: &str) -> Request<ProxyBody> {
+        let mut r = Request::new(crate::body::empty());
+        *r.uri_mut() = "/".parse().unwrap();
+        r.headers_mut()
+            .insert(http::header::HOST, addr.parse().unwrap());
+        r
+    }
+
+    async fn exchange(pool: &Arc<H1Pool>, addr: &str) -> Bytes {
+        let resp = pool
+            .send(addr, Duration::from_secs(1), get(addr))
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn reuses_one_connection_for_sequential_requests() {
+        let (addr, accepted) = backend(false).await;
+        let pool = Arc::new(H1Pool::default());
+        for _ in 0..20 {
+            assert_eq!(exchange(&pool, &addr).await, "hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_by_the_peer_is_not_an_error() {
+        let (addr, accepted) = backend(true).await;
+        let pool = Arc::new(H1Pool::default());
+        for _ in 0..5 {
+            assert_eq!(exchange(&pool, &addr).await, "hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_hands_the_request_back() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let pool = Arc::new(H1Pool::default());
+        let mut req = get(&addr);
+        req.headers_mut()
+            .insert("x-marker", http::HeaderValue::from_static("kept"));
+        match pool.send(&addr, Duration::from_secs(1), req).await {
+            Err(SendError::Connect(_, back)) => assert_eq!(back.headers()["x-marker"], "kept"),
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+}
