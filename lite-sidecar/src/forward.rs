@@ -25,6 +25,8 @@ use meshgate_gateway::client::HttpClient;
 use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
 use meshgate_gateway::headers;
 use meshgate_gateway::metrics::{status_class, Metrics};
+use meshgate_gateway::proxy::root_cause;
+use meshgate_gateway::upstream::SendError;
 use tokio::sync::watch;
 
 use crate::policy::{SharedPolicy, Tier};
@@ -71,7 +73,10 @@ pub struct Forwarder {
     pub policy: SharedPolicy,
     pub status: watch::Receiver<SyncStatus>,
     pub default_staleness: Duration,
-    pub h1: HttpClient,
+    /// Connect timeout to a member (HTTP/1.1 goes through each member's
+    /// connection pool).
+    pub connect_timeout: Duration,
+    /// The HTTP/2 client, for apps speaking HTTP/2.
     pub h2: HttpClient,
     pub metrics: Arc<Metrics>,
     pub max_hops: u32,
@@ -164,11 +169,13 @@ impl Forwarder {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let (client, version) = if parts.version == Version::HTTP_2 {
-            (&self.h2, Version::HTTP_2)
+        let version = if parts.version == Version::HTTP_2 {
+            Version::HTTP_2
         } else {
-            (&self.h1, Version::HTTP_11)
+            Version::HTTP_11
         };
+        // HTTP/1.1: the request itself, back unsent from a failed connect.
+        let mut unsent: Option<Request<ProxyBody>> = None;
 
         let policy = self.policy.load_full();
         let tiers: Vec<&Tier> = match self.freshness() {
@@ -180,32 +187,69 @@ impl Forwarder {
         for tier in tiers {
             let mut tried = Vec::new();
             while let Some(member) = tier.members.pick(&tried) {
-                let Some(attempt) = body.take() else {
-                    return self.give_up(last_error, "the request body cannot be replayed", dest);
-                };
                 tried_any = true;
                 let Some(auth) = member.authority.clone() else {
                     tried.push(member);
                     continue;
                 };
-                let mut up = Request::new(attempt);
-                *up.method_mut() = parts.method.clone();
-                *up.uri_mut() = Uri::builder()
-                    .scheme(Scheme::HTTP)
-                    .authority(auth)
-                    .path_and_query(pq.clone())
-                    .build()
-                    .expect("valid uri parts");
-                *up.version_mut() = version;
-                *up.headers_mut() = parts.headers.clone();
-                match tokio::time::timeout(self.request_timeout, client.request(up)).await {
-                    Ok(Ok(resp)) => {
+                let up = match unsent.take() {
+                    Some(r) => r,
+                    None => {
+                        let Some(attempt) = body.take() else {
+                            return self.give_up(
+                                last_error,
+                                "the request body cannot be replayed",
+                                dest,
+                            );
+                        };
+                        let mut up = Request::new(attempt);
+                        *up.method_mut() = parts.method.clone();
+                        *up.uri_mut() = if version == Version::HTTP_2 {
+                            Uri::builder()
+                                .scheme(Scheme::HTTP)
+                                .authority(auth)
+                                .path_and_query(pq.clone())
+                                .build()
+                                .expect("valid uri parts")
+                        } else {
+                            Uri::from(pq.clone())
+                        };
+                        *up.version_mut() = version;
+                        *up.headers_mut() = parts.headers.clone();
+                        up
+                    }
+                };
+                let attempt = if version == Version::HTTP_2 {
+                    match tokio::time::timeout(self.request_timeout, self.h2.request(up)).await {
+                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+                        Ok(Err(e)) if e.is_connect() => Err(Some(root_cause(&e))),
+                        Ok(Err(e)) => Err(None).inspect_err(|_: &Option<String>| {
+                            tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
+                        }),
+                        Err(_) => return self.timed_out(dest, tier.name),
+                    }
+                } else {
+                    let sent = member.h1.send(&member.address, self.connect_timeout, up);
+                    match tokio::time::timeout(self.request_timeout, sent).await {
+                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
+                        Ok(Err(SendError::Connect(e, back))) => {
+                            unsent = Some(*back);
+                            Err(Some(e.to_string()))
+                        }
+                        Ok(Err(e @ SendError::Exchange(_))) => Err(None).inspect_err(|_: &Option<String>| {
+                            tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
+                        }),
+                        Err(_) => return self.timed_out(dest, tier.name),
+                    }
+                };
+                match attempt {
+                    Ok(resp) => {
                         member.on_success();
                         let (mut rp, rb) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rp.headers);
                         rp.headers
                             .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
-                        let resp = Response::from_parts(rp, ProxyBody::Incoming(rb));
+                        let resp = Response::from_parts(rp, rb);
                         let mesh_error = resp.headers().contains_key(X_MESH_ERROR);
                         if mesh_error && retryable && body.replayable() {
                             // The tier itself failed: try the next tier.
@@ -215,18 +259,19 @@ impl Forwarder {
                         }
                         return (resp, dest, tier.name);
                     }
-                    Ok(Err(e)) if e.is_connect() => {
+                    // No connection: nothing was sent; any request moves on.
+                    Err(Some(error)) => {
                         member.on_failure();
                         self.metrics
                             .connect_failures
                             .with_label_values(&[tier.name])
                             .inc();
-                        tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway connect failed");
+                        tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway connect failed");
                         tried.push(member);
                     }
-                    Ok(Err(e)) => {
+                    // The exchange broke after the request was (maybe) sent.
+                    Err(None) => {
                         member.on_failure();
-                        tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
                         if !(retryable && body.replayable()) {
                             let msg = format!(
                                 "gateway {} failed after the request was sent",
@@ -235,11 +280,6 @@ impl Forwarder {
                             return (MeshError::UpstreamReset.response(&msg), dest, tier.name);
                         }
                         tried.push(member);
-                    }
-                    Err(_) => {
-                        let msg =
-                            format!("no response within {} ms", self.request_timeout.as_millis());
-                        return (MeshError::UpstreamTimeout.response(&msg), dest, tier.name);
                     }
                 }
             }
@@ -253,6 +293,15 @@ impl Forwarder {
             );
         }
         self.give_up(last_error, "no gateway tier could be reached", dest)
+    }
+
+    fn timed_out(
+        &self,
+        dest: String,
+        tier: &'static str,
+    ) -> (Response<ProxyBody>, String, &'static str) {
+        let msg = format!("no response within {} ms", self.request_timeout.as_millis());
+        (MeshError::UpstreamTimeout.response(&msg), dest, tier)
     }
 
     fn give_up(

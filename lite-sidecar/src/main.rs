@@ -91,7 +91,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         policy: policy.clone(),
         status: status.clone(),
         default_staleness: Duration::from_secs(cfg.max_policy_staleness_s),
-        h1: build(Wire::Http1, connect),
+        connect_timeout: connect,
         h2: build(Wire::Http2, connect),
         metrics: metrics.clone(),
         max_hops: cfg.proxy.max_hops,

@@ -466,13 +466,14 @@ async fn pace(
     end: Instant,
     rate: f64,
 ) {
-    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let ns_per_slot = 1e9 / rate.max(0.001);
     // tokio's timer has millisecond granularity: sleep to within this much
     // of the slot, then yield until it is due.
     const SPIN: Duration = Duration::from_micros(1500);
     let mut seq = 0u64;
     loop {
-        let intended = start + interval.mul_f64(seq as f64);
+        // Rounded nanoseconds, so N/s for 1 s is exactly N slots.
+        let intended = start + Duration::from_nanos((seq as f64 * ns_per_slot).round() as u64);
         if intended >= end {
             return;
         }
