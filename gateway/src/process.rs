@@ -221,7 +221,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             let ready = s.ready() && !draining;
             (ready, status_json(&s, draining))
         }),
-        config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        config_dump: Arc::new(move || dump.render()),
         status: status.clone(),
     };
     let mut ops_app = crate::ops::router(ops_state);

@@ -6,7 +6,6 @@
 //! given; the route name breaks remaining ties so matching is deterministic.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -172,49 +171,190 @@ fn bucket_order(a: &Arc<CompiledRoute>, b: &Arc<CompiledRoute>) -> Ordering {
         .then_with(|| a.name.cmp(&b.name))
 }
 
-/// The routes of one scope, indexed for matching.
-#[derive(Debug, Default, Clone)]
-pub struct Router {
-    exact: HashMap<String, Vec<Arc<CompiledRoute>>>,
-    /// (suffix including the dot, routes), longest suffix first.
-    wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
+/// The routes sharing one host key, indexed by path: exact paths and
+/// prefixes in hash maps (a request probes its own path and each of its
+/// segment boundaries), routes without a path condition in a list. Each
+/// list is sorted best first. Persistent maps: a clone is O(1) and a
+/// change copies only the touched nodes.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    exact: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
+    prefix: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
     any: Vec<Arc<CompiledRoute>>,
     len: usize,
+}
+
+impl Bucket {
+    fn list_mut(&mut self, path: &PathCond) -> ListMut<'_> {
+        match path {
+            PathCond::Any => ListMut::Vec(&mut self.any),
+            PathCond::Exact(p) => ListMut::Map(&mut self.exact, p.clone()),
+            PathCond::Prefix(p) => ListMut::Map(&mut self.prefix, p.clone()),
+        }
+    }
+
+    fn insert(&mut self, route: Arc<CompiledRoute>) {
+        let path = route.path.clone();
+        self.list_mut(&path).update(|list| {
+            list.push(route);
+            list.sort_by(bucket_order);
+        });
+        self.len += 1;
+    }
+
+    /// Removes the route named `name` whose path condition is `path`.
+    fn remove(&mut self, name: &str, path: &PathCond) {
+        let mut removed = false;
+        self.list_mut(path).update(|list| {
+            let before = list.len();
+            list.retain(|r| &*r.name != name);
+            removed = list.len() != before;
+        });
+        if removed {
+            self.len -= 1;
+        }
+    }
+
+    /// The best route of this bucket for a request.
+    fn best<'a>(
+        &'a self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&'a Arc<CompiledRoute>> {
+        let first = |list: &'a [Arc<CompiledRoute>]| {
+            list.iter().find(|r| r.matches_rest(method, path, headers))
+        };
+        let mut best: Option<&'a Arc<CompiledRoute>> = None;
+        let mut consider = |r: Option<&'a Arc<CompiledRoute>>| {
+            if let Some(r) = r {
+                if best.is_none_or(|b| bucket_order(r, b) == Ordering::Less) {
+                    best = Some(r);
+                }
+            }
+        };
+        if !self.exact.is_empty() {
+            consider(self.exact.get(path).and_then(|l| first(l)));
+        }
+        if !self.prefix.is_empty() {
+            // A prefix matches at a segment boundary: `/api` and `/api/`
+            // both match `/api/x`; the whole path matches itself.
+            for (i, c) in path.bytes().enumerate() {
+                if c == b'/' {
+                    if i > 0 {
+                        consider(self.prefix.get(&path[..i]).and_then(|l| first(l)));
+                    }
+                    consider(self.prefix.get(&path[..=i]).and_then(|l| first(l)));
+                }
+            }
+            if !path.ends_with('/') {
+                consider(self.prefix.get(path).and_then(|l| first(l)));
+            }
+        }
+        consider(first(&self.any));
+        best
+    }
+}
+
+/// One list of a bucket, to update in place.
+enum ListMut<'a> {
+    Vec(&'a mut Vec<Arc<CompiledRoute>>),
+    Map(
+        &'a mut imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
+        String,
+    ),
+}
+
+impl ListMut<'_> {
+    fn update(self, f: impl FnOnce(&mut Vec<Arc<CompiledRoute>>)) {
+        match self {
+            ListMut::Vec(v) => f(v),
+            ListMut::Map(map, key) => {
+                let mut list = map.get(&key).cloned().unwrap_or_default();
+                f(&mut list);
+                if list.is_empty() {
+                    map.remove(&key);
+                } else {
+                    map.insert(key, list);
+                }
+            }
+        }
+    }
+}
+
+/// The routes of one scope, indexed for matching: by exact host, by
+/// `*.suffix` (a request probes each of its host's dot-suffixes), and the
+/// routes without hosts; within each, by path. Changing one route touches
+/// only its buckets (O(log n)), and publishing the table is an O(1) clone:
+/// the cost of a change does not grow with the size of the table.
+#[derive(Debug, Default, Clone)]
+pub struct Router {
+    exact: imbl::HashMap<String, Bucket>,
+    /// Keyed by the suffix including the dot (`.example.com`).
+    wildcard: imbl::HashMap<String, Bucket>,
+    any: Bucket,
+    len: usize,
+}
+
+enum HostKey<'a> {
+    Exact(&'a str),
+    Wildcard(&'a str),
+    Any,
+}
+
+fn host_keys(route: &CompiledRoute) -> Vec<HostKey<'_>> {
+    if route.hosts.is_empty() {
+        return vec![HostKey::Any];
+    }
+    route
+        .hosts
+        .iter()
+        .map(|h| match h.strip_prefix('*') {
+            Some(suffix) => HostKey::Wildcard(suffix),
+            None => HostKey::Exact(h),
+        })
+        .collect()
 }
 
 impl Router {
     pub fn build<'a>(routes: impl IntoIterator<Item = &'a Arc<CompiledRoute>>) -> Router {
         let mut r = Router::default();
-        let mut wild: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
         for route in routes {
-            r.len += 1;
-            if route.hosts.is_empty() {
-                r.any.push(route.clone());
-            }
-            for h in &route.hosts {
-                match h.strip_prefix('*') {
-                    Some(suffix) => wild
-                        .entry(suffix.to_string())
-                        .or_default()
-                        .push(route.clone()),
-                    None => r.exact.entry(h.clone()).or_default().push(route.clone()),
-                }
-            }
+            r.insert(route.clone());
         }
-        r.any.sort_by(bucket_order);
-        for v in r.exact.values_mut() {
-            v.sort_by(bucket_order);
-        }
-        r.wildcard = wild
-            .into_iter()
-            .map(|(s, mut v)| {
-                v.sort_by(bucket_order);
-                (s, v)
-            })
-            .collect();
-        r.wildcard
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         r
+    }
+
+    fn update(&mut self, key: &HostKey<'_>, f: impl FnOnce(&mut Bucket)) {
+        let (map, k) = match key {
+            HostKey::Any => return f(&mut self.any),
+            HostKey::Exact(h) => (&mut self.exact, *h),
+            HostKey::Wildcard(s) => (&mut self.wildcard, *s),
+        };
+        let mut b = map.get(k).cloned().unwrap_or_default();
+        f(&mut b);
+        if b.len == 0 {
+            map.remove(k);
+        } else {
+            map.insert(k.to_string(), b);
+        }
+    }
+
+    /// Adds a route (its name must not be in the table).
+    pub fn insert(&mut self, route: Arc<CompiledRoute>) {
+        for key in host_keys(&route) {
+            let r = route.clone();
+            self.update(&key, |b| b.insert(r));
+        }
+        self.len += 1;
+    }
+
+    /// Removes a route previously inserted (matched by name).
+    pub fn remove(&mut self, route: &CompiledRoute) {
+        for key in host_keys(route) {
+            self.update(&key, |b| b.remove(&route.name, &route.path));
+        }
+        self.len = self.len.saturating_sub(1);
     }
 
     pub fn len(&self) -> usize {
@@ -233,48 +373,35 @@ impl Router {
         path: &str,
         headers: &HeaderMap,
     ) -> Option<&'a Arc<CompiledRoute>> {
-        fn first<'r>(
-            bucket: &'r [Arc<CompiledRoute>],
-            method: &Method,
-            path: &str,
-            headers: &HeaderMap,
-        ) -> Option<&'r Arc<CompiledRoute>> {
-            bucket
-                .iter()
-                .find(|r| r.matches_rest(method, path, headers))
-        }
         // The best candidate with its host rank: (kind, suffix length).
         let mut best: Option<(&Arc<CompiledRoute>, (u8, usize))> = None;
-        let consider =
-            |r: &'a Arc<CompiledRoute>,
-             rank: (u8, usize),
-             best: &mut Option<(&'a Arc<CompiledRoute>, (u8, usize))>| {
-                let better = match best {
-                    None => true,
-                    Some((b, brank)) => {
-                        (r.priority, rank, r.specificity()) > (b.priority, *brank, b.specificity())
-                    }
-                };
-                if better {
-                    *best = Some((r, rank));
+        let mut consider = |r: Option<&'a Arc<CompiledRoute>>, rank: (u8, usize)| {
+            let Some(r) = r else { return };
+            let better = match &best {
+                None => true,
+                Some((b, brank)) => {
+                    (r.priority, rank, r.specificity()) > (b.priority, *brank, b.specificity())
                 }
             };
-        if let Some(r) = self
-            .exact
-            .get(host)
-            .and_then(|b| first(b, method, path, headers))
-        {
-            consider(r, (2, 0), &mut best);
+            if better {
+                best = Some((r, rank));
+            }
+        };
+        if let Some(b) = self.exact.get(host) {
+            consider(b.best(method, path, headers), (2, 0));
         }
-        for (suffix, bucket) in &self.wildcard {
-            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                if let Some(r) = first(bucket, method, path, headers) {
-                    consider(r, (1, suffix.len()), &mut best);
+        if !self.wildcard.is_empty() {
+            for (i, c) in host.bytes().enumerate() {
+                if c == b'.' && i > 0 {
+                    let suffix = &host[i..];
+                    if let Some(b) = self.wildcard.get(suffix) {
+                        consider(b.best(method, path, headers), (1, suffix.len()));
+                    }
                 }
             }
         }
-        if let Some(r) = first(&self.any, method, path, headers) {
-            consider(r, (0, 0), &mut best);
+        if self.any.len > 0 {
+            consider(self.any.best(method, path, headers), (0, 0));
         }
         best.map(|(r, _)| r)
     }
@@ -282,6 +409,8 @@ impl Router {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use meshgate_config::{Key, Kind, Object};
 
@@ -410,5 +539,140 @@ mod tests {
             }
         }
         assert_eq!(n, 100);
+    }
+
+    /// The reference: every route checked, best by (priority, host rank,
+    /// specificity), ties by name.
+    fn find_linear<'a>(
+        routes: &'a BTreeMap<String, Arc<CompiledRoute>>,
+        host: &str,
+        method: &Method,
+        path: &str,
+    ) -> Option<&'a str> {
+        let h = HeaderMap::new();
+        let mut best: Option<(&CompiledRoute, (u8, usize))> = None;
+        for r in routes.values() {
+            let rank = if r.hosts.is_empty() {
+                Some((0, 0))
+            } else {
+                r.hosts
+                    .iter()
+                    .filter_map(|rh| match rh.strip_prefix('*') {
+                        Some(suf) if host.len() > suf.len() && host.ends_with(suf) => {
+                            Some((1u8, suf.len()))
+                        }
+                        None if rh == host => Some((2, 0)),
+                        _ => None,
+                    })
+                    .max()
+            };
+            let Some(rank) = rank else { continue };
+            if !r.matches_rest(method, path, &h) {
+                continue;
+            }
+            let better = match &best {
+                None => true,
+                Some((b, brank)) => {
+                    let a = (r.priority, rank, r.specificity());
+                    let bb = (b.priority, *brank, b.specificity());
+                    a > bb || (a == bb && r.name < b.name)
+                }
+            };
+            if better {
+                best = Some((r, rank));
+            }
+        }
+        best.map(|(r, _)| &*r.name)
+    }
+
+    #[test]
+    fn incremental_changes_match_a_linear_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let hosts = ["a.io", "b.io", "*.io", "*.x.io", "y.x.io"];
+        let paths = ["/", "/api", "/api/", "/api/v1", "/web"];
+        let mut model: BTreeMap<String, Arc<CompiledRoute>> = BTreeMap::new();
+        let mut router = Router::default();
+        for step in 0..3000 {
+            let name = format!("r{}", rng.gen_range(0..40));
+            if rng.gen_bool(0.2) {
+                if let Some(old) = model.remove(&name) {
+                    router.remove(&old);
+                }
+            } else {
+                let mut m = serde_json::Map::new();
+                let nh = rng.gen_range(0..3);
+                if nh > 0 {
+                    let hs: Vec<&str> = (0..nh)
+                        .map(|_| hosts[rng.gen_range(0..hosts.len())])
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    m.insert("hosts".into(), serde_json::json!(hs));
+                }
+                match rng.gen_range(0..3) {
+                    0 => {}
+                    1 => {
+                        m.insert(
+                            "path".into(),
+                            serde_json::json!({"exact": paths[rng.gen_range(0..paths.len())]}),
+                        );
+                    }
+                    _ => {
+                        m.insert(
+                            "path".into(),
+                            serde_json::json!({"prefix": paths[rng.gen_range(0..paths.len())]}),
+                        );
+                    }
+                }
+                if rng.gen_bool(0.2) {
+                    m.insert("methods".into(), serde_json::json!(["POST"]));
+                }
+                let json = serde_json::json!({
+                    "match": m, "priority": rng.gen_range(0..3),
+                    "backends": [{"service": "s"}],
+                });
+                let r = route(&name, &json.to_string());
+                if let Some(old) = model.insert(name.clone(), r.clone()) {
+                    router.remove(&old);
+                }
+                router.insert(r);
+            }
+            assert_eq!(router.len(), model.len(), "step {step}");
+            for host in ["a.io", "b.io", "c.io", "y.x.io", "z.x.io", "other"] {
+                for path in [
+                    "/",
+                    "/api",
+                    "/api/",
+                    "/api/v1",
+                    "/api/v1/x",
+                    "/apix",
+                    "/web/1",
+                ] {
+                    for method in [Method::GET, Method::POST] {
+                        let got = router.find(host, &method, path, &HeaderMap::new());
+                        assert_eq!(
+                            got.map(|r| &*r.name),
+                            find_linear(&model, host, &method, path),
+                            "step {step}: {method} {host}{path}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_published_table_does_not_see_later_changes() {
+        let a = route(
+            "a",
+            r#"{"match":{"hosts":["a.io"]},"backends":[{"service":"s"}]}"#,
+        );
+        let mut r = Router::default();
+        r.insert(a.clone());
+        let published = r.clone();
+        r.remove(&a);
+        assert!(find(&r, "a.io", "GET", "/", &[]).is_none());
+        assert_eq!(find(&published, "a.io", "GET", "/", &[]), Some("a"));
     }
 }

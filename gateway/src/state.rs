@@ -6,8 +6,13 @@
 //! The new snapshot is swapped in atomically; requests in flight finish on
 //! the snapshot they started with. Upstream pools and endpoint health live
 //! outside the snapshot and survive every swap.
+//!
+//! Applying a change costs what the change touches, not the size of the
+//! config: the route tables, the service and group maps and the `/config`
+//! view are persistent maps (a publish clones them in O(1)), and the
+//! `/config` JSON is rendered when it is asked for, not on every change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,8 +63,8 @@ impl ServiceRt {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub revision: i64,
-    pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
-    pub groups: HashMap<String, Group>,
+    pub services: imbl::HashMap<Arc<str>, Arc<ServiceRt>>,
+    pub groups: imbl::HashMap<String, Group>,
     pub mesh: Router,
     pub ingress: Router,
 }
@@ -84,14 +89,58 @@ pub struct Compiler {
     defaults: Defaults,
     clients: Arc<Clients>,
     endpoints: Arc<EndpointRegistry>,
-    services: HashMap<Arc<str>, Arc<ServiceRt>>,
-    routes: BTreeMap<String, Arc<CompiledRoute>>,
-    groups: HashMap<String, Group>,
+    services: imbl::HashMap<Arc<str>, Arc<ServiceRt>>,
+    routes: imbl::HashMap<String, Arc<CompiledRoute>>,
+    mesh: Router,
+    ingress: Router,
+    groups: imbl::HashMap<String, Group>,
     /// Raw accepted objects (for the `/config` dump).
-    accepted: BTreeMap<Key, (i64, serde_json::Value)>,
+    accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
     rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
     on_apply: OnApply,
-    dump: Arc<std::sync::Mutex<serde_json::Value>>,
+    dump: ConfigDump,
+}
+
+/// What `/config` shows: the applied objects at the applied revision and
+/// the rejected ones. Rendered to JSON on request.
+#[derive(Clone, Default)]
+pub struct ConfigDump {
+    view: Arc<ArcSwap<DumpView>>,
+    rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
+}
+
+#[derive(Default)]
+struct DumpView {
+    revision: i64,
+    accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
+}
+
+impl std::fmt::Debug for ConfigDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigDump")
+    }
+}
+
+impl ConfigDump {
+    /// `{revision, objects: {kind: {name: {version, spec}}}, rejected: [...]}`.
+    pub fn render(&self) -> serde_json::Value {
+        let view = self.view.load();
+        let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
+        for (k, (v, obj)) in view.accepted.iter() {
+            kinds
+                .entry(k.kind.as_str())
+                .or_default()
+                .insert(&k.name, serde_json::json!({ "version": v, "spec": &**obj }));
+        }
+        let rejected: Vec<Rejected> = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        serde_json::json!({ "revision": view.revision, "objects": kinds, "rejected": rejected })
+    }
 }
 
 impl Compiler {
@@ -102,25 +151,49 @@ impl Compiler {
         endpoints: Arc<EndpointRegistry>,
         on_apply: OnApply,
     ) -> Compiler {
+        let rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>> = Default::default();
         Compiler {
             shared,
             defaults,
             clients,
             endpoints,
-            services: HashMap::new(),
-            routes: BTreeMap::new(),
-            groups: HashMap::new(),
-            accepted: BTreeMap::new(),
-            rejected: Default::default(),
+            services: Default::default(),
+            routes: Default::default(),
+            mesh: Router::default(),
+            ingress: Router::default(),
+            groups: Default::default(),
+            accepted: Default::default(),
+            rejected: rejected.clone(),
             on_apply,
-            dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
+            dump: ConfigDump {
+                view: Default::default(),
+                rejected,
+            },
         }
     }
 
     /// A JSON dump of the applied config (accepted and rejected objects),
     /// updated after every change.
-    pub fn dump_handle(&self) -> Arc<std::sync::Mutex<serde_json::Value>> {
+    pub fn dump_handle(&self) -> ConfigDump {
         self.dump.clone()
+    }
+
+    fn router_mut(&mut self, scope: meshgate_config::model::Scope) -> &mut Router {
+        match scope {
+            meshgate_config::model::Scope::Mesh => &mut self.mesh,
+            meshgate_config::model::Scope::Ingress => &mut self.ingress,
+        }
+    }
+
+    /// Takes a route out of the tables; `true` if it was there.
+    fn remove_route(&mut self, name: &str) -> bool {
+        match self.routes.remove(name) {
+            Some(old) => {
+                self.router_mut(old.scope).remove(&old);
+                true
+            }
+            None => false,
+        }
     }
 
     fn compile_service(&self, name: &str, version: i64, spec: Service) -> ServiceRt {
@@ -171,31 +244,13 @@ impl Compiler {
             );
     }
 
-    fn publish(&mut self, revision: i64, routes_changed: bool) {
-        let old = self.shared.load();
-        let (mesh, ingress) = if routes_changed {
-            let mesh: Vec<_> = self
-                .routes
-                .values()
-                .filter(|r| r.scope == meshgate_config::model::Scope::Mesh)
-                .cloned()
-                .collect();
-            let ingress: Vec<_> = self
-                .routes
-                .values()
-                .filter(|r| r.scope == meshgate_config::model::Scope::Ingress)
-                .cloned()
-                .collect();
-            (Router::build(&mesh), Router::build(&ingress))
-        } else {
-            (old.mesh.clone(), old.ingress.clone())
-        };
+    fn publish(&mut self, revision: i64) {
         let snap = Snapshot {
             revision,
             services: self.services.clone(),
             groups: self.groups.clone(),
-            mesh,
-            ingress,
+            mesh: self.mesh.clone(),
+            ingress: self.ingress.clone(),
         };
         let rejected = self
             .rejected
@@ -204,32 +259,15 @@ impl Compiler {
             .len();
         (self.on_apply)(&snap, rejected);
         self.shared.store(Arc::new(snap));
-        self.update_dump(revision);
-    }
-
-    fn update_dump(&self, revision: i64) {
-        let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
-        for (k, (v, obj)) in &self.accepted {
-            kinds
-                .entry(k.kind.as_str())
-                .or_default()
-                .insert(&k.name, serde_json::json!({ "version": v, "spec": obj }));
-        }
-        let rejected: Vec<Rejected> = self
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        *self.dump.lock().unwrap_or_else(|e| e.into_inner()) =
-            serde_json::json!({ "revision": revision, "objects": kinds, "rejected": rejected });
+        self.dump.view.store(Arc::new(DumpView {
+            revision,
+            accepted: self.accepted.clone(),
+        }));
     }
 }
 
 impl Apply for Compiler {
     fn apply(&mut self, changes: Vec<Change>, revision: i64) {
-        let mut routes_changed = false;
         let mut touched = false;
         for change in changes {
             touched = true;
@@ -245,7 +283,7 @@ impl Apply for Compiler {
                             self.services.remove(key.name.as_str());
                         }
                         Kind::Routes => {
-                            routes_changed |= self.routes.remove(&key.name).is_some();
+                            self.remove_route(&key.name);
                         }
                         Kind::Groups => {
                             self.groups.remove(&key.name);
@@ -267,7 +305,8 @@ impl Apply for Compiler {
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&key);
                     if let Ok(v) = serde_json::from_slice(&entry.value) {
-                        self.accepted.insert(key.clone(), (entry.mod_revision, v));
+                        self.accepted
+                            .insert(key.clone(), (entry.mod_revision, Arc::new(v)));
                     }
                     match obj {
                         Object::Service(s) => {
@@ -275,9 +314,10 @@ impl Apply for Compiler {
                             self.services.insert(rt.name.clone(), Arc::new(rt));
                         }
                         Object::Route(r) => {
-                            let c = CompiledRoute::new(&key.name, entry.mod_revision, &r);
-                            self.routes.insert(key.name.clone(), Arc::new(c));
-                            routes_changed = true;
+                            let c = Arc::new(CompiledRoute::new(&key.name, entry.mod_revision, &r));
+                            self.remove_route(&key.name);
+                            self.router_mut(c.scope).insert(c.clone());
+                            self.routes.insert(key.name.clone(), c);
                         }
                         Object::Group(g) => {
                             self.groups.insert(key.name.clone(), g);
@@ -292,7 +332,7 @@ impl Apply for Compiler {
             if touched {
                 tracing::info!(revision, "config applied");
             }
-            self.publish(revision, routes_changed);
+            self.publish(revision);
         }
     }
 }
