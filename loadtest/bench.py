@@ -201,46 +201,14 @@ http {{
                                         cpu=self.proxy_cpu)
         wait_until("nginx backend", lambda: http_ok(f"http://127.0.0.1:{self.backend_port}/"))
 
-    def start_nginx(self):
-        port, h2 = free_port(), free_port()
-        conf = self.write("nginx-proxy.conf", f"""
+    def nginx_proxy(self, name, listens, upstream_port):
+        """An nginx reverse proxy (one worker, pinned) to 127.0.0.1:upstream_port."""
+        listen = "\n".join(f"    listen 127.0.0.1:{x};" for x in listens)
+        conf = self.write(f"{name}.conf", f"""
 worker_processes 1;
 daemon off;
-pid {self.workdir}/nginx-proxy.pid;
-error_log {self.workdir}/nginx-proxy.err warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 10000000;
-  upstream backend {{
-    server 127.0.0.1:{self.backend_port};
-    keepalive 512;
-    keepalive_requests 10000000;
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    listen 127.0.0.1:{h2} http2;
-    location / {{
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}
-}}
-""")
-        p = self.procs.start("nginx-proxy", ["nginx", "-p", self.workdir, "-c", conf], cpu=self.proxy_cpu)
-        wait_until("nginx proxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
-        self.nginx_pids = lambda: children(p.pid)
-        return {"name": "nginx", "port": port, "h2_port": h2, "pids": self.nginx_pids}
-
-    def start_nginx_chain(self, upstream_port):
-        """A second nginx in front of the first: the two-hop nginx baseline."""
-        port = free_port()
-        conf = self.write("nginx-front.conf", f"""
-worker_processes 1;
-daemon off;
-pid {self.workdir}/nginx-front.pid;
-error_log {self.workdir}/nginx-front.err warn;
+pid {self.workdir}/{name}.pid;
+error_log {self.workdir}/{name}.err warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
@@ -251,7 +219,7 @@ http {{
     keepalive_requests 10000000;
   }}
   server {{
-    listen 127.0.0.1:{port};
+{listen}
     location / {{
       proxy_pass http://next;
       proxy_http_version 1.1;
@@ -260,10 +228,21 @@ http {{
   }}
 }}
 """)
-        p = self.procs.start("nginx-front", ["nginx", "-p", self.workdir, "-c", conf], cpu=self.proxy_cpu)
-        wait_until("nginx front", lambda: http_ok(f"http://127.0.0.1:{port}/"))
+        p = self.procs.start(name, ["nginx", "-p", self.workdir, "-c", conf], cpu=self.proxy_cpu)
+        wait_until(name, lambda: http_ok(f"http://127.0.0.1:{listens[0].split()[0]}/"))
+        return lambda: children(p.pid)
+
+    def start_nginx(self):
+        port, h2 = free_port(), free_port()
+        self.nginx_pids = self.nginx_proxy("nginx-proxy", [str(port), f"{h2} http2"], self.backend_port)
+        return {"name": "nginx", "port": port, "h2_port": h2, "pids": self.nginx_pids}
+
+    def start_nginx_chain(self, upstream_port):
+        """A second nginx in front of the first: the two-hop nginx baseline."""
+        port = free_port()
+        front = self.nginx_proxy("nginx-front", [str(port)], upstream_port)
         first = self.nginx_pids
-        return {"name": "nginx two-hop", "port": port, "pids": lambda: children(p.pid) + first()}
+        return {"name": "nginx two-hop", "port": port, "pids": lambda: front() + first()}
 
     def start_haproxy(self):
         port, h2 = free_port(), free_port()
