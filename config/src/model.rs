@@ -148,9 +148,13 @@ pub struct RouteMatch {
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
+    /// Query parameter conditions (values compared percent-decoded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<ValueMatch>,
 }
 
-/// A path condition: exactly one of the fields.
+/// A path condition: exactly one of the fields. `regex` must match the
+/// whole path (it is anchored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
@@ -158,17 +162,28 @@ pub struct PathMatch {
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
 }
 
-/// A header condition: the header is present and, if `exact` is given,
-/// equal to it.
+/// A header or query-parameter condition. With only `name` (or
+/// `present: true`) the header must be present; `present: false` means it
+/// must be absent; `exact` and `regex` (anchored) constrain the value: any
+/// one of the header's values matching is enough.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeaderMatch {
+pub struct ValueMatch {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
 }
+
+/// A header condition.
+pub type HeaderMatch = ValueMatch;
 
 /// A backend of a route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

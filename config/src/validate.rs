@@ -279,6 +279,51 @@ fn validate_service(s: &Service, v: &mut Errors) {
     validate_timeouts(&s.timeouts, "timeouts.", v);
 }
 
+/// Longest regex source accepted, and the compiled-size limit: routes are
+/// matched on every request, so patterns stay small.
+pub const REGEX_MAX_LEN: usize = 1024;
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// Compiles a route regex the way the gateway does: anchored to the whole
+/// input, with a size limit.
+pub fn compile_regex(src: &str) -> Result<regex::Regex, String> {
+    if src.len() > REGEX_MAX_LEN {
+        return Err(format!("longer than {REGEX_MAX_LEN} characters"));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{src})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| {
+            e.to_string()
+                .lines()
+                .last()
+                .unwrap_or("invalid")
+                .trim()
+                .to_string()
+        })
+}
+
+fn check_regex(field: &str, src: &str, v: &mut Errors) {
+    if let Err(e) = compile_regex(src) {
+        v.push(field, format!("invalid regex: {e}"));
+    }
+}
+
+fn validate_value_match(m: &crate::model::ValueMatch, base: &str, v: &mut Errors) {
+    if m.exact.is_some() && m.regex.is_some() {
+        v.push(base, "give at most one of 'exact' and 'regex'");
+    }
+    if m.present == Some(false) && (m.exact.is_some() || m.regex.is_some()) {
+        v.push(
+            &format!("{base}.present"),
+            "'present: false' cannot be combined with 'exact' or 'regex'",
+        );
+    }
+    if let Some(r) = &m.regex {
+        check_regex(&format!("{base}.regex"), r, v);
+    }
+}
+
 fn validate_route(r: &Route, v: &mut Errors) {
     let m = &r.matches;
     for (i, h) in m.hosts.iter().enumerate() {
@@ -290,19 +335,21 @@ fn validate_route(r: &Route, v: &mut Errors) {
         );
     }
     if let Some(p) = &m.path {
-        match (&p.exact, &p.prefix) {
-            (Some(_), Some(_)) | (None, None) => {
-                v.push("match.path", "give exactly one of 'exact' and 'prefix'")
-            }
-            (Some(x), None) => v.check(
+        match (&p.exact, &p.prefix, &p.regex) {
+            (Some(x), None, None) => v.check(
                 "match.path.exact",
                 x.starts_with('/'),
                 "must start with '/'",
             ),
-            (None, Some(x)) => v.check(
+            (None, Some(x), None) => v.check(
                 "match.path.prefix",
                 x.starts_with('/'),
                 "must start with '/'",
+            ),
+            (None, None, Some(x)) => check_regex("match.path.regex", x, v),
+            _ => v.push(
+                "match.path",
+                "give exactly one of 'exact', 'prefix' and 'regex'",
             ),
         }
     }
@@ -314,11 +361,29 @@ fn validate_route(r: &Route, v: &mut Errors) {
         );
     }
     for (i, h) in m.headers.iter().enumerate() {
+        let base = format!("match.headers[{i}]");
         v.check(
-            &format!("match.headers[{i}].name"),
+            &format!("{base}.name"),
             http_header_name(&h.name),
             "must be a lower-case HTTP header name",
         );
+        if let Some(x) = &h.exact {
+            v.check(
+                &format!("{base}.exact"),
+                x.bytes().all(|c| c == b'\t' || (0x20..0x7f).contains(&c)),
+                "must be printable ASCII (a header value)",
+            );
+        }
+        validate_value_match(h, &base, v);
+    }
+    for (i, q) in m.query.iter().enumerate() {
+        let base = format!("match.query[{i}]");
+        v.check(
+            &format!("{base}.name"),
+            !q.name.is_empty() && q.name.len() <= 256,
+            "must be 1-256 characters",
+        );
+        validate_value_match(q, &base, v);
     }
     match (&r.backends.is_empty(), &r.direct_response) {
         (true, None) => v.push("backends", "a route needs backends or a direct_response"),
@@ -442,6 +507,49 @@ mod tests {
                 "backends"
             ]
         );
+    }
+
+    #[test]
+    fn match_conditions_are_checked_with_field_paths() {
+        let fields = |json: &str| -> Vec<(String, String)> {
+            let e = decode_route(json).unwrap_err();
+            e.errors
+                .iter()
+                .map(|e| (e.field.clone(), e.message.clone()))
+                .collect()
+        };
+        let f =
+            fields(r#"{"match":{"path":{"regex":"/items/[0-9"}},"backends":[{"service":"a"}]}"#);
+        assert_eq!(f[0].0, "match.path.regex");
+        assert!(f[0].1.starts_with("invalid regex:"), "{f:?}");
+        let f = fields(
+            r#"{"match":{"path":{"prefix":"/a","regex":"/a"}},"backends":[{"service":"a"}]}"#,
+        );
+        assert_eq!(f[0].0, "match.path");
+        let f = fields(
+            r#"{"match":{"headers":[{"name":"user-agent","exact":"x","regex":"y"}]},"backends":[{"service":"a"}]}"#,
+        );
+        assert_eq!(f[0].0, "match.headers[0]");
+        let f = fields(
+            r#"{"match":{"headers":[{"name":"authorization","present":false,"exact":"x"}]},"backends":[{"service":"a"}]}"#,
+        );
+        assert_eq!(f[0].0, "match.headers[0].present");
+        let f = fields(
+            r#"{"match":{"query":[{"name":""},{"name":"v","regex":"("}]},"backends":[{"service":"a"}]}"#,
+        );
+        let names: Vec<&str> = f.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(names, ["match.query[0].name", "match.query[1].regex"]);
+        let long = "a".repeat(REGEX_MAX_LEN + 1);
+        let f = fields(&format!(
+            r#"{{"match":{{"path":{{"regex":"{long}"}}}},"backends":[{{"service":"a"}}]}}"#
+        ));
+        assert_eq!(f[0].0, "match.path.regex");
+        // And good ones decode.
+        decode_route(
+            r#"{"match":{"path":{"regex":"/i/[0-9]+"},"headers":[{"name":"x-a","present":false},{"name":"user-agent","regex":".*iPhone.*"}],
+                "query":[{"name":"v","exact":"2"},{"name":"debug"}]},"backends":[{"service":"a"}]}"#,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::client::Wire;
 use crate::error::MeshError;
 use crate::headers;
 use crate::metrics::{status_class, Metrics, RouteStats};
-use crate::router::CompiledRoute;
+use crate::router::{CompiledRoute, RequestView};
 use crate::server::Peer;
 use crate::state::{ServiceRt, SharedSnapshot};
 use crate::upstream::SendError;
@@ -170,7 +170,15 @@ impl Proxy {
         let host = host.unwrap_or_default();
         let path = req.uri().path();
         let found = router
-            .find(&host, req.method(), path, req.headers())
+            .find(
+                &host,
+                &RequestView {
+                    method: req.method(),
+                    path,
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                },
+            )
             .cloned();
         let route: Arc<CompiledRoute> = match found {
             Some(r) => r,

@@ -19,6 +19,56 @@ enum PathCond {
     Any,
     Exact(String),
     Prefix(String),
+    /// Anchored to the whole path.
+    Regex(regex::Regex),
+}
+
+/// A condition on a header's or query parameter's values.
+#[derive(Debug, Clone)]
+enum ValueCond {
+    Present,
+    Absent,
+    Exact(String),
+    /// Anchored to the whole value.
+    Regex(regex::Regex),
+    /// A condition that cannot be compiled (the config validation refuses
+    /// these; this keeps a route from over-matching if one slips through).
+    Never,
+}
+
+impl ValueCond {
+    fn new(m: &meshgate_config::model::ValueMatch) -> ValueCond {
+        match (&m.exact, &m.regex, m.present) {
+            (_, _, Some(false)) => ValueCond::Absent,
+            (Some(x), None, _) => ValueCond::Exact(x.clone()),
+            (None, Some(r), _) => match meshgate_config::validate::compile_regex(r) {
+                Ok(re) => ValueCond::Regex(re),
+                Err(_) => ValueCond::Never,
+            },
+            (None, None, _) => ValueCond::Present,
+            (Some(_), Some(_), _) => ValueCond::Never,
+        }
+    }
+
+    /// Whether the values (none when absent) satisfy the condition.
+    fn matches<'v>(&self, mut values: impl Iterator<Item = &'v str>) -> bool {
+        match self {
+            ValueCond::Present => values.next().is_some(),
+            ValueCond::Absent => values.next().is_none(),
+            ValueCond::Exact(want) => values.any(|v| v == want),
+            ValueCond::Regex(re) => values.any(|v| re.is_match(v)),
+            ValueCond::Never => false,
+        }
+    }
+}
+
+/// What matching looks at in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
 }
 
 /// A route ready for matching.
@@ -31,7 +81,8 @@ pub struct CompiledRoute {
     hosts: Vec<String>,
     path: PathCond,
     methods: Vec<Method>,
-    headers: Vec<(HeaderName, Option<HeaderValue>)>,
+    headers: Vec<(HeaderName, ValueCond)>,
+    query: Vec<(String, ValueCond)>,
     /// Backend service names and the weighted order to pick them in.
     pub backends: Vec<Arc<str>>,
     backend_schedule: Schedule,
@@ -49,7 +100,16 @@ impl CompiledRoute {
         let path = match &m.path {
             Some(p) if p.exact.is_some() => PathCond::Exact(p.exact.clone().unwrap_or_default()),
             Some(p) if p.prefix.is_some() => PathCond::Prefix(p.prefix.clone().unwrap_or_default()),
-            _ => PathCond::Any,
+            Some(p) => match p
+                .regex
+                .as_deref()
+                .map(meshgate_config::validate::compile_regex)
+            {
+                Some(Ok(re)) => PathCond::Regex(re),
+                // Refused by validation; never match rather than match all.
+                _ => PathCond::Exact(String::new()),
+            },
+            None => PathCond::Any,
         };
         CompiledRoute {
             name: name.into(),
@@ -66,14 +126,15 @@ impl CompiledRoute {
             headers: m
                 .headers
                 .iter()
-                .filter_map(|h| {
-                    let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-                    let val = match &h.exact {
-                        Some(v) => Some(HeaderValue::from_str(v).ok()?),
-                        None => None,
-                    };
-                    Some((name, val))
+                .map(|h| match HeaderName::from_bytes(h.name.as_bytes()) {
+                    Ok(name) => (name, ValueCond::new(h)),
+                    Err(_) => (HeaderName::from_static("x-invalid"), ValueCond::Never),
                 })
+                .collect(),
+            query: m
+                .query
+                .iter()
+                .map(|q| (q.name.clone(), ValueCond::new(q)))
                 .collect(),
             backends: r
                 .backends
@@ -123,29 +184,55 @@ impl CompiledRoute {
         self.backend_schedule.next().map(|i| (i, &self.backends[i]))
     }
 
-    fn matches_rest(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    fn matches_rest(&self, req: &RequestView<'_>) -> bool {
         let path_ok = match &self.path {
             PathCond::Any => true,
-            PathCond::Exact(p) => path == p,
-            PathCond::Prefix(p) => prefix_match(path, p),
+            PathCond::Exact(p) => req.path == p,
+            PathCond::Prefix(p) => prefix_match(req.path, p),
+            PathCond::Regex(re) => re.is_match(req.path),
         };
         path_ok
-            && (self.methods.is_empty() || self.methods.contains(method))
-            && self.headers.iter().all(|(n, v)| match (headers.get(n), v) {
-                (Some(_), None) => true,
-                (Some(got), Some(want)) => got == want,
-                (None, _) => false,
+            && (self.methods.is_empty() || self.methods.contains(req.method))
+            && self.headers.iter().all(|(n, cond)| {
+                cond.matches(
+                    req.headers
+                        .get_all(n)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                )
             })
+            && (self.query.is_empty() || self.query_matches(req.query.unwrap_or("")))
     }
 
-    /// Specificity of the non-host conditions, higher is more specific.
+    fn query_matches(&self, query: &str) -> bool {
+        let pairs: Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> =
+            form_urlencoded::parse(query.as_bytes()).collect();
+        self.query.iter().all(|(name, cond)| {
+            cond.matches(
+                pairs
+                    .iter()
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_ref()),
+            )
+        })
+    }
+
+    /// Specificity of the non-host conditions, higher is more specific:
+    /// path (exact > regex > prefix, longer first), methods given, then
+    /// the number of header and query conditions.
     fn specificity(&self) -> (u8, usize, bool, usize) {
         let (kind, len) = match &self.path {
-            PathCond::Exact(p) => (2, p.len()),
+            PathCond::Exact(p) => (3, p.len()),
+            PathCond::Regex(re) => (2, re.as_str().len()),
             PathCond::Prefix(p) => (1, p.len()),
             PathCond::Any => (0, 0),
         };
-        (kind, len, !self.methods.is_empty(), self.headers.len())
+        (
+            kind,
+            len,
+            !self.methods.is_empty(),
+            self.headers.len() + self.query.len(),
+        )
     }
 }
 
@@ -180,6 +267,8 @@ fn bucket_order(a: &Arc<CompiledRoute>, b: &Arc<CompiledRoute>) -> Ordering {
 struct Bucket {
     exact: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
     prefix: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
+    /// Regex-path routes: tried one by one (keep them few per host).
+    regex: Vec<Arc<CompiledRoute>>,
     any: Vec<Arc<CompiledRoute>>,
     len: usize,
 }
@@ -188,6 +277,7 @@ impl Bucket {
     fn list_mut(&mut self, path: &PathCond) -> ListMut<'_> {
         match path {
             PathCond::Any => ListMut::Vec(&mut self.any),
+            PathCond::Regex(_) => ListMut::Vec(&mut self.regex),
             PathCond::Exact(p) => ListMut::Map(&mut self.exact, p.clone()),
             PathCond::Prefix(p) => ListMut::Map(&mut self.prefix, p.clone()),
         }
@@ -216,15 +306,9 @@ impl Bucket {
     }
 
     /// The best route of this bucket for a request.
-    fn best<'a>(
-        &'a self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Option<&'a Arc<CompiledRoute>> {
-        let first = |list: &'a [Arc<CompiledRoute>]| {
-            list.iter().find(|r| r.matches_rest(method, path, headers))
-        };
+    fn best<'a>(&'a self, req: &RequestView<'_>) -> Option<&'a Arc<CompiledRoute>> {
+        let path = req.path;
+        let first = |list: &'a [Arc<CompiledRoute>]| list.iter().find(|r| r.matches_rest(req));
         let mut best: Option<&'a Arc<CompiledRoute>> = None;
         let mut consider = |r: Option<&'a Arc<CompiledRoute>>| {
             if let Some(r) = r {
@@ -251,6 +335,7 @@ impl Bucket {
                 consider(self.prefix.get(path).and_then(|l| first(l)));
             }
         }
+        consider(first(&self.regex));
         consider(first(&self.any));
         best
     }
@@ -366,13 +451,7 @@ impl Router {
     }
 
     /// The best route for a request, if any.
-    pub fn find<'a>(
-        &'a self,
-        host: &str,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Option<&'a Arc<CompiledRoute>> {
+    pub fn find<'a>(&'a self, host: &str, req: &RequestView<'_>) -> Option<&'a Arc<CompiledRoute>> {
         // The best candidate with its host rank: (kind, suffix length).
         let mut best: Option<(&Arc<CompiledRoute>, (u8, usize))> = None;
         let mut consider = |r: Option<&'a Arc<CompiledRoute>>, rank: (u8, usize)| {
@@ -388,20 +467,20 @@ impl Router {
             }
         };
         if let Some(b) = self.exact.get(host) {
-            consider(b.best(method, path, headers), (2, 0));
+            consider(b.best(req), (2, 0));
         }
         if !self.wildcard.is_empty() {
             for (i, c) in host.bytes().enumerate() {
                 if c == b'.' && i > 0 {
                     let suffix = &host[i..];
                     if let Some(b) = self.wildcard.get(suffix) {
-                        consider(b.best(method, path, headers), (1, suffix.len()));
+                        consider(b.best(req), (1, suffix.len()));
                     }
                 }
             }
         }
         if self.any.len > 0 {
-            consider(self.any.best(method, path, headers), (0, 0));
+            consider(self.any.best(req), (0, 0));
         }
         best.map(|(r, _)| r)
     }
@@ -436,13 +515,18 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        r.find(
-            host,
-            &Method::from_bytes(method.as_bytes()).unwrap(),
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let view = RequestView {
+            method: &method,
             path,
-            &h,
-        )
-        .map(|r| &*r.name)
+            query,
+            headers: &h,
+        };
+        r.find(host, &view).map(|r| &*r.name)
     }
 
     #[test]
@@ -567,7 +651,13 @@ mod tests {
                     .max()
             };
             let Some(rank) = rank else { continue };
-            if !r.matches_rest(method, path, &h) {
+            let view = RequestView {
+                method,
+                path,
+                query: None,
+                headers: &h,
+            };
+            if !r.matches_rest(&view) {
                 continue;
             }
             let better = match &best {
@@ -650,7 +740,14 @@ mod tests {
                     "/web/1",
                 ] {
                     for method in [Method::GET, Method::POST] {
-                        let got = router.find(host, &method, path, &HeaderMap::new());
+                        let h = HeaderMap::new();
+                        let view = RequestView {
+                            method: &method,
+                            path,
+                            query: None,
+                            headers: &h,
+                        };
+                        let got = router.find(host, &view);
                         assert_eq!(
                             got.map(|r| &*r.name),
                             find_linear(&model, host, &method, path),

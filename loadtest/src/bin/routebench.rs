@@ -127,7 +127,13 @@ fn main() {
             _ => (format!("svc-{i}.example.com"), "/items/42".to_string()),
         };
         let t = Instant::now();
-        let r = snap.ingress.find(&host, &method, &path, &headers);
+        let view = meshgate_gateway::router::RequestView {
+            method: &method,
+            path: &path,
+            query: None,
+            headers: &headers,
+        };
+        let r = snap.ingress.find(&host, &view);
         let ns = t.elapsed().as_nanos() as u64;
         found += usize::from(r.is_some());
         let _ = lookup.record(ns.max(1));

@@ -1,0 +1,136 @@
+//! End-to-end: route matching on path regex, header value regex, header
+//! absence and query parameters, through a standalone gateway on real
+//! sockets, with curl as the client.
+
+use std::process::Command;
+
+use meshgate_tests::*;
+
+/// `(status, x-served-by)` for a curl request.
+fn served(url: &str, extra: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl installed");
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let by = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-served-by: "))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    (status, by)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regex_header_and_query_conditions_pick_the_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, iphone, v2, anon, fallback) = (
+        Backend::start("items").await,
+        Backend::start("iphone").await,
+        Backend::start("v2").await,
+        Backend::start("anon").await,
+        Backend::start("fallback").await,
+    );
+    let svc = |name: &str, b: &Backend| {
+        format!("  {name}:\n    endpoints:\n      - address: {}\n", b.addr)
+    };
+    let yaml = format!(
+        "services:\n{}{}{}{}{}routes:\n{}",
+        svc("items", &items),
+        svc("iphone", &iphone),
+        svc("v2", &v2),
+        svc("anon", &anon),
+        svc("fallback", &fallback),
+        r#"  items:
+    scope: ingress
+    match:
+      path: {regex: '/shop/items/[0-9]+'}
+    backends: [{service: items}]
+  iphone:
+    scope: ingress
+    match:
+      path: {prefix: /shop}
+      headers: [{name: user-agent, regex: '.*iPhone.*'}]
+    backends: [{service: iphone}]
+  v2:
+    scope: ingress
+    match:
+      path: {prefix: /shop}
+      query: [{name: version, exact: '2'}]
+    backends: [{service: v2}]
+  anon:
+    scope: ingress
+    match:
+      path: {prefix: /account}
+      headers: [{name: authorization, present: false}]
+    backends: [{service: anon}]
+  fallback:
+    scope: ingress
+    match:
+      path: {prefix: /}
+    backends: [{service: fallback}]
+"#
+    );
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
+    let args: Vec<String> = vec![
+        "--standalone".into(),
+        file.to_string_lossy().into(),
+        "--listen".into(),
+        addr(mesh),
+        "--ingress-listen".into(),
+        addr(ingress),
+        "--admin-listen".into(),
+        addr(ops),
+    ];
+    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
+    wait_ready(ops).await;
+    let base = format!("http://127.0.0.1:{ingress}");
+    let u = |p: &str| format!("{base}{p}");
+
+    // Regex path: digits only, whole path.
+    assert_eq!(served(&u("/shop/items/42"), &[]), (200, "items".into()));
+    assert_eq!(served(&u("/shop/items/42x"), &[]), (200, "fallback".into()));
+    assert_eq!(
+        served(&u("/shop/items/42/reviews"), &[]),
+        (200, "fallback".into())
+    );
+    // Header regex (a user-agent containing iPhone).
+    let ua = ["-A", "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)"];
+    assert_eq!(served(&u("/shop/cart"), &ua), (200, "iphone".into()));
+    assert_eq!(
+        served(&u("/shop/cart"), &["-A", "curl"]),
+        (200, "fallback".into())
+    );
+    // Query parameter, percent-decoded, any of repeated values.
+    assert_eq!(served(&u("/shop/cart?version=2"), &[]), (200, "v2".into()));
+    assert_eq!(
+        served(&u("/shop/cart?a=1&version=%32"), &[]),
+        (200, "v2".into())
+    );
+    assert_eq!(
+        served(&u("/shop/cart?version=3"), &[]),
+        (200, "fallback".into())
+    );
+    // A more specific path still wins over conditions on a shorter one.
+    assert_eq!(
+        served(&u("/shop/items/7?version=2"), &ua),
+        (200, "items".into())
+    );
+    // Header absence.
+    assert_eq!(served(&u("/account"), &[]), (200, "anon".into()));
+    assert_eq!(
+        served(&u("/account"), &["-H", "authorization: Bearer x"]),
+        (200, "fallback".into())
+    );
+}
