@@ -124,6 +124,14 @@ pub struct Route {
     /// Weighted backends. Exactly one of `backends` and `direct_response`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// Backends chosen by request conditions, tried in order before
+    /// `backends` (e.g. `user-agent` matching `.*iPhone.*` → `orders-v2`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_rules: Vec<BackendRule>,
+    /// Keep one user on one backend: the backend is chosen by a hash of
+    /// this header or cookie (by weight) instead of round robin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
     /// Answer directly from the gateway instead of proxying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<DirectResponse>,
@@ -184,6 +192,35 @@ pub struct ValueMatch {
 
 /// A header condition.
 pub type HeaderMatch = ValueMatch;
+
+/// Backends for requests matching conditions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRule {
+    #[serde(rename = "match", default)]
+    pub matches: RuleMatch,
+    pub backends: Vec<Backend>,
+}
+
+/// The request conditions of a backend rule (all must hold).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<ValueMatch>,
+}
+
+/// What a sticky choice hashes: exactly one of a header and a cookie.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
 
 /// A backend of a route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

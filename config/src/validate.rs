@@ -107,17 +107,24 @@ impl Object {
     /// Names of the objects this one refers to and that must exist.
     pub fn references(&self) -> Vec<(String, Key)> {
         match self {
-            Object::Route(r) => r
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    (
-                        format!("backends[{i}].service"),
-                        Key::new(Kind::Services, &b.service),
-                    )
-                })
-                .collect(),
+            Object::Route(r) => {
+                let refs = |base: String, list: &[crate::model::Backend]| {
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            (
+                                format!("{base}backends[{i}].service"),
+                                Key::new(Kind::Services, &b.service),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let mut out = refs(String::new(), &r.backends);
+                for (j, rule) in r.backend_rules.iter().enumerate() {
+                    out.extend(refs(format!("backend_rules[{j}]."), &rule.backends));
+                }
+                out
+            }
             Object::Service(s) => {
                 let mut refs = Vec::new();
                 if let Some(g) = &s.group {
@@ -309,6 +316,29 @@ fn check_regex(field: &str, src: &str, v: &mut Errors) {
     }
 }
 
+fn validate_backends(list: &[crate::model::Backend], base: &str, v: &mut Errors) {
+    let mut total = 0u64;
+    for (i, b) in list.iter().enumerate() {
+        v.check(
+            &format!("{base}backends[{i}].service"),
+            valid_name(&b.service),
+            NAME_MSG,
+        );
+        v.check(
+            &format!("{base}backends[{i}].weight"),
+            b.weight <= 10_000,
+            "must be from 0 to 10000",
+        );
+        total += u64::from(b.weight);
+    }
+    if !list.is_empty() && total == 0 {
+        v.push(
+            &format!("{base}backends"),
+            "the backend weights must not all be 0",
+        );
+    }
+}
+
 fn validate_value_match(m: &crate::model::ValueMatch, base: &str, v: &mut Errors) {
     if m.exact.is_some() && m.regex.is_some() {
         v.push(base, "give at most one of 'exact' and 'regex'");
@@ -393,22 +423,60 @@ fn validate_route(r: &Route, v: &mut Errors) {
         ),
         _ => {}
     }
-    let mut total = 0u64;
-    for (i, b) in r.backends.iter().enumerate() {
-        v.check(
-            &format!("backends[{i}].service"),
-            valid_name(&b.service),
-            NAME_MSG,
-        );
-        v.check(
-            &format!("backends[{i}].weight"),
-            b.weight <= 10_000,
-            "must be from 0 to 10000",
-        );
-        total += u64::from(b.weight);
+    validate_backends(&r.backends, "", v);
+    for (j, rule) in r.backend_rules.iter().enumerate() {
+        let base = format!("backend_rules[{j}].");
+        if rule.backends.is_empty() {
+            v.push(&format!("{base}backends"), "give at least one backend");
+        }
+        validate_backends(&rule.backends, &base, v);
+        if rule.matches.headers.is_empty() && rule.matches.query.is_empty() {
+            v.push(
+                &format!("{base}match"),
+                "give at least one header or query condition",
+            );
+        }
+        for (i, h) in rule.matches.headers.iter().enumerate() {
+            let b = format!("{base}match.headers[{i}]");
+            v.check(
+                &format!("{b}.name"),
+                http_header_name(&h.name),
+                "must be a lower-case HTTP header name",
+            );
+            validate_value_match(h, &b, v);
+        }
+        for (i, q) in rule.matches.query.iter().enumerate() {
+            let b = format!("{base}match.query[{i}]");
+            v.check(
+                &format!("{b}.name"),
+                !q.name.is_empty() && q.name.len() <= 256,
+                "must be 1-256 characters",
+            );
+            validate_value_match(q, &b, v);
+        }
     }
-    if !r.backends.is_empty() && total == 0 {
-        v.push("backends", "the backend weights must not all be 0");
+    if !r.backend_rules.is_empty() && r.direct_response.is_some() {
+        v.push(
+            "backend_rules",
+            "a direct_response route has no backends to choose",
+        );
+    }
+    if let Some(st) = &r.sticky {
+        match (&st.header, &st.cookie) {
+            (Some(h), None) => v.check(
+                "sticky.header",
+                http_header_name(h),
+                "must be a lower-case HTTP header name",
+            ),
+            (None, Some(c)) => v.check(
+                "sticky.cookie",
+                !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b";=,".contains(&b)),
+                "must be a cookie name",
+            ),
+            _ => v.push("sticky", "give exactly one of 'header' and 'cookie'"),
+        }
     }
     if let Some(d) = &r.direct_response {
         v.check(
@@ -550,6 +618,43 @@ mod tests {
                 "query":[{"name":"v","exact":"2"},{"name":"debug"}]},"backends":[{"service":"a"}]}"#,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn rules_and_sticky_are_validated_and_referenced() {
+        let o = decode_route(
+            r#"{"backends":[{"service":"v1"}],"sticky":{"cookie":"user"},
+                "backend_rules":[{"match":{"headers":[{"name":"user-agent","regex":".*iPhone.*"}]},"backends":[{"service":"v2"}]}]}"#,
+        )
+        .unwrap();
+        let refs: Vec<String> = o
+            .references()
+            .into_iter()
+            .map(|(f, k)| format!("{f}={k}"))
+            .collect();
+        assert_eq!(
+            refs,
+            [
+                "backends[0].service=services/v1",
+                "backend_rules[0].backends[0].service=services/v2"
+            ]
+        );
+        let e = decode_route(
+            r#"{"backends":[{"service":"v1"}],"sticky":{"header":"X User","cookie":"c"},
+                "backend_rules":[{"match":{},"backends":[]},{"match":{"query":[{"name":"q","regex":"("}]},"backends":[{"service":"v2","weight":0}]}]}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "backend_rules[0].backends",
+                "backend_rules[0].match",
+                "backend_rules[1].backends",
+                "backend_rules[1].match.query[0].regex",
+                "sticky"
+            ]
+        );
     }
 
     #[test]

@@ -169,17 +169,13 @@ impl Proxy {
         };
         let host = host.unwrap_or_default();
         let path = req.uri().path();
-        let found = router
-            .find(
-                &host,
-                &RequestView {
-                    method: req.method(),
-                    path,
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                },
-            )
-            .cloned();
+        let view = RequestView {
+            method: req.method(),
+            path,
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let found = router.find(&host, &view).cloned();
         let route: Arc<CompiledRoute> = match found {
             Some(r) => r,
             None => match (kind, snap.services.get(host.as_str())) {
@@ -204,7 +200,13 @@ impl Proxy {
             }
             return (resp, Some((route, 0)));
         }
-        let Some((index, backend)) = route.pick_backend() else {
+        let view = RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let Some((index, backend)) = route.pick_backend(&view) else {
             return (
                 MeshError::NoHealthyEndpoint.response("route has no weighted backend"),
                 None,

@@ -62,6 +62,135 @@ impl ValueCond {
     }
 }
 
+/// Header and query conditions (all must hold).
+#[derive(Debug, Default)]
+struct Conditions {
+    headers: Vec<(HeaderName, ValueCond)>,
+    query: Vec<(String, ValueCond)>,
+}
+
+impl Conditions {
+    fn new(
+        headers: &[meshgate_config::model::ValueMatch],
+        query: &[meshgate_config::model::ValueMatch],
+    ) -> Conditions {
+        Conditions {
+            headers: headers
+                .iter()
+                .map(|h| match HeaderName::from_bytes(h.name.as_bytes()) {
+                    Ok(name) => (name, ValueCond::new(h)),
+                    Err(_) => (HeaderName::from_static("x-invalid"), ValueCond::Never),
+                })
+                .collect(),
+            query: query
+                .iter()
+                .map(|q| (q.name.clone(), ValueCond::new(q)))
+                .collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.headers.len() + self.query.len()
+    }
+
+    fn hold(&self, req: &RequestView<'_>) -> bool {
+        self.headers.iter().all(|(n, cond)| {
+            cond.matches(
+                req.headers
+                    .get_all(n)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            )
+        }) && (self.query.is_empty() || self.query_holds(req.query.unwrap_or("")))
+    }
+
+    fn query_holds(&self, query: &str) -> bool {
+        let pairs: Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> =
+            form_urlencoded::parse(query.as_bytes()).collect();
+        self.query.iter().all(|(name, cond)| {
+            cond.matches(
+                pairs
+                    .iter()
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_ref()),
+            )
+        })
+    }
+}
+
+/// A weighted choice among a contiguous run of a route's backends.
+#[derive(Debug)]
+struct Choice {
+    /// Index of the first backend in `CompiledRoute::backends`.
+    first: usize,
+    weights: Vec<u32>,
+    schedule: Schedule,
+}
+
+impl Choice {
+    fn new(first: usize, list: &[meshgate_config::model::Backend]) -> Choice {
+        let weights: Vec<u32> = list.iter().map(|b| b.weight).collect();
+        Choice {
+            first,
+            schedule: Schedule::new(&weights),
+            weights,
+        }
+    }
+
+    /// Index into the run: by `hash` (sticky) or the round-robin schedule.
+    fn pick(&self, hash: Option<u64>) -> Option<usize> {
+        let Some(h) = hash else {
+            return self.schedule.next();
+        };
+        let total: u64 = self.weights.iter().map(|w| u64::from(*w)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut point = h % total;
+        for (i, w) in self.weights.iter().enumerate() {
+            if point < u64::from(*w) {
+                return Some(i);
+            }
+            point -= u64::from(*w);
+        }
+        None
+    }
+}
+
+/// What a sticky route hashes.
+#[derive(Debug)]
+enum StickyKey {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+impl StickyKey {
+    fn value<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        match self {
+            StickyKey::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()),
+            StickyKey::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then_some(v)
+                }),
+        }
+    }
+}
+
+/// FNV-1a: a stable hash, so every gateway sends one user to one backend.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// What matching looks at in a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
@@ -81,11 +210,14 @@ pub struct CompiledRoute {
     hosts: Vec<String>,
     path: PathCond,
     methods: Vec<Method>,
-    headers: Vec<(HeaderName, ValueCond)>,
-    query: Vec<(String, ValueCond)>,
-    /// Backend service names and the weighted order to pick them in.
+    conds: Conditions,
+    /// Backend service names: the default backends, then each rule's.
     pub backends: Vec<Arc<str>>,
-    backend_schedule: Schedule,
+    /// The default backends' choice (the first `default.len` of `backends`).
+    default: Choice,
+    /// Backend rules, tried in order.
+    rules: Vec<(Conditions, Choice)>,
+    sticky: Option<StickyKey>,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
     /// This route's metric handles, resolved on first use so the request
@@ -123,27 +255,38 @@ impl CompiledRoute {
                 .iter()
                 .filter_map(|s| Method::from_bytes(s.as_bytes()).ok())
                 .collect(),
-            headers: m
-                .headers
-                .iter()
-                .map(|h| match HeaderName::from_bytes(h.name.as_bytes()) {
-                    Ok(name) => (name, ValueCond::new(h)),
-                    Err(_) => (HeaderName::from_static("x-invalid"), ValueCond::Never),
-                })
-                .collect(),
-            query: m
-                .query
-                .iter()
-                .map(|q| (q.name.clone(), ValueCond::new(q)))
-                .collect(),
+            conds: Conditions::new(&m.headers, &m.query),
             backends: r
                 .backends
                 .iter()
+                .chain(r.backend_rules.iter().flat_map(|rule| &rule.backends))
                 .map(|b| Arc::from(b.service.as_str()))
                 .collect(),
-            backend_schedule: Schedule::new(
-                &r.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
-            ),
+            default: Choice::new(0, &r.backends),
+            rules: {
+                let mut first = r.backends.len();
+                r.backend_rules
+                    .iter()
+                    .map(|rule| {
+                        let c = Choice::new(first, &rule.backends);
+                        first += rule.backends.len();
+                        (
+                            Conditions::new(&rule.matches.headers, &rule.matches.query),
+                            c,
+                        )
+                    })
+                    .collect()
+            },
+            sticky: r
+                .sticky
+                .as_ref()
+                .and_then(|s| match (&s.header, &s.cookie) {
+                    (Some(h), _) => HeaderName::from_bytes(h.as_bytes())
+                        .ok()
+                        .map(StickyKey::Header),
+                    (None, Some(c)) => Some(StickyKey::Cookie(c.clone())),
+                    _ => None,
+                }),
             direct: r.direct_response.as_ref().map(|d| {
                 (
                     StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK),
@@ -169,6 +312,8 @@ impl CompiledRoute {
                 service: service.to_string(),
                 weight: 1,
             }],
+            backend_rules: Vec::new(),
+            sticky: None,
             direct_response: None,
             timeouts: None,
             labels: Default::default(),
@@ -178,10 +323,24 @@ impl CompiledRoute {
         c
     }
 
-    /// The backend service for the next request.
-    /// The next backend in weighted order, with its index in `backends`.
-    pub fn pick_backend(&self) -> Option<(usize, &Arc<str>)> {
-        self.backend_schedule.next().map(|i| (i, &self.backends[i]))
+    /// The backend for a request, with its index in `backends`: the first
+    /// backend rule whose conditions hold, else the default backends; by a
+    /// hash of the sticky key when the request carries it, else in
+    /// weighted round robin.
+    pub fn pick_backend(&self, req: &RequestView<'_>) -> Option<(usize, &Arc<str>)> {
+        let choice = self
+            .rules
+            .iter()
+            .find(|(c, _)| c.hold(req))
+            .map(|(_, choice)| choice)
+            .unwrap_or(&self.default);
+        let hash = self
+            .sticky
+            .as_ref()
+            .and_then(|k| k.value(req.headers))
+            .map(fnv1a);
+        let i = choice.first + choice.pick(hash)?;
+        Some((i, &self.backends[i]))
     }
 
     fn matches_rest(&self, req: &RequestView<'_>) -> bool {
@@ -193,28 +352,7 @@ impl CompiledRoute {
         };
         path_ok
             && (self.methods.is_empty() || self.methods.contains(req.method))
-            && self.headers.iter().all(|(n, cond)| {
-                cond.matches(
-                    req.headers
-                        .get_all(n)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok()),
-                )
-            })
-            && (self.query.is_empty() || self.query_matches(req.query.unwrap_or("")))
-    }
-
-    fn query_matches(&self, query: &str) -> bool {
-        let pairs: Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> =
-            form_urlencoded::parse(query.as_bytes()).collect();
-        self.query.iter().all(|(name, cond)| {
-            cond.matches(
-                pairs
-                    .iter()
-                    .filter(|(k, _)| k == name)
-                    .map(|(_, v)| v.as_ref()),
-            )
-        })
+            && self.conds.hold(req)
     }
 
     /// Specificity of the non-host conditions, higher is more specific:
@@ -227,12 +365,7 @@ impl CompiledRoute {
             PathCond::Prefix(p) => (1, p.len()),
             PathCond::Any => (0, 0),
         };
-        (
-            kind,
-            len,
-            !self.methods.is_empty(),
-            self.headers.len() + self.query.len(),
-        )
+        (kind, len, !self.methods.is_empty(), self.conds.len())
     }
 }
 
@@ -616,9 +749,16 @@ mod tests {
             "split",
             r#"{"backends":[{"service":"v1","weight":3},{"service":"v2","weight":1}]}"#,
         );
+        let h = HeaderMap::new();
+        let view = RequestView {
+            method: &Method::GET,
+            path: "/",
+            query: None,
+            headers: &h,
+        };
         let mut n = 0;
         for _ in 0..400 {
-            if &**r.pick_backend().unwrap().1 == "v2" {
+            if &**r.pick_backend(&view).unwrap().1 == "v2" {
                 n += 1;
             }
         }
@@ -771,5 +911,70 @@ mod tests {
         r.remove(&a);
         assert!(find(&r, "a.io", "GET", "/", &[]).is_none());
         assert_eq!(find(&published, "a.io", "GET", "/", &[]), Some("a"));
+    }
+
+    fn pick(r: &CompiledRoute, hdrs: &[(&str, &str)], query: Option<&str>) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in hdrs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let view = RequestView {
+            method: &Method::GET,
+            path: "/",
+            query,
+            headers: &h,
+        };
+        r.pick_backend(&view).unwrap().1.to_string()
+    }
+
+    #[test]
+    fn backend_rules_in_order_then_the_default_split() {
+        let r = route(
+            "canary",
+            r#"{"backends":[{"service":"v1"}],
+                "backend_rules":[
+                  {"match":{"headers":[{"name":"user-agent","regex":".*iPhone.*"}]},"backends":[{"service":"v2"}]},
+                  {"match":{"query":[{"name":"beta"}]},"backends":[{"service":"v3"}]},
+                  {"match":{"headers":[{"name":"user-agent","regex":".*"}]},"backends":[{"service":"v4"}]}]}"#,
+        );
+        assert_eq!(
+            pick(&r, &[("user-agent", "Mozilla (iPhone)")], Some("beta=1")),
+            "v2"
+        );
+        assert_eq!(
+            pick(&r, &[("user-agent", "Mozilla (X11)")], Some("beta=1")),
+            "v3"
+        );
+        assert_eq!(pick(&r, &[("user-agent", "curl")], None), "v4");
+        assert_eq!(pick(&r, &[], None), "v1");
+        // Indexes are into the flattened backend list (metrics use them).
+        assert_eq!(r.backends.len(), 4);
+    }
+
+    #[test]
+    fn sticky_keys_keep_a_user_on_one_backend_and_follow_the_weights() {
+        let r = route(
+            "sticky",
+            r#"{"backends":[{"service":"v1","weight":90},{"service":"v2","weight":10}],
+                "sticky":{"cookie":"user"}}"#,
+        );
+        let mut v2 = 0;
+        for u in 0..2000 {
+            let cookie = format!("theme=dark; user=u{u}");
+            let first = pick(&r, &[("cookie", &cookie)], None);
+            // The same user lands on the same backend every time.
+            for _ in 0..3 {
+                assert_eq!(pick(&r, &[("cookie", &cookie)], None), first);
+            }
+            v2 += usize::from(first == "v2");
+        }
+        // 10% of 2,000 users: mean 200, sd ~13.4; allow 4.5 sd.
+        assert!((140..=260).contains(&v2), "{v2} users on v2");
+        // Without the cookie: the weighted round robin.
+        let picks: Vec<String> = (0..10).map(|_| pick(&r, &[], None)).collect();
+        assert_eq!(picks.iter().filter(|p| *p == "v2").count(), 1);
     }
 }
