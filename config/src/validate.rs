@@ -316,6 +316,20 @@ fn check_regex(field: &str, src: &str, v: &mut Errors) {
     }
 }
 
+/// Headers a rewrite may not set: `host` has `rewrite.host`, and
+/// hop-by-hop headers belong to one connection.
+const HOP_BY_HOP_OR_HOST: [&str; 9] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "trailer",
+    "content-length",
+];
+
 fn validate_backends(list: &[crate::model::Backend], base: &str, v: &mut Errors) {
     let mut total = 0u64;
     for (i, b) in list.iter().enumerate() {
@@ -453,6 +467,54 @@ fn validate_route(r: &Route, v: &mut Errors) {
                 "must be 1-256 characters",
             );
             validate_value_match(q, &b, v);
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if let Some(p) = &rw.path_prefix {
+            if !p.starts_with('/') {
+                v.push("rewrite.path_prefix", "must start with '/'");
+            } else if m.path.as_ref().and_then(|p| p.prefix.as_ref()).is_none() {
+                v.push(
+                    "rewrite.path_prefix",
+                    "needs a match.path.prefix to replace",
+                );
+            }
+        }
+        if let Some(h) = &rw.host {
+            v.check(
+                "rewrite.host",
+                valid_address(h) || valid_hostname(h),
+                "must be a host name, optionally with :port",
+            );
+        }
+        for (base, edits) in [
+            ("rewrite.request_headers", &rw.request_headers),
+            ("rewrite.response_headers", &rw.response_headers),
+        ] {
+            for (name, value) in &edits.set {
+                v.check(
+                    &format!("{base}.set.{name}"),
+                    http_header_name(name) && !HOP_BY_HOP_OR_HOST.contains(&name.as_str()),
+                    "must be a lower-case HTTP header name (not host or a hop-by-hop header)",
+                );
+                v.check(
+                    &format!("{base}.set.{name}"),
+                    value
+                        .bytes()
+                        .all(|c| c == b'\t' || (0x20..0x7f).contains(&c)),
+                    "the value must be printable ASCII",
+                );
+            }
+            for (i, name) in edits.remove.iter().enumerate() {
+                v.check(
+                    &format!("{base}.remove[{i}]"),
+                    http_header_name(name),
+                    "must be a lower-case HTTP header name",
+                );
+            }
+        }
+        if r.direct_response.is_some() {
+            v.push("rewrite", "a direct_response route sends nothing upstream");
         }
     }
     if !r.backend_rules.is_empty() && r.direct_response.is_some() {
@@ -655,6 +717,36 @@ mod tests {
                 "sticky"
             ]
         );
+    }
+
+    #[test]
+    fn rewrites_are_validated_with_field_paths() {
+        let e = decode_route(
+            r#"{"match":{"path":{"exact":"/a"}},"backends":[{"service":"a"}],
+                "rewrite":{"path_prefix":"/b","host":"bad host",
+                  "request_headers":{"set":{"host":"x","x-ok":"1"}},
+                  "response_headers":{"remove":["Bad Name"]}}}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "rewrite.path_prefix",
+                "rewrite.host",
+                "rewrite.request_headers.set.host",
+                "rewrite.response_headers.remove[0]"
+            ]
+        );
+        let e = decode_route(r#"{"direct_response":{"status":200},"rewrite":{"host":"a.io"}}"#)
+            .unwrap_err();
+        assert_eq!(e.errors[0].field, "rewrite");
+        decode_route(
+            r#"{"match":{"path":{"prefix":"/public"}},"backends":[{"service":"a"}],
+                "rewrite":{"path_prefix":"/","host":"api.internal:8080",
+                  "request_headers":{"set":{"x-env":"prod"},"remove":["x-debug"]}}}"#,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -253,11 +253,17 @@ impl Proxy {
             }
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        let pq = parts
+        let mut pq = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(rw) = &route.rewrite {
+            rw.request_headers(&mut parts.headers);
+            if let Some(p) = rw.path(&pq) {
+                pq = p;
+            }
+        }
         let timeout = svc.request_timeout(route.timeouts.as_ref());
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
         // HTTP/1.1: the request itself, back unsent from a failed connect.
@@ -334,6 +340,9 @@ impl Proxy {
                     ep.on_success();
                     let (mut rp, rb) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers);
+                    if let Some(rw) = &route.rewrite {
+                        rw.response_headers(&mut rp.headers);
+                    }
                     return Response::from_parts(rp, rb);
                 }
                 Err(Attempt::Connect(error)) => {

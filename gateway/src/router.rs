@@ -191,6 +191,106 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
+/// A route's rewrites, ready to apply.
+#[derive(Debug, Default)]
+pub struct CompiledRewrite {
+    /// (matched prefix, replacement).
+    prefix: Option<(String, String)>,
+    host: Option<HeaderValue>,
+    request: Edits,
+    response: Edits,
+}
+
+#[derive(Debug, Default)]
+struct Edits {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Edits {
+    fn new(e: &meshgate_config::model::HeaderEdits) -> Edits {
+        Edits {
+            remove: e
+                .remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+            set: e
+                .set
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        }
+    }
+
+    fn apply(&self, h: &mut HeaderMap) {
+        for n in &self.remove {
+            h.remove(n);
+        }
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+impl CompiledRewrite {
+    fn new(rw: &meshgate_config::model::Rewrite, matched_prefix: Option<&str>) -> CompiledRewrite {
+        CompiledRewrite {
+            prefix: match (matched_prefix, &rw.path_prefix) {
+                (Some(m), Some(r)) => Some((m.to_string(), r.clone())),
+                _ => None,
+            },
+            host: rw
+                .host
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok()),
+            request: Edits::new(&rw.request_headers),
+            response: Edits::new(&rw.response_headers),
+        }
+    }
+
+    /// The upstream path and query after the prefix rewrite.
+    pub fn path(&self, pq: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
+        let (matched, replacement) = self.prefix.as_ref()?;
+        let rest = pq.path().strip_prefix(matched.as_str())?;
+        let mut path = String::with_capacity(replacement.len() + rest.len() + 16);
+        path.push_str(replacement);
+        // `/api` → `/` on `/api/x` gives `/x`, not `//x`.
+        if path.ends_with('/') && rest.starts_with('/') {
+            path.pop();
+        }
+        if !path.ends_with('/') && !rest.is_empty() && !rest.starts_with('/') {
+            path.push('/');
+        }
+        path.push_str(rest);
+        if path.is_empty() {
+            path.push('/');
+        }
+        if let Some(q) = pq.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        path.parse().ok()
+    }
+
+    /// Applies the request header edits and the host.
+    pub fn request_headers(&self, h: &mut HeaderMap) {
+        self.request.apply(h);
+        if let Some(host) = &self.host {
+            h.insert(http::header::HOST, host.clone());
+        }
+    }
+
+    pub fn response_headers(&self, h: &mut HeaderMap) {
+        self.response.apply(h);
+    }
+}
+
 /// What matching looks at in a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
@@ -220,6 +320,7 @@ pub struct CompiledRoute {
     sticky: Option<StickyKey>,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
+    pub rewrite: Option<CompiledRewrite>,
     /// This route's metric handles, resolved on first use so the request
     /// path does not hash label values (see `metrics::RouteStats`).
     pub stats: std::sync::OnceLock<crate::metrics::RouteStats>,
@@ -297,6 +398,9 @@ impl CompiledRoute {
                 )
             }),
             timeouts: r.timeouts,
+            rewrite: r.rewrite.as_ref().map(|rw| {
+                CompiledRewrite::new(rw, m.path.as_ref().and_then(|p| p.prefix.as_deref()))
+            }),
             stats: Default::default(),
         }
     }
@@ -314,6 +418,7 @@ impl CompiledRoute {
             }],
             backend_rules: Vec::new(),
             sticky: None,
+            rewrite: None,
             direct_response: None,
             timeouts: None,
             labels: Default::default(),
@@ -976,5 +1081,20 @@ mod tests {
         // Without the cookie: the weighted round robin.
         let picks: Vec<String> = (0..10).map(|_| pick(&r, &[], None)).collect();
         assert_eq!(picks.iter().filter(|p| *p == "v2").count(), 1);
+    }
+
+    #[test]
+    fn prefix_rewrites_keep_one_slash_and_the_query() {
+        let rw = |m: &str, r: &str| CompiledRewrite {
+            prefix: Some((m.into(), r.into())),
+            ..Default::default()
+        };
+        let p = |rw: &CompiledRewrite, pq: &str| rw.path(&pq.parse().unwrap()).unwrap().to_string();
+        assert_eq!(p(&rw("/api", "/"), "/api/x?y=1"), "/x?y=1");
+        assert_eq!(p(&rw("/api", "/"), "/api"), "/");
+        assert_eq!(p(&rw("/api/", "/v2/"), "/api/x"), "/v2/x");
+        assert_eq!(p(&rw("/api", "/v2"), "/api/x"), "/v2/x");
+        assert_eq!(p(&rw("/api", "/v2"), "/api"), "/v2");
+        assert_eq!(p(&rw("/api/", "/v2"), "/api/x"), "/v2/x");
     }
 }

@@ -204,3 +204,76 @@ async fn weighted_split_header_canary_and_sticky_users() {
     // Binomial(200, 0.5): mean 100, sd ~7.1; allow 4.5 sd.
     assert!((68..=132).contains(&on_v2), "{on_v2} of 200 users on v2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_path_host_and_headers_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo_port = free_port();
+    let _echo = Proc::spawn(
+        "echo",
+        &bin("meshgate-echo"),
+        &[
+            "--listen".into(),
+            addr(echo_port),
+            "--name".into(),
+            "echo".into(),
+        ],
+        dir.path(),
+    );
+    let yaml = format!(
+        "services:\n  api:\n    endpoints:\n      - address: 127.0.0.1:{echo_port}\nroutes:\n{}",
+        r#"  api:
+    scope: ingress
+    match:
+      path: {prefix: /public/api}
+    backends: [{service: api}]
+    rewrite:
+      path_prefix: /v2
+      host: api.internal
+      request_headers:
+        set: {x-env: prod}
+        remove: [x-debug]
+      response_headers:
+        set: {x-frame-options: DENY}
+        remove: [x-served-by]
+"#
+    );
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
+    let args: Vec<String> = vec![
+        "--standalone".into(),
+        file.to_string_lossy().into(),
+        "--listen".into(),
+        addr(mesh),
+        "--ingress-listen".into(),
+        addr(ingress),
+        "--admin-listen".into(),
+        addr(ops),
+    ];
+    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
+    wait_ready(ops).await;
+    let url = format!("http://127.0.0.1:{ingress}/public/api/orders/7?full=1");
+    wait_until(
+        "echo answers through the gateway",
+        std::time::Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move { matches!(http_get(&url, &[]).await, Ok(r) if r.status == 200) }
+        },
+    )
+    .await;
+    let r = http_get(&url, &[("x-debug", "1"), ("x-keep", "yes")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["path"], "/v2/orders/7?full=1", "{seen}");
+    let h = &seen["headers"];
+    assert_eq!(h["host"], "api.internal", "{seen}");
+    assert_eq!(h["x-env"], "prod", "{seen}");
+    assert_eq!(h["x-keep"], "yes", "{seen}");
+    assert!(h.get("x-debug").is_none(), "{seen}");
+    assert_eq!(r.header("x-frame-options"), Some("DENY"));
+    assert_eq!(r.header("x-served-by"), None);
+}
