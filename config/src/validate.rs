@@ -49,7 +49,7 @@ impl fmt::Display for Invalid {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Service),
-    Route(Route),
+    Route(Box<Route>),
     Group(Group),
     Node(Node),
     Instance(Instance),
@@ -60,7 +60,7 @@ impl Object {
     pub fn decode(key: &Key, json: &[u8]) -> Result<Object, Invalid> {
         let obj = match key.kind {
             Kind::Services => Object::Service(decode_json(key, json)?),
-            Kind::Routes => Object::Route(decode_json(key, json)?),
+            Kind::Routes => Object::Route(Box::new(decode_json(key, json)?)),
             Kind::Groups => Object::Group(decode_json(key, json)?),
             Kind::Nodes => Object::Node(decode_json(key, json)?),
             Kind::Instances => Object::Instance(decode_json(key, json)?),
