@@ -220,6 +220,12 @@ impl Balancer {
         self.levels.iter().flat_map(|l| l.endpoints.iter())
     }
 
+    /// Whether any endpoint is currently not ejected.
+    pub fn any_available(&self) -> bool {
+        let now = mono_ms();
+        self.endpoints().any(|e| e.available(now))
+    }
+
     /// The next endpoint not in `tried`. Prefers available endpoints; when
     /// every untried one is ejected, returns one anyway (better to try than
     /// to fail without trying).

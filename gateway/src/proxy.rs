@@ -31,7 +31,7 @@ use crate::headers;
 use crate::metrics::{status_class, Metrics, RouteStats};
 use crate::router::{CompiledRoute, RequestView};
 use crate::server::Peer;
-use crate::state::{ServiceRt, SharedSnapshot};
+use crate::state::{ServiceRt, SharedSnapshot, Snapshot};
 use crate::upstream::SendError;
 
 /// Which table a listener serves.
@@ -219,7 +219,7 @@ impl Proxy {
                 Some((route, index)),
             );
         };
-        let resp = self.forward(&svc, &route, req).await;
+        let resp = self.forward(svc, &snap, &route, req).await;
         (resp, Some((route, index)))
     }
 
@@ -229,7 +229,8 @@ impl Proxy {
     /// buffered body).
     async fn forward(
         &self,
-        svc: &ServiceRt,
+        primary: Arc<ServiceRt>,
+        snap: &Snapshot,
         route: &CompiledRoute,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
@@ -264,20 +265,45 @@ impl Proxy {
                 pq = p;
             }
         }
-        let timeout = svc.request_timeout(route.timeouts.as_ref());
+        let timeout = primary.request_timeout(route.timeouts.as_ref());
+        // The service's fallback, used once when none of its endpoints is
+        // available or every connect failed (one level: a fallback's own
+        // fallback is not followed, so chains cannot loop).
+        let mut fallback: Option<Arc<ServiceRt>> = primary
+            .spec
+            .fallback
+            .as_deref()
+            .and_then(|f| snap.services.get(f).cloned())
+            .filter(|f| !Arc::ptr_eq(f, &primary));
+        let mut svc = primary;
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
         // HTTP/1.1: the request itself, back unsent from a failed connect.
         let mut unsent: Option<Request<ProxyBody>> = None;
         loop {
-            let Some(ep) = svc.balancer.pick(&tried) else {
+            let exhausted = tried.len() >= self.opts.max_connect_attempts
+                || (fallback.is_some() && tried.is_empty() && !svc.balancer.any_available());
+            let picked = if exhausted {
+                None
+            } else {
+                svc.balancer.pick(&tried)
+            };
+            let Some(ep) = picked else {
+                if let Some(f) = fallback.take() {
+                    if unsent.is_some() || body.replayable() || tried.is_empty() {
+                        tracing::debug!(service = %svc.name, fallback = %f.name, "no healthy endpoint; using the fallback service");
+                        svc = f;
+                        tried.clear();
+                        continue;
+                    }
+                }
                 return if tried.is_empty() {
                     MeshError::NoHealthyEndpoint
                         .response(&format!("service {} has no endpoints", svc.name))
                 } else {
                     MeshError::UpstreamConnectFailed.response(&format!(
-                        "no connection to any of {} endpoint(s) of {}",
-                        tried.len(),
-                        svc.name
+                        "cannot connect to service {} ({} attempt(s))",
+                        svc.name,
+                        tried.len()
                     ))
                 };
             };
@@ -285,8 +311,14 @@ impl Proxy {
                 tried.push(ep);
                 continue;
             };
-            let up = match unsent.take() {
-                Some(r) => r,
+            let mut up = match unsent.take() {
+                Some(r) => {
+                    // HTTP/2 hands nothing back on failure: keep a copy.
+                    if svc.wire == Wire::Http2 && body.replayable() && parts.headers.is_empty() {
+                        parts.headers = r.headers().clone();
+                    }
+                    r
+                }
                 None => {
                     let Some(attempt_body) = body.take() else {
                         return MeshError::UpstreamConnectFailed
@@ -294,27 +326,32 @@ impl Proxy {
                     };
                     let mut up = Request::new(attempt_body);
                     *up.method_mut() = parts.method.clone();
-                    match svc.wire {
-                        Wire::Http1 => {
-                            *up.uri_mut() = Uri::from(pq.clone());
-                            // Only the first request is built from `parts`;
-                            // later attempts reuse it.
-                            *up.headers_mut() = std::mem::take(&mut parts.headers);
-                        }
-                        Wire::Http2 => {
-                            *up.uri_mut() = Uri::builder()
-                                .scheme(Scheme::HTTP)
-                                .authority(auth.clone())
-                                .path_and_query(pq.clone())
-                                .build()
-                                .expect("valid uri parts");
-                            *up.version_mut() = Version::HTTP_2;
-                            *up.headers_mut() = parts.headers.clone();
-                        }
-                    }
+                    // HTTP/1.1 hands an unsent request back, so the headers
+                    // can move; HTTP/2 may need them again for a retry.
+                    *up.headers_mut() = if svc.wire == Wire::Http2 && body.replayable() {
+                        parts.headers.clone()
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
                     up
                 }
             };
+            // The target's form depends on the wire of this attempt's service.
+            match svc.wire {
+                Wire::Http1 => {
+                    *up.uri_mut() = Uri::from(pq.clone());
+                    *up.version_mut() = Version::HTTP_11;
+                }
+                Wire::Http2 => {
+                    *up.uri_mut() = Uri::builder()
+                        .scheme(Scheme::HTTP)
+                        .authority(auth.clone())
+                        .path_and_query(pq.clone())
+                        .build()
+                        .expect("valid uri parts");
+                    *up.version_mut() = Version::HTTP_2;
+                }
+            }
             let attempt = match svc.wire {
                 Wire::Http1 => {
                     let sent = ep.h1.send(&ep.address, svc.connect_timeout, up);
@@ -353,12 +390,10 @@ impl Proxy {
                         .inc();
                     tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
                     tried.push(ep);
-                    let can_retry = unsent.is_some() || body.replayable();
-                    if tried.len() >= self.opts.max_connect_attempts || !can_retry {
+                    if unsent.is_none() && !body.replayable() {
                         return MeshError::UpstreamConnectFailed.response(&format!(
-                            "cannot connect to service {} ({} attempt(s))",
-                            svc.name,
-                            tried.len()
+                            "cannot connect to service {} and the request body cannot be replayed",
+                            svc.name
                         ));
                     }
                 }
