@@ -32,6 +32,9 @@ pub struct Service {
     /// Load-balancing policy.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// What `consistent_hash` hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
     /// Default timeouts for requests to this service.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -83,6 +86,28 @@ pub enum LoadBalancing {
     /// Smooth weighted round robin (nginx's algorithm).
     #[default]
     RoundRobin,
+    /// Power of two choices: the one of two random endpoints with fewer
+    /// requests in flight (per unit of weight).
+    LeastRequest,
+    /// Power of two choices over peak-EWMA latency × requests in flight
+    /// (linkerd2-proxy's balancer): slow endpoints get less traffic.
+    PeakEwma,
+    /// A hash ring on `hash_on`: one key, one endpoint, and few keys move
+    /// when endpoints come and go.
+    ConsistentHash,
+}
+
+/// The request value a consistent-hash service hashes (exactly one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HashOn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The client's IP address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_ip: bool,
 }
 
 /// Timeouts in milliseconds. `None` means the process default.

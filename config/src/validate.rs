@@ -284,6 +284,32 @@ fn validate_service(s: &Service, v: &mut Errors) {
         }
     }
     validate_timeouts(&s.timeouts, "timeouts.", v);
+    match (&s.load_balancing, &s.hash_on) {
+        (crate::model::LoadBalancing::ConsistentHash, None) => v.push(
+            "hash_on",
+            "consistent_hash needs hash_on: {header}, {cookie} or {source_ip: true}",
+        ),
+        (crate::model::LoadBalancing::ConsistentHash, Some(h)) => {
+            let given = usize::from(h.header.is_some())
+                + usize::from(h.cookie.is_some())
+                + usize::from(h.source_ip);
+            if given != 1 {
+                v.push(
+                    "hash_on",
+                    "give exactly one of 'header', 'cookie' and 'source_ip'",
+                );
+            }
+            if let Some(name) = &h.header {
+                v.check(
+                    "hash_on.header",
+                    http_header_name(name),
+                    "must be a lower-case HTTP header name",
+                );
+            }
+        }
+        (_, Some(_)) => v.push("hash_on", "only used with load_balancing: consistent_hash"),
+        _ => {}
+    }
 }
 
 /// Longest regex source accepted, and the compiled-size limit: routes are
@@ -747,6 +773,44 @@ mod tests {
                   "request_headers":{"set":{"x-env":"prod"},"remove":["x-debug"]}}}"#,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn load_balancing_settings_are_checked() {
+        let svc = |json: &str| {
+            Object::decode(&Key::new(Kind::Services, "s"), json.as_bytes())
+                .map_err(|e| e.errors.iter().map(|e| e.field.clone()).collect::<Vec<_>>())
+        };
+        let ep = r#""endpoints":[{"address":"127.0.0.1:1"}]"#;
+        assert_eq!(
+            svc(&format!(r#"{{{ep},"load_balancing":"consistent_hash"}}"#)).unwrap_err(),
+            ["hash_on"]
+        );
+        assert_eq!(
+            svc(&format!(
+                r#"{{{ep},"load_balancing":"consistent_hash","hash_on":{{"header":"X-User","source_ip":true}}}}"#
+            ))
+            .unwrap_err(),
+            ["hash_on", "hash_on.header"]
+        );
+        assert_eq!(
+            svc(&format!(
+                r#"{{{ep},"load_balancing":"least_request","hash_on":{{"cookie":"u"}}}}"#
+            ))
+            .unwrap_err(),
+            ["hash_on"]
+        );
+        assert_eq!(
+            svc(&format!(r#"{{{ep},"load_balancing":"fastest"}}"#)).unwrap_err(),
+            ["load_balancing"]
+        );
+        for ok in [
+            r#""load_balancing":"peak_ewma""#,
+            r#""load_balancing":"least_request""#,
+            r#""load_balancing":"consistent_hash","hash_on":{"source_ip":true}"#,
+        ] {
+            svc(&format!("{{{ep},{ok}}}")).unwrap();
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Load balancing over endpoints: smooth weighted round robin, priority
-//! levels, and passive ejection of endpoints that refuse connections.
+//! Load balancing over endpoints: smooth weighted round robin, least
+//! request and peak-EWMA latency (both by power of two choices), a
+//! consistent-hash ring, priority levels, and passive ejection of endpoints
+//! that refuse connections.
 //!
 //! The hot path is lock-free: a precomputed weighted schedule walked with an
 //! atomic counter, and atomics for each endpoint's ejection state. Endpoint
@@ -94,6 +96,11 @@ pub struct EndpointState {
     pub authority: Option<http::uri::Authority>,
     /// Idle HTTP/1.1 connections to this endpoint.
     pub h1: Arc<crate::upstream::H1Pool>,
+    /// Requests sent and not yet answered (response headers).
+    in_flight: AtomicU32,
+    /// Peak-EWMA of the time to response headers, in ns (0: no sample yet).
+    ewma_ns: AtomicU64,
+    ewma_at_ms: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
@@ -110,6 +117,9 @@ impl EndpointState {
             authority: address.parse().ok(),
             address,
             h1: Default::default(),
+            in_flight: AtomicU32::new(0),
+            ewma_ns: AtomicU64::new(0),
+            ewma_at_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -141,7 +151,56 @@ impl EndpointState {
     pub fn is_ejected(&self) -> bool {
         !self.available(mono_ms())
     }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Records the time to response headers: peak-EWMA, so a slow answer
+    /// counts at once and good ones pull the estimate down over `EWMA_DECAY`.
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let ns = rtt.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let now = mono_ms();
+        let last = self.ewma_at_ms.swap(now, Ordering::Relaxed);
+        let prev = self.ewma_ns.load(Ordering::Relaxed);
+        let next = if prev == 0 || ns > prev {
+            ns
+        } else {
+            let w = (-((now.saturating_sub(last)) as f64) / EWMA_DECAY.as_millis() as f64).exp();
+            (prev as f64 * w + ns as f64 * (1.0 - w)) as u64
+        };
+        self.ewma_ns.store(next.max(1), Ordering::Relaxed);
+    }
+
+    /// Peak-EWMA latency in ns (`EWMA_DEFAULT` before the first sample).
+    pub fn ewma_ns(&self) -> u64 {
+        match self.ewma_ns.load(Ordering::Relaxed) {
+            0 => EWMA_DEFAULT.as_nanos() as u64,
+            v => v,
+        }
+    }
 }
+
+/// A request in flight to an endpoint (see [`EndpointState::start`]).
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How fast the peak-EWMA forgets (linkerd2-proxy uses 10 s).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The latency assumed for an endpoint without samples.
+const EWMA_DEFAULT: Duration = Duration::from_millis(1);
 
 /// Endpoint states by address, shared across config changes.
 #[derive(Debug, Default)]
@@ -168,13 +227,43 @@ impl EndpointRegistry {
 
 struct Level {
     endpoints: Vec<Arc<EndpointState>>,
+    weights: Vec<u32>,
     schedule: Schedule,
+    /// Consistent hash: (point, endpoint index), sorted by point.
+    ring: Vec<(u64, u32)>,
 }
 
+/// Load-balancing policy of a [`Balancer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    PeakEwma,
+    ConsistentHash,
+}
+
+impl From<meshgate_config::model::LoadBalancing> for Policy {
+    fn from(l: meshgate_config::model::LoadBalancing) -> Policy {
+        use meshgate_config::model::LoadBalancing as L;
+        match l {
+            L::RoundRobin => Policy::RoundRobin,
+            L::LeastRequest => Policy::LeastRequest,
+            L::PeakEwma => Policy::PeakEwma,
+            L::ConsistentHash => Policy::ConsistentHash,
+        }
+    }
+}
+
+/// Virtual nodes per unit of weight on the hash ring, and the ring's cap.
+const RING_POINTS_PER_WEIGHT: u64 = 100;
+const RING_MAX: u64 = 100_000;
+
 /// Picks endpoints: the lowest priority level with an available endpoint,
-/// weighted round robin within it.
+/// and within it by the service's policy.
 pub struct Balancer {
     levels: Vec<Level>,
+    policy: Policy,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -186,8 +275,13 @@ impl std::fmt::Debug for Balancer {
 }
 
 impl Balancer {
-    /// `members`: (state, weight, priority).
+    /// `members`: (state, weight, priority); weighted round robin.
     pub fn new(members: Vec<(Arc<EndpointState>, u32, u32)>) -> Balancer {
+        Balancer::with_policy(members, Policy::RoundRobin)
+    }
+
+    /// `members`: (state, weight, priority).
+    pub fn with_policy(members: Vec<(Arc<EndpointState>, u32, u32)>, policy: Policy) -> Balancer {
         let mut prios: Vec<u32> = members.iter().map(|m| m.2).collect();
         prios.sort_unstable();
         prios.dedup();
@@ -199,13 +293,20 @@ impl Balancer {
                     .filter(|m| m.2 == p)
                     .map(|m| (m.0.clone(), m.1))
                     .unzip();
+                let ring = if policy == Policy::ConsistentHash {
+                    ring(&endpoints, &weights)
+                } else {
+                    Vec::new()
+                };
                 Level {
                     schedule: Schedule::new(&weights),
                     endpoints,
+                    weights,
+                    ring,
                 }
             })
             .collect();
-        Balancer { levels }
+        Balancer { levels, policy }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -226,12 +327,39 @@ impl Balancer {
         self.endpoints().any(|e| e.available(now))
     }
 
-    /// The next endpoint not in `tried`. Prefers available endpoints; when
-    /// every untried one is ejected, returns one anyway (better to try than
-    /// to fail without trying).
+    /// The next endpoint not in `tried` (round robin for a hash-ring
+    /// service without a key). See [`Balancer::pick_keyed`].
     pub fn pick(&self, tried: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
+        self.pick_keyed(tried, None)
+    }
+
+    /// The next endpoint not in `tried`, by the policy (`key`: the request's
+    /// hash for a consistent-hash service). Prefers available endpoints;
+    /// when every untried one is ejected, returns one anyway (better to try
+    /// than to fail without trying).
+    pub fn pick_keyed(
+        &self,
+        tried: &[Arc<EndpointState>],
+        key: Option<u64>,
+    ) -> Option<Arc<EndpointState>> {
         let now = mono_ms();
         let untried = |e: &Arc<EndpointState>| !tried.iter().any(|t| Arc::ptr_eq(t, e));
+        let usable = |e: &Arc<EndpointState>| untried(e) && e.available(now);
+        for level in &self.levels {
+            let picked = match (self.policy, key) {
+                (Policy::ConsistentHash, Some(k)) => level.on_ring(k, &usable),
+                (Policy::LeastRequest, _) => level.p2c(&usable, |e, w| {
+                    (f64::from(e.in_flight()) + 1.0) / f64::from(w.max(1))
+                }),
+                (Policy::PeakEwma, _) => level.p2c(&usable, |e, w| {
+                    e.ewma_ns() as f64 * (f64::from(e.in_flight()) + 1.0) / f64::from(w.max(1))
+                }),
+                _ => None,
+            };
+            if picked.is_some() {
+                return picked;
+            }
+        }
         let mut fallback = None;
         for level in &self.levels {
             let n = level.schedule.len();
@@ -253,6 +381,90 @@ impl Balancer {
         }
         fallback.or_else(|| self.endpoints().find(|e| untried(e)).cloned())
     }
+}
+
+impl Level {
+    /// Power of two choices: two random usable endpoints (weights as
+    /// sampling odds), the lower cost wins.
+    fn p2c(
+        &self,
+        usable: &dyn Fn(&Arc<EndpointState>) -> bool,
+        cost: impl Fn(&EndpointState, u32) -> f64,
+    ) -> Option<Arc<EndpointState>> {
+        let candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.weights[i] > 0 && usable(&self.endpoints[i]))
+            .collect();
+        let (a, b) = match candidates.len() {
+            0 => return None,
+            1 => return Some(self.endpoints[candidates[0]].clone()),
+            n => {
+                let mut rng = rand::thread_rng();
+                let a = rand::Rng::gen_range(&mut rng, 0..n);
+                let mut b = rand::Rng::gen_range(&mut rng, 0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                (candidates[a], candidates[b])
+            }
+        };
+        let ca = cost(&self.endpoints[a], self.weights[a]);
+        let cb = cost(&self.endpoints[b], self.weights[b]);
+        Some(self.endpoints[if cb < ca { b } else { a }].clone())
+    }
+
+    /// The first usable endpoint clockwise from `key` on the ring.
+    fn on_ring(
+        &self,
+        key: u64,
+        usable: &dyn Fn(&Arc<EndpointState>) -> bool,
+    ) -> Option<Arc<EndpointState>> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let start = self.ring.partition_point(|(p, _)| *p < key);
+        (0..self.ring.len())
+            .map(|i| self.ring[(start + i) % self.ring.len()].1 as usize)
+            .map(|i| &self.endpoints[i])
+            .find(|e| usable(e))
+            .cloned()
+    }
+}
+
+/// Builds a hash ring: points per endpoint in proportion to its weight,
+/// placed by hashing `address#n` (the same on every gateway).
+fn ring(endpoints: &[Arc<EndpointState>], weights: &[u32]) -> Vec<(u64, u32)> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let per_weight = RING_POINTS_PER_WEIGHT.min((RING_MAX / total).max(1));
+    let mut ring = Vec::new();
+    for (i, (e, w)) in endpoints.iter().zip(weights).enumerate() {
+        for n in 0..u64::from(*w) * per_weight {
+            ring.push((
+                stable_hash(format!("{}#{n}", e.address).as_bytes()),
+                i as u32,
+            ));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+/// A hash that is the same in every process and version (FNV-1a 64 with a
+/// final avalanche), for rings and request keys.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64 finaliser: FNV's low bits alone cluster on a ring.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
@@ -309,5 +521,94 @@ mod tests {
         let a2 = r.get("a:1");
         assert!(Arc::ptr_eq(&a1, &a2));
         assert!(a2.is_ejected());
+    }
+
+    fn members(addrs: &[&str]) -> Vec<(Arc<EndpointState>, u32, u32)> {
+        addrs
+            .iter()
+            .map(|a| (Arc::new(EndpointState::new(*a)), 1, 0))
+            .collect()
+    }
+
+    #[test]
+    fn least_request_avoids_the_busy_endpoint() {
+        let m = members(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let busy = m[0].0.clone();
+        let b = Balancer::with_policy(m, Policy::LeastRequest);
+        let _held: Vec<InFlight> = (0..5).map(|_| busy.start()).collect();
+        assert_eq!(busy.in_flight(), 5);
+        for _ in 0..300 {
+            let e = b.pick(&[]).unwrap();
+            assert!(!Arc::ptr_eq(&e, &busy), "picked the busy endpoint");
+        }
+        drop(_held);
+        assert_eq!(busy.in_flight(), 0);
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_fast_endpoint_and_reacts_to_a_slow_answer_at_once() {
+        let m = members(&["10.0.0.1:80", "10.0.0.2:80"]);
+        let (a, c) = (m[0].0.clone(), m[1].0.clone());
+        let b = Balancer::with_policy(m, Policy::PeakEwma);
+        a.observe_rtt(Duration::from_millis(50));
+        c.observe_rtt(Duration::from_millis(1));
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&b.pick(&[]).unwrap(), &c));
+        }
+        // One slow answer from the fast one: the peak counts immediately.
+        c.observe_rtt(Duration::from_millis(200));
+        assert_eq!(c.ewma_ns(), 200_000_000);
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&b.pick(&[]).unwrap(), &a));
+        }
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_balanced_and_moves_only_the_lost_keys() {
+        let addrs = [
+            "10.0.0.1:80",
+            "10.0.0.2:80",
+            "10.0.0.3:80",
+            "10.0.0.4:80",
+            "10.0.0.5:80",
+        ];
+        let b5 = Balancer::with_policy(members(&addrs), Policy::ConsistentHash);
+        // Built again (as another gateway would): same answers.
+        let again = Balancer::with_policy(members(&addrs), Policy::ConsistentHash);
+        let b4 = Balancer::with_policy(members(&addrs[..4]), Policy::ConsistentHash);
+        let mut counts = std::collections::HashMap::new();
+        let mut moved_wrongly = 0;
+        for k in 0..10_000u32 {
+            let key = stable_hash(format!("user-{k}").as_bytes());
+            let e = b5.pick_keyed(&[], Some(key)).unwrap();
+            assert_eq!(again.pick_keyed(&[], Some(key)).unwrap().address, e.address);
+            *counts.entry(e.address.clone()).or_insert(0) += 1;
+            let after = b4.pick_keyed(&[], Some(key)).unwrap();
+            if e.address != addrs[4] && after.address != e.address {
+                moved_wrongly += 1;
+            }
+        }
+        assert_eq!(moved_wrongly, 0, "keys of surviving endpoints moved");
+        for (addr, n) in &counts {
+            assert!((1_000..=3_000).contains(n), "{addr}: {n} of 10000 keys");
+        }
+    }
+
+    #[test]
+    fn consistent_hash_skips_tried_and_ejected_endpoints() {
+        let m = members(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let b = Balancer::with_policy(m, Policy::ConsistentHash);
+        let key = stable_hash(b"user-1");
+        let first = b.pick_keyed(&[], Some(key)).unwrap();
+        let second = b
+            .pick_keyed(std::slice::from_ref(&first), Some(key))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        first.on_failure();
+        let now = b.pick_keyed(&[], Some(key)).unwrap();
+        assert!(
+            Arc::ptr_eq(&now, &second),
+            "an ejected endpoint's keys go to the next one"
+        );
     }
 }

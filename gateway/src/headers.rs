@@ -124,6 +124,18 @@ fn strip_port(h: &str) -> &str {
     }
 }
 
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
 /// Whether a method is idempotent (RFC 9110 §9.2.2), so safe to replay.
 pub fn idempotent(m: &http::Method) -> bool {
     matches!(

@@ -219,7 +219,7 @@ impl Proxy {
                 Some((route, index)),
             );
         };
-        let resp = self.forward(svc, &snap, &route, req).await;
+        let resp = self.forward(svc, &snap, &route, &peer.ip, req).await;
         (resp, Some((route, index)))
     }
 
@@ -232,6 +232,7 @@ impl Proxy {
         primary: Arc<ServiceRt>,
         snap: &Snapshot,
         route: &CompiledRoute,
+        client_ip: &HeaderValue,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
@@ -275,6 +276,14 @@ impl Proxy {
             .as_deref()
             .and_then(|f| snap.services.get(f).cloned())
             .filter(|f| !Arc::ptr_eq(f, &primary));
+        // Consistent-hash keys, computed while the headers are at hand.
+        let key_of = |s: &ServiceRt| {
+            s.hash_on
+                .as_ref()
+                .and_then(|k| k.hash(&parts.headers, client_ip))
+        };
+        let mut key = key_of(&primary);
+        let fallback_key = fallback.as_deref().and_then(key_of);
         let mut svc = primary;
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
         // HTTP/1.1: the request itself, back unsent from a failed connect.
@@ -285,13 +294,14 @@ impl Proxy {
             let picked = if exhausted {
                 None
             } else {
-                svc.balancer.pick(&tried)
+                svc.balancer.pick_keyed(&tried, key)
             };
             let Some(ep) = picked else {
                 if let Some(f) = fallback.take() {
                     if unsent.is_some() || body.replayable() || tried.is_empty() {
                         tracing::debug!(service = %svc.name, fallback = %f.name, "no healthy endpoint; using the fallback service");
                         svc = f;
+                        key = fallback_key;
                         tried.clear();
                         continue;
                     }
@@ -352,6 +362,8 @@ impl Proxy {
                     *up.version_mut() = Version::HTTP_2;
                 }
             }
+            let in_flight = ep.start();
+            let sent_at = Instant::now();
             let attempt = match svc.wire {
                 Wire::Http1 => {
                     let sent = ep.h1.send(&ep.address, svc.connect_timeout, up);
@@ -372,9 +384,11 @@ impl Proxy {
                     Err(_) => Err(Attempt::Timeout),
                 },
             };
+            drop(in_flight);
             match attempt {
                 Ok(resp) => {
                     ep.on_success();
+                    ep.observe_rtt(sent_at.elapsed());
                     let (mut rp, rb) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers);
                     if let Some(rw) = &route.rewrite {

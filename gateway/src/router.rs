@@ -168,27 +168,9 @@ impl StickyKey {
     fn value<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
         match self {
             StickyKey::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()),
-            StickyKey::Cookie(name) => headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|kv| {
-                    let (k, v) = kv.trim().split_once('=')?;
-                    (k == name).then_some(v)
-                }),
+            StickyKey::Cookie(name) => crate::headers::cookie(headers, name),
         }
     }
-}
-
-/// FNV-1a: a stable hash, so every gateway sends one user to one backend.
-fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// A route's rewrites, ready to apply.
@@ -443,7 +425,7 @@ impl CompiledRoute {
             .sticky
             .as_ref()
             .and_then(|k| k.value(req.headers))
-            .map(fnv1a);
+            .map(|v| crate::balance::stable_hash(v.as_bytes()));
         let i = choice.first + choice.pick(hash)?;
         Some((i, &self.backends[i]))
     }

@@ -359,6 +359,15 @@ impl Backend {
     }
 
     pub async fn start_on(name: &str, port: u16) -> Backend {
+        Self::start_with(name, port, Duration::ZERO).await
+    }
+
+    /// A backend that waits `delay` before every answer.
+    pub async fn start_slow(name: &str, delay: Duration) -> Backend {
+        Self::start_with(name, 0, delay).await
+    }
+
+    async fn start_with(name: &str, port: u16, delay: Duration) -> Backend {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind backend");
@@ -378,6 +387,9 @@ impl Backend {
                         let (n, h, p) = (n.clone(), h.clone(), p.clone());
                         async move {
                             h.fetch_add(1, Ordering::SeqCst);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             let method = req.method().clone();
                             let path = req.uri().path().to_string();
                             let src = req
