@@ -738,21 +738,28 @@ impl Mesh {
             .unwrap_or_default()
     }
 
-    /// Waits until the sidecar's group tier has `n` members.
+    /// Waits until the sidecar's group tier has `n` members. On timeout,
+    /// prints what the sidecar sees and the processes' logs.
     pub async fn wait_group_members(&self, n: usize) {
         let url = format!("http://127.0.0.1:{}/config", self.sidecar.1.ops);
-        wait_until(
-            &format!("sidecar sees {n} group gateways"),
-            Duration::from_secs(20),
-            || {
-                let url = url.clone();
-                async move {
-                    get_json(&url)
-                        .await
-                        .is_some_and(|v| v["tiers"]["group"].as_array().map(|a| a.len()) == Some(n))
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let cfg = get_json(&url).await;
+            if cfg
+                .as_ref()
+                .is_some_and(|v| v["tiers"]["group"].as_array().map(|a| a.len()) == Some(n))
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                eprintln!("sidecar /config: {cfg:?}");
+                for p in self.gws.iter().map(|g| &g.0).chain([&self.sidecar.0]) {
+                    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                    eprintln!("--- {} log ---\n{log}", p.name);
                 }
-            },
-        )
-        .await;
+                panic!("timed out after 20s waiting for: sidecar sees {n} group gateways");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
