@@ -464,6 +464,31 @@ pub struct GatewayPorts {
     pub ops: u16,
 }
 
+/// Writes `model` (config-model YAML) to `mesh.yaml` in `dir` and starts a
+/// standalone gateway on it; returns once it is ready.
+pub async fn start_standalone(dir: &Path, model: &str) -> (Proc, GatewayPorts, PathBuf) {
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, model).unwrap();
+    let ports = GatewayPorts {
+        mesh: free_port(),
+        ingress: free_port(),
+        ops: free_port(),
+    };
+    let args: Vec<String> = vec![
+        "--standalone".into(),
+        file.to_string_lossy().into(),
+        "--listen".into(),
+        addr(ports.mesh),
+        "--ingress-listen".into(),
+        addr(ports.ingress),
+        "--admin-listen".into(),
+        addr(ports.ops),
+    ];
+    let p = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir);
+    wait_ready(ports.ops).await;
+    (p, ports, file)
+}
+
 /// Writes a gateway node config and starts the gateway.
 pub fn start_gateway(
     dir: &Path,

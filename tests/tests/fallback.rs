@@ -14,21 +14,8 @@ async fn fallback_service_serves_while_the_service_is_down() {
         "services:\n  orders:\n    endpoints:\n      - address: 127.0.0.1:{primary_port}\n    fallback: orders-backup\n  orders-backup:\n    endpoints:\n      - address: {}\nroutes:\n  orders:\n    scope: ingress\n    match:\n      path: {{prefix: /orders}}\n    backends: [{{service: orders}}]\n",
         backup.addr
     );
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
-    wait_ready(ops).await;
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let ingress = ports.ingress;
     let url = format!("http://127.0.0.1:{ingress}/orders/1");
 
     // Primary down: every request (the first one included, whose connect

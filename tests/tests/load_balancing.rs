@@ -10,22 +10,8 @@ async fn gateway(dir: &std::path::Path, services: &str) -> (Proc, u16) {
     let yaml = format!(
         "services:\n{services}routes:\n  all:\n    scope: ingress\n    match:\n      path: {{prefix: /}}\n    backends: [{{service: app}}]\n"
     );
-    let file = dir.join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let p = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir);
-    wait_ready(ops).await;
-    (p, ingress)
+    let (p, ports, _) = start_standalone(dir, &yaml).await;
+    (p, ports.ingress)
 }
 
 /// Sends `total` requests, `concurrency` at a time; counts by server.

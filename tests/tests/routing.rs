@@ -80,21 +80,8 @@ async fn regex_header_and_query_conditions_pick_the_route() {
     backends: [{service: fallback}]
 "#
     );
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
-    wait_ready(ops).await;
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let ingress = ports.ingress;
     let base = format!("http://127.0.0.1:{ingress}");
     let u = |p: &str| format!("{base}{p}");
 
@@ -164,21 +151,8 @@ async fn weighted_split_header_canary_and_sticky_users() {
     sticky: {header: x-user}
 "#
     );
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
-    wait_ready(ops).await;
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let ingress = ports.ingress;
 
     // 95/5 over 2,000 requests: 100 expected on v2. Smooth weighted round
     // robin makes it exact per cycle of 20; allow for the cycle's phase.
@@ -238,21 +212,8 @@ async fn rewrites_path_host_and_headers_both_ways() {
         remove: [x-served-by]
 "#
     );
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
-    wait_ready(ops).await;
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let ingress = ports.ingress;
     let url = format!("http://127.0.0.1:{ingress}/public/api/orders/7?full=1");
     wait_until(
         "echo answers through the gateway",

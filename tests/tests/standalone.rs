@@ -24,28 +24,12 @@ async fn yaml_edits_and_admin_puts_both_apply() {
     let dir = tempfile::tempdir().unwrap();
     let b1 = Backend::start("b1").await;
     let b2 = Backend::start("b2").await;
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "services:\n  web:\n    endpoints:\n      - address: {}\nroutes:\n  web:\n    scope: ingress\n    match:\n      path:\n        prefix: /web\n    backends:\n      - service: web\n",
-            b1.addr
-        ),
-    )
-    .unwrap();
-    let (mesh, ingress, ops) = (free_port(), free_port(), free_port());
-    let args: Vec<String> = vec![
-        "--standalone".into(),
-        file.to_string_lossy().into(),
-        "--listen".into(),
-        addr(mesh),
-        "--ingress-listen".into(),
-        addr(ingress),
-        "--admin-listen".into(),
-        addr(ops),
-    ];
-    let _gw = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir.path());
-    wait_ready(ops).await;
+    let model = format!(
+        "services:\n  web:\n    endpoints:\n      - address: {}\nroutes:\n  web:\n    scope: ingress\n    match:\n      path:\n        prefix: /web\n    backends:\n      - service: web\n",
+        b1.addr
+    );
+    let (_gw, ports, file) = start_standalone(dir.path(), &model).await;
+    let (ingress, ops) = (ports.ingress, ports.ops);
     let url = format!("http://127.0.0.1:{ingress}/web/page");
     let (out, _) = curl(&["-i", &url]);
     assert!(out.contains("x-served-by: b1"), "{out}");
