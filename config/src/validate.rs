@@ -379,6 +379,46 @@ fn validate_backends(list: &[crate::model::Backend], base: &str, v: &mut Errors)
     }
 }
 
+/// Printable ASCII (and tab): what a header value set by config may hold.
+fn header_value_ok(x: &str) -> bool {
+    x.bytes().all(|c| c == b'\t' || (0x20..0x7f).contains(&c))
+}
+
+/// Header and query conditions under `prefix` (`match.` or
+/// `backend_rules[i].match.`).
+fn validate_conditions(
+    headers: &[crate::model::ValueMatch],
+    query: &[crate::model::ValueMatch],
+    prefix: &str,
+    v: &mut Errors,
+) {
+    for (i, h) in headers.iter().enumerate() {
+        let base = format!("{prefix}headers[{i}]");
+        v.check(
+            &format!("{base}.name"),
+            http_header_name(&h.name),
+            "must be a lower-case HTTP header name",
+        );
+        if let Some(x) = &h.exact {
+            v.check(
+                &format!("{base}.exact"),
+                header_value_ok(x),
+                "must be printable ASCII (a header value)",
+            );
+        }
+        validate_value_match(h, &base, v);
+    }
+    for (i, q) in query.iter().enumerate() {
+        let base = format!("{prefix}query[{i}]");
+        v.check(
+            &format!("{base}.name"),
+            !q.name.is_empty() && q.name.len() <= 256,
+            "must be 1-256 characters",
+        );
+        validate_value_match(q, &base, v);
+    }
+}
+
 fn validate_value_match(m: &crate::model::ValueMatch, base: &str, v: &mut Errors) {
     if m.exact.is_some() && m.regex.is_some() {
         v.push(base, "give at most one of 'exact' and 'regex'");
@@ -430,31 +470,7 @@ fn validate_route(r: &Route, v: &mut Errors) {
             "must be an upper-case HTTP method such as GET",
         );
     }
-    for (i, h) in m.headers.iter().enumerate() {
-        let base = format!("match.headers[{i}]");
-        v.check(
-            &format!("{base}.name"),
-            http_header_name(&h.name),
-            "must be a lower-case HTTP header name",
-        );
-        if let Some(x) = &h.exact {
-            v.check(
-                &format!("{base}.exact"),
-                x.bytes().all(|c| c == b'\t' || (0x20..0x7f).contains(&c)),
-                "must be printable ASCII (a header value)",
-            );
-        }
-        validate_value_match(h, &base, v);
-    }
-    for (i, q) in m.query.iter().enumerate() {
-        let base = format!("match.query[{i}]");
-        v.check(
-            &format!("{base}.name"),
-            !q.name.is_empty() && q.name.len() <= 256,
-            "must be 1-256 characters",
-        );
-        validate_value_match(q, &base, v);
-    }
+    validate_conditions(&m.headers, &m.query, "match.", v);
     match (&r.backends.is_empty(), &r.direct_response) {
         (true, None) => v.push("backends", "a route needs backends or a direct_response"),
         (false, Some(_)) => v.push(
@@ -476,24 +492,12 @@ fn validate_route(r: &Route, v: &mut Errors) {
                 "give at least one header or query condition",
             );
         }
-        for (i, h) in rule.matches.headers.iter().enumerate() {
-            let b = format!("{base}match.headers[{i}]");
-            v.check(
-                &format!("{b}.name"),
-                http_header_name(&h.name),
-                "must be a lower-case HTTP header name",
-            );
-            validate_value_match(h, &b, v);
-        }
-        for (i, q) in rule.matches.query.iter().enumerate() {
-            let b = format!("{base}match.query[{i}]");
-            v.check(
-                &format!("{b}.name"),
-                !q.name.is_empty() && q.name.len() <= 256,
-                "must be 1-256 characters",
-            );
-            validate_value_match(q, &b, v);
-        }
+        validate_conditions(
+            &rule.matches.headers,
+            &rule.matches.query,
+            &format!("{base}match."),
+            v,
+        );
     }
     if let Some(rw) = &r.rewrite {
         if let Some(p) = &rw.path_prefix {
@@ -525,9 +529,7 @@ fn validate_route(r: &Route, v: &mut Errors) {
                 );
                 v.check(
                     &format!("{base}.set.{name}"),
-                    value
-                        .bytes()
-                        .all(|c| c == b'\t' || (0x20..0x7f).contains(&c)),
+                    header_value_ok(value),
                     "the value must be printable ASCII",
                 );
             }

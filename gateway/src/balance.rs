@@ -321,6 +321,12 @@ impl Balancer {
         self.levels.iter().flat_map(|l| l.endpoints.iter())
     }
 
+    /// Whether the policy uses requests in flight and latency (only then
+    /// are they tracked per request).
+    pub fn tracks_load(&self) -> bool {
+        matches!(self.policy, Policy::LeastRequest | Policy::PeakEwma)
+    }
+
     /// Whether any endpoint is currently not ejected.
     pub fn any_available(&self) -> bool {
         let now = mono_ms();
@@ -449,6 +455,44 @@ fn ring(endpoints: &[Arc<EndpointState>], weights: &[u32]) -> Vec<(u64, u32)> {
     }
     ring.sort_unstable();
     ring
+}
+
+/// The request value hashed to choose a backend or an endpoint: a route's
+/// `sticky` key or a consistent-hash service's `hash_on`.
+#[derive(Debug)]
+pub enum RequestKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    /// The client's IP address.
+    SourceIp,
+}
+
+impl RequestKey {
+    /// From the config's `{header}` / `{cookie}` / `source_ip` choice.
+    pub fn new(header: Option<&str>, cookie: Option<&str>, source_ip: bool) -> Option<RequestKey> {
+        match (header, cookie, source_ip) {
+            (Some(h), _, _) => http::HeaderName::from_bytes(h.as_bytes())
+                .ok()
+                .map(RequestKey::Header),
+            (None, Some(c), _) => Some(RequestKey::Cookie(c.to_string())),
+            (None, None, true) => Some(RequestKey::SourceIp),
+            _ => None,
+        }
+    }
+
+    /// The stable hash of the request's value, if it carries one.
+    pub fn hash(
+        &self,
+        headers: &http::HeaderMap,
+        client_ip: Option<&http::HeaderValue>,
+    ) -> Option<u64> {
+        let v: &[u8] = match self {
+            RequestKey::Header(n) => headers.get(n)?.as_bytes(),
+            RequestKey::Cookie(c) => crate::headers::cookie(headers, c)?.as_bytes(),
+            RequestKey::SourceIp => client_ip?.as_bytes(),
+        };
+        Some(stable_hash(v))
+    }
 }
 
 /// A hash that is the same in every process and version (FNV-1a 64 with a

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -32,7 +32,7 @@ use crate::metrics::{status_class, Metrics, RouteStats};
 use crate::router::{CompiledRoute, RequestView};
 use crate::server::Peer;
 use crate::state::{ServiceRt, SharedSnapshot, Snapshot};
-use crate::upstream::SendError;
+use crate::upstream::{self, Attempt, AttemptOpts};
 
 /// Which table a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,7 +280,7 @@ impl Proxy {
         let key_of = |s: &ServiceRt| {
             s.hash_on
                 .as_ref()
-                .and_then(|k| k.hash(&parts.headers, client_ip))
+                .and_then(|k| k.hash(&parts.headers, Some(client_ip)))
         };
         let mut key = key_of(&primary);
         let fallback_key = fallback.as_deref().and_then(key_of);
@@ -317,11 +317,7 @@ impl Proxy {
                     ))
                 };
             };
-            let Some(auth) = &ep.authority else {
-                tried.push(ep);
-                continue;
-            };
-            let mut up = match unsent.take() {
+            let up = match unsent.take() {
                 Some(r) => {
                     // HTTP/2 hands nothing back on failure: keep a copy.
                     if svc.wire == Wire::Http2 && body.replayable() && parts.headers.is_empty() {
@@ -346,49 +342,16 @@ impl Proxy {
                     up
                 }
             };
-            // The target's form depends on the wire of this attempt's service.
-            match svc.wire {
-                Wire::Http1 => {
-                    *up.uri_mut() = Uri::from(pq.clone());
-                    *up.version_mut() = Version::HTTP_11;
-                }
-                Wire::Http2 => {
-                    *up.uri_mut() = Uri::builder()
-                        .scheme(Scheme::HTTP)
-                        .authority(auth.clone())
-                        .path_and_query(pq.clone())
-                        .build()
-                        .expect("valid uri parts");
-                    *up.version_mut() = Version::HTTP_2;
-                }
-            }
-            let in_flight = ep.start();
-            let sent_at = Instant::now();
-            let attempt = match svc.wire {
-                Wire::Http1 => {
-                    let sent = ep.h1.send(&ep.address, svc.connect_timeout, up);
-                    match tokio::time::timeout(timeout, sent).await {
-                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
-                        Ok(Err(SendError::Connect(e, back))) => {
-                            unsent = Some(*back);
-                            Err(Attempt::Connect(e.to_string()))
-                        }
-                        Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(root_cause(&e))),
-                        Err(_) => Err(Attempt::Timeout),
-                    }
-                }
-                Wire::Http2 => match tokio::time::timeout(timeout, svc.client.request(up)).await {
-                    Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
-                    Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e))),
-                    Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
-                    Err(_) => Err(Attempt::Timeout),
-                },
+            let opts = AttemptOpts {
+                wire: svc.wire,
+                h2: &svc.client,
+                connect_timeout: svc.connect_timeout,
+                timeout,
+                track_load: svc.balancer.tracks_load(),
             };
-            drop(in_flight);
+            let attempt = upstream::attempt(&ep, opts, &pq, up).await;
             match attempt {
                 Ok(resp) => {
-                    ep.on_success();
-                    ep.observe_rtt(sent_at.elapsed());
                     let (mut rp, rb) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers);
                     if let Some(rw) = &route.rewrite {
@@ -396,7 +359,8 @@ impl Proxy {
                     }
                     return Response::from_parts(rp, rb);
                 }
-                Err(Attempt::Connect(error)) => {
+                Err(Attempt::Connect(error, back)) => {
+                    unsent = back.map(|b| *b);
                     ep.on_failure();
                     self.metrics
                         .connect_failures
@@ -426,15 +390,6 @@ impl Proxy {
             }
         }
     }
-}
-
-/// How one attempt to an endpoint failed.
-enum Attempt {
-    /// No connection: nothing was sent.
-    Connect(String),
-    /// Failed after the request was (or may have been) sent.
-    Exchange(String),
-    Timeout,
 }
 
 fn append_forwarded_for(h: &mut http::HeaderMap, ip: &HeaderValue) {

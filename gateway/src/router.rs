@@ -157,22 +157,6 @@ impl Choice {
     }
 }
 
-/// What a sticky route hashes.
-#[derive(Debug)]
-enum StickyKey {
-    Header(HeaderName),
-    Cookie(String),
-}
-
-impl StickyKey {
-    fn value<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
-        match self {
-            StickyKey::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()),
-            StickyKey::Cookie(name) => crate::headers::cookie(headers, name),
-        }
-    }
-}
-
 /// A route's rewrites, ready to apply.
 #[derive(Debug, Default)]
 pub struct CompiledRewrite {
@@ -299,7 +283,7 @@ pub struct CompiledRoute {
     default: Choice,
     /// Backend rules, tried in order.
     rules: Vec<(Conditions, Choice)>,
-    sticky: Option<StickyKey>,
+    sticky: Option<crate::balance::RequestKey>,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
     pub rewrite: Option<CompiledRewrite>,
@@ -360,16 +344,9 @@ impl CompiledRoute {
                     })
                     .collect()
             },
-            sticky: r
-                .sticky
-                .as_ref()
-                .and_then(|s| match (&s.header, &s.cookie) {
-                    (Some(h), _) => HeaderName::from_bytes(h.as_bytes())
-                        .ok()
-                        .map(StickyKey::Header),
-                    (None, Some(c)) => Some(StickyKey::Cookie(c.clone())),
-                    _ => None,
-                }),
+            sticky: r.sticky.as_ref().and_then(|s| {
+                crate::balance::RequestKey::new(s.header.as_deref(), s.cookie.as_deref(), false)
+            }),
             direct: r.direct_response.as_ref().map(|d| {
                 (
                     StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK),
@@ -421,11 +398,7 @@ impl CompiledRoute {
             .find(|(c, _)| c.hold(req))
             .map(|(_, choice)| choice)
             .unwrap_or(&self.default);
-        let hash = self
-            .sticky
-            .as_ref()
-            .and_then(|k| k.value(req.headers))
-            .map(|v| crate::balance::stable_hash(v.as_bytes()));
+        let hash = self.sticky.as_ref().and_then(|k| k.hash(req.headers, None));
         let i = choice.first + choice.pick(hash)?;
         Some((i, &self.backends[i]))
     }

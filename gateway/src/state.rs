@@ -22,7 +22,7 @@ use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
 use serde::Serialize;
 
-use crate::balance::{Balancer, EndpointRegistry};
+use crate::balance::{Balancer, EndpointRegistry, RequestKey};
 use crate::client::{Clients, HttpClient, Wire};
 use crate::router::{CompiledRoute, Router};
 
@@ -46,40 +46,9 @@ pub struct ServiceRt {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     /// What a consistent-hash service hashes.
-    pub hash_on: Option<HashKey>,
+    pub hash_on: Option<RequestKey>,
     /// The route used for a mesh request naming this service directly.
     pub implicit_route: Arc<CompiledRoute>,
-}
-
-/// The request value a consistent-hash service hashes.
-#[derive(Debug)]
-pub enum HashKey {
-    Header(http::HeaderName),
-    Cookie(String),
-    SourceIp,
-}
-
-impl HashKey {
-    fn new(h: &meshgate_config::model::HashOn) -> Option<HashKey> {
-        match (&h.header, &h.cookie, h.source_ip) {
-            (Some(n), _, _) => http::HeaderName::from_bytes(n.as_bytes())
-                .ok()
-                .map(HashKey::Header),
-            (None, Some(c), _) => Some(HashKey::Cookie(c.clone())),
-            (None, None, true) => Some(HashKey::SourceIp),
-            _ => None,
-        }
-    }
-
-    /// The request's key hash, if it carries the value.
-    pub fn hash(&self, headers: &http::HeaderMap, client_ip: &http::HeaderValue) -> Option<u64> {
-        let v: &[u8] = match self {
-            HashKey::Header(n) => headers.get(n)?.as_bytes(),
-            HashKey::Cookie(c) => crate::headers::cookie(headers, c)?.as_bytes(),
-            HashKey::SourceIp => client_ip.as_bytes(),
-        };
-        Some(crate::balance::stable_hash(v))
-    }
 }
 
 impl ServiceRt {
@@ -253,7 +222,9 @@ impl Compiler {
             name: name.into(),
             version,
             balancer: Balancer::with_policy(members, spec.load_balancing.into()),
-            hash_on: spec.hash_on.as_ref().and_then(HashKey::new),
+            hash_on: spec.hash_on.as_ref().and_then(|h| {
+                RequestKey::new(h.header.as_deref(), h.cookie.as_deref(), h.source_ip)
+            }),
             client: self.clients.get(wire, connect),
             wire,
             connect_timeout: connect,

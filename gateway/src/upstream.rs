@@ -12,6 +12,8 @@
 //! one, invisibly), and a failure after the request was written.
 //!
 //! HTTP/2 upstreams use the shared multiplexing client in [`crate::client`].
+//! [`attempt`] is one try of a request on one endpoint over either wire,
+//! shared by the gateway's and the sidecar's request paths.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,12 +21,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+use crate::balance::EndpointState;
 use crate::body::ProxyBody;
+use crate::client::{HttpClient, Wire};
+use crate::proxy::root_cause;
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -61,7 +67,7 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
-            SendError::Exchange(e) => write!(f, "{}", crate::proxy::root_cause(e)),
+            SendError::Exchange(e) => write!(f, "{}", root_cause(e)),
         }
     }
 }
@@ -174,6 +180,93 @@ impl H1Pool {
             }
         }
     }
+}
+
+/// How one attempt to an endpoint failed.
+#[derive(Debug)]
+pub enum Attempt {
+    /// No connection: nothing was sent. HTTP/1.1 hands the request back.
+    Connect(String, Option<Box<Request<ProxyBody>>>),
+    /// Failed after the request was (or may have been) sent.
+    Exchange(String),
+    /// No response headers within the timeout.
+    Timeout,
+}
+
+/// The wire and limits of one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptOpts<'a> {
+    pub wire: Wire,
+    /// The HTTP/2 client (HTTP/1.1 uses the endpoint's own pool).
+    pub h2: &'a HttpClient,
+    pub connect_timeout: Duration,
+    /// Time allowed for response headers.
+    pub timeout: Duration,
+    /// Count requests in flight and time answers on the endpoint (for
+    /// load-aware balancing).
+    pub track_load: bool,
+}
+
+/// Sends `req` to `ep`: sets the request target for the wire (origin-form
+/// through the endpoint's HTTP/1.1 pool, absolute-form through the HTTP/2
+/// client), waits for response headers, and marks the endpoint's success.
+/// Failures are for the caller to judge (eject, retry, move on).
+pub async fn attempt(
+    ep: &Arc<EndpointState>,
+    opts: AttemptOpts<'_>,
+    pq: &PathAndQuery,
+    mut req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, Attempt> {
+    match opts.wire {
+        Wire::Http1 => {
+            *req.uri_mut() = Uri::from(pq.clone());
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Wire::Http2 => {
+            let Some(auth) = &ep.authority else {
+                return Err(Attempt::Connect(
+                    format!("{} is not a valid address", ep.address),
+                    Some(Box::new(req)),
+                ));
+            };
+            *req.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(auth.clone())
+                .path_and_query(pq.clone())
+                .build()
+                .expect("valid uri parts");
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+    let in_flight = opts.track_load.then(|| ep.start());
+    let sent_at = Instant::now();
+    let result = match opts.wire {
+        Wire::Http1 => {
+            let sent = ep.h1.send(&ep.address, opts.connect_timeout, req);
+            match tokio::time::timeout(opts.timeout, sent).await {
+                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
+                Ok(Err(SendError::Connect(e, back))) => {
+                    Err(Attempt::Connect(e.to_string(), Some(back)))
+                }
+                Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(root_cause(&e))),
+                Err(_) => Err(Attempt::Timeout),
+            }
+        }
+        Wire::Http2 => match tokio::time::timeout(opts.timeout, opts.h2.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+            Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e), None)),
+            Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
+            Err(_) => Err(Attempt::Timeout),
+        },
+    };
+    drop(in_flight);
+    if result.is_ok() {
+        ep.on_success();
+        if opts.track_load {
+            ep.observe_rtt(sent_at.elapsed());
+        }
+    }
+    result
 }
 
 /// A response body from a pooled connection: returns the connection to

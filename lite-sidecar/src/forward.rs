@@ -15,18 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use meshgate_config::model::now_ms;
 use meshgate_config::sync::{Source, SyncStatus};
 use meshgate_gateway::body::{ProxyBody, ReplayBody};
 use meshgate_gateway::client::HttpClient;
+use meshgate_gateway::client::Wire;
 use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
 use meshgate_gateway::headers;
 use meshgate_gateway::metrics::{status_class, Metrics};
-use meshgate_gateway::proxy::root_cause;
-use meshgate_gateway::upstream::SendError;
+use meshgate_gateway::upstream::{self, Attempt, AttemptOpts};
 use tokio::sync::watch;
 
 use crate::policy::{SharedPolicy, Tier};
@@ -169,10 +169,11 @@ impl Forwarder {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let version = if parts.version == Version::HTTP_2 {
-            Version::HTTP_2
+        // The app's protocol is kept on the way to the gateway.
+        let wire = if parts.version == Version::HTTP_2 {
+            Wire::Http2
         } else {
-            Version::HTTP_11
+            Wire::Http1
         };
         // HTTP/1.1: the request itself, back unsent from a failed connect.
         let mut unsent: Option<Request<ProxyBody>> = None;
@@ -188,10 +189,6 @@ impl Forwarder {
             let mut tried = Vec::new();
             while let Some(member) = tier.members.pick(&tried) {
                 tried_any = true;
-                let Some(auth) = member.authority.clone() else {
-                    tried.push(member);
-                    continue;
-                };
                 let up = match unsent.take() {
                     Some(r) => r,
                     None => {
@@ -204,47 +201,31 @@ impl Forwarder {
                         };
                         let mut up = Request::new(attempt);
                         *up.method_mut() = parts.method.clone();
-                        *up.uri_mut() = if version == Version::HTTP_2 {
-                            Uri::builder()
-                                .scheme(Scheme::HTTP)
-                                .authority(auth)
-                                .path_and_query(pq.clone())
-                                .build()
-                                .expect("valid uri parts")
-                        } else {
-                            Uri::from(pq.clone())
-                        };
-                        *up.version_mut() = version;
                         *up.headers_mut() = parts.headers.clone();
                         up
                     }
                 };
-                let attempt = if version == Version::HTTP_2 {
-                    match tokio::time::timeout(self.request_timeout, self.h2.request(up)).await {
-                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
-                        Ok(Err(e)) if e.is_connect() => Err(Some(root_cause(&e))),
-                        Ok(Err(e)) => Err(None).inspect_err(|_: &Option<String>| {
-                            tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
-                        }),
-                        Err(_) => return self.timed_out(dest, tier.name),
+                let opts = AttemptOpts {
+                    wire,
+                    h2: &self.h2,
+                    connect_timeout: self.connect_timeout,
+                    timeout: self.request_timeout,
+                    track_load: false,
+                };
+                let attempt = match upstream::attempt(&member, opts, &pq, up).await {
+                    Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
+                    Err(Attempt::Connect(error, back)) => {
+                        unsent = back.map(|b| *b);
+                        Err(Some(error))
                     }
-                } else {
-                    let sent = member.h1.send(&member.address, self.connect_timeout, up);
-                    match tokio::time::timeout(self.request_timeout, sent).await {
-                        Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
-                        Ok(Err(SendError::Connect(e, back))) => {
-                            unsent = Some(*back);
-                            Err(Some(e.to_string()))
-                        }
-                        Ok(Err(e @ SendError::Exchange(_))) => Err(None).inspect_err(|_: &Option<String>| {
-                            tracing::debug!(tier = tier.name, member = %member.address, error = %e, "gateway exchange failed");
-                        }),
-                        Err(_) => return self.timed_out(dest, tier.name),
+                    Err(Attempt::Exchange(error)) => {
+                        tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway exchange failed");
+                        Err(None)
                     }
+                    Ok(resp) => Ok(resp),
                 };
                 match attempt {
                     Ok(resp) => {
-                        member.on_success();
                         let (mut rp, rb) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rp.headers);
                         rp.headers
