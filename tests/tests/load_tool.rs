@@ -74,8 +74,14 @@ async fn a_backend_killed_mid_run_is_timed() {
     c.duration = Duration::from_millis(1500);
     c.timeout = Duration::from_millis(500);
     let start = Instant::now();
-    let load = tokio::spawn(run(c, Arc::new(Progress::default())));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let progress = Arc::new(Progress::default());
+    let load = tokio::spawn(run(c, progress.clone()));
+    // Kill once traffic is flowing (100 answers: half a second at 200/s).
+    wait_until("100 answers", Duration::from_secs(10), || {
+        let p = progress.clone();
+        async move { p.done.load(std::sync::atomic::Ordering::Relaxed) >= 100 }
+    })
+    .await;
     let killed_at = start.elapsed().as_secs_f64() * 1000.0;
     echo.kill();
     let r = load.await.unwrap();
