@@ -200,12 +200,6 @@ impl Proxy {
             }
             return (resp, Some((route, 0)));
         }
-        let view = RequestView {
-            method: req.method(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-        };
         let Some((index, backend)) = route.pick_backend(&view) else {
             return (
                 MeshError::NoHealthyEndpoint.response("route has no weighted backend"),
