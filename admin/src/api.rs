@@ -268,7 +268,7 @@ pub async fn delete(
 /// Kinds whose objects may refer to an object of `kind`.
 fn referring_kinds(kind: Kind) -> &'static [Kind] {
     match kind {
-        Kind::Services => &[Kind::Routes, Kind::Services],
+        Kind::Services => &[Kind::Routes, Kind::TcpRoutes, Kind::Services],
         Kind::Groups => &[Kind::Services],
         _ => &[],
     }

@@ -7,6 +7,7 @@ use std::fmt;
 pub enum Kind {
     Services,
     Routes,
+    TcpRoutes,
     Groups,
     Nodes,
     Instances,
@@ -15,12 +16,13 @@ pub enum Kind {
 impl Kind {
     /// Config kinds, managed through the admin API, in dependency order
     /// (a route refers to services, a service to a group).
-    pub const CONFIG: [Kind; 3] = [Kind::Groups, Kind::Services, Kind::Routes];
+    pub const CONFIG: [Kind; 4] = [Kind::Groups, Kind::Services, Kind::Routes, Kind::TcpRoutes];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Services => "services",
             Kind::Routes => "routes",
+            Kind::TcpRoutes => "tcp_routes",
             Kind::Groups => "groups",
             Kind::Nodes => "nodes",
             Kind::Instances => "instances",
@@ -31,6 +33,7 @@ impl Kind {
         Some(match s {
             "services" => Kind::Services,
             "routes" => Kind::Routes,
+            "tcp_routes" => Kind::TcpRoutes,
             "groups" => Kind::Groups,
             "nodes" => Kind::Nodes,
             "instances" => Kind::Instances,
@@ -41,7 +44,10 @@ impl Kind {
     /// Config kinds are written by operators; runtime kinds by the
     /// processes themselves, under leases.
     pub fn is_config(self) -> bool {
-        matches!(self, Kind::Services | Kind::Routes | Kind::Groups)
+        matches!(
+            self,
+            Kind::Services | Kind::Routes | Kind::TcpRoutes | Kind::Groups
+        )
     }
 
     /// The key prefix of every object of this kind, e.g. `services/`.

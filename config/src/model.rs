@@ -41,8 +41,198 @@ pub struct Service {
     /// Service to use when this one has no healthy endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Active health checking of the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Passive health: eject endpoints that keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Limits on what this gateway sends to the service at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Default retry policy of routes to this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+}
+
+/// Active health checks: an HTTP request or a TCP connect to every
+/// endpoint, every `interval_ms`, from the moment the service is
+/// configured. An endpoint turns unhealthy after `unhealthy_threshold`
+/// failed checks in a row and healthy again after `healthy_threshold`
+/// passed ones; the first result after (re)configuration counts at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Check with an HTTP/1.1 GET (exactly one of `http` and `tcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// Check that a TCP connection can be made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp: bool,
+    #[serde(default = "default_hc_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// The HTTP request of a health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub path: String,
+    /// Statuses that pass (default: any 2xx).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_statuses: Vec<u16>,
+    /// The `Host` header sent (default: the endpoint address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+fn default_hc_interval() -> u64 {
+    5_000
+}
+fn default_hc_timeout() -> u64 {
+    1_000
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+/// Passive outlier detection (Envoy's model): an endpoint that fails
+/// `consecutive_5xx` (any 5xx answer or gateway failure) or
+/// `consecutive_gateway_failure` (connect failure, reset, timeout, 502, 503,
+/// 504) times in a row is ejected for `base_ejection_ms` × the number of
+/// times it has been ejected, at most `max_ejection_ms`; never more than
+/// `max_ejection_percent` of the endpoints at once (but always at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default = "default_consecutive")]
+    pub consecutive_5xx: u32,
+    #[serde(default = "default_consecutive")]
+    pub consecutive_gateway_failure: u32,
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_ms: u64,
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_ms: u64,
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: default_consecutive(),
+            consecutive_gateway_failure: default_consecutive(),
+            base_ejection_ms: default_base_ejection(),
+            max_ejection_ms: default_max_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_base_ejection() -> u64 {
+    30_000
+}
+fn default_max_ejection() -> u64 {
+    300_000
+}
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+
+/// Per-service limits of one gateway process. A request over a limit is
+/// answered at once with 503 `x-mesh-error: circuit_open`; a retry over
+/// `max_retries` is not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Open HTTP/1.1 connections to the service's endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection (when `max_connections` is reached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight (until their response body ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+/// When and how often a failed request is tried again, on another
+/// endpoint. A refused connection is always tried elsewhere (nothing was
+/// sent); this policy covers what happens after a request was sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0..=10).
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Retry when the connection breaks after the request was sent.
+    #[serde(default = "default_true")]
+    pub on_reset: bool,
+    /// Retry when an attempt gets no answer within `timeouts.per_try_ms`.
+    #[serde(default = "default_true")]
+    pub on_per_try_timeout: bool,
+    /// Upstream statuses that are retried (e.g. `[503]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<u16>,
+    /// Also retry non-idempotent methods (POST, PATCH). Off by default: only
+    /// GET, HEAD, OPTIONS, PUT, DELETE and TRACE are retried, or requests
+    /// marked `x-mesh-retryable: true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
+    /// Retries allowed on top of the live traffic.
+    #[serde(default)]
+    pub budget: RetryBudget,
+}
+
+/// A retry budget (linkerd2-proxy's): over a 10-second window, retries may
+/// add at most `percent` % of the requests, plus `min_per_s` per second, so
+/// that retries cannot multiply an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    #[serde(default = "default_budget_percent")]
+    pub percent: u32,
+    #[serde(default = "default_budget_min")]
+    pub min_per_s: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: default_budget_percent(),
+            min_per_s: default_budget_min(),
+        }
+    }
+}
+
+fn default_retry_attempts() -> u32 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_budget_min() -> u32 {
+    10
 }
 
 /// One endpoint of a service.
@@ -117,9 +307,18 @@ pub struct Timeouts {
     /// Time to establish a TCP connection to an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_ms: Option<u64>,
-    /// Time from sending the request until the response headers arrive.
+    /// The whole request: from its arrival until the response headers,
+    /// retries included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_ms: Option<u64>,
+    /// One attempt: from sending it until the response headers (default:
+    /// the whole `request_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_ms: Option<u64>,
+    /// A response body, WebSocket or TCP stream with no data for this long
+    /// is closed (default: none for HTTP, 1 hour for tunnels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 // === routes ===
@@ -164,9 +363,26 @@ pub struct Route {
     /// Answer directly from the gateway instead of proxying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<DirectResponse>,
-    /// Overrides the service's timeouts.
+    /// Overrides the service's timeouts (each field set replaces the
+    /// service's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    /// Overrides the service's retry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+/// An L4 route: a TCP port on the ingress gateways whose connections are
+/// proxied, byte for byte, to a service's endpoints (load balancing,
+/// health checks, outlier ejection and connect fail-over as for HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// The port listened on, on the ingress listener's address.
+    pub port: u16,
+    pub service: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
 }

@@ -48,8 +48,9 @@ impl fmt::Display for Invalid {
 /// A decoded, validated object of any kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Service),
+    Service(Box<Service>),
     Route(Box<Route>),
+    TcpRoute(TcpRoute),
     Group(Group),
     Node(Node),
     Instance(Instance),
@@ -59,8 +60,9 @@ impl Object {
     /// Decodes and validates the JSON value stored at `key`.
     pub fn decode(key: &Key, json: &[u8]) -> Result<Object, Invalid> {
         let obj = match key.kind {
-            Kind::Services => Object::Service(decode_json(key, json)?),
+            Kind::Services => Object::Service(Box::new(decode_json(key, json)?)),
             Kind::Routes => Object::Route(Box::new(decode_json(key, json)?)),
+            Kind::TcpRoutes => Object::TcpRoute(decode_json(key, json)?),
             Kind::Groups => Object::Group(decode_json(key, json)?),
             Kind::Nodes => Object::Node(decode_json(key, json)?),
             Kind::Instances => Object::Instance(decode_json(key, json)?),
@@ -75,6 +77,10 @@ impl Object {
         match self {
             Object::Service(s) => validate_service(s, &mut v),
             Object::Route(r) => validate_route(r, &mut v),
+            Object::TcpRoute(t) => {
+                v.check("port", t.port > 0, "must be from 1 to 65535");
+                v.check("service", valid_name(&t.service), NAME_MSG);
+            }
             Object::Group(g) => validate_group(g, &mut v),
             Object::Node(n) => {
                 if let Some(a) = &n.address {
@@ -97,6 +103,7 @@ impl Object {
         let r = match self {
             Object::Service(x) => serde_json::to_vec(x),
             Object::Route(x) => serde_json::to_vec(x),
+            Object::TcpRoute(x) => serde_json::to_vec(x),
             Object::Group(x) => serde_json::to_vec(x),
             Object::Node(x) => serde_json::to_vec(x),
             Object::Instance(x) => serde_json::to_vec(x),
@@ -124,6 +131,9 @@ impl Object {
                     out.extend(refs(format!("backend_rules[{j}]."), &rule.backends));
                 }
                 out
+            }
+            Object::TcpRoute(t) => {
+                vec![("service".to_string(), Key::new(Kind::Services, &t.service))]
             }
             Object::Service(s) => {
                 let mut refs = Vec::new();
@@ -248,7 +258,12 @@ fn valid_hostname(h: &str) -> bool {
 }
 
 fn validate_timeouts(t: &Timeouts, base: &str, v: &mut Errors) {
-    for (name, val) in [("connect_ms", t.connect_ms), ("request_ms", t.request_ms)] {
+    for (name, val) in [
+        ("connect_ms", t.connect_ms),
+        ("request_ms", t.request_ms),
+        ("per_try_ms", t.per_try_ms),
+        ("idle_ms", t.idle_ms),
+    ] {
         if let Some(ms) = val {
             v.check(
                 &format!("{base}{name}"),
@@ -284,6 +299,47 @@ fn validate_service(s: &Service, v: &mut Errors) {
         }
     }
     validate_timeouts(&s.timeouts, "timeouts.", v);
+    if let Some(h) = &s.health_check {
+        validate_health_check(h, v);
+    }
+    if let Some(o) = &s.outlier_detection {
+        validate_outlier(o, v);
+    }
+    if let Some(c) = &s.circuit_breaker {
+        for (name, val) in [
+            ("max_connections", c.max_connections),
+            ("max_pending_requests", c.max_pending_requests),
+            ("max_requests", c.max_requests),
+            ("max_retries", c.max_retries),
+        ] {
+            if let Some(n) = val {
+                v.check(
+                    &format!("circuit_breaker.{name}"),
+                    n <= 1_000_000,
+                    "must be at most 1000000",
+                );
+            }
+        }
+        if c.max_pending_requests.is_some() && c.max_connections.is_none() {
+            v.push(
+                "circuit_breaker.max_pending_requests",
+                "only used with max_connections (requests wait for a connection)",
+            );
+        }
+    }
+    if let Some(r) = &s.retry {
+        validate_retry(r, "retry.", v);
+    }
+    if s.protocol == Protocol::Tcp {
+        if let Some(h) = &s.health_check {
+            if h.http.is_some() {
+                v.push(
+                    "health_check.http",
+                    "a tcp service is checked with tcp: true",
+                );
+            }
+        }
+    }
     match (&s.load_balancing, &s.hash_on) {
         (crate::model::LoadBalancing::ConsistentHash, None) => v.push(
             "hash_on",
@@ -310,6 +366,125 @@ fn validate_service(s: &Service, v: &mut Errors) {
         (_, Some(_)) => v.push("hash_on", "only used with load_balancing: consistent_hash"),
         _ => {}
     }
+}
+
+fn validate_health_check(h: &HealthCheck, v: &mut Errors) {
+    match (&h.http, h.tcp) {
+        (Some(_), true) | (None, false) => {
+            v.push("health_check", "give exactly one of 'http' and 'tcp: true'")
+        }
+        _ => {}
+    }
+    if let Some(c) = &h.http {
+        v.check(
+            "health_check.http.path",
+            c.path.starts_with('/') && header_value_ok(&c.path) && !c.path.contains(' '),
+            "must start with '/' and hold no spaces or control characters",
+        );
+        for (i, s) in c.expected_statuses.iter().enumerate() {
+            v.check(
+                &format!("health_check.http.expected_statuses[{i}]"),
+                (100..=599).contains(s),
+                "must be an HTTP status from 100 to 599",
+            );
+        }
+        if let Some(host) = &c.host {
+            v.check(
+                "health_check.http.host",
+                !host.is_empty() && header_value_ok(host),
+                "must be a non-empty header value",
+            );
+        }
+    }
+    v.check(
+        "health_check.interval_ms",
+        (100..=MAX_TIMEOUT_MS).contains(&h.interval_ms),
+        "must be from 100 to 3600000",
+    );
+    v.check(
+        "health_check.timeout_ms",
+        (1..=MAX_TIMEOUT_MS).contains(&h.timeout_ms),
+        "must be from 1 to 3600000",
+    );
+    if h.timeout_ms > h.interval_ms {
+        v.push("health_check.timeout_ms", "must not exceed interval_ms");
+    }
+    for (name, n) in [
+        ("healthy_threshold", h.healthy_threshold),
+        ("unhealthy_threshold", h.unhealthy_threshold),
+    ] {
+        v.check(
+            &format!("health_check.{name}"),
+            (1..=100).contains(&n),
+            "must be from 1 to 100",
+        );
+    }
+}
+
+fn validate_outlier(o: &OutlierDetection, v: &mut Errors) {
+    for (name, n) in [
+        ("consecutive_5xx", o.consecutive_5xx),
+        ("consecutive_gateway_failure", o.consecutive_gateway_failure),
+    ] {
+        v.check(
+            &format!("outlier_detection.{name}"),
+            n <= 1000,
+            "must be from 0 (off) to 1000",
+        );
+    }
+    v.check(
+        "outlier_detection.base_ejection_ms",
+        (1..=MAX_TIMEOUT_MS).contains(&o.base_ejection_ms),
+        "must be from 1 to 3600000",
+    );
+    v.check(
+        "outlier_detection.max_ejection_ms",
+        (1..=MAX_TIMEOUT_MS).contains(&o.max_ejection_ms),
+        "must be from 1 to 3600000",
+    );
+    if o.max_ejection_ms < o.base_ejection_ms {
+        v.push(
+            "outlier_detection.max_ejection_ms",
+            "must not be less than base_ejection_ms",
+        );
+    }
+    v.check(
+        "outlier_detection.max_ejection_percent",
+        o.max_ejection_percent <= 100,
+        "must be from 0 to 100",
+    );
+}
+
+/// The methods retried without `non_idempotent`.
+pub const IDEMPOTENT_METHODS: [&str; 6] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"];
+
+fn validate_retry(r: &RetryPolicy, base: &str, v: &mut Errors) {
+    v.check(
+        &format!("{base}attempts"),
+        r.attempts <= 10,
+        "must be from 0 to 10",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in r.statuses.iter().enumerate() {
+        v.check(
+            &format!("{base}statuses[{i}]"),
+            (500..=599).contains(s),
+            "only 5xx statuses are retried (500 to 599)",
+        );
+        if !seen.insert(*s) {
+            v.push(&format!("{base}statuses[{i}]"), "duplicate status");
+        }
+    }
+    v.check(
+        &format!("{base}budget.percent"),
+        r.budget.percent <= 1000,
+        "must be from 0 to 1000",
+    );
+    v.check(
+        &format!("{base}budget.min_per_s"),
+        r.budget.min_per_s <= 100_000,
+        "must be from 0 to 100000",
+    );
 }
 
 /// Longest regex source accepted, and the compiled-size limit: routes are
@@ -574,6 +749,9 @@ fn validate_route(r: &Route, v: &mut Errors) {
             (200..=599).contains(&d.status),
             "must be an HTTP status from 200 to 599",
         );
+    }
+    if let Some(rp) = &r.retry {
+        validate_retry(rp, "retry.", v);
     }
     if let Some(t) = &r.timeouts {
         validate_timeouts(t, "timeouts.", v);

@@ -9,7 +9,7 @@
 //! does not forget that an endpoint is down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,32 @@ pub struct EndpointState {
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Outlier detection: answers in a row that were 5xx / gateway failures.
+    consecutive_5xx: AtomicU32,
+    consecutive_gw: AtomicU32,
+    /// Times ejected by outlier detection (the ejection time multiplier).
+    outlier_ejections: AtomicU32,
+    /// Active health: [`Health`] as u8.
+    health: AtomicU8,
+}
+
+/// The active health-check verdict of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Not checked (no health check configured, or no result yet).
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+/// What an attempt to an endpoint came to, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer with this status.
+    Status(u16),
+    /// Connect failure, reset or timeout.
+    GatewayFailure,
 }
 
 /// Base ejection time; doubles with each consecutive ejection.
@@ -123,11 +149,77 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gw: AtomicU32::new(0),
+            outlier_ejections: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
         }
     }
 
+    /// Not ejected and not failing its health check.
     pub fn available(&self, now_ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+            && self.health.load(Ordering::Relaxed) != Health::Unhealthy as u8
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub fn set_health(&self, h: Health) {
+        self.health.store(h as u8, Ordering::Relaxed);
+    }
+
+    /// Until when (mono ms) the endpoint is ejected; 0 when it is not.
+    pub fn ejected_until_ms(&self) -> u64 {
+        let t = self.ejected_until_ms.load(Ordering::Relaxed);
+        if t > mono_ms() {
+            t
+        } else {
+            0
+        }
+    }
+
+    /// Feeds outlier detection with the outcome of one attempt. Returns
+    /// `true` when this outcome crossed a threshold and the endpoint should
+    /// be ejected (the caller checks the ejection cap, then calls
+    /// [`EndpointState::eject_outlier`]).
+    pub fn record_outcome(&self, outcome: Outcome, cfg: &crate::resilience::Outlier) -> bool {
+        let (is_5xx, is_gw) = match outcome {
+            Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
+            Outcome::GatewayFailure => (true, true),
+        };
+        let bump = |c: &AtomicU32, hit: bool| -> u32 {
+            if hit {
+                c.fetch_add(1, Ordering::Relaxed) + 1
+            } else {
+                if c.load(Ordering::Relaxed) != 0 {
+                    c.store(0, Ordering::Relaxed);
+                }
+                0
+            }
+        };
+        let n5 = bump(&self.consecutive_5xx, is_5xx);
+        let ngw = bump(&self.consecutive_gw, is_gw);
+        (cfg.consecutive_5xx > 0 && n5 >= cfg.consecutive_5xx)
+            || (cfg.consecutive_gateway_failure > 0 && ngw >= cfg.consecutive_gateway_failure)
+    }
+
+    /// Ejects for `base` × the number of outlier ejections so far (at most
+    /// `max`) and starts counting afresh.
+    pub fn eject_outlier(&self, cfg: &crate::resilience::Outlier) {
+        let n = u64::from(self.outlier_ejections.fetch_add(1, Ordering::Relaxed)) + 1;
+        let ms = (cfg.base_ejection.as_millis() as u64)
+            .saturating_mul(n)
+            .min(cfg.max_ejection.as_millis() as u64);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gw.store(0, Ordering::Relaxed);
+        self.ejected_until_ms
+            .store(mono_ms() + ms, Ordering::Relaxed);
     }
 
     /// A connection could not be made (or broke before use): eject for a
@@ -325,6 +417,18 @@ impl Balancer {
     /// are they tracked per request).
     pub fn tracks_load(&self) -> bool {
         matches!(self.policy, Policy::LeastRequest | Policy::PeakEwma)
+    }
+
+    /// Whether one more endpoint may be ejected without going over
+    /// `max_percent` of the endpoints ejected at once (one always may).
+    pub fn may_eject(&self, max_percent: u32) -> bool {
+        let now = mono_ms();
+        let total = self.len();
+        let ejected = self
+            .endpoints()
+            .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .count();
+        ejected == 0 || (ejected + 1) * 100 <= total * max_percent as usize
     }
 
     /// Whether any endpoint is currently not ejected.

@@ -1,9 +1,13 @@
 //! The body types on the proxy path: a streamed hyper body, a response
 //! from a pooled upstream connection, or a buffered one (replayable for
-//! retries and fail-over), without boxing.
+//! retries and fail-over), without boxing; and, only when a service asks
+//! for it, a body that holds a circuit-breaker slot until it ends and
+//! fails when idle too long.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,22 +24,28 @@ pub enum ProxyBody {
     Upstream(UpstreamBody),
     /// In memory.
     Full(Full<Bytes>),
+    /// Another body with a breaker slot and/or an idle timeout.
+    Guarded(Box<Guarded>),
 }
+
+/// The error of a body on the proxy path.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Full(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| Ok(r.unwrap_or_else(|never| match never {})))),
+            ProxyBody::Guarded(g) => g.poll(cx),
         }
     }
 
@@ -44,6 +54,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Guarded(g) => g.inner.is_end_stream(),
         }
     }
 
@@ -52,6 +63,79 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Guarded(g) => g.inner.size_hint(),
+        }
+    }
+}
+
+/// A body that keeps `hold` (a breaker slot) until it ends or is dropped,
+/// and fails when no frame arrives for `idle`.
+pub struct Guarded {
+    inner: ProxyBody,
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    hold: Option<crate::resilience::Admitted>,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded")
+            .field("idle", &self.idle.as_ref().map(|i| i.0))
+            .finish()
+    }
+}
+
+/// A body stream idle for longer than its timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?}: idle timeout")]
+pub struct IdleTimeout(pub Duration);
+
+impl Guarded {
+    /// Wraps `inner`; returns it as is when there is nothing to guard.
+    pub fn wrap(
+        inner: ProxyBody,
+        idle: Option<Duration>,
+        hold: Option<crate::resilience::Admitted>,
+    ) -> ProxyBody {
+        if idle.is_none() && hold.is_none() {
+            return inner;
+        }
+        ProxyBody::Guarded(Box::new(Guarded {
+            inner,
+            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            hold,
+        }))
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some((d, sleep)) = &mut self.idle {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *d);
+                }
+                if self.inner.is_end_stream() {
+                    self.hold = None;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(other) => {
+                self.hold = None;
+                self.idle = None;
+                Poll::Ready(other)
+            }
+            Poll::Pending => {
+                let fired = match &mut self.idle {
+                    Some((d, sleep)) => sleep.as_mut().poll(cx).is_ready().then_some(*d),
+                    None => None,
+                };
+                match fired {
+                    Some(d) => {
+                        self.idle = None;
+                        self.hold = None;
+                        Poll::Ready(Some(Err(Box::new(IdleTimeout(d)))))
+                    }
+                    None => Poll::Pending,
+                }
+            }
         }
     }
 }

@@ -36,6 +36,8 @@ pub enum MeshError {
     PayloadTooLarge,
     /// The process is shutting down (503).
     ShuttingDown,
+    /// A circuit-breaker limit of the service is reached (503).
+    CircuitOpen,
 }
 
 impl MeshError {
@@ -52,21 +54,83 @@ impl MeshError {
             MeshError::BadRequest => "bad_request",
             MeshError::PayloadTooLarge => "payload_too_large",
             MeshError::ShuttingDown => "shutting_down",
+            MeshError::CircuitOpen => "circuit_open",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             MeshError::NoRoute => StatusCode::NOT_FOUND,
-            MeshError::NoHealthyEndpoint | MeshError::NotReady | MeshError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            MeshError::NoHealthyEndpoint
+            | MeshError::NotReady
+            | MeshError::ShuttingDown
+            | MeshError::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamConnectFailed | MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
             MeshError::NoDestination | MeshError::BadRequest => StatusCode::BAD_REQUEST,
             MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
+    }
+
+    /// The gRPC status code a gRPC caller gets for this error.
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            // UNIMPLEMENTED: nothing serves this method here.
+            MeshError::NoRoute => 12,
+            MeshError::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            MeshError::LoopDetected => 10,   // ABORTED
+            MeshError::NoDestination | MeshError::BadRequest => 3, // INVALID_ARGUMENT
+            MeshError::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
+            MeshError::NoHealthyEndpoint
+            | MeshError::UpstreamConnectFailed
+            | MeshError::UpstreamReset
+            | MeshError::NotReady
+            | MeshError::ShuttingDown
+            | MeshError::CircuitOpen => 14, // UNAVAILABLE
+        }
+    }
+
+    /// The reason code named in an `x-mesh-error` header value.
+    pub fn from_code(code: &[u8]) -> Option<MeshError> {
+        use MeshError::*;
+        [
+            NoRoute,
+            NoHealthyEndpoint,
+            UpstreamConnectFailed,
+            UpstreamReset,
+            UpstreamTimeout,
+            LoopDetected,
+            NotReady,
+            NoDestination,
+            BadRequest,
+            PayloadTooLarge,
+            ShuttingDown,
+            CircuitOpen,
+        ]
+        .into_iter()
+        .find(|e| e.code().as_bytes() == code)
+    }
+
+    /// The synthetic error as a gRPC "trailers-only" response: HTTP 200,
+    /// `grpc-status` and `grpc-message` in the headers, no body; still
+    /// marked with `x-mesh-error`.
+    pub fn grpc_response(self, message: &str) -> Response<ProxyBody> {
+        let mut resp = Response::new(crate::body::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
+        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+            h.insert("grpc-message", v);
+        }
+        h.insert(X_MESH_ERROR, HeaderValue::from_static(self.code()));
+        resp
     }
 
     /// The synthetic response, with a human message.
@@ -84,6 +148,20 @@ impl MeshError {
     }
 }
 
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII except
+/// `%` as is, everything else as `%XX` of its UTF-8 bytes.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +172,18 @@ mod tests {
         assert_eq!(r.status(), 404);
         assert_eq!(r.headers()[X_MESH_ERROR], "no_route");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn grpc_errors_are_trailers_only_statuses() {
+        let r = MeshError::UpstreamTimeout.grpc_response("no answer in 5%");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(r.headers()["grpc-message"], "no answer in 5%25");
+        assert_eq!(r.headers()[X_MESH_ERROR], "upstream_timeout");
+        assert_eq!(
+            MeshError::from_code(b"circuit_open"),
+            Some(MeshError::CircuitOpen)
+        );
     }
 }

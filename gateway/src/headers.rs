@@ -13,14 +13,23 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Which tier answered (set by the sidecar on responses, for operators).
 pub const X_MESH_TIER: HeaderName = HeaderName::from_static("x-mesh-tier");
 
-/// Headers that apply to one connection only and are never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Marks a non-idempotent request as safe to send again.
+pub const X_MESH_RETRYABLE: HeaderName = HeaderName::from_static("x-mesh-retryable");
+
+/// Whether the request is marked `x-mesh-retryable: true`.
+pub fn marked_retryable(h: &HeaderMap) -> bool {
+    h.get(&X_MESH_RETRYABLE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
+/// Headers that apply to one connection only and are never forwarded
+/// (`te: trailers` is kept: gRPC needs it end to end).
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TE,
     header::TRANSFER_ENCODING,
 ];
 
@@ -39,8 +48,67 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
     h.remove(header::UPGRADE);
     h.remove(header::TRAILER);
+}
+
+/// [`strip_hop_by_hop`] for an upgrade request: `Connection: upgrade` and
+/// `Upgrade` stay (they are the request).
+pub fn strip_hop_by_hop_keep_upgrade(h: &mut HeaderMap) {
+    let upgrade = h.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(h);
+    if let Some(u) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the
+/// like). `h2c` is not one of them: that upgrade is deprecated (RFC 9113
+/// §3.1) and such a request is answered over HTTP/1.1.
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    let Some(up) = h.get(header::UPGRADE) else {
+        return false;
+    };
+    if up.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return false;
+    }
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    })
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc...`).
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The caller's deadline from `grpc-timeout` (`<digits><unit>`, units
+/// H M S m u n; at most 8 digits).
+pub fn grpc_timeout(h: &HeaderMap) -> Option<std::time::Duration> {
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    use std::time::Duration as D;
+    Some(match unit {
+        "H" => D::from_secs(n.saturating_mul(3600)),
+        "M" => D::from_secs(n.saturating_mul(60)),
+        "S" => D::from_secs(n),
+        "m" => D::from_millis(n),
+        "u" => D::from_micros(n),
+        "n" => D::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Increments `x-mesh-hops`; returns the new count, or `None` when the

@@ -4,7 +4,11 @@
 //! - [`server`]: listeners, HTTP/1.1 + h2c connections, graceful drain
 //! - [`proxy`]: the gateway request path, in order (see its docs)
 //! - [`router`]: route tables and matching
-//! - [`balance`]: weighted round robin, priorities, passive ejection
+//! - [`balance`]: load-balancing policies, priorities, endpoint state
+//!   (ejection, outlier counters, health verdict)
+//! - [`health`]: active health checks, one prober per endpoint address
+//! - [`resilience`]: circuit-breaker counters, retry policy and budget
+//! - [`tcp`]: L4 routes: TCP listeners proxied to a service's endpoints
 //! - [`upstream`]: HTTP/1.1 upstream connections pooled per endpoint
 //! - [`client`]: the shared HTTP/2 upstream client
 //! - [`state`]: the compiled snapshot and the compiler applying store changes
@@ -21,11 +25,14 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod metrics;
 pub mod ops;
 pub mod process;
 pub mod proxy;
+pub mod resilience;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod tcp;
 pub mod upstream;

@@ -22,6 +22,13 @@ pub struct Metrics {
     /// Config objects currently rejected as invalid (their previous
     /// version, if any, stays in force).
     pub config_rejected: IntGauge,
+    /// Active health-check results by endpoint and result (pass/fail).
+    pub health_checks: IntCounterVec,
+    /// Resilience events by service: retry, retry_budget_exhausted,
+    /// retry_overflow, circuit_open, outlier_ejection.
+    pub resilience: IntCounterVec,
+    /// TCP route listeners open.
+    pub tcp_listeners: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -74,6 +81,24 @@ impl Metrics {
             "Config objects rejected as invalid (previous good version kept)",
         )
         .expect("metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "health_checks_total",
+                "Active health checks by endpoint and result",
+            ),
+            &["endpoint", "result"],
+        )
+        .expect("metric");
+        let resilience = IntCounterVec::new(
+            Opts::new(
+                "resilience_events_total",
+                "Retries, refused retries, breaker refusals and outlier ejections by service",
+            ),
+            &["service", "event"],
+        )
+        .expect("metric");
+        let tcp_listeners =
+            IntGauge::new("tcp_route_listeners", "TCP route listeners open").expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -88,6 +113,9 @@ impl Metrics {
             Box::new(config_revision.clone()),
             Box::new(store_connected.clone()),
             Box::new(config_rejected.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(resilience.clone()),
+            Box::new(tcp_listeners.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -101,6 +129,9 @@ impl Metrics {
             config_revision,
             store_connected,
             config_rejected,
+            health_checks,
+            resilience,
+            tcp_listeners,
         }
     }
 

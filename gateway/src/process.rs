@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::balance::EndpointRegistry;
 use crate::client::Clients;
+use crate::health::HealthChecks;
 use crate::metrics::Metrics;
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
@@ -187,13 +188,21 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         },
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
+        Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
         Box::new(move |snap: &Snapshot, rejected| {
             m.config_revision.set(snap.revision);
             m.config_rejected.set(rejected as i64);
         }),
     );
     let dump = compiler.dump_handle();
-    let mut opts = SyncOptions::new(Kind::CONFIG.iter().map(|k| k.prefix()).collect());
+    // Config, and the instances registered by sidecars (they join their
+    // service's endpoints).
+    let prefixes = Kind::CONFIG
+        .iter()
+        .chain([&Kind::Instances])
+        .map(|k| k.prefix())
+        .collect();
+    let mut opts = SyncOptions::new(prefixes);
     if let Some(p) = &cfg.snapshot_file {
         opts.snapshot = Some((p.clone(), format!("gateway:{}", cfg.id)));
     }
@@ -262,6 +271,16 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             handler,
             shutdown_rx.clone(),
             grace,
+        )));
+    }
+    // TCP routes listen on the ingress address.
+    if let Some(a) = cfg.ingress_listen {
+        tasks.push(tokio::spawn(crate::tcp::run_listeners(
+            a.ip(),
+            shared.clone(),
+            metrics.clone(),
+            status.clone(),
+            shutdown_rx.clone(),
         )));
     }
     tracing::info!(id = %cfg.id, ops = %ops_addr, store = %store.describe(), "gateway started");

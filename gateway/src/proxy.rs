@@ -23,12 +23,13 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::balance::EndpointState;
-use crate::body::{full, ProxyBody, ReplayBody};
+use crate::balance::{EndpointState, Outcome};
+use crate::body::{full, Guarded, ProxyBody, ReplayBody};
 use crate::client::Wire;
 use crate::error::MeshError;
 use crate::headers;
 use crate::metrics::{status_class, Metrics, RouteStats};
+use crate::resilience::{self, Overflow};
 use crate::router::{CompiledRoute, RequestView};
 use crate::server::Peer;
 use crate::state::{ServiceRt, SharedSnapshot, Snapshot};
@@ -96,7 +97,11 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let (resp, route) = self.route_and_forward(kind, &peer, req).await;
+        let grpc = headers::is_grpc(req.headers());
+        let (mut resp, route) = self.route_and_forward(kind, &peer, grpc, req).await;
+        if grpc {
+            resp = grpc_error(resp);
+        }
         let status = resp.status().as_u16();
         let elapsed = start.elapsed().as_secs_f64();
         match route {
@@ -127,6 +132,7 @@ impl Proxy {
         &self,
         kind: ListenerKind,
         peer: &Peer,
+        grpc: bool,
         mut req: Request<Incoming>,
     ) -> (Response<ProxyBody>, Option<(Arc<CompiledRoute>, usize)>) {
         if !self.ready.load(Ordering::Acquire) {
@@ -213,23 +219,66 @@ impl Proxy {
                 Some((route, index)),
             );
         };
-        let resp = self.forward(svc, &snap, &route, &peer.ip, req).await;
+        // A gRPC caller's deadline bounds the whole request.
+        let deadline = if grpc {
+            headers::grpc_timeout(req.headers())
+        } else {
+            None
+        };
+        let resp = self
+            .forward(svc, &snap, &route, &peer.ip, deadline, req)
+            .await;
         (resp, Some((route, index)))
     }
 
-    /// Sends the request to one of the service's endpoints. A refused
-    /// connection moves on to another endpoint (HTTP/1.1 gets the unsent
-    /// request back, so even a streamed body can move on; HTTP/2 replays a
-    /// buffered body).
+    /// Sends the request to one of the service's endpoints, under the
+    /// service's circuit breaker, retry policy and timeouts:
+    ///
+    /// - a refused connection moves on to another endpoint (nothing was
+    ///   sent: any method; HTTP/1.1 gets the unsent request back, so even a
+    ///   streamed body can move on) and, when every endpoint is refused or
+    ///   ejected, to the service's fallback;
+    /// - after a request was sent, a reset, a per-try timeout or a status
+    ///   of the retry policy is retried on another endpoint when the
+    ///   method allows it, the body was buffered, the retry budget and
+    ///   `max_retries` allow it, and the whole-request deadline is not past;
+    /// - every answer and failure feeds outlier detection.
     async fn forward(
         &self,
         primary: Arc<ServiceRt>,
         snap: &Snapshot,
         route: &CompiledRoute,
         client_ip: &HeaderValue,
-        req: Request<Incoming>,
+        deadline_hint: Option<Duration>,
+        mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let (mut parts, body) = req.into_parts();
+        let t = primary.timeouts(route.timeouts.as_ref());
+        let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
+        let deadline = Instant::now() + total;
+        if headers::is_upgrade(req.headers()) {
+            return self.forward_upgrade(primary, route, t.idle, req).await;
+        }
+        let admitted = if primary.breaker.max_requests.is_some() {
+            match resilience::admit(&primary.shared, &primary.breaker) {
+                Ok(a) => Some(a),
+                Err(o) => return self.circuit_open(&primary.name, o),
+            }
+        } else {
+            None
+        };
+        let (mut parts, body) = {
+            // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
+            if !req.headers().contains_key(header::HOST) {
+                if let Some(v) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            req.into_parts()
+        };
         let content_length = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -240,14 +289,6 @@ impl Proxy {
                 Ok(b) => b,
                 Err(e) => return MeshError::BadRequest.response(&e.to_string()),
             };
-        // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-        }
         headers::strip_hop_by_hop(&mut parts.headers);
         let mut pq = parts
             .uri
@@ -260,7 +301,17 @@ impl Proxy {
                 pq = p;
             }
         }
-        let timeout = primary.request_timeout(route.timeouts.as_ref());
+        let retry = route.retry.clone().or_else(|| primary.retry.clone());
+        let retry = retry.as_ref();
+        if retry.is_some() {
+            primary.shared.budget.record_request();
+        }
+        // Whether a request already sent may be sent again.
+        let resendable = body.replayable()
+            && retry.is_some_and(|r| {
+                r.attempts > 0
+                    && r.method_allowed(&parts.method, headers::marked_retryable(&parts.headers))
+            });
         // The service's fallback, used once when none of its endpoints is
         // available or every connect failed (one level: a fallback's own
         // fallback is not followed, so chains cannot loop).
@@ -280,15 +331,24 @@ impl Proxy {
         let fallback_key = fallback.as_deref().and_then(key_of);
         let mut svc = primary;
         let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+        let mut connect_failures = 0usize;
+        let mut retries = 0u32;
+        let mut _retry_permit: Option<resilience::RetryPermit> = None;
         // HTTP/1.1: the request itself, back unsent from a failed connect.
         let mut unsent: Option<Request<ProxyBody>> = None;
         loop {
-            let exhausted = tried.len() >= self.opts.max_connect_attempts
+            let exhausted = connect_failures >= self.opts.max_connect_attempts
                 || (fallback.is_some() && tried.is_empty() && !svc.balancer.any_available());
             let picked = if exhausted {
                 None
             } else {
-                svc.balancer.pick_keyed(&tried, key)
+                // A retry after a sent attempt prefers an endpoint not yet
+                // tried, but may go back to one.
+                svc.balancer.pick_keyed(&tried, key).or_else(|| {
+                    (retries > 0)
+                        .then(|| svc.balancer.pick_keyed(&[], key))
+                        .flatten()
+                })
             };
             let Some(ep) = picked else {
                 if let Some(f) = fallback.take() {
@@ -297,6 +357,7 @@ impl Proxy {
                         svc = f;
                         key = fallback_key;
                         tried.clear();
+                        connect_failures = 0;
                         continue;
                     }
                 }
@@ -311,10 +372,21 @@ impl Proxy {
                     ))
                 };
             };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return MeshError::UpstreamTimeout.response(&format!(
+                    "no response from {} within {} ms",
+                    svc.name,
+                    total.as_millis()
+                ));
+            }
+            let per_try = t.per_try.min(left);
+            // Keep a copy of the headers when the request may be sent again.
+            let keep_copy = body.replayable() && (svc.wire == Wire::Http2 || resendable);
             let up = match unsent.take() {
                 Some(r) => {
                     // HTTP/2 hands nothing back on failure: keep a copy.
-                    if svc.wire == Wire::Http2 && body.replayable() && parts.headers.is_empty() {
+                    if keep_copy && parts.headers.is_empty() {
                         parts.headers = r.headers().clone();
                     }
                     r
@@ -326,9 +398,7 @@ impl Proxy {
                     };
                     let mut up = Request::new(attempt_body);
                     *up.method_mut() = parts.method.clone();
-                    // HTTP/1.1 hands an unsent request back, so the headers
-                    // can move; HTTP/2 may need them again for a retry.
-                    *up.headers_mut() = if svc.wire == Wire::Http2 && body.replayable() {
+                    *up.headers_mut() = if keep_copy {
                         parts.headers.clone()
                     } else {
                         std::mem::take(&mut parts.headers)
@@ -340,22 +410,55 @@ impl Proxy {
                 wire: svc.wire,
                 h2: &svc.client,
                 connect_timeout: svc.connect_timeout,
-                timeout,
+                timeout: per_try,
                 track_load: svc.balancer.tracks_load(),
+                conn_limit: svc.conn_limit(),
             };
             let attempt = upstream::attempt(&ep, opts, &pq, up).await;
+            // Whether this failure may be retried (and if so, takes a retry).
+            let mut may_retry = |why: &'static str, svc: &ServiceRt| -> bool {
+                let Some(r) = retry else { return false };
+                if !resendable || retries >= r.attempts || Instant::now() >= deadline {
+                    return false;
+                }
+                let events = &self.metrics.resilience;
+                if !svc.shared.budget.try_withdraw(&r.budget) {
+                    events
+                        .with_label_values(&[&svc.name, "retry_budget_exhausted"])
+                        .inc();
+                    return false;
+                }
+                let Some(permit) = resilience::retry_permit(&svc.shared, &svc.breaker) else {
+                    events
+                        .with_label_values(&[&svc.name, "retry_overflow"])
+                        .inc();
+                    return false;
+                };
+                _retry_permit = Some(permit);
+                retries += 1;
+                events.with_label_values(&[&svc.name, "retry"]).inc();
+                tracing::debug!(service = %svc.name, endpoint = %ep.address, why, retries, "retrying on another endpoint");
+                true
+            };
             match attempt {
                 Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    self.observe(&svc, &ep, Outcome::Status(status));
+                    if retry.is_some_and(|r| r.on_status(status)) && may_retry("status", &svc) {
+                        tried.push(ep);
+                        continue;
+                    }
                     let (mut rp, rb) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers);
                     if let Some(rw) = &route.rewrite {
                         rw.response_headers(&mut rp.headers);
                     }
-                    return Response::from_parts(rp, rb);
+                    return Response::from_parts(rp, Guarded::wrap(rb, t.idle, admitted));
                 }
                 Err(Attempt::Connect(error, back)) => {
                     unsent = back.map(|b| *b);
                     ep.on_failure();
+                    connect_failures += 1;
                     self.metrics
                         .connect_failures
                         .with_label_values(&[&svc.name])
@@ -369,21 +472,161 @@ impl Proxy {
                         ));
                     }
                 }
+                Err(Attempt::Overflow(o)) => return self.circuit_open(&svc.name, o),
                 Err(Attempt::Exchange(error)) => {
                     tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream request failed");
+                    self.observe(&svc, &ep, Outcome::GatewayFailure);
+                    if retry.is_some_and(|r| r.on_reset) && may_retry("reset", &svc) {
+                        tried.push(ep);
+                        continue;
+                    }
                     return MeshError::UpstreamReset
                         .response(&format!("upstream {} failed: {error}", svc.name));
                 }
                 Err(Attempt::Timeout) => {
+                    self.observe(&svc, &ep, Outcome::GatewayFailure);
+                    let whole = per_try >= left;
+                    if !whole
+                        && retry.is_some_and(|r| r.on_per_try_timeout)
+                        && may_retry("per_try_timeout", &svc)
+                    {
+                        tried.push(ep);
+                        continue;
+                    }
                     return MeshError::UpstreamTimeout.response(&format!(
                         "no response from {} within {} ms",
                         svc.name,
-                        timeout.as_millis()
+                        per_try.as_millis()
                     ));
                 }
             }
         }
     }
+
+    /// Feeds an attempt's outcome to the service's outlier detection and
+    /// ejects the endpoint when it crosses a threshold (within the cap).
+    fn observe(&self, svc: &ServiceRt, ep: &EndpointState, outcome: Outcome) {
+        let Some(cfg) = &svc.outlier else { return };
+        if ep.record_outcome(outcome, cfg) && svc.balancer.may_eject(cfg.max_ejection_percent) {
+            ep.eject_outlier(cfg);
+            self.metrics
+                .resilience
+                .with_label_values(&[&svc.name, "outlier_ejection"])
+                .inc();
+            tracing::warn!(service = %svc.name, endpoint = %ep.address, "endpoint ejected by outlier detection");
+        }
+    }
+
+    fn circuit_open(&self, service: &str, o: Overflow) -> Response<ProxyBody> {
+        self.metrics
+            .resilience
+            .with_label_values(&[service, "circuit_open"])
+            .inc();
+        MeshError::CircuitOpen.response(&format!("service {service}: {} reached", o.as_str()))
+    }
+
+    /// A WebSocket (or other HTTP/1.1 `Upgrade`) request: sent on a fresh
+    /// connection; on `101 Switching Protocols` the two connections are
+    /// joined into a tunnel until either side closes or it idles.
+    async fn forward_upgrade(
+        &self,
+        svc: Arc<ServiceRt>,
+        route: &CompiledRoute,
+        idle: Option<Duration>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        if svc.wire != Wire::Http1 {
+            return MeshError::BadRequest.response(&format!(
+                "service {} is not HTTP/1.1: upgrades are not supported",
+                svc.name
+            ));
+        }
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+        let mut pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(rw) = &route.rewrite {
+            rw.request_headers(&mut parts.headers);
+            if let Some(p) = rw.path(&pq) {
+                pq = p;
+            }
+        }
+        let mut tried = Vec::new();
+        while let Some(ep) = (tried.len() < self.opts.max_connect_attempts)
+            .then(|| svc.balancer.pick(&tried))
+            .flatten()
+        {
+            match upstream::upgrade(&ep, svc.connect_timeout, svc.request_timeout, &pq, &parts)
+                .await
+            {
+                Ok((resp, upstream_side)) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    if let Some(rw) = &route.rewrite {
+                        rw.response_headers(&mut rp.headers);
+                    }
+                    if let Some(up) = upstream_side {
+                        let idle = idle.unwrap_or(crate::tcp::DEFAULT_TUNNEL_IDLE);
+                        let name = svc.name.clone();
+                        tokio::spawn(async move {
+                            let Ok(client) = client_side.await else {
+                                return;
+                            };
+                            let mut client = hyper_util::rt::TokioIo::new(client);
+                            let mut upstream = hyper_util::rt::TokioIo::new(up);
+                            if let Err(e) =
+                                crate::tcp::tunnel(&mut client, &mut upstream, idle).await
+                            {
+                                tracing::debug!(service = %name, error = %e, "upgraded connection ended");
+                            }
+                        });
+                    }
+                    drop(body);
+                    return Response::from_parts(rp, rb);
+                }
+                Err(Attempt::Connect(error, _)) => {
+                    ep.on_failure();
+                    tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
+                    tried.push(ep);
+                }
+                Err(Attempt::Timeout) => {
+                    return MeshError::UpstreamTimeout
+                        .response(&format!("no upgrade answer from {}", svc.name))
+                }
+                Err(Attempt::Exchange(e)) => {
+                    return MeshError::UpstreamReset
+                        .response(&format!("upstream {} failed: {e}", svc.name))
+                }
+                Err(Attempt::Overflow(o)) => return self.circuit_open(&svc.name, o),
+            }
+        }
+        if tried.is_empty() {
+            MeshError::NoHealthyEndpoint.response(&format!("service {} has no endpoints", svc.name))
+        } else {
+            MeshError::UpstreamConnectFailed
+                .response(&format!("cannot connect to service {}", svc.name))
+        }
+    }
+}
+
+/// A synthetic error answered to a gRPC call becomes a gRPC status
+/// (trailers-only response) instead of a bare HTTP error.
+fn grpc_error(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Some(err) = resp
+        .headers()
+        .get(crate::error::X_MESH_ERROR)
+        .and_then(|v| MeshError::from_code(v.as_bytes()))
+    else {
+        return resp;
+    };
+    if resp.headers().contains_key("grpc-status") {
+        return resp;
+    }
+    let message = format!("{} ({})", err.code(), resp.status());
+    err.grpc_response(&message)
 }
 
 fn append_forwarded_for(h: &mut http::HeaderMap, ip: &HeaderValue) {

@@ -286,6 +286,8 @@ pub struct CompiledRoute {
     sticky: Option<crate::balance::RequestKey>,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
+    /// Overrides the service's retry policy.
+    pub retry: Option<crate::resilience::Retry>,
     pub rewrite: Option<CompiledRewrite>,
     /// This route's metric handles, resolved on first use so the request
     /// path does not hash label values (see `metrics::RouteStats`).
@@ -357,6 +359,7 @@ impl CompiledRoute {
                 )
             }),
             timeouts: r.timeouts,
+            retry: r.retry.as_ref().map(crate::resilience::Retry::new),
             rewrite: r.rewrite.as_ref().map(|rw| {
                 CompiledRewrite::new(rw, m.path.as_ref().and_then(|p| p.prefix.as_deref()))
             }),
@@ -380,6 +383,7 @@ impl CompiledRoute {
             rewrite: None,
             direct_response: None,
             timeouts: None,
+            retry: None,
             labels: Default::default(),
         };
         let mut c = CompiledRoute::new(service, 0, &r);

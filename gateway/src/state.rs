@@ -17,13 +17,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshgate_config::model::{Group, Protocol, Service, Timeouts};
+use meshgate_config::model::{
+    CircuitBreaker, Endpoint, Group, Instance, Protocol, Service, TcpRoute, Timeouts,
+};
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
 use serde::Serialize;
 
 use crate::balance::{Balancer, EndpointRegistry, RequestKey};
 use crate::client::{Clients, HttpClient, Wire};
+use crate::health::HealthChecks;
+use crate::resilience::{ConnLimit, Outlier, Retry, ServiceShared, SharedRegistry};
 use crate::router::{CompiledRoute, Router};
 
 /// Process-wide defaults for what a service or route does not set.
@@ -45,19 +49,53 @@ pub struct ServiceRt {
     pub wire: Wire,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// One attempt's timeout (default: the whole request's).
+    pub per_try_timeout: Option<Duration>,
+    /// Response bodies and tunnels idle this long are closed.
+    pub idle_timeout: Option<Duration>,
     /// What a consistent-hash service hashes.
     pub hash_on: Option<RequestKey>,
     /// The route used for a mesh request naming this service directly.
     pub implicit_route: Arc<CompiledRoute>,
+    /// Breaker counters and the retry budget, shared across config changes.
+    pub shared: Arc<ServiceShared>,
+    pub breaker: CircuitBreaker,
+    pub retry: Option<Retry>,
+    pub outlier: Option<Outlier>,
+}
+
+/// The timeouts of one request: the route's, else the service's.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeouts {
+    pub total: Duration,
+    pub per_try: Duration,
+    pub idle: Option<Duration>,
 }
 
 impl ServiceRt {
-    /// The request timeout for a route (its own, else the service's).
-    pub fn request_timeout(&self, route: Option<&Timeouts>) -> Duration {
-        route
-            .and_then(|t| t.request_ms)
-            .map(Duration::from_millis)
-            .unwrap_or(self.request_timeout)
+    /// The timeouts for a request on `route` (each field the route sets
+    /// replaces the service's).
+    pub fn timeouts(&self, route: Option<&Timeouts>) -> RequestTimeouts {
+        let ms = |f: fn(&Timeouts) -> Option<u64>| route.and_then(f).map(Duration::from_millis);
+        let total = ms(|t| t.request_ms).unwrap_or(self.request_timeout);
+        let per_try = ms(|t| t.per_try_ms)
+            .or(self.per_try_timeout)
+            .unwrap_or(total)
+            .min(total);
+        RequestTimeouts {
+            total,
+            per_try,
+            idle: ms(|t| t.idle_ms).or(self.idle_timeout),
+        }
+    }
+
+    /// The connection limit of an attempt, when the breaker sets one.
+    pub fn conn_limit(&self) -> Option<ConnLimit<'_>> {
+        self.breaker.max_connections.map(|max| ConnLimit {
+            counter: &self.shared.conns,
+            max_connections: max,
+            max_pending: self.breaker.max_pending_requests.unwrap_or(0),
+        })
     }
 }
 
@@ -69,6 +107,8 @@ pub struct Snapshot {
     pub groups: imbl::HashMap<String, Group>,
     pub mesh: Router,
     pub ingress: Router,
+    /// L4 routes by name.
+    pub tcp_routes: imbl::HashMap<String, Arc<TcpRoute>>,
 }
 
 /// What was rejected and why, for `/config` and logs.
@@ -91,10 +131,17 @@ pub struct Compiler {
     defaults: Defaults,
     clients: Arc<Clients>,
     endpoints: Arc<EndpointRegistry>,
+    service_shared: SharedRegistry,
+    health: Arc<HealthChecks>,
+    /// Accepted service specs (to recompile when their instances change).
+    specs: std::collections::HashMap<String, (i64, Service)>,
+    /// Registered instances by service, then instance id.
+    instances: std::collections::HashMap<String, BTreeMap<String, Instance>>,
     services: imbl::HashMap<Arc<str>, Arc<ServiceRt>>,
     routes: imbl::HashMap<String, Arc<CompiledRoute>>,
     mesh: Router,
     ingress: Router,
+    tcp_routes: imbl::HashMap<String, Arc<TcpRoute>>,
     groups: imbl::HashMap<String, Group>,
     /// Raw accepted objects (for the `/config` dump).
     accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
@@ -151,6 +198,7 @@ impl Compiler {
         defaults: Defaults,
         clients: Arc<Clients>,
         endpoints: Arc<EndpointRegistry>,
+        health: Arc<HealthChecks>,
         on_apply: OnApply,
     ) -> Compiler {
         let rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>> = Default::default();
@@ -159,10 +207,15 @@ impl Compiler {
             defaults,
             clients,
             endpoints,
+            service_shared: SharedRegistry::default(),
+            health,
+            specs: Default::default(),
+            instances: Default::default(),
             services: Default::default(),
             routes: Default::default(),
             mesh: Router::default(),
             ingress: Router::default(),
+            tcp_routes: Default::default(),
             groups: Default::default(),
             accepted: Default::default(),
             rejected: rejected.clone(),
@@ -198,7 +251,37 @@ impl Compiler {
         }
     }
 
-    fn compile_service(&self, name: &str, version: i64, spec: Service) -> ServiceRt {
+    /// Compiles `name` from its accepted spec and its registered instances,
+    /// and (re)starts its health checks.
+    fn rebuild_service(&mut self, name: &str) {
+        let Some((version, spec)) = self.specs.get(name).cloned() else {
+            return;
+        };
+        let rt = self.compile_service(name, version, spec);
+        let checked = rt.spec.health_check.as_ref().map(|hc| {
+            let eps: Vec<_> = rt.balancer.endpoints().cloned().collect();
+            (hc, eps)
+        });
+        self.health.set(name, checked);
+        self.services.insert(rt.name.clone(), Arc::new(rt));
+    }
+
+    fn compile_service(&self, name: &str, version: i64, mut spec: Service) -> ServiceRt {
+        // Registered instances join the static endpoints (a static
+        // endpoint with the same address wins).
+        if let Some(inst) = self.instances.get(name) {
+            for i in inst.values() {
+                if spec.endpoints.iter().all(|e| e.address != i.address) {
+                    spec.endpoints.push(Endpoint {
+                        address: i.address.clone(),
+                        weight: i.weight,
+                        zone: i.zone.clone(),
+                        priority: 0,
+                        labels: i.labels.clone(),
+                    });
+                }
+            }
+        }
         let connect = spec
             .timeouts
             .connect_ms
@@ -229,7 +312,13 @@ impl Compiler {
             wire,
             connect_timeout: connect,
             request_timeout,
+            per_try_timeout: spec.timeouts.per_try_ms.map(Duration::from_millis),
+            idle_timeout: spec.timeouts.idle_ms.map(Duration::from_millis),
             implicit_route: Arc::new(CompiledRoute::implicit(name)),
+            shared: self.service_shared.get(name),
+            breaker: spec.circuit_breaker.unwrap_or_default(),
+            retry: spec.retry.as_ref().map(Retry::new),
+            outlier: spec.outlier_detection.as_ref().map(Outlier::from),
             spec,
         }
     }
@@ -256,6 +345,7 @@ impl Compiler {
             groups: self.groups.clone(),
             mesh: self.mesh.clone(),
             ingress: self.ingress.clone(),
+            tcp_routes: self.tcp_routes.clone(),
         };
         let rejected = self
             .rejected
@@ -286,6 +376,23 @@ impl Apply for Compiler {
                     match key.kind {
                         Kind::Services => {
                             self.services.remove(key.name.as_str());
+                            self.specs.remove(&key.name);
+                            self.health.set(&key.name, None);
+                        }
+                        Kind::Instances => {
+                            if let Some((svc, id)) = key.name.split_once('/') {
+                                if let Some(m) = self.instances.get_mut(svc) {
+                                    m.remove(id);
+                                    if m.is_empty() {
+                                        self.instances.remove(svc);
+                                    }
+                                }
+                                let svc = svc.to_string();
+                                self.rebuild_service(&svc);
+                            }
+                        }
+                        Kind::TcpRoutes => {
+                            self.tcp_routes.remove(&key.name);
                         }
                         Kind::Routes => {
                             self.remove_route(&key.name);
@@ -315,8 +422,21 @@ impl Apply for Compiler {
                     }
                     match obj {
                         Object::Service(s) => {
-                            let rt = self.compile_service(&key.name, entry.mod_revision, s);
-                            self.services.insert(rt.name.clone(), Arc::new(rt));
+                            self.specs.insert(key.name.clone(), (entry.mod_revision, *s));
+                            self.rebuild_service(&key.name);
+                        }
+                        Object::Instance(i) => {
+                            if let Some((svc, id)) = key.name.split_once('/') {
+                                self.instances
+                                    .entry(svc.to_string())
+                                    .or_default()
+                                    .insert(id.to_string(), i);
+                                let svc = svc.to_string();
+                                self.rebuild_service(&svc);
+                            }
+                        }
+                        Object::TcpRoute(t) => {
+                            self.tcp_routes.insert(key.name.clone(), Arc::new(t));
                         }
                         Object::Route(r) => {
                             let c = Arc::new(CompiledRoute::new(&key.name, entry.mod_revision, &r));
@@ -327,7 +447,7 @@ impl Apply for Compiler {
                         Object::Group(g) => {
                             self.groups.insert(key.name.clone(), g);
                         }
-                        Object::Node(_) | Object::Instance(_) => {}
+                        Object::Node(_) => {}
                     }
                 }
             }

@@ -31,6 +31,7 @@ use crate::balance::EndpointState;
 use crate::body::ProxyBody;
 use crate::client::{HttpClient, Wire};
 use crate::proxy::root_cause;
+use crate::resilience::{self, ConnLimit, ConnSlot, Overflow};
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -43,6 +44,9 @@ type Sender = http1::SendRequest<ProxyBody>;
 #[derive(Default)]
 pub struct H1Pool {
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// Woken when a connection comes back idle (for requests waiting under
+    /// a connection limit).
+    released: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for H1Pool {
@@ -59,6 +63,8 @@ pub enum SendError {
     /// No connection could be made: nothing was sent, and here is the
     /// request back, to try elsewhere.
     Connect(std::io::Error, Box<Request<ProxyBody>>),
+    /// The service's connection limit refused it: nothing was sent.
+    Overflow(Overflow, Box<Request<ProxyBody>>),
     /// The exchange failed; the request may have been (partly) sent.
     Exchange(hyper::Error),
 }
@@ -67,6 +73,7 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
+            SendError::Overflow(o, _) => write!(f, "{} reached", o.as_str()),
             SendError::Exchange(e) => write!(f, "{}", root_cause(e)),
         }
     }
@@ -109,9 +116,51 @@ impl H1Pool {
             idle.remove(0);
         }
         idle.push((tx, Instant::now()));
+        drop(idle);
+        self.released.notify_waiters();
     }
 
-    async fn connect(address: &str, timeout: Duration) -> Result<Sender, std::io::Error> {
+    /// A new connection slot under `limit`: at once when one is free, else
+    /// after waiting (as one of at most `max_pending` requests) for a
+    /// connection of this endpoint to come back idle (`Err(Some(tx))`) or
+    /// for any connection of the service to close.
+    async fn slot_or_idle(
+        &self,
+        limit: &ConnLimit<'_>,
+    ) -> Result<Result<ConnSlot, Sender>, Overflow> {
+        if let Some(s) = resilience::try_open(limit) {
+            return Ok(Ok(s));
+        }
+        if limit.max_pending == 0 {
+            return Err(Overflow::Connections);
+        }
+        let Some(_pending) = resilience::wait_slot(limit) else {
+            return Err(Overflow::Pending);
+        };
+        loop {
+            let released = self.released.notified();
+            let freed = limit.counter.freed.notified();
+            tokio::pin!(released, freed);
+            released.as_mut().enable();
+            freed.as_mut().enable();
+            if let Some(tx) = self.checkout() {
+                return Ok(Err(tx));
+            }
+            if let Some(s) = resilience::try_open(limit) {
+                return Ok(Ok(s));
+            }
+            tokio::select! {
+                _ = released => {}
+                _ = freed => {}
+            }
+        }
+    }
+
+    async fn connect(
+        address: &str,
+        timeout: Duration,
+        slot: Option<ConnSlot>,
+    ) -> Result<Sender, std::io::Error> {
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
             .await
             .map_err(|_| {
@@ -129,16 +178,21 @@ impl H1Pool {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with error");
             }
+            // The connection is gone: its slot under the limit is free.
+            drop(slot);
         });
         Ok(tx)
     }
 
     /// Sends `req` (origin-form URI, `Host` header set) to `address`,
-    /// reusing an idle connection when there is one.
+    /// reusing an idle connection when there is one. Under a connection
+    /// `limit`, a new connection is opened only while the service is under
+    /// it; otherwise the request waits (see [`resilience::ConnLimit`]).
     pub async fn send(
         self: &Arc<Self>,
         address: &str,
         connect_timeout: Duration,
+        limit: Option<ConnLimit<'_>>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         // A pooled connection can have been closed by the peer just now;
@@ -155,10 +209,23 @@ impl H1Pool {
                     }
                     tx
                 }
-                None => match Self::connect(address, connect_timeout).await {
-                    Ok(tx) => tx,
-                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-                },
+                None => {
+                    let slot = match &limit {
+                        None => None,
+                        Some(l) => match self.slot_or_idle(l).await {
+                            Ok(Ok(slot)) => Some(slot),
+                            Ok(Err(idle)) => {
+                                pooled = Some(idle);
+                                continue;
+                            }
+                            Err(o) => return Err(SendError::Overflow(o, Box::new(req))),
+                        },
+                    };
+                    match Self::connect(address, connect_timeout, slot).await {
+                        Ok(tx) => tx,
+                        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+                    }
+                }
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -187,6 +254,8 @@ impl H1Pool {
 pub enum Attempt {
     /// No connection: nothing was sent. HTTP/1.1 hands the request back.
     Connect(String, Option<Box<Request<ProxyBody>>>),
+    /// The service's connection limit refused it: nothing was sent.
+    Overflow(Overflow),
     /// Failed after the request was (or may have been) sent.
     Exchange(String),
     /// No response headers within the timeout.
@@ -205,6 +274,8 @@ pub struct AttemptOpts<'a> {
     /// Count requests in flight and time answers on the endpoint (for
     /// load-aware balancing).
     pub track_load: bool,
+    /// The service's connection limit (HTTP/1.1).
+    pub conn_limit: Option<ConnLimit<'a>>,
 }
 
 /// Sends `req` to `ep`: sets the request target for the wire (origin-form
@@ -242,12 +313,15 @@ pub async fn attempt(
     let sent_at = Instant::now();
     let result = match opts.wire {
         Wire::Http1 => {
-            let sent = ep.h1.send(&ep.address, opts.connect_timeout, req);
+            let sent = ep
+                .h1
+                .send(&ep.address, opts.connect_timeout, opts.conn_limit, req);
             match tokio::time::timeout(opts.timeout, sent).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
                 Ok(Err(SendError::Connect(e, back))) => {
                     Err(Attempt::Connect(e.to_string(), Some(back)))
                 }
+                Ok(Err(SendError::Overflow(o, _))) => Err(Attempt::Overflow(o)),
                 Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(root_cause(&e))),
                 Err(_) => Err(Attempt::Timeout),
             }
@@ -267,6 +341,53 @@ pub async fn attempt(
         }
     }
     result
+}
+
+/// Sends an upgrade request (`Connection: upgrade`, e.g. WebSocket) to
+/// `ep` on a fresh connection of its own. On `101 Switching Protocols`
+/// returns the upstream side of the upgraded connection with the (empty)
+/// response; any other answer is returned as is, with its body.
+pub async fn upgrade(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    pq: &PathAndQuery,
+    parts: &http::request::Parts,
+) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
+    let stream = tokio::time::timeout(
+        connect_timeout,
+        tokio::net::TcpStream::connect(ep.address.as_str()),
+    )
+    .await
+    .map_err(|_| Attempt::Connect("connect timed out".into(), None))?
+    .map_err(|e| Attempt::Connect(e.to_string(), None))?;
+    let _ = stream.set_nodelay(true);
+    let (mut tx, conn) = http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| Attempt::Connect(root_cause(&e), None))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection ended with error");
+        }
+    });
+    let mut req = Request::new(crate::body::empty());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = Uri::from(pq.clone());
+    *req.headers_mut() = parts.headers.clone();
+    let mut resp = match tokio::time::timeout(timeout, tx.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(Attempt::Exchange(root_cause(&e))),
+        Err(_) => return Err(Attempt::Timeout),
+    };
+    ep.on_success();
+    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((resp.map(ProxyBody::Incoming), None));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| Attempt::Exchange(root_cause(&e)))?;
+    Ok((resp.map(|_| crate::body::empty()), Some(upgraded)))
 }
 
 /// A response body from a pooled connection: returns the connection to
@@ -364,7 +485,7 @@ mod tests {
 
     async fn exchange(pool: &Arc<H1Pool>, addr: &str) -> Bytes {
         let resp = pool
-            .send(addr, Duration::from_secs(1), get(addr))
+            .send(addr, Duration::from_secs(1), None, get(addr))
             .await
             .unwrap();
         resp.into_body().collect().await.unwrap().to_bytes()
@@ -400,7 +521,7 @@ mod tests {
         let mut req = get(&addr);
         req.headers_mut()
             .insert("x-marker", http::HeaderValue::from_static("kept"));
-        match pool.send(&addr, Duration::from_secs(1), req).await {
+        match pool.send(&addr, Duration::from_secs(1), None, req).await {
             Err(SendError::Connect(_, back)) => assert_eq!(back.headers()["x-marker"], "kept"),
             other => panic!("expected a connect error, got {other:?}"),
         }

@@ -84,8 +84,6 @@ pub struct Forwarder {
     pub request_timeout: Duration,
 }
 
-const X_MESH_RETRYABLE: &str = "x-mesh-retryable";
-
 impl Forwarder {
     pub fn freshness(&self) -> Freshness {
         let policy = self.policy.load();
@@ -152,9 +150,7 @@ impl Forwarder {
                 }
             }
         }
-        let retryable = headers::idempotent(&parts.method)
-            || h.get(X_MESH_RETRYABLE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let retryable = headers::idempotent(&parts.method) || headers::marked_retryable(h);
         headers::strip_hop_by_hop(h);
         let content_length = h
             .get(header::CONTENT_LENGTH)
@@ -211,6 +207,7 @@ impl Forwarder {
                     connect_timeout: self.connect_timeout,
                     timeout: self.request_timeout,
                     track_load: false,
+                    conn_limit: None,
                 };
                 let attempt = match upstream::attempt(&member, opts, &pq, up).await {
                     Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
@@ -218,6 +215,8 @@ impl Forwarder {
                         unsent = back.map(|b| *b);
                         Err(Some(error))
                     }
+                    // No connection limit is set here; were one hit, nothing was sent.
+                    Err(Attempt::Overflow(o)) => Err(Some(o.as_str().to_string())),
                     Err(Attempt::Exchange(error)) => {
                         tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway exchange failed");
                         Err(None)

@@ -66,14 +66,17 @@ struct FileDoc {
     services: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     routes: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tcp_routes: BTreeMap<String, serde_json::Value>,
 }
 
 impl FileDoc {
-    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 3] {
+    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 4] {
         [
             (Kind::Groups, &self.groups),
             (Kind::Services, &self.services),
             (Kind::Routes, &self.routes),
+            (Kind::TcpRoutes, &self.tcp_routes),
         ]
     }
 }
@@ -216,6 +219,7 @@ impl FileStore {
                 Kind::Groups => &mut doc.groups,
                 Kind::Services => &mut doc.services,
                 Kind::Routes => &mut doc.routes,
+                Kind::TcpRoutes => &mut doc.tcp_routes,
                 _ => continue,
             };
             let v: serde_json::Value = serde_json::from_slice(&e.value)

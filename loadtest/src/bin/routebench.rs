@@ -77,6 +77,7 @@ fn main() {
         },
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
+        Default::default(),
         Box::new(|_, _| {}),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
