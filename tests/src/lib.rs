@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use futures::StreamExt;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -343,13 +344,25 @@ pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<Resp, Strin
 // === backends ===
 
 /// An HTTP backend on a real socket, answering `x-served-by: <name>` and
-/// counting the requests it served.
+/// counting the requests it served (`/healthz` requests are counted apart).
+///
+/// Paths: `/status/<code>` answers that status, `/delay/<ms>` waits first,
+/// `/stall` sends its headers and one chunk and then nothing more.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Health-check requests (`/healthz`) received.
+    pub health_hits: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
     /// Bodies of POST requests received, in order.
     pub posts: Arc<Mutex<Vec<String>>>,
+    /// When non-zero, every request (but `/healthz`) gets this status.
+    pub fail: Arc<std::sync::atomic::AtomicU16>,
+    /// When non-zero, `/healthz` answers this status (else 200).
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -373,19 +386,47 @@ impl Backend {
             .expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let health_hits = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(AtomicU64::new(0));
         let posts = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let n: Arc<str> = Arc::from(name);
         let (h, p) = (hits.clone(), posts.clone());
+        let (hh, cc, fl, hl) = (
+            health_hits.clone(),
+            conns.clone(),
+            fail.clone(),
+            health.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                cc.fetch_add(1, Ordering::SeqCst);
                 let (n, h, p) = (n.clone(), h.clone(), p.clone());
+                let (hh, fl, hl) = (hh.clone(), fl.clone(), hl.clone());
+                let mut stop_rx = stop_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (n, h, p) = (n.clone(), h.clone(), p.clone());
+                        let (hh, fl, hl) = (hh.clone(), fl.clone(), hl.clone());
                         async move {
+                            if req.uri().path() == "/healthz" {
+                                hh.fetch_add(1, Ordering::SeqCst);
+                                let s = match hl.load(Ordering::SeqCst) {
+                                    0 => 200,
+                                    s => s,
+                                };
+                                return Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(s)
+                                        .body(TestBody::Full(Full::new(Bytes::new())))
+                                        .unwrap(),
+                                );
+                            }
                             h.fetch_add(1, Ordering::SeqCst);
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
@@ -409,10 +450,27 @@ impl Backend {
                                     .unwrap()
                                     .push(String::from_utf8_lossy(&body).into_owned());
                             }
-                            let status = path
-                                .strip_prefix("/status/")
-                                .and_then(|c| c.parse().ok())
-                                .unwrap_or(200);
+                            let status = match fl.load(Ordering::SeqCst) {
+                                0 => path
+                                    .strip_prefix("/status/")
+                                    .and_then(|c| c.parse().ok())
+                                    .unwrap_or(200),
+                                s => s,
+                            };
+                            if path == "/stall" {
+                                // One chunk, then silence (the stream never ends).
+                                let chunks = futures::stream::iter([Ok::<_, Infallible>(
+                                    hyper::body::Frame::data(Bytes::from_static(b"partial")),
+                                )])
+                                .chain(futures::stream::pending());
+
+                                return Ok(http::Response::builder()
+                                    .header("x-served-by", &*n)
+                                    .body(TestBody::Stream(Box::pin(
+                                        http_body_util::StreamBody::new(chunks),
+                                    )))
+                                    .unwrap());
+                            }
                             if let Some(ms) = path
                                 .strip_prefix("/delay/")
                                 .and_then(|v| v.parse::<u64>().ok())
@@ -423,14 +481,17 @@ impl Backend {
                                 .status(status)
                                 .header("x-served-by", &*n)
                                 .header("x-seen-source", src)
-                                .body(Full::new(Bytes::from(format!("{n}\n"))))
+                                .body(TestBody::Full(Full::new(Bytes::from(format!("{n}\n")))))
                                 .unwrap();
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_rx.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -438,7 +499,12 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits,
+            health_hits,
+            conns,
             posts,
+            fail,
+            health,
+            stop,
             task,
         }
     }
@@ -446,11 +512,54 @@ impl Backend {
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Answer every request (but `/healthz`) with `status` (0: normally).
+    pub fn set_fail(&self, status: u16) {
+        self.fail.store(status, Ordering::SeqCst);
+    }
+
+    /// Answer `/healthz` with `status` (0: 200).
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Stops listening and closes every open connection.
+    pub fn stop(&self) {
+        self.task.abort();
+        let _ = self.stop.send(true);
+    }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
+    }
+}
+
+/// A backend response body: whole, or streamed.
+pub enum TestBody {
+    Full(Full<Bytes>),
+    Stream(
+        std::pin::Pin<
+            Box<
+                dyn hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+            >,
+        >,
+    ),
+}
+
+impl hyper::body::Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            TestBody::Full(b) => std::pin::Pin::new(b).poll_frame(cx),
+            TestBody::Stream(s) => s.as_mut().poll_frame(cx),
+        }
     }
 }
 
@@ -685,6 +794,18 @@ pub async fn served_by(url: &str, headers: &[(&str, &str)], n: usize) -> HashMap
     m
 }
 
+/// Counts responses by `x-served-by` over `n` requests, whatever their
+/// status.
+pub async fn served_by_any(url: &str, n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let r = http_get(url, &[]).await.expect("request");
+        *m.entry(r.header("x-served-by").unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
 // === a whole mesh ===
 
 /// etcd, admin, egress gateways `gw-a` and `gw-b` for group `shop`, central
@@ -787,4 +908,18 @@ impl Mesh {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The value of one Prometheus sample on an ops port, e.g.
+/// `meshgate_resilience_events_total{event="retry",service="orders"}`
+/// (labels in the order the exposition prints them: sorted by name);
+/// 0 when the sample is not there yet.
+pub async fn metric(ops_port: u16, sample: &str) -> f64 {
+    let Ok(r) = http_get(&format!("http://127.0.0.1:{ops_port}/metrics"), &[]).await else {
+        return 0.0;
+    };
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
