@@ -26,3 +26,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The end-to-end tests' real gRPC and WebSocket peers (tests/peers/).
+if [ "${1:-}" = "--test" ]; then
+  command -v python3 >/dev/null 2>&1 || { echo "python3 is required for the tests"; exit 1; }
+  if ! python3 -c "import grpc, websockets" >/dev/null 2>&1; then
+    echo "installing: grpcio websockets (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check \
+      "grpcio==1.85.1" "websockets==17.4" 2>&1 | grep -v "Running pip as the 'root' user" || true
+    python3 -c "import grpc, websockets"
+  fi
+fi

@@ -1042,4 +1042,125 @@ mod tests {
         assert!(!valid_address(":80"));
         assert!(!valid_address("a b:80"));
     }
+
+    /// The field paths of every problem with `json` stored at `kind/x`.
+    fn problems(kind: Kind, json: &str) -> Vec<String> {
+        match Object::decode(&Key::new(kind, "x"), json.as_bytes()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn resilience_fields_are_checked_with_field_paths() {
+        let svc = |extra: &str| problems(Kind::Services, &format!(r#"{{{extra}}}"#));
+        let cases: &[(&str, &[&str])] = &[
+            (
+                r#""timeouts":{"per_try_ms":0,"idle_ms":4000000}"#,
+                &["timeouts.per_try_ms", "timeouts.idle_ms"],
+            ),
+            (r#""health_check":{"interval_ms":1000}"#, &["health_check"]),
+            (
+                r#""health_check":{"tcp":true,"http":{"path":"/h"}}"#,
+                &["health_check"],
+            ),
+            (
+                r#""health_check":{"http":{"path":"h","expected_statuses":[99]}}"#,
+                &[
+                    "health_check.http.path",
+                    "health_check.http.expected_statuses[0]",
+                ],
+            ),
+            (
+                r#""health_check":{"tcp":true,"interval_ms":50,"timeout_ms":10}"#,
+                &["health_check.interval_ms"],
+            ),
+            (
+                r#""health_check":{"tcp":true,"interval_ms":1000,"timeout_ms":2000}"#,
+                &["health_check.timeout_ms"],
+            ),
+            (
+                r#""health_check":{"tcp":true,"healthy_threshold":0,"unhealthy_threshold":101}"#,
+                &[
+                    "health_check.healthy_threshold",
+                    "health_check.unhealthy_threshold",
+                ],
+            ),
+            (
+                r#""health_check":{"tcp":true,"intervall_ms":1}"#,
+                &["health_check.intervall_ms"],
+            ),
+            (
+                r#""outlier_detection":{"consecutive_5xx":1001,"max_ejection_percent":101}"#,
+                &[
+                    "outlier_detection.consecutive_5xx",
+                    "outlier_detection.max_ejection_percent",
+                ],
+            ),
+            (
+                r#""outlier_detection":{"base_ejection_ms":0}"#,
+                &["outlier_detection.base_ejection_ms"],
+            ),
+            (
+                r#""outlier_detection":{"base_ejection_ms":5000,"max_ejection_ms":1000}"#,
+                &["outlier_detection.max_ejection_ms"],
+            ),
+            (
+                r#""circuit_breaker":{"max_requests":2000000}"#,
+                &["circuit_breaker.max_requests"],
+            ),
+            (
+                r#""circuit_breaker":{"max_pending_requests":5}"#,
+                &["circuit_breaker.max_pending_requests"],
+            ),
+            (
+                r#""circuit_breaker":{"max_connections":-1}"#,
+                &["circuit_breaker.max_connections"],
+            ),
+            (r#""retry":{"attempts":11}"#, &["retry.attempts"]),
+            (
+                r#""retry":{"statuses":[404,503,503]}"#,
+                &["retry.statuses[0]", "retry.statuses[2]"],
+            ),
+            (
+                r#""retry":{"budget":{"percent":1001,"min_per_s":100001}}"#,
+                &["retry.budget.percent", "retry.budget.min_per_s"],
+            ),
+            (
+                r#""protocol":"tcp","health_check":{"http":{"path":"/h"}}"#,
+                &["health_check.http"],
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(&svc(extra), want, "{extra}");
+        }
+        // Good values pass.
+        assert!(svc(r#""timeouts":{"per_try_ms":100,"idle_ms":1000},
+            "health_check":{"http":{"path":"/healthz","expected_statuses":[200,204]},"interval_ms":1000,"timeout_ms":500},
+            "outlier_detection":{},"circuit_breaker":{"max_connections":10,"max_pending_requests":5,"max_requests":100,"max_retries":3},
+            "retry":{"attempts":2,"statuses":[502,503],"budget":{"percent":20,"min_per_s":10}}"#)
+        .is_empty());
+        // A route's retry and timeouts are checked the same way.
+        assert_eq!(
+            problems(
+                Kind::Routes,
+                r#"{"backends":[{"service":"a"}],"retry":{"attempts":20},"timeouts":{"per_try_ms":0}}"#
+            ),
+            ["retry.attempts", "timeouts.per_try_ms"]
+        );
+    }
+
+    #[test]
+    fn tcp_routes_are_checked_with_field_paths() {
+        assert_eq!(
+            problems(Kind::TcpRoutes, r#"{"port":0,"service":"Bad Name"}"#),
+            ["port", "service"]
+        );
+        assert_eq!(
+            problems(Kind::TcpRoutes, r#"{"port":70000,"service":"db"}"#),
+            ["port"]
+        );
+        assert_eq!(problems(Kind::TcpRoutes, r#"{"service":"db"}"#), [""]);
+        assert!(problems(Kind::TcpRoutes, r#"{"port":5432,"service":"db"}"#).is_empty());
+    }
 }

@@ -422,7 +422,8 @@ impl Apply for Compiler {
                     }
                     match obj {
                         Object::Service(s) => {
-                            self.specs.insert(key.name.clone(), (entry.mod_revision, *s));
+                            self.specs
+                                .insert(key.name.clone(), (entry.mod_revision, *s));
                             self.rebuild_service(&key.name);
                         }
                         Object::Instance(i) => {

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -486,7 +486,8 @@ impl Backend {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
@@ -541,9 +542,7 @@ pub enum TestBody {
     Full(Full<Bytes>),
     Stream(
         std::pin::Pin<
-            Box<
-                dyn hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
-            >,
+            Box<dyn hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static>,
         >,
     ),
 }
@@ -920,6 +919,12 @@ pub async fn metric(ops_port: u16, sample: &str) -> f64 {
     };
     r.body
         .lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }

@@ -188,9 +188,11 @@ async fn circuit_breaker_answers_503_at_the_limit() {
         let url = url.clone();
         tokio::spawn(async move { http_get(&url, &[]).await.unwrap() })
     };
-    wait_until("first request in flight", Duration::from_secs(5), || async {
-        pooled.hits() == 1
-    })
+    wait_until(
+        "first request in flight",
+        Duration::from_secs(5),
+        || async { pooled.hits() == 1 },
+    )
     .await;
     let rest: Vec<_> = (0..4)
         .map(|_| {
@@ -236,7 +238,10 @@ async fn outlier_detection_ejects_within_the_cap() {
     assert_eq!(a.hits(), 3, "{by:?}");
     let by = served_by_any(&url, 30).await;
     assert_eq!(a.hits(), 3, "{by:?}");
-    assert_eq!(by.get("b").copied().unwrap_or(0) + by.get("c").copied().unwrap_or(0), 30);
+    assert_eq!(
+        by.get("b").copied().unwrap_or(0) + by.get("c").copied().unwrap_or(0),
+        30
+    );
     assert_eq!(
         metric(
             ports.ops,
@@ -273,8 +278,9 @@ async fn active_health_checks_steer_traffic_before_any_request() {
         "meshgate_health_checks_total{{endpoint=\"{}\",result=\"fail\"}}",
         sick.addr
     );
-    let dead_fail =
-        format!("meshgate_health_checks_total{{endpoint=\"127.0.0.1:{dead_port}\",result=\"fail\"}}");
+    let dead_fail = format!(
+        "meshgate_health_checks_total{{endpoint=\"127.0.0.1:{dead_port}\",result=\"fail\"}}"
+    );
     wait_until("first failed checks", Duration::from_secs(10), || async {
         metric(ports.ops, &sick_fail).await >= 1.0 && metric(ports.ops, &dead_fail).await >= 1.0
     })

@@ -1,0 +1,366 @@
+//! End-to-end protocols through a standalone gateway, with real peers:
+//! gRPC (Python grpcio client and server: unary, server and bidi streams,
+//! trailers, the app's own status, synthetic errors as gRPC statuses),
+//! WebSocket (Python `websockets` client and server), TCP routes (a raw
+//! echo exchange, connect fail-over, live removal), and an HTTP/1.1
+//! `Upgrade: h2c` request from curl.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshgate_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn peer(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("peers")
+        .join(script)
+}
+
+/// Runs a peer script's client mode and parses its JSON line.
+async fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new("python3")
+        .arg(peer(script))
+        .args(args)
+        .output()
+        .await
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "{script} {args:?}: no JSON ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Starts a peer script's server mode on a free port; returns once it
+/// accepts connections.
+async fn py_server(dir: &Path, script: &str, name: &str) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc::spawn(
+        name,
+        Path::new("python3"),
+        &[
+            peer(script).to_string_lossy().into(),
+            "server".into(),
+            port.to_string(),
+            name.into(),
+        ],
+        dir,
+    );
+    wait_until(
+        &format!("{name} listening"),
+        Duration::from_secs(20),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    (p, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_keep_their_streams_trailers_and_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port) = py_server(dir.path(), "grpc_peer.py", "grpc-server").await;
+    let dead = free_port();
+    let yaml = format!(
+        "services:
+  echo:
+    protocol: grpc
+    endpoints: [{{address: '127.0.0.1:{port}'}}]
+  gone:
+    protocol: grpc
+    endpoints: [{{address: '127.0.0.1:{dead}'}}]
+  slow:
+    protocol: grpc
+    endpoints: [{{address: '127.0.0.1:{port}'}}]
+    timeouts: {{request_ms: 300}}
+routes:
+  echo:
+    scope: ingress
+    match: {{path: {{prefix: /echo.Echo/}}}}
+    backends: [{{service: echo}}]
+  gone:
+    scope: ingress
+    match: {{path: {{prefix: /gone.Svc/}}}}
+    backends: [{{service: gone}}]
+  slow:
+    scope: ingress
+    match: {{path: {{prefix: /echo.Echo/Say}}, headers: [{{name: x-slow}}]}}
+    priority: 10
+    backends: [{{service: slow}}]
+"
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let target = format!("127.0.0.1:{}", ports.ingress);
+    let t = target.as_str();
+
+    let r = py("grpc_peer.py", &["client", t, "Say", "hi"]).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["reply"], serde_json::json!(["echo:hi"]));
+
+    // The app's own status and message pass through untouched.
+    let r = py("grpc_peer.py", &["client", t, "Say", "fail"]).await;
+    assert_eq!(r["code"], "NOT_FOUND", "{r}");
+    assert_eq!(r["details"], "no such thing");
+
+    // Server streaming, with the trailer the server set.
+    let r = py("grpc_peer.py", &["client", t, "Count", "5"]).await;
+    assert_eq!(
+        r["reply"],
+        serde_json::json!(["0", "1", "2", "3", "4"]),
+        "{r}"
+    );
+    assert_eq!(r["trailers"]["x-trailer"], "yes");
+
+    // Bidirectional streaming.
+    let r = py("grpc_peer.py", &["client", t, "Chat", "a,b,c"]).await;
+    assert_eq!(
+        r["reply"],
+        serde_json::json!(["re:a", "re:b", "re:c"]),
+        "{r}"
+    );
+
+    // Synthetic errors are gRPC statuses, still marked x-mesh-error.
+    let r = py("grpc_peer.py", &["client", t, "/nothing.Here/Call", "x"]).await;
+    assert_eq!(r["code"], "UNIMPLEMENTED", "{r}");
+    assert_eq!(r["trailers"]["x-mesh-error"], "no_route");
+    let r = py("grpc_peer.py", &["client", t, "/gone.Svc/Call", "x"]).await;
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert_eq!(r["trailers"]["x-mesh-error"], "upstream_connect_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_deadline_exceeded_from_the_route_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port) = py_server(dir.path(), "grpc_peer.py", "grpc-server").await;
+    let yaml = format!(
+        "services:
+  slow:
+    protocol: grpc
+    endpoints: [{{address: '127.0.0.1:{port}'}}]
+    timeouts: {{request_ms: 300}}
+routes:
+  slow:
+    scope: ingress
+    match: {{path: {{prefix: /echo.Echo/}}}}
+    backends: [{{service: slow}}]
+"
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let target = format!("127.0.0.1:{}", ports.ingress);
+    // The client allows 10 s; the gateway's 300 ms route timeout answers.
+    let r = py(
+        "grpc_peer.py",
+        &["client", &target, "Say", "sleep:3000", "10"],
+    )
+    .await;
+    assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
+    assert_eq!(r["trailers"]["x-mesh-error"], "upstream_timeout");
+    // A call within the timeout works.
+    let r = py("grpc_peer.py", &["client", &target, "Say", "sleep:10"]).await;
+    assert_eq!(r["reply"], serde_json::json!(["echo:sleep:10"]), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_is_proxied_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port) = py_server(dir.path(), "ws_peer.py", "ws1").await;
+    let yaml = format!(
+        "services:
+  chat:
+    endpoints: [{{address: '127.0.0.1:{port}'}}]
+routes:
+  chat:
+    scope: ingress
+    match: {{path: {{prefix: /chat}}}}
+    backends: [{{service: chat}}]
+"
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let url = format!("ws://127.0.0.1:{}/chat", ports.ingress);
+    let r = py("ws_peer.py", &["client", &url, "hello", "world", "again"]).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["replies"],
+        serde_json::json!(["ws1:hello", "ws1:world", "ws1:again"])
+    );
+    // Several at once, each on its own tunnel.
+    let clients: Vec<_> = (0..5)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move { py("ws_peer.py", &["client", &url, &format!("m{i}")]).await })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.await.unwrap();
+        assert_eq!(
+            r["replies"],
+            serde_json::json!([format!("ws1:m{i}")]),
+            "{r}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_request_is_answered_over_http1() {
+    let Some(curl) = which("curl") else {
+        panic!("curl is required (scripts/deps.sh installs it)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start("b").await;
+    let yaml = format!(
+        "services:\n  s:\n    endpoints: [{{address: {}}}]\nroutes:\n  s:\n    scope: ingress\n    backends: [{{service: s}}]\n",
+        b.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let url = format!("http://127.0.0.1:{}/x", ports.ingress);
+    // curl --http2 on http:// sends `Upgrade: h2c`; the gateway declines
+    // the upgrade (RFC 9113 deprecates it) and answers over HTTP/1.1.
+    let out = tokio::process::Command::new(&curl)
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "--http2",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.1 200");
+    // Prior knowledge is how h2c is spoken.
+    let out = tokio::process::Command::new(&curl)
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "--http2-prior-knowledge",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    assert_eq!(b.hits(), 2);
+}
+
+/// A TCP server answering every read with `<name>:<bytes read>`.
+async fn tcp_echo(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            conns.push(tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut out = format!("{name}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        for c in conns {
+            c.abort();
+        }
+    });
+    (addr, task)
+}
+
+async fn exchange(s: &mut tokio::net::TcpStream, msg: &str) -> String {
+    s.write_all(msg.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_routes_balance_fail_over_and_follow_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, t1) = tcp_echo("e1").await;
+    let (e2, _t2) = tcp_echo("e2").await;
+    let dead = free_port();
+    let port = free_port();
+    let yaml = |with_route: bool| {
+        let route = if with_route {
+            format!("tcp_routes:\n  db:\n    port: {port}\n    service: db\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "services:\n  db:\n    protocol: tcp\n    endpoints: [{{address: '127.0.0.1:{dead}'}}, {{address: '{e1}'}}, {{address: '{e2}'}}]\n{route}"
+        )
+    };
+    let (_gw, _ports, file) = start_standalone(dir.path(), &yaml(true)).await;
+    wait_until("tcp route listening", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    // Every connection is served (the dead endpoint costs a refused
+    // connect, then is ejected), by both live endpoints in turn.
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..10 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let reply = exchange(&mut s, &format!("ping{i}")).await;
+        let (who, echoed) = reply.split_once(':').expect("name:bytes");
+        assert_eq!(echoed, format!("ping{i}"));
+        *seen.entry(who.to_string()).or_insert(0) += 1;
+    }
+    assert!(
+        seen.get("e1") >= Some(&3) && seen.get("e2") >= Some(&3),
+        "{seen:?}"
+    );
+
+    // A long-lived connection keeps going across a config change.
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let first = exchange(&mut open, "a").await;
+
+    // e1 goes away: new connections all land on e2, none fails.
+    t1.abort();
+    for _ in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let reply = exchange(&mut s, "x").await;
+        assert_eq!(reply, "e2:x");
+    }
+
+    // The route is removed from the config: the port stops accepting; the
+    // open connection (if it was on e2) still works.
+    std::fs::write(&file, yaml(false)).unwrap();
+    wait_until("tcp route closed", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    if first.starts_with("e2:") {
+        assert_eq!(exchange(&mut open, "b").await, "e2:b");
+    }
+}
