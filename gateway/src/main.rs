@@ -44,6 +44,10 @@ struct Args {
     /// Standalone: worker threads (0 = one per CPU).
     #[arg(long, default_value_t = 0, requires = "standalone")]
     workers: usize,
+    /// Standalone: the zone this gateway runs in (endpoints in it are
+    /// preferred within their priority).
+    #[arg(long, requires = "standalone")]
+    zone: Option<String>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate_gateway=debug`.
     #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
     log: String,
@@ -88,6 +92,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             lease_ttl_s: 10,
             shutdown_grace_ms: 10_000,
             workers: args.workers,
+            zone: args.zone.clone(),
             admin_api: Some(EmbeddedAdmin {
                 token_file: args.token_file.clone(),
             }),

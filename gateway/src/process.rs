@@ -72,6 +72,10 @@ pub struct GatewayConfig {
     /// single-threaded runtime).
     #[serde(default)]
     pub workers: usize,
+    /// The zone this gateway runs in: within a priority level, endpoints in
+    /// the same zone are used first, others when none of those is healthy.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// Proxy tunables in the node config.
@@ -185,6 +189,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         Defaults {
             connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
             request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+            zone: cfg.zone.clone(),
         },
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),

@@ -31,10 +31,12 @@ use crate::resilience::{ConnLimit, Outlier, Retry, ServiceShared, SharedRegistry
 use crate::router::{CompiledRoute, Router};
 
 /// Process-wide defaults for what a service or route does not set.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Defaults {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// The process's zone (locality preference), if it has one.
+    pub zone: Option<String>,
 }
 
 /// A service ready for the data plane.
@@ -296,10 +298,20 @@ impl Compiler {
             Protocol::Http2 | Protocol::Grpc => Wire::Http2,
             Protocol::Http1 | Protocol::Tcp => Wire::Http1,
         };
+        // Balancer levels: by priority, and within a priority the
+        // endpoints of this process's zone first.
         let members = spec
             .endpoints
             .iter()
-            .map(|e| (self.endpoints.get(&e.address), e.weight, e.priority))
+            .map(|e| {
+                let remote = match (&self.defaults.zone, &e.zone) {
+                    (Some(mine), Some(theirs)) => u32::from(mine != theirs),
+                    (Some(_), None) => 1,
+                    (None, _) => 0,
+                };
+                let level = e.priority.saturating_mul(2).saturating_add(remote);
+                (self.endpoints.get(&e.address), e.weight, level)
+            })
             .collect();
         ServiceRt {
             name: name.into(),
@@ -460,5 +472,93 @@ impl Apply for Compiler {
             }
             self.publish(revision);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshgate_config::store::Entry;
+
+    use super::*;
+
+    fn compiler(zone: Option<&str>) -> (Compiler, SharedSnapshot) {
+        let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let c = Compiler::new(
+            shared.clone(),
+            Defaults {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+                zone: zone.map(str::to_string),
+            },
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Box::new(|_, _| {}),
+        );
+        (c, shared)
+    }
+
+    fn put(kind: Kind, name: &str, json: serde_json::Value, rev: i64) -> Change {
+        Change::Put(Entry {
+            key: Key::new(kind, name),
+            value: json.to_string().into_bytes(),
+            mod_revision: rev,
+        })
+    }
+
+    #[test]
+    fn own_zone_first_then_spill_within_the_priority() {
+        let (mut c, shared) = compiler(Some("z1"));
+        let svc = serde_json::json!({"endpoints": [
+            {"address": "10.0.0.1:80", "zone": "z2"},
+            {"address": "10.0.0.2:80", "zone": "z1"},
+            {"address": "10.0.0.3:80", "zone": "z1", "priority": 1},
+        ]});
+        c.apply(vec![put(Kind::Services, "s", svc, 2)], 2);
+        let snap = shared.load_full();
+        let s = snap.services.get("s").unwrap();
+        for _ in 0..10 {
+            assert_eq!(s.balancer.pick(&[]).unwrap().address, "10.0.0.2:80");
+        }
+        // The local endpoint down: the other zone of the same priority,
+        // not the local endpoint of the lower priority.
+        let local = s.balancer.pick(&[]).unwrap();
+        local.on_failure();
+        assert_eq!(s.balancer.pick(&[]).unwrap().address, "10.0.0.1:80");
+    }
+
+    #[test]
+    fn instances_join_their_service_and_leave_it() {
+        let (mut c, shared) = compiler(None);
+        c.apply(
+            vec![
+                put(
+                    Kind::Instances,
+                    "s/i1",
+                    serde_json::json!({"address": "10.0.0.9:80", "node": "n"}),
+                    2,
+                ),
+                put(
+                    Kind::Services,
+                    "s",
+                    serde_json::json!({"endpoints": [{"address": "10.0.0.1:80"}]}),
+                    3,
+                ),
+            ],
+            3,
+        );
+        let addrs = |shared: &SharedSnapshot| -> Vec<String> {
+            let snap = shared.load_full();
+            let mut v: Vec<String> = snap.services["s"]
+                .balancer
+                .endpoints()
+                .map(|e| e.address.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(addrs(&shared), ["10.0.0.1:80", "10.0.0.9:80"]);
+        c.apply(vec![Change::Delete(Key::new(Kind::Instances, "s/i1"))], 4);
+        assert_eq!(addrs(&shared), ["10.0.0.1:80"]);
     }
 }

@@ -67,6 +67,22 @@ async fn retries_land_on_another_endpoint_and_spare_posts() {
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
     }
+
+    // A body over the 64 KiB replay buffer is streamed, so never resent,
+    // retryable or not.
+    let big = format!("\"{}\"", "x".repeat(100 * 1024));
+    let bad_before = bad.hits();
+    let mut failed = 0;
+    for _ in 0..6 {
+        let r = http("POST", &url, &[("x-mesh-retryable", "true")], &big)
+            .await
+            .unwrap();
+        if r.status == 503 {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0);
+    assert_eq!(bad.hits() - bad_before, failed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,6 +74,7 @@ fn main() {
         Defaults {
             connect_timeout: std::time::Duration::from_secs(1),
             request_timeout: std::time::Duration::from_secs(1),
+            zone: None,
         },
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
