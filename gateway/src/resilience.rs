@@ -338,6 +338,19 @@ mod tests {
     }
 
     #[test]
+    fn retries_in_flight_are_capped() {
+        let shared = Arc::new(ServiceShared::default());
+        let limits = CircuitBreaker {
+            max_retries: Some(1),
+            ..Default::default()
+        };
+        let first = retry_permit(&shared, &limits).expect("one retry may fly");
+        assert!(retry_permit(&shared, &limits).is_none());
+        drop(first);
+        assert!(retry_permit(&shared, &limits).is_some());
+    }
+
+    #[test]
     fn retry_statuses_and_methods() {
         let r = Retry::new(&RetryPolicy {
             attempts: 2,

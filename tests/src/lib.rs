@@ -420,7 +420,7 @@ impl Backend {
                                     0 => 200,
                                     s => s,
                                 };
-                                return Ok::<_, Infallible>(
+                                return Ok::<_, BackendError>(
                                     http::Response::builder()
                                         .status(s)
                                         .body(TestBody::Full(Full::new(Bytes::new())))
@@ -451,6 +451,9 @@ impl Backend {
                                     .push(String::from_utf8_lossy(&body).into_owned());
                             }
                             let status = match fl.load(Ordering::SeqCst) {
+                                RESET => {
+                                    return Err(std::io::Error::other("reset by test backend"))
+                                }
                                 0 => path
                                     .strip_prefix("/status/")
                                     .and_then(|c| c.parse().ok())
@@ -483,7 +486,7 @@ impl Backend {
                                 .header("x-seen-source", src)
                                 .body(TestBody::Full(Full::new(Bytes::from(format!("{n}\n")))))
                                 .unwrap();
-                            Ok::<_, Infallible>(resp)
+                            Ok::<_, BackendError>(resp)
                         }
                     });
                     let builder =
@@ -514,7 +517,8 @@ impl Backend {
         self.hits.load(Ordering::SeqCst)
     }
 
-    /// Answer every request (but `/healthz`) with `status` (0: normally).
+    /// Answer every request (but `/healthz`) with `status` (0: normally;
+    /// [`RESET`]: close the connection without an answer).
     pub fn set_fail(&self, status: u16) {
         self.fail.store(status, Ordering::SeqCst);
     }
@@ -536,6 +540,11 @@ impl Drop for Backend {
         self.stop();
     }
 }
+
+/// `Backend::set_fail(RESET)`: requests get their connection closed, no answer.
+pub const RESET: u16 = 1;
+
+type BackendError = std::io::Error;
 
 /// A backend response body: whole, or streamed.
 pub enum TestBody {
@@ -575,6 +584,15 @@ pub struct GatewayPorts {
 /// Writes `model` (config-model YAML) to `mesh.yaml` in `dir` and starts a
 /// standalone gateway on it; returns once it is ready.
 pub async fn start_standalone(dir: &Path, model: &str) -> (Proc, GatewayPorts, PathBuf) {
+    start_standalone_with(dir, model, &[]).await
+}
+
+/// [`start_standalone`] with extra gateway arguments (e.g. `--zone z1`).
+pub async fn start_standalone_with(
+    dir: &Path,
+    model: &str,
+    extra: &[&str],
+) -> (Proc, GatewayPorts, PathBuf) {
     let file = dir.join("mesh.yaml");
     std::fs::write(&file, model).unwrap();
     let ports = GatewayPorts {
@@ -582,7 +600,7 @@ pub async fn start_standalone(dir: &Path, model: &str) -> (Proc, GatewayPorts, P
         ingress: free_port(),
         ops: free_port(),
     };
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--standalone".into(),
         file.to_string_lossy().into(),
         "--listen".into(),
@@ -592,6 +610,7 @@ pub async fn start_standalone(dir: &Path, model: &str) -> (Proc, GatewayPorts, P
         "--admin-listen".into(),
         addr(ports.ops),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let p = Proc::spawn("gateway", &bin("meshgate-gateway"), &args, dir);
     wait_ready(ports.ops).await;
     (p, ports, file)

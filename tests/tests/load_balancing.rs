@@ -101,3 +101,24 @@ async fn consistent_hash_keeps_each_key_on_one_endpoint() {
         "{per_backend:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_zone_is_preferred_then_spilled_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let near = Backend::start("near").await;
+    let far = Backend::start("far").await;
+    let yaml = format!(
+        "services:\n  s:\n    endpoints:\n      - {{address: {}, zone: z2}}\n      - {{address: {}, zone: z1}}\n    outlier_detection: {{consecutive_5xx: 1, base_ejection_ms: 60000, max_ejection_percent: 100}}\nroutes:\n  s:\n    scope: ingress\n    backends: [{{service: s}}]\n",
+        far.addr, near.addr
+    );
+    let (_gw, ports, _) = start_standalone_with(dir.path(), &yaml, &["--zone", "z1"]).await;
+    let url = format!("http://127.0.0.1:{}/x", ports.ingress);
+    let by = served_by(&url, &[], 20).await;
+    assert_eq!(by.get("near"), Some(&20), "{by:?}");
+    // The near endpoint fails and is ejected: traffic spills to the other zone.
+    near.set_fail(500);
+    let r = http_get(&url, &[]).await.unwrap();
+    assert_eq!(r.status, 500);
+    let by = served_by(&url, &[], 10).await;
+    assert_eq!(by.get("far"), Some(&10), "{by:?}");
+}

@@ -342,3 +342,52 @@ async fn an_idle_response_body_is_cut() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_is_retried_only_when_the_policy_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = Backend::start("broken").await;
+    let good = Backend::start("good").await;
+    broken.set_fail(RESET);
+    let yaml = format!(
+        "services:
+  retried:
+    endpoints: [{{address: {b}}}, {{address: {g}}}]
+    retry: {{attempts: 1, on_reset: true}}
+  plain:
+    endpoints: [{{address: {b}}}, {{address: {g}}}]
+routes:
+  retried:
+    scope: ingress
+    match: {{path: {{prefix: /retried}}}}
+    backends: [{{service: retried}}]
+  plain:
+    scope: ingress
+    match: {{path: {{prefix: /plain}}}}
+    backends: [{{service: plain}}]
+",
+        b = broken.addr,
+        g = good.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let base = format!("http://127.0.0.1:{}", ports.ingress);
+
+    // The connection breaks after the request was sent: retried on the
+    // other endpoint, so every GET succeeds.
+    let by = served_by(&format!("{base}/retried"), &[], 10).await;
+    assert_eq!(by.get("good"), Some(&10), "{by:?}");
+    assert!(broken.hits() > 0);
+
+    // Without a retry policy the reset is answered as 502 upstream_reset.
+    let mut resets = 0;
+    for _ in 0..10 {
+        let r = http_get(&format!("{base}/plain"), &[]).await.unwrap();
+        if r.status == 502 {
+            assert_eq!(r.header("x-mesh-error"), Some("upstream_reset"));
+            resets += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    assert!(resets > 0);
+}
