@@ -368,6 +368,14 @@ fn validate_service(s: &Service, v: &mut Errors) {
     }
 }
 
+/// The problems of a health check, with field paths under `health_check.`
+/// (for node configs that embed one).
+pub fn health_check_problems(h: &HealthCheck) -> Vec<FieldError> {
+    let mut v = Errors::default();
+    validate_health_check(h, &mut v);
+    v.0
+}
+
 fn validate_health_check(h: &HealthCheck, v: &mut Errors) {
     match (&h.http, h.tcp) {
         (Some(_), true) | (None, false) => {

@@ -204,8 +204,8 @@ async fn probe_loop(spec: HealthCheck, ep: Arc<EndpointState>, counter: Option<I
     }
 }
 
-/// One check.
-async fn probe(spec: &HealthCheck, address: &str) -> Result<(), String> {
+/// One check of `address` (no timeout of its own: the caller bounds it).
+pub async fn probe(spec: &HealthCheck, address: &str) -> Result<(), String> {
     let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;

@@ -41,6 +41,51 @@ pub struct SidecarConfig {
     /// keeps its CPU and memory small; 0 = one per CPU).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// The local app as an instance of `service`: registered under
+    /// `instances/<service>/<id>` with a lease while it passes its health
+    /// check, so gateways send it traffic.
+    #[serde(default)]
+    pub app: Option<AppInstance>,
+}
+
+/// The local app, as gateways reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppInstance {
+    /// The app's address as gateways reach it (`host:port`).
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// E.g. `{version: v2}`.
+    #[serde(default)]
+    pub labels: meshgate_config::model::Labels,
+    /// How the sidecar checks the app (default: TCP connect every second,
+    /// healthy after 1 pass, unhealthy after 2 failures).
+    #[serde(default = "default_app_check")]
+    pub health_check: meshgate_config::model::HealthCheck,
+    /// On shutdown, how long to wait for the gateways to apply the
+    /// deregistration before draining.
+    #[serde(default = "default_deregister_wait")]
+    pub deregister_wait_ms: u64,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_deregister_wait() -> u64 {
+    5_000
+}
+fn default_app_check() -> meshgate_config::model::HealthCheck {
+    meshgate_config::model::HealthCheck {
+        http: None,
+        tcp: true,
+        interval_ms: 1_000,
+        timeout_ms: 500,
+        healthy_threshold: 1,
+        unhealthy_threshold: 2,
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +158,17 @@ impl SidecarConfig {
         }
         if self.proxy.connect_timeout_ms == 0 || self.proxy.request_timeout_ms == 0 {
             p.push(("proxy".into(), "timeouts must be greater than 0".into()));
+        }
+        if let Some(app) = &self.app {
+            if !meshgate_config::validate::valid_address(&app.address) {
+                p.push(("app.address".into(), "must be host:port".into()));
+            }
+            if !(1..=10_000).contains(&app.weight) {
+                p.push(("app.weight".into(), "must be from 1 to 10000".into()));
+            }
+            for e in meshgate_config::validate::health_check_problems(&app.health_check) {
+                p.push((format!("app.{}", e.field), e.message));
+            }
         }
         p
     }

@@ -7,6 +7,7 @@
 
 mod config;
 mod forward;
+mod instance;
 mod policy;
 
 use std::path::PathBuf;
@@ -166,6 +167,19 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         record(0, Freshness::Unavailable),
         Duration::from_secs(cfg.lease_ttl_s),
     );
+    // The app as an instance of its service, registered while healthy.
+    let (app_stop, app_stop_rx) = watch::channel(false);
+    let app_task = cfg.app.clone().map(|app| {
+        tokio::spawn(instance::run(
+            store.clone(),
+            cfg.service.clone(),
+            cfg.id.clone(),
+            app,
+            Duration::from_secs(cfg.lease_ttl_s),
+            policy.clone(),
+            app_stop_rx,
+        ))
+    });
     let follow = {
         let mut status = status.clone();
         let fwd = fwd.clone();
@@ -193,6 +207,11 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         _ = node::shutdown_signal() => {}
     }
     tracing::info!("shutdown: deregistering, then draining");
+    // The instance first, so gateways stop sending before the drain.
+    let _ = app_stop.send(true);
+    if let Some(t) = app_task {
+        let _ = t.await;
+    }
     registration.deregister().await;
     let _ = shutdown_tx.send(true);
     let _ = server.await;

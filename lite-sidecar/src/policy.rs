@@ -29,6 +29,19 @@ pub struct Policy {
     pub group: Option<Group>,
     pub group_tier: Tier,
     pub central_tier: Tier,
+    /// Every live gateway's id and applied config revision.
+    pub gateway_revisions: Vec<(String, i64)>,
+}
+
+impl Policy {
+    /// The gateways that have not applied `revision` yet.
+    pub fn gateways_behind(&self, revision: i64) -> Vec<String> {
+        self.gateway_revisions
+            .iter()
+            .filter(|(_, r)| *r < revision)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
 }
 
 pub type SharedPolicy = Arc<ArcSwap<Policy>>;
@@ -54,6 +67,7 @@ impl PolicyCompiler {
             group: None,
             group_tier: tier("group", &registry, vec![]),
             central_tier: tier("central", &registry, bootstrap_central.clone()),
+            gateway_revisions: Vec::new(),
         }));
         let c = PolicyCompiler {
             shared: shared.clone(),
@@ -140,6 +154,11 @@ impl Apply for PolicyCompiler {
             group: self.group.clone(),
             group_tier: tier("group", &self.registry, group_members),
             central_tier: tier("central", &self.registry, central),
+            gateway_revisions: self
+                .gateways
+                .iter()
+                .map(|(id, n)| (id.clone(), n.applied_revision))
+                .collect(),
         };
         *self.dump.lock().unwrap_or_else(|e| e.into_inner()) = json!({
             "revision": revision,

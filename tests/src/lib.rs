@@ -668,11 +668,33 @@ pub fn start_sidecar(
     central: &[String],
     etcd: &str,
 ) -> (Proc, SidecarPorts) {
+    start_sidecar_with(
+        dir,
+        id,
+        service,
+        group,
+        central,
+        etcd,
+        serde_json::json!({}),
+    )
+}
+
+/// [`start_sidecar`] with more node-config fields (`extra`, an object,
+/// overrides the defaults).
+pub fn start_sidecar_with(
+    dir: &Path,
+    id: &str,
+    service: &str,
+    group: &str,
+    central: &[String],
+    etcd: &str,
+    extra: serde_json::Value,
+) -> (Proc, SidecarPorts) {
     let ports = SidecarPorts {
         app: free_port(),
         ops: free_port(),
     };
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "id": id,
         "service": service,
         "group": group,
@@ -683,6 +705,11 @@ pub fn start_sidecar(
         "snapshot_file": dir.join(format!("{id}.snapshot.json")),
         "lease_ttl_s": 5,
     });
+    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            cfg.insert(k.clone(), v.clone());
+        }
+    }
     let path = dir.join(format!("{id}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
     let p = Proc::spawn(
