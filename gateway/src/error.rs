@@ -73,6 +73,13 @@ impl MeshError {
         }
     }
 
+    /// Whether this error proves the request was not sent on to any
+    /// upstream (so any method may safely be sent elsewhere). Only a reset
+    /// or a timeout leaves that open.
+    pub fn unsent(self) -> bool {
+        !matches!(self, MeshError::UpstreamReset | MeshError::UpstreamTimeout)
+    }
+
     /// The gRPC status code a gRPC caller gets for this error.
     pub fn grpc_status(self) -> u8 {
         match self {

@@ -9,7 +9,9 @@
 //!    method: nothing was sent); a broken exchange does so only for
 //!    idempotent or `x-mesh-retryable: true` requests with a replayable body
 //! 5. a gateway-originated error (`x-mesh-error`) moves idempotent or
-//!    retryable requests to the next tier; an app's own 5xx never does
+//!    retryable requests to the next tier, and any request when the reason
+//!    proves it was not sent on (every reason but `upstream_reset` and
+//!    `upstream_timeout`); an app's own 5xx never does
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,8 +232,20 @@ impl Forwarder {
                         rp.headers
                             .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
                         let resp = Response::from_parts(rp, rb);
-                        let mesh_error = resp.headers().contains_key(X_MESH_ERROR);
-                        if mesh_error && retryable && body.replayable() {
+                        // A gateway error moves an idempotent (or marked)
+                        // request to the next tier, and any request when
+                        // the error proves it was not sent on (not ready,
+                        // no route, no endpoint, connect failed...).
+                        let mesh_error = resp
+                            .headers()
+                            .get(X_MESH_ERROR)
+                            .map(|v| MeshError::from_code(v.as_bytes()));
+                        let may_move = match mesh_error {
+                            None => false,
+                            Some(Some(e)) => retryable || e.unsent(),
+                            Some(None) => retryable,
+                        };
+                        if may_move && body.replayable() {
                             // The tier itself failed: try the next tier.
                             tracing::debug!(tier = tier.name, member = %member.address, "gateway error; next tier");
                             last_error = Some((resp, tier.name));
