@@ -98,25 +98,27 @@ impl MeshError {
         }
     }
 
+    /// Every error, for reverse lookups.
+    pub const ALL: [MeshError; 12] = [
+        MeshError::NoRoute,
+        MeshError::NoHealthyEndpoint,
+        MeshError::UpstreamConnectFailed,
+        MeshError::UpstreamReset,
+        MeshError::UpstreamTimeout,
+        MeshError::LoopDetected,
+        MeshError::NotReady,
+        MeshError::NoDestination,
+        MeshError::BadRequest,
+        MeshError::PayloadTooLarge,
+        MeshError::ShuttingDown,
+        MeshError::CircuitOpen,
+    ];
+
     /// The reason code named in an `x-mesh-error` header value.
     pub fn from_code(code: &[u8]) -> Option<MeshError> {
-        use MeshError::*;
-        [
-            NoRoute,
-            NoHealthyEndpoint,
-            UpstreamConnectFailed,
-            UpstreamReset,
-            UpstreamTimeout,
-            LoopDetected,
-            NotReady,
-            NoDestination,
-            BadRequest,
-            PayloadTooLarge,
-            ShuttingDown,
-            CircuitOpen,
-        ]
-        .into_iter()
-        .find(|e| e.code().as_bytes() == code)
+        MeshError::ALL
+            .into_iter()
+            .find(|e| e.code().as_bytes() == code)
     }
 
     /// The synthetic error as a gRPC "trailers-only" response: HTTP 200,

@@ -148,11 +148,41 @@ impl HealthChecks {
     }
 }
 
+/// Health from a run of check results: the first result counts at once;
+/// then `unhealthy_threshold` failures in a row turn it unhealthy and
+/// `healthy_threshold` passes healthy again.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    passes: u32,
+    fails: u32,
+    healthy: Option<bool>,
+}
+
+impl Verdict {
+    /// Records one result; returns whether the target is healthy now.
+    pub fn record(&mut self, ok: bool, spec: &HealthCheck) -> bool {
+        if ok {
+            self.passes += 1;
+            self.fails = 0;
+        } else {
+            self.fails += 1;
+            self.passes = 0;
+        }
+        let now = match self.healthy {
+            None => ok,
+            Some(_) if ok && self.passes >= spec.healthy_threshold => true,
+            Some(_) if !ok && self.fails >= spec.unhealthy_threshold => false,
+            Some(h) => h,
+        };
+        self.healthy = Some(now);
+        now
+    }
+}
+
 async fn probe_loop(spec: HealthCheck, ep: Arc<EndpointState>, counter: Option<IntCounterVec>) {
     let interval = Duration::from_millis(spec.interval_ms);
     let timeout = Duration::from_millis(spec.timeout_ms);
-    let (mut passes, mut fails) = (0u32, 0u32);
-    let mut first = true;
+    let mut verdict = Verdict::default();
     loop {
         let result = tokio::time::timeout(timeout, probe(&spec, &ep.address)).await;
         let ok = match result {
@@ -170,28 +200,12 @@ async fn probe_loop(spec: HealthCheck, ep: Arc<EndpointState>, counter: Option<I
             c.with_label_values(&[&ep.address, if ok { "pass" } else { "fail" }])
                 .inc();
         }
-        if ok {
-            passes += 1;
-            fails = 0;
-        } else {
-            fails += 1;
-            passes = 0;
-        }
         let before = ep.health();
-        let after = if first {
-            if ok {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            }
-        } else if ok && passes >= spec.healthy_threshold {
+        let after = if verdict.record(ok, &spec) {
             Health::Healthy
-        } else if !ok && fails >= spec.unhealthy_threshold {
-            Health::Unhealthy
         } else {
-            before
+            Health::Unhealthy
         };
-        first = false;
         if after != before {
             ep.set_health(after);
             if after == Health::Unhealthy {
@@ -245,6 +259,25 @@ fn passes(status: StatusCode, expected: &[u16]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_counts_the_first_result_then_thresholds() {
+        let spec = HealthCheck {
+            http: None,
+            tcp: true,
+            interval_ms: 1000,
+            timeout_ms: 100,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        };
+        let mut v = Verdict::default();
+        assert!(!v.record(false, &spec), "the first result counts at once");
+        assert!(!v.record(true, &spec));
+        assert!(v.record(true, &spec), "healthy after 2 passes");
+        assert!(v.record(false, &spec));
+        assert!(v.record(false, &spec));
+        assert!(!v.record(false, &spec), "unhealthy after 3 failures");
+    }
 
     #[test]
     fn expected_statuses_default_to_2xx() {

@@ -290,17 +290,7 @@ impl Proxy {
                 Err(e) => return MeshError::BadRequest.response(&e.to_string()),
             };
         headers::strip_hop_by_hop(&mut parts.headers);
-        let mut pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        if let Some(rw) = &route.rewrite {
-            rw.request_headers(&mut parts.headers);
-            if let Some(p) = rw.path(&pq) {
-                pq = p;
-            }
-        }
+        let pq = upstream_target(route, &mut parts);
         let retry = route.retry.clone().or_else(|| primary.retry.clone());
         let retry = retry.as_ref();
         if retry.is_some() {
@@ -544,17 +534,7 @@ impl Proxy {
         let client_side = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
-        let mut pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        if let Some(rw) = &route.rewrite {
-            rw.request_headers(&mut parts.headers);
-            if let Some(p) = rw.path(&pq) {
-                pq = p;
-            }
-        }
+        let pq = upstream_target(route, &mut parts);
         let mut tried = Vec::new();
         while let Some(ep) = (tried.len() < self.opts.max_connect_attempts)
             .then(|| svc.balancer.pick(&tried))
@@ -609,6 +589,23 @@ impl Proxy {
             MeshError::UpstreamConnectFailed
                 .response(&format!("cannot connect to service {}", svc.name))
         }
+    }
+}
+
+/// The path and query sent upstream, with the route's request rewrites
+/// (path prefix, headers) applied.
+fn upstream_target(route: &CompiledRoute, parts: &mut http::request::Parts) -> PathAndQuery {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match &route.rewrite {
+        Some(rw) => {
+            rw.request_headers(&mut parts.headers);
+            rw.path(&pq).unwrap_or(pq)
+        }
+        None => pq,
     }
 }
 

@@ -46,7 +46,7 @@ pub async fn run(
     let interval = Duration::from_millis(check.interval_ms);
     let timeout = Duration::from_millis(check.timeout_ms);
     let mut registration: Option<Registration> = None;
-    let (mut passes, mut fails) = (0u32, 0u32);
+    let mut verdict = meshgate_gateway::health::Verdict::default();
     let mut healthy: Option<bool> = None;
     loop {
         let ok = matches!(
@@ -57,19 +57,7 @@ pub async fn run(
             .await,
             Ok(Ok(()))
         );
-        if ok {
-            passes += 1;
-            fails = 0;
-        } else {
-            fails += 1;
-            passes = 0;
-        }
-        let now = match healthy {
-            None => ok,
-            Some(_) if ok && passes >= check.healthy_threshold => true,
-            Some(_) if !ok && fails >= check.unhealthy_threshold => false,
-            Some(h) => h,
-        };
+        let now = verdict.record(ok, check);
         if healthy != Some(now) {
             healthy = Some(now);
             if now {

@@ -223,35 +223,28 @@ async fn an_h2c_upgrade_request_is_answered_over_http1() {
     let url = format!("http://127.0.0.1:{}/x", ports.ingress);
     // curl --http2 on http:// sends `Upgrade: h2c`; the gateway declines
     // the upgrade (RFC 9113 deprecates it) and answers over HTTP/1.1.
-    let out = tokio::process::Command::new(&curl)
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code}",
-            "--http2",
-            &url,
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.1 200");
+    let version_and_status = |flag: &'static str| {
+        let (curl, url) = (curl.clone(), url.clone());
+        async move {
+            let out = tokio::process::Command::new(&curl)
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_version} %{http_code}",
+                    flag,
+                    &url,
+                ])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    assert_eq!(version_and_status("--http2").await, "1.1 200");
     // Prior knowledge is how h2c is spoken.
-    let out = tokio::process::Command::new(&curl)
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code}",
-            "--http2-prior-knowledge",
-            &url,
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    assert_eq!(version_and_status("--http2-prior-knowledge").await, "2 200");
     assert_eq!(b.hits(), 2);
 }
 
