@@ -97,6 +97,9 @@ pub struct SidecarProxy {
     pub connect_timeout_ms: u64,
     /// Time for a tier to answer with response headers.
     pub request_timeout_ms: u64,
+    /// Every gateway member is checked with a TCP connect this often, so a
+    /// dead member is skipped before a request tries it (0: off).
+    pub member_check_interval_ms: u64,
 }
 
 impl Default for SidecarProxy {
@@ -106,6 +109,7 @@ impl Default for SidecarProxy {
             replay_buffer_bytes: 64 * 1024,
             connect_timeout_ms: 1000,
             request_timeout_ms: 15_000,
+            member_check_interval_ms: 1000,
         }
     }
 }

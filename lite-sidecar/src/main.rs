@@ -29,6 +29,7 @@ use meshgate_config::sync::{self, SyncOptions};
 use meshgate_config::{Key, Kind};
 use meshgate_gateway::balance::EndpointRegistry;
 use meshgate_gateway::client::{build, Wire};
+use meshgate_gateway::health::HealthChecks;
 use meshgate_gateway::metrics::Metrics;
 use tokio::sync::watch;
 
@@ -75,7 +76,25 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new("sidecar"));
 
     let registry = Arc::new(EndpointRegistry::default());
-    let (compiler, policy) = PolicyCompiler::new(cfg.group.clone(), cfg.central.clone(), registry);
+    let member_checks = (cfg.proxy.member_check_interval_ms > 0).then(|| {
+        let interval = cfg.proxy.member_check_interval_ms;
+        let spec = meshgate_config::model::HealthCheck {
+            http: None,
+            tcp: true,
+            interval_ms: interval,
+            timeout_ms: cfg.proxy.connect_timeout_ms.min(interval),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        };
+        let checks = HealthChecks::new(Some(metrics.health_checks.clone()));
+        (Arc::new(checks), spec)
+    });
+    let (compiler, policy) = PolicyCompiler::new(
+        cfg.group.clone(),
+        cfg.central.clone(),
+        registry,
+        member_checks,
+    );
     let dump = compiler.dump_handle();
     let mut opts = SyncOptions::new(PolicyCompiler::prefixes(&cfg.group, &cfg.service));
     if let Some(p) = &cfg.snapshot_file {

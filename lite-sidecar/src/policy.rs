@@ -2,17 +2,21 @@
 //! `nodes/` (to find gateway members), `groups/<its group>` and
 //! `services/<its service>`, and compiles them into the tiers it forwards
 //! to: its group's egress gateways, then the central gateways (from etcd
-//! plus the bootstrap list of its config file).
+//! plus the bootstrap list of its config file). Every member of both tiers
+//! is health-checked (TCP connect) so a dead one is skipped before a
+//! request tries it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use meshgate_config::model::HealthCheck;
 use meshgate_config::model::{Group, Node, NodeKind, Role};
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::validate::decode_json;
 use meshgate_config::{Key, Kind};
 use meshgate_gateway::balance::{Balancer, EndpointRegistry};
+use meshgate_gateway::health::HealthChecks;
 use serde_json::json;
 
 /// A tier of gateway members.
@@ -52,6 +56,8 @@ pub struct PolicyCompiler {
     group_name: String,
     bootstrap_central: Vec<String>,
     registry: Arc<EndpointRegistry>,
+    /// TCP checks of the gateway members, when enabled.
+    member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
     gateways: BTreeMap<String, Node>,
     group: Option<Group>,
     dump: Arc<std::sync::Mutex<serde_json::Value>>,
@@ -62,6 +68,7 @@ impl PolicyCompiler {
         group_name: String,
         bootstrap_central: Vec<String>,
         registry: Arc<EndpointRegistry>,
+        member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
     ) -> (Self, SharedPolicy) {
         let shared = Arc::new(ArcSwap::from_pointee(Policy {
             group: None,
@@ -74,6 +81,7 @@ impl PolicyCompiler {
             group_name,
             bootstrap_central,
             registry,
+            member_checks,
             gateways: BTreeMap::new(),
             group: None,
             dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
@@ -160,6 +168,12 @@ impl Apply for PolicyCompiler {
                 .map(|(id, n)| (id.clone(), n.applied_revision))
                 .collect(),
         };
+        if let Some((checks, spec)) = &self.member_checks {
+            for t in [&p.group_tier, &p.central_tier] {
+                let eps = t.members.endpoints().cloned().collect();
+                checks.set(t.name, Some((spec, eps)));
+            }
+        }
         *self.dump.lock().unwrap_or_else(|e| e.into_inner()) = json!({
             "revision": revision,
             "group": self.group_name,

@@ -137,3 +137,38 @@ async fn gateways_die_and_return_under_get_and_post_load() {
         "{tiers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateway_member_is_skipped_before_any_request_tries_it() {
+    let mut m = Mesh::start().await;
+    let url = m.app_url("/x");
+    served_by(&url, &[("host", "orders")], 10).await;
+    let dead = addr(m.gws[0].1.mesh);
+    let ops = m.sidecar.1.ops;
+    let failures = "meshgate_upstream_connect_failures_total{service=\"group\"}";
+    let before = metric(ops, failures).await;
+
+    // gw-a dies while no request is in flight; the sidecar's member check
+    // (TCP, every second) notices it.
+    m.gws[0].0.kill();
+    let failed_check =
+        format!("meshgate_health_checks_total{{endpoint=\"{dead}\",result=\"fail\"}}");
+    wait_until(
+        "the member check fails",
+        Duration::from_secs(10),
+        || async { metric(ops, &failed_check).await >= 1.0 },
+    )
+    .await;
+
+    // Requests now go to gw-b only: not one connect to the dead member.
+    for _ in 0..20 {
+        let r = http_get(&url, &[("host", "orders")]).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-mesh-tier"), Some("group"));
+    }
+    assert_eq!(
+        metric(ops, failures).await,
+        before,
+        "a request tried the dead member"
+    );
+}
