@@ -334,8 +334,10 @@ async fn tcp_routes_balance_fail_over_and_follow_config() {
         .unwrap();
     let first = exchange(&mut open, "a").await;
 
-    // e1 goes away: new connections all land on e2, none fails.
+    // e1 goes away (its listener closed once the aborted task is gone):
+    // new connections all land on e2, none fails.
     t1.abort();
+    let _ = t1.await;
     for _ in 0..6 {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
