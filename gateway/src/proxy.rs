@@ -250,13 +250,15 @@ impl Proxy {
         route: &CompiledRoute,
         client_ip: &HeaderValue,
         deadline_hint: Option<Duration>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let t = primary.timeouts(route.timeouts.as_ref());
         let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
         let deadline = Instant::now() + total;
         if headers::is_upgrade(req.headers()) {
-            return self.forward_upgrade(primary, route, t.idle, req).await;
+            return self
+                .forward_upgrade(primary, route, total, t.idle, req)
+                .await;
         }
         let admitted = if primary.breaker.max_requests.is_some() {
             match resilience::admit(&primary.shared, &primary.breaker) {
@@ -266,19 +268,17 @@ impl Proxy {
         } else {
             None
         };
-        let (mut parts, body) = {
-            // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
-            if !req.headers().contains_key(header::HOST) {
-                if let Some(v) = req
-                    .uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                {
-                    req.headers_mut().insert(header::HOST, v);
-                }
+        let (mut parts, body) = req.into_parts();
+        // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, v);
             }
-            req.into_parts()
-        };
+        }
         let content_length = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -291,7 +291,7 @@ impl Proxy {
             };
         headers::strip_hop_by_hop(&mut parts.headers);
         let pq = upstream_target(route, &mut parts);
-        let retry = route.retry.clone().or_else(|| primary.retry.clone());
+        let retry = route.retry.or(primary.retry);
         let retry = retry.as_ref();
         if retry.is_some() {
             primary.shared.budget.record_request();
@@ -447,13 +447,8 @@ impl Proxy {
                 }
                 Err(Attempt::Connect(error, back)) => {
                     unsent = back.map(|b| *b);
-                    ep.on_failure();
                     connect_failures += 1;
-                    self.metrics
-                        .connect_failures
-                        .with_label_values(&[&svc.name])
-                        .inc();
-                    tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
+                    self.connect_failed(&svc, &ep, &error);
                     tried.push(ep);
                     if unsent.is_none() && !body.replayable() {
                         return MeshError::UpstreamConnectFailed.response(&format!(
@@ -507,6 +502,16 @@ impl Proxy {
         }
     }
 
+    /// A connection to `ep` could not be made: eject it and count it.
+    fn connect_failed(&self, svc: &ServiceRt, ep: &EndpointState, error: &str) {
+        ep.on_failure();
+        self.metrics
+            .connect_failures
+            .with_label_values(&[&svc.name])
+            .inc();
+        tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
+    }
+
     fn circuit_open(&self, service: &str, o: Overflow) -> Response<ProxyBody> {
         self.metrics
             .resilience
@@ -522,6 +527,7 @@ impl Proxy {
         &self,
         svc: Arc<ServiceRt>,
         route: &CompiledRoute,
+        timeout: Duration,
         idle: Option<Duration>,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
@@ -540,9 +546,7 @@ impl Proxy {
             .then(|| svc.balancer.pick(&tried))
             .flatten()
         {
-            match upstream::upgrade(&ep, svc.connect_timeout, svc.request_timeout, &pq, &parts)
-                .await
-            {
+            match upstream::upgrade(&ep, svc.connect_timeout, timeout, &pq, &parts).await {
                 Ok((resp, upstream_side)) => {
                     let (mut rp, rb) = resp.into_parts();
                     if let Some(rw) = &route.rewrite {
@@ -568,8 +572,7 @@ impl Proxy {
                     return Response::from_parts(rp, rb);
                 }
                 Err(Attempt::Connect(error, _)) => {
-                    ep.on_failure();
-                    tracing::debug!(service = %svc.name, endpoint = %ep.address, %error, "upstream connect failed");
+                    self.connect_failed(&svc, &ep, &error);
                     tried.push(ep);
                 }
                 Err(Attempt::Timeout) => {

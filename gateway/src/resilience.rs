@@ -240,7 +240,7 @@ impl BudgetWindow {
 // === retry policy ===
 
 /// A retry policy ready for the request path.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Retry {
     pub attempts: u32,
     pub on_reset: bool,

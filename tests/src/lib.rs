@@ -641,15 +641,20 @@ pub fn start_gateway(
         "lease_ttl_s": 5,
         "shutdown_grace_ms": 3000,
     });
-    let path = dir.join(format!("{id}.yaml"));
-    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn(
-        id,
-        &bin("meshgate-gateway"),
+    let p = spawn_with_config(dir, id, "meshgate-gateway", &cfg);
+    (p, ports)
+}
+
+/// Writes `cfg` as `<name>.yaml` in `dir` and starts `binary --config` on it.
+fn spawn_with_config(dir: &Path, name: &str, binary: &str, cfg: &serde_json::Value) -> Proc {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, serde_yaml::to_string(cfg).unwrap()).unwrap();
+    Proc::spawn(
+        name,
+        &bin(binary),
         &["--config".into(), path.to_string_lossy().into()],
         dir,
-    );
-    (p, ports)
+    )
 }
 
 /// Ports of a sidecar.
@@ -710,14 +715,7 @@ pub fn start_sidecar_with(
             cfg.insert(k.clone(), v.clone());
         }
     }
-    let path = dir.join(format!("{id}.yaml"));
-    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn(
-        id,
-        &bin("lite-sidecar"),
-        &["--config".into(), path.to_string_lossy().into()],
-        dir,
-    );
+    let p = spawn_with_config(dir, id, "lite-sidecar", &cfg);
     (p, ports)
 }
 
@@ -736,14 +734,7 @@ pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
         "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
         "token_file": tokens,
     });
-    let path = dir.join("admin.yaml");
-    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let p = Proc::spawn(
-        "admin",
-        &bin("meshgate-admin"),
-        &["--config".into(), path.to_string_lossy().into()],
-        dir,
-    );
+    let p = spawn_with_config(dir, "admin", "meshgate-admin", &cfg);
     (p, format!("http://127.0.0.1:{port}"), token)
 }
 
