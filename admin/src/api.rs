@@ -282,7 +282,12 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
         .filter_map(|e| {
             let node: Node = decode_json(&e.key, &e.value).ok()?;
             let mut v = serde_json::to_value(node).ok()?;
-            v["id"] = Value::String(e.key.name.clone());
+            let id = e
+                .key
+                .name
+                .split_once('/')
+                .map_or(&*e.key.name, |(_, id)| id);
+            v["id"] = Value::String(id.to_string());
             Some(v)
         })
         .collect();

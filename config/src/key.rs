@@ -56,6 +56,18 @@ impl Kind {
     }
 }
 
+/// Node records are keyed `nodes/<node kind>/<id>` so that a process can
+/// watch one kind of node (a sidecar watches `nodes/gateway/` only, not
+/// every sidecar in the mesh).
+pub fn node_key(kind: crate::model::NodeKind, id: &str) -> Key {
+    Key::new(Kind::Nodes, format!("{}/{id}", kind.as_str()))
+}
+
+/// The prefix of every node record of one kind, e.g. `nodes/gateway/`.
+pub fn node_prefix(kind: crate::model::NodeKind) -> String {
+    format!("nodes/{}/", kind.as_str())
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -66,7 +78,8 @@ impl fmt::Display for Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     pub kind: Kind,
-    /// The object name. For instances: `<service>/<id>`.
+    /// The object name. For instances: `<service>/<id>`; for nodes:
+    /// `<node kind>/<id>`.
     pub name: String,
 }
 
@@ -86,6 +99,12 @@ impl Key {
         let ok = match kind {
             Kind::Instances => match name.split_once('/') {
                 Some((svc, id)) => valid_name(svc) && valid_name(id),
+                None => false,
+            },
+            Kind::Nodes => match name.split_once('/') {
+                Some((kind, id)) => {
+                    ["gateway", "sidecar", "admin"].contains(&kind) && valid_name(id)
+                }
                 None => false,
             },
             _ => valid_name(name),
@@ -130,6 +149,12 @@ mod tests {
         assert_eq!(Key::parse("routes/a/b"), None);
         assert_eq!(Key::parse("widgets/a"), None);
         assert_eq!(Key::parse("instances/orders"), None);
+        assert_eq!(
+            Key::parse("nodes/gateway/gw-1"),
+            Some(node_key(crate::model::NodeKind::Gateway, "gw-1"))
+        );
+        assert_eq!(Key::parse("nodes/gw-1"), None);
+        assert_eq!(Key::parse("nodes/robot/gw-1"), None);
         assert_eq!(Key::parse("routes/-x"), None);
         assert_eq!(Key::new(Kind::Groups, "shop").to_string(), "groups/shop");
     }

@@ -53,8 +53,35 @@ pub struct Service {
     /// Default retry policy of routes to this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// The services this service calls, and how its sidecars reach each
+    /// one. A sidecar's local policy covers exactly these; a call to any
+    /// other destination goes to the central tier.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<Destination>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+}
+
+/// A service that a service calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub service: String,
+    #[serde(default)]
+    pub mode: DestinationMode,
+}
+
+/// How a sidecar reaches a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationMode {
+    /// Through the group's egress gateways (then the central tier).
+    #[default]
+    Gateway,
+    /// The sidecar balances to the destination's endpoints itself, with
+    /// the destination's timeouts, retries, health checks and outlier
+    /// detection; then the group's gateways, then the central tier.
+    Direct,
 }
 
 /// Active health checks: an HTTP request or a TCP connect to every
@@ -546,6 +573,16 @@ pub enum NodeKind {
     Admin,
 }
 
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Gateway => "gateway",
+            NodeKind::Sidecar => "sidecar",
+            NodeKind::Admin => "admin",
+        }
+    }
+}
+
 /// A gateway role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -555,7 +592,8 @@ pub enum Role {
     Central,
 }
 
-/// A live process, registered by itself under a lease (`nodes/<id>`).
+/// A live process, registered by itself under a lease
+/// (`nodes/<kind>/<id>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {

@@ -73,11 +73,18 @@ impl SyncStatus {
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
     /// Relative prefixes to load and watch (e.g. `services/`, `groups/shop`).
+    /// A prefix ending in `/` covers every key under it; any other is one
+    /// exact key (`services/orders` does not cover `services/orders-v2`).
     pub prefixes: Vec<String>,
     /// The snapshot file and the scope written into it (e.g. `gateway:gw-1`).
     pub snapshot: Option<(PathBuf, String)>,
     /// Smallest and largest pause between reconnection attempts.
     pub backoff: (Duration, Duration),
+    /// When set, the prefixes follow this channel: on every change the
+    /// sync re-reads the new set, applies the difference (objects no
+    /// longer covered are deleted) and watches the new set. A sidecar uses
+    /// it to follow the destinations its service calls.
+    pub rescope: Option<watch::Receiver<Vec<String>>>,
 }
 
 impl SyncOptions {
@@ -86,6 +93,7 @@ impl SyncOptions {
             prefixes,
             snapshot: None,
             backoff: (Duration::from_millis(100), Duration::from_secs(3)),
+            rescope: None,
         }
     }
 }
@@ -118,16 +126,30 @@ struct Syncer<A> {
     /// Last revision seen per prefix.
     revs: Vec<i64>,
     dirty: bool,
+    rescope: Option<watch::Receiver<Vec<String>>>,
+}
+
+/// Whether `prefix` (see [`SyncOptions::prefixes`]) covers `key`.
+fn covers(prefix: &str, key: &Key) -> bool {
+    if prefix.ends_with('/') {
+        return true; // the store only returns keys under it
+    }
+    let kind = key.kind.as_str();
+    prefix.len() == kind.len() + 1 + key.name.len()
+        && prefix.starts_with(kind)
+        && prefix.as_bytes()[kind.len()] == b'/'
+        && prefix.ends_with(key.name.as_str())
 }
 
 impl<A: Apply> Syncer<A> {
     fn new(
         store: Arc<dyn ConfigStore>,
-        opts: SyncOptions,
+        mut opts: SyncOptions,
         applier: A,
         status: watch::Sender<SyncStatus>,
     ) -> Self {
         let n = opts.prefixes.len();
+        let rescope = opts.rescope.take();
         Syncer {
             store,
             opts,
@@ -136,6 +158,7 @@ impl<A: Apply> Syncer<A> {
             mirror: BTreeMap::new(),
             revs: vec![0; n],
             dirty: false,
+            rescope,
         }
     }
 
@@ -161,7 +184,7 @@ impl<A: Apply> Syncer<A> {
                 }
             }
             match self.watch().await {
-                WatchEnd::Compacted => need_load = true,
+                WatchEnd::Compacted | WatchEnd::Rescoped => need_load = true,
                 WatchEnd::Error(e) => {
                     self.disconnected(&e);
                     tokio::time::sleep(backoff).await;
@@ -175,12 +198,18 @@ impl<A: Apply> Syncer<A> {
 
     /// Reads every prefix and applies the difference with the current view.
     async fn load(&mut self) -> Result<(), StoreError> {
+        if let Some(rx) = &mut self.rescope {
+            let mut p = rx.borrow_and_update().clone();
+            p.sort();
+            p.dedup();
+            self.opts.prefixes = p;
+        }
         let mut fresh = BTreeMap::new();
         let mut revs = Vec::with_capacity(self.opts.prefixes.len());
         for p in &self.opts.prefixes {
             let r = self.store.range(p).await?;
             revs.push(r.revision);
-            for e in r.entries {
+            for e in r.entries.into_iter().filter(|e| covers(p, &e.key)) {
                 fresh.insert(e.key.clone(), e);
             }
         }
@@ -208,8 +237,19 @@ impl<A: Apply> Syncer<A> {
         Ok(())
     }
 
-    /// Watches every prefix until the store goes away or compacts.
+    /// Watches every prefix until the store goes away or compacts, or the
+    /// prefixes change.
     async fn watch(&mut self) -> WatchEnd {
+        let mut rescope = self.rescope.take();
+        let end = self.watch_prefixes(&mut rescope).await;
+        self.rescope = rescope;
+        end
+    }
+
+    async fn watch_prefixes(
+        &mut self,
+        rescope: &mut Option<watch::Receiver<Vec<String>>>,
+    ) -> WatchEnd {
         let mut streams = Vec::with_capacity(self.opts.prefixes.len());
         for (i, p) in self.opts.prefixes.iter().enumerate() {
             match self.store.watch(p, self.revs[i] + 1).await {
@@ -248,6 +288,10 @@ impl<A: Apply> Syncer<A> {
                 },
                 _ = flush.tick() => self.flush_snapshot().await,
                 _ = heartbeat.tick() => self.status.send_modify(|s| s.last_sync_ms = now_ms()),
+                Some(()) = prefixes_changed(rescope) => {
+                    tracing::debug!("watched prefixes changed; re-reading the store");
+                    return WatchEnd::Rescoped;
+                }
             }
         }
     }
@@ -257,8 +301,10 @@ impl<A: Apply> Syncer<A> {
             return;
         }
         let mut changes = Vec::with_capacity(events.len());
+        let p = &self.opts.prefixes[prefix];
         for ev in events {
             match ev {
+                Event::Put(e) if !covers(p, &e.key) => {}
                 Event::Put(e) => {
                     if self
                         .mirror
@@ -362,7 +408,20 @@ impl<A: Apply> Syncer<A> {
 
 enum WatchEnd {
     Compacted,
+    Rescoped,
     Error(StoreError),
+}
+
+/// Resolves when the watched prefixes change; never without a channel or
+/// once its sender is gone.
+async fn prefixes_changed(rx: &mut Option<watch::Receiver<Vec<String>>>) -> Option<()> {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => Some(()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// The changes that turn `old` into `new`.
@@ -397,6 +456,22 @@ mod tests {
                 mod_revision: rev,
             },
         )
+    }
+
+    #[test]
+    fn exact_prefixes_cover_one_key() {
+        let k = Key::new(Kind::Services, "orders");
+        assert!(covers("services/orders", &k));
+        assert!(covers("services/", &k));
+        assert!(!covers(
+            "services/orders",
+            &Key::new(Kind::Services, "orders-v2")
+        ));
+        assert!(!covers("services/order", &k));
+        assert!(!covers(
+            "routes/orders",
+            &Key::new(Kind::Services, "orders")
+        ));
     }
 
     #[test]

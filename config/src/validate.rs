@@ -143,6 +143,12 @@ impl Object {
                 if let Some(f) = &s.fallback {
                     refs.push(("fallback".to_string(), Key::new(Kind::Services, f)));
                 }
+                for (i, d) in s.destinations.iter().enumerate() {
+                    refs.push((
+                        format!("destinations[{i}].service"),
+                        Key::new(Kind::Services, &d.service),
+                    ));
+                }
                 refs
             }
             _ => Vec::new(),
@@ -280,6 +286,14 @@ fn validate_service(s: &Service, v: &mut Errors) {
     }
     if let Some(f) = &s.fallback {
         v.check("fallback", valid_name(f), NAME_MSG);
+    }
+    let mut dests = std::collections::HashSet::new();
+    for (i, d) in s.destinations.iter().enumerate() {
+        let field = format!("destinations[{i}].service");
+        v.check(&field, valid_name(&d.service), NAME_MSG);
+        if !dests.insert(d.service.as_str()) {
+            v.push(&field, "duplicate destination");
+        }
     }
     let mut seen = std::collections::HashSet::new();
     for (i, e) in s.endpoints.iter().enumerate() {
@@ -1068,6 +1082,14 @@ mod tests {
                 &["timeouts.per_try_ms", "timeouts.idle_ms"],
             ),
             (r#""health_check":{"interval_ms":1000}"#, &["health_check"]),
+            (
+                r#""destinations":[{"service":"a"},{"service":"a","mode":"direct"},{"service":"B"}]"#,
+                &["destinations[1].service", "destinations[2].service"],
+            ),
+            (
+                r#""destinations":[{"service":"a","mode":"sideways"}]"#,
+                &["destinations[0].mode"],
+            ),
             (
                 r#""health_check":{"tcp":true,"http":{"path":"/h"}}"#,
                 &["health_check"],

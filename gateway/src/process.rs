@@ -17,7 +17,7 @@ use meshgate_config::model::{now_ms, Node, NodeKind, Role};
 use meshgate_config::node::StoreConfig;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, Source, SyncOptions};
-use meshgate_config::{Key, Kind};
+use meshgate_config::Kind;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -291,7 +291,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!(id = %cfg.id, ops = %ops_addr, store = %store.describe(), "gateway started");
 
     // Readiness, metrics and the node record follow the sync status.
-    let node_key = Key::new(Kind::Nodes, cfg.id.clone());
+    let node_key = meshgate_config::key::node_key(NodeKind::Gateway, &cfg.id);
     let advertise = cfg.advertise.clone().or(mesh_addr.map(|a| a.to_string()));
     let record = {
         let cfg = cfg.clone();

@@ -252,22 +252,13 @@ impl Proxy {
         deadline_hint: Option<Duration>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let t = primary.timeouts(route.timeouts.as_ref());
-        let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
-        let deadline = Instant::now() + total;
         if headers::is_upgrade(req.headers()) {
+            let t = primary.timeouts(route.timeouts.as_ref());
+            let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
             return self
                 .forward_upgrade(primary, route, total, t.idle, req)
                 .await;
         }
-        let admitted = if primary.breaker.max_requests.is_some() {
-            match resilience::admit(&primary.shared, &primary.breaker) {
-                Ok(a) => Some(a),
-                Err(o) => return self.circuit_open(&primary.name, o),
-            }
-        } else {
-            None
-        };
         let (mut parts, body) = req.into_parts();
         // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).
         if !parts.headers.contains_key(header::HOST) {
@@ -289,6 +280,44 @@ impl Proxy {
                 Ok(b) => b,
                 Err(e) => return MeshError::BadRequest.response(&e.to_string()),
             };
+        self.forward_prepared(
+            primary,
+            snap,
+            route,
+            client_ip,
+            deadline_hint,
+            parts,
+            &mut body,
+        )
+        .await
+    }
+
+    /// [`Proxy::forward`] of a request whose body is already read into a
+    /// [`ReplayBody`]. A buffered body stays replayable afterwards, so a
+    /// caller (the sidecar's direct mode) can send it on elsewhere when
+    /// the answer is a mesh error.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn forward_prepared(
+        &self,
+        primary: Arc<ServiceRt>,
+        snap: &Snapshot,
+        route: &CompiledRoute,
+        client_ip: &HeaderValue,
+        deadline_hint: Option<Duration>,
+        mut parts: http::request::Parts,
+        body: &mut ReplayBody,
+    ) -> Response<ProxyBody> {
+        let t = primary.timeouts(route.timeouts.as_ref());
+        let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
+        let deadline = Instant::now() + total;
+        let admitted = if primary.breaker.max_requests.is_some() {
+            match resilience::admit(&primary.shared, &primary.breaker) {
+                Ok(a) => Some(a),
+                Err(o) => return self.circuit_open(&primary.name, o),
+            }
+        } else {
+            None
+        };
         headers::strip_hop_by_hop(&mut parts.headers);
         let pq = upstream_target(route, &mut parts);
         let retry = route.retry.or(primary.retry);

@@ -2,8 +2,13 @@
 //!
 //! 1. destination: `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400 `no_destination`
 //! 2. `x-mesh-hops` + 1 (508 over the limit), ids, `x-mesh-source` = own service
-//! 3. tiers: local policy available → [group egress gateways, central];
-//!    unavailable (none, too stale) → [central]
+//! 3. tiers: local policy available and the destination covered by it →
+//!    [direct (destinations in `direct` mode), group egress gateways,
+//!    central]; otherwise (no policy, too stale, destination not covered)
+//!    → [central]. The direct tier is the gateway's own forwarding path
+//!    over the destination's endpoints (health checks, outlier ejection,
+//!    breakers, retries, timeouts from the destination's config); a mesh
+//!    error from it moves the request on under the rule of step 5.
 //! 4. within a tier, members are tried in weighted round robin, ejected
 //!    members skipped: a refused connection moves to the next member (any
 //!    method: nothing was sent); a broken exchange does so only for
@@ -21,6 +26,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use meshgate_config::model::now_ms;
+use meshgate_config::model::DestinationMode;
 use meshgate_config::sync::{Source, SyncStatus};
 use meshgate_gateway::body::{ProxyBody, ReplayBody};
 use meshgate_gateway::client::HttpClient;
@@ -28,6 +34,7 @@ use meshgate_gateway::client::Wire;
 use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
 use meshgate_gateway::headers;
 use meshgate_gateway::metrics::{status_class, Metrics};
+use meshgate_gateway::proxy::Proxy;
 use meshgate_gateway::upstream::{self, Attempt, AttemptOpts};
 use tokio::sync::watch;
 
@@ -84,7 +91,12 @@ pub struct Forwarder {
     pub max_hops: u32,
     pub replay_buffer_bytes: usize,
     pub request_timeout: Duration,
+    /// The direct tier: a gateway data plane over the direct destinations.
+    pub direct: Proxy,
 }
+
+/// The client address the direct tier hashes on (`hash_on.source_ip`).
+static LOOPBACK: HeaderValue = HeaderValue::from_static("127.0.0.1");
 
 impl Forwarder {
     pub fn freshness(&self) -> Freshness {
@@ -177,12 +189,49 @@ impl Forwarder {
         let mut unsent: Option<Request<ProxyBody>> = None;
 
         let policy = self.policy.load_full();
-        let tiers: Vec<&Tier> = match self.freshness() {
-            Freshness::Unavailable => vec![&policy.central_tier],
-            _ => vec![&policy.group_tier, &policy.central_tier],
+        let mode = match self.freshness() {
+            Freshness::Unavailable => None,
+            _ => policy.destinations.get(&dest).copied(),
+        };
+        let tiers: Vec<&Tier> = match mode {
+            None => vec![&policy.central_tier],
+            Some(_) => vec![&policy.group_tier, &policy.central_tier],
         };
         let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
         let mut tried_any = false;
+        if mode == Some(DestinationMode::Direct) {
+            let snap = self.direct.snapshot.load_full();
+            if let Some(svc) = snap.services.get(dest.as_str()).cloned() {
+                tried_any = true;
+                let mut copy = Request::new(());
+                *copy.method_mut() = parts.method.clone();
+                *copy.uri_mut() = parts.uri.clone();
+                *copy.version_mut() = parts.version;
+                *copy.headers_mut() = parts.headers.clone();
+                let deadline = headers::is_grpc(&parts.headers)
+                    .then(|| headers::grpc_timeout(&parts.headers))
+                    .flatten();
+                let route = svc.implicit_route.clone();
+                let resp = self
+                    .direct
+                    .forward_prepared(
+                        svc,
+                        &snap,
+                        &route,
+                        &LOOPBACK,
+                        deadline,
+                        copy.into_parts().0,
+                        &mut body,
+                    )
+                    .await;
+                let resp = tag_tier(resp, "direct");
+                if !(self.moves_on(&resp, retryable) && body.replayable()) {
+                    return (resp, dest, "direct");
+                }
+                tracing::debug!(service = %dest, "direct tier failed; next tier");
+                last_error = Some((resp, "direct"));
+            }
+        }
         for tier in tiers {
             let mut tried = Vec::new();
             while let Some(member) = tier.members.pick(&tried) {
@@ -229,23 +278,8 @@ impl Forwarder {
                     Ok(resp) => {
                         let (mut rp, rb) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rp.headers);
-                        rp.headers
-                            .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier.name));
-                        let resp = Response::from_parts(rp, rb);
-                        // A gateway error moves an idempotent (or marked)
-                        // request to the next tier, and any request when
-                        // the error proves it was not sent on (not ready,
-                        // no route, no endpoint, connect failed...).
-                        let mesh_error = resp
-                            .headers()
-                            .get(X_MESH_ERROR)
-                            .map(|v| MeshError::from_code(v.as_bytes()));
-                        let may_move = match mesh_error {
-                            None => false,
-                            Some(Some(e)) => retryable || e.unsent(),
-                            Some(None) => retryable,
-                        };
-                        if may_move && body.replayable() {
+                        let resp = tag_tier(Response::from_parts(rp, rb), tier.name);
+                        if self.moves_on(&resp, retryable) && body.replayable() {
                             // The tier itself failed: try the next tier.
                             tracing::debug!(tier = tier.name, member = %member.address, "gateway error; next tier");
                             last_error = Some((resp, tier.name));
@@ -289,6 +323,23 @@ impl Forwarder {
         self.give_up(last_error, "no gateway tier could be reached", dest)
     }
 
+    /// Whether a tier's answer moves the request to the next tier: a mesh
+    /// error does for an idempotent (or marked) request, and for any
+    /// request when the error proves it was not sent on (not ready, no
+    /// route, no endpoint, connect failed...). An app's own answer never
+    /// does.
+    fn moves_on(&self, resp: &Response<ProxyBody>, retryable: bool) -> bool {
+        match resp
+            .headers()
+            .get(X_MESH_ERROR)
+            .map(|v| MeshError::from_code(v.as_bytes()))
+        {
+            None => false,
+            Some(Some(e)) => retryable || e.unsent(),
+            Some(None) => retryable,
+        }
+    }
+
     fn timed_out(
         &self,
         dest: String,
@@ -309,6 +360,12 @@ impl Forwarder {
             None => (MeshError::UpstreamConnectFailed.response(msg), dest, ""),
         }
     }
+}
+
+fn tag_tier(mut resp: Response<ProxyBody>, tier: &'static str) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(headers::X_MESH_TIER, HeaderValue::from_static(tier));
+    resp
 }
 
 #[cfg(test)]

@@ -26,11 +26,13 @@ use meshgate_config::model::{now_ms, Node, NodeKind};
 use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
-use meshgate_config::{Key, Kind};
 use meshgate_gateway::balance::EndpointRegistry;
-use meshgate_gateway::client::{build, Wire};
+use meshgate_gateway::client::{build, Clients, Wire};
 use meshgate_gateway::health::HealthChecks;
 use meshgate_gateway::metrics::Metrics;
+use meshgate_gateway::proxy::{Proxy, ProxyOptions};
+use meshgate_gateway::state::{Compiler, Defaults, SharedSnapshot, Snapshot};
+use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
 
 use crate::config::SidecarConfig;
@@ -89,14 +91,33 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let checks = HealthChecks::new(Some(metrics.health_checks.clone()));
         (Arc::new(checks), spec)
     });
-    let (compiler, policy) = PolicyCompiler::new(
+    // The direct tier: the gateway's compiler and data plane, fed only the
+    // destinations the service calls in `direct` mode.
+    let connect = Duration::from_millis(cfg.proxy.connect_timeout_ms);
+    let direct_snapshot: SharedSnapshot = Default::default();
+    let direct_compiler = Compiler::new(
+        direct_snapshot.clone(),
+        Defaults {
+            connect_timeout: connect,
+            request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+            zone: cfg.app.as_ref().and_then(|a| a.zone.clone()),
+        },
+        Arc::new(Clients::default()),
+        registry.clone(),
+        Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
+        Box::new(|_: &Snapshot, _| {}),
+    );
+    let (compiler, policy, scope) = PolicyCompiler::new(
         cfg.group.clone(),
+        cfg.service.clone(),
         cfg.central.clone(),
         registry,
         member_checks,
+        direct_compiler,
     );
     let dump = compiler.dump_handle();
-    let mut opts = SyncOptions::new(PolicyCompiler::prefixes(&cfg.group, &cfg.service));
+    let mut opts = SyncOptions::new(scope.borrow().clone());
+    opts.rescope = Some(scope);
     if let Some(p) = &cfg.snapshot_file {
         opts.snapshot = Some((
             p.clone(),
@@ -105,7 +126,6 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
-    let connect = Duration::from_millis(cfg.proxy.connect_timeout_ms);
     let fwd = Arc::new(Forwarder {
         service: HeaderValue::from_str(&cfg.service)?,
         policy: policy.clone(),
@@ -117,6 +137,16 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         max_hops: cfg.proxy.max_hops,
         replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
         request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+        direct: Proxy {
+            snapshot: direct_snapshot,
+            ready: Arc::new(AtomicBool::new(true)),
+            metrics: metrics.clone(),
+            opts: ProxyOptions {
+                max_hops: cfg.proxy.max_hops,
+                replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
+                ..ProxyOptions::default()
+            },
+        },
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -182,7 +212,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     };
     let registration = Registration::spawn(
         store.clone(),
-        Key::new(Kind::Nodes, cfg.id.clone()),
+        meshgate_config::key::node_key(NodeKind::Sidecar, &cfg.id),
         record(0, Freshness::Unavailable),
         Duration::from_secs(cfg.lease_ttl_s),
     );

@@ -1,23 +1,39 @@
-//! Local policy: the sidecar's own slice of config. It watches only
-//! `nodes/` (to find gateway members), `groups/<its group>` and
-//! `services/<its service>`, and compiles them into the tiers it forwards
-//! to: its group's egress gateways, then the central gateways (from etcd
-//! plus the bootstrap list of its config file). Every member of both tiers
-//! is health-checked (TCP connect) so a dead one is skipped before a
-//! request tries it.
+//! Local policy: the sidecar's own slice of config, and nothing more.
+//!
+//! It watches `nodes/gateway/` (gateway members), `groups/<its group>`,
+//! `services/<its service>` and, for every destination its service calls
+//! in `direct` mode, `services/<destination>` and `instances/<destination>/`.
+//! The watched set follows the service's `destinations` (the sync re-reads
+//! when it changes), so memory and start-up time grow with what this
+//! service calls, not with the mesh.
+//!
+//! It compiles them into:
+//! - the destinations covered, each with its mode (a call to any other
+//!   destination goes to the central tier);
+//! - the gateway tiers: the group's egress gateways, then the central
+//!   gateways (from etcd plus the bootstrap list of its config file), every
+//!   member health-checked (TCP connect) so a dead one is skipped before a
+//!   request tries it;
+//! - the direct tier: the gateway's own config compiler, fed only the
+//!   direct destinations, so the sidecar balances to their endpoints with
+//!   the same health checks, outlier detection, breakers, retries and
+//!   timeouts as a gateway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use meshgate_config::model::HealthCheck;
-use meshgate_config::model::{Group, Node, NodeKind, Role};
-use meshgate_config::sync::{Apply, Change};
+use meshgate_config::key::node_prefix;
+use meshgate_config::model::{DestinationMode, Group, HealthCheck, Node, NodeKind, Role, Service};
+use meshgate_config::store::Entry;
+use meshgate_config::sync::{diff, Apply, Change};
 use meshgate_config::validate::decode_json;
 use meshgate_config::{Key, Kind};
 use meshgate_gateway::balance::{Balancer, EndpointRegistry};
 use meshgate_gateway::health::HealthChecks;
+use meshgate_gateway::state::Compiler;
 use serde_json::json;
+use tokio::sync::watch;
 
 /// A tier of gateway members.
 #[derive(Debug)]
@@ -35,6 +51,8 @@ pub struct Policy {
     pub central_tier: Tier,
     /// Every live gateway's id and applied config revision.
     pub gateway_revisions: Vec<(String, i64)>,
+    /// The destinations the service calls, and how.
+    pub destinations: HashMap<String, DestinationMode>,
 }
 
 impl Policy {
@@ -54,52 +72,94 @@ pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 pub struct PolicyCompiler {
     shared: SharedPolicy,
     group_name: String,
+    service_name: String,
     bootstrap_central: Vec<String>,
     registry: Arc<EndpointRegistry>,
     /// TCP checks of the gateway members, when enabled.
     member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
     gateways: BTreeMap<String, Node>,
     group: Option<Group>,
+    service: Option<Service>,
+    /// Every `services/` and `instances/` object received.
+    services: BTreeMap<Key, Entry>,
+    /// What the direct tier's compiler holds (a subset of `services`).
+    fed: BTreeMap<Key, Entry>,
+    direct: Compiler,
+    /// The prefixes to watch; the sync follows this channel.
+    scope: watch::Sender<Vec<String>>,
     dump: Arc<std::sync::Mutex<serde_json::Value>>,
 }
 
 impl PolicyCompiler {
+    /// `direct` is the compiler of the direct tier's snapshot.
     pub fn new(
         group_name: String,
+        service_name: String,
         bootstrap_central: Vec<String>,
         registry: Arc<EndpointRegistry>,
         member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
-    ) -> (Self, SharedPolicy) {
+        direct: Compiler,
+    ) -> (Self, SharedPolicy, watch::Receiver<Vec<String>>) {
         let shared = Arc::new(ArcSwap::from_pointee(Policy {
             group: None,
             group_tier: tier("group", &registry, vec![]),
             central_tier: tier("central", &registry, bootstrap_central.clone()),
             gateway_revisions: Vec::new(),
+            destinations: HashMap::new(),
         }));
+        let (scope, scope_rx) = watch::channel(Vec::new());
         let c = PolicyCompiler {
             shared: shared.clone(),
             group_name,
+            service_name,
             bootstrap_central,
             registry,
             member_checks,
             gateways: BTreeMap::new(),
             group: None,
+            service: None,
+            services: BTreeMap::new(),
+            fed: BTreeMap::new(),
+            direct,
+            scope,
             dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
         };
-        (c, shared)
+        c.scope.send_replace(c.prefixes());
+        (c, shared, scope_rx)
     }
 
     pub fn dump_handle(&self) -> Arc<std::sync::Mutex<serde_json::Value>> {
         self.dump.clone()
     }
 
-    /// The store prefixes this policy needs.
-    pub fn prefixes(group: &str, service: &str) -> Vec<String> {
-        vec![
-            Kind::Nodes.prefix(),
-            Key::new(Kind::Groups, group).to_string(),
-            Key::new(Kind::Services, service).to_string(),
-        ]
+    fn destinations(&self) -> impl Iterator<Item = (&str, DestinationMode)> {
+        self.service
+            .iter()
+            .flat_map(|s| s.destinations.iter())
+            .map(|d| (d.service.as_str(), d.mode))
+    }
+
+    fn is_direct(&self, service: &str) -> bool {
+        self.destinations()
+            .any(|(d, m)| d == service && m == DestinationMode::Direct)
+    }
+
+    /// The store prefixes this policy needs now.
+    fn prefixes(&self) -> Vec<String> {
+        let mut p = vec![
+            node_prefix(NodeKind::Gateway),
+            Key::new(Kind::Groups, &self.group_name).to_string(),
+            Key::new(Kind::Services, &self.service_name).to_string(),
+        ];
+        for (d, mode) in self.destinations() {
+            if mode == DestinationMode::Direct {
+                p.push(Key::new(Kind::Services, d).to_string());
+                p.push(format!("{}{d}/", Kind::Instances.prefix()));
+            }
+        }
+        p.sort();
+        p.dedup();
+        p
     }
 }
 
@@ -111,6 +171,14 @@ fn tier(name: &'static str, registry: &EndpointRegistry, mut addresses: Vec<Stri
         name,
         members: Balancer::new(members),
         addresses,
+    }
+}
+
+/// The service an instance key belongs to.
+fn key_service(key: &Key) -> &str {
+    match key.kind {
+        Kind::Instances => key.name.split_once('/').map_or("", |(s, _)| s),
+        _ => &key.name,
     }
 }
 
@@ -136,6 +204,17 @@ impl Apply for PolicyCompiler {
                             }
                         }
                     }
+                    Kind::Services | Kind::Instances => {
+                        if e.key.kind == Kind::Services && e.key.name == self.service_name {
+                            match decode_json::<Service>(&e.key, &e.value) {
+                                Ok(s) => self.service = Some(s),
+                                Err(err) => {
+                                    tracing::error!(error = %err, "own service rejected; previous version kept")
+                                }
+                            }
+                        }
+                        self.services.insert(e.key.clone(), e);
+                    }
                     _ => {}
                 },
                 Change::Delete(key) => match key.kind {
@@ -143,10 +222,34 @@ impl Apply for PolicyCompiler {
                         self.gateways.remove(&key.name);
                     }
                     Kind::Groups if key.name == self.group_name => self.group = None,
+                    Kind::Services | Kind::Instances => {
+                        if key.kind == Kind::Services && key.name == self.service_name {
+                            self.service = None;
+                        }
+                        self.services.remove(&key);
+                    }
                     _ => {}
                 },
             }
         }
+        // The direct tier gets exactly the direct destinations' objects.
+        let want: BTreeMap<Key, Entry> = self
+            .services
+            .iter()
+            .filter(|(k, _)| self.is_direct(key_service(k)))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        let direct_changes = diff(&self.fed, &want);
+        self.fed = want;
+        self.direct.apply(direct_changes, revision);
+        // Follow the destinations with the watch (a no-op when unchanged).
+        let prefixes = self.prefixes();
+        self.scope.send_if_modified(|p| {
+            let changed = *p != prefixes;
+            *p = prefixes;
+            changed
+        });
+
         let with_role = |role: Role, group: Option<&str>| -> Vec<String> {
             self.gateways
                 .values()
@@ -165,7 +268,14 @@ impl Apply for PolicyCompiler {
             gateway_revisions: self
                 .gateways
                 .iter()
-                .map(|(id, n)| (id.clone(), n.applied_revision))
+                .map(|(id, n)| {
+                    let id = id.split_once('/').map_or(id.as_str(), |(_, id)| id);
+                    (id.to_string(), n.applied_revision)
+                })
+                .collect(),
+            destinations: self
+                .destinations()
+                .map(|(d, m)| (d.to_string(), m))
                 .collect(),
         };
         if let Some((checks, spec)) = &self.member_checks {
@@ -174,15 +284,30 @@ impl Apply for PolicyCompiler {
                 checks.set(t.name, Some((spec, eps)));
             }
         }
+        let mut held: Vec<String> = self
+            .gateways
+            .keys()
+            .map(|id| Key::new(Kind::Nodes, id.clone()).to_string())
+            .collect();
+        if self.group.is_some() {
+            held.push(Key::new(Kind::Groups, &self.group_name).to_string());
+        }
+        held.extend(self.services.keys().map(Key::to_string));
+        let destinations: BTreeMap<&str, DestinationMode> = self.destinations().collect();
         *self.dump.lock().unwrap_or_else(|e| e.into_inner()) = json!({
             "revision": revision,
+            "service": self.service_name,
             "group": self.group_name,
             "group_policy": p.group,
+            "destinations": destinations,
+            "direct": self.fed.keys().map(Key::to_string).collect::<Vec<_>>(),
             "tiers": {
                 "group": p.group_tier.addresses,
                 "central": p.central_tier.addresses,
             },
             "gateways_known": self.gateways.len(),
+            "watched": self.scope.borrow().clone(),
+            "objects": held,
         });
         tracing::debug!(revision, group = ?p.group_tier.addresses, central = ?p.central_tier.addresses, "local policy updated");
         self.shared.store(Arc::new(p));

@@ -881,6 +881,11 @@ impl Mesh {
         let route = serde_json::json!({"scope": "mesh", "match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]});
         let r = admin.put("routes/orders", &route).await;
         assert_eq!(r.status, 201, "{r:?}");
+        // The sidecar's service: its policy covers the calls to orders.
+        let frontend =
+            serde_json::json!({"group": "shop", "destinations": [{"service": "orders"}]});
+        let r = admin.put("services/frontend", &frontend).await;
+        assert_eq!(r.status, 201, "{r:?}");
 
         let d = dir.path();
         let gws = vec![

@@ -594,7 +594,7 @@ mod tests {
         std::fs::write(&path, "{}\n").unwrap();
         let store = FileStore::open(&path).await.unwrap();
         let lease = store.grant_lease(1).await.unwrap();
-        let key = Key::new(Kind::Nodes, "gw-1");
+        let key = Key::new(Kind::Nodes, "gateway/gw-1");
         store
             .txn(
                 vec![],
