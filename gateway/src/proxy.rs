@@ -163,6 +163,12 @@ impl Proxy {
         append_forwarded_for(h, &peer.ip);
 
         let uri_host = req.uri().host().map(str::to_string);
+        if req.method() == http::Method::CONNECT {
+            return (
+                self.connect(kind, &snap, uri_host.as_deref(), req).await,
+                None,
+            );
+        }
         let (router, host) = match kind {
             ListenerKind::Mesh => (
                 &snap.mesh,
@@ -547,6 +553,72 @@ impl Proxy {
             .with_label_values(&[service, "circuit_open"])
             .inc();
         MeshError::CircuitOpen.response(&format!("service {service}: {} reached", o.as_str()))
+    }
+
+    /// An HTTP `CONNECT` on a mesh listener (a sidecar's plain-TCP local
+    /// port): a TCP connection to an endpoint of the named service (the
+    /// service's fallback when none accepts), answered 200 and then joined
+    /// to the client's connection as a byte tunnel, bounded by the
+    /// service's idle timeout. Routes do not apply: TCP has no path or
+    /// headers to match.
+    async fn connect(
+        &self,
+        kind: ListenerKind,
+        snap: &Snapshot,
+        uri_host: Option<&str>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        use crate::tcp::ConnectError;
+        if kind != ListenerKind::Mesh {
+            return MeshError::BadRequest.response("CONNECT is served on mesh listeners only");
+        }
+        let Some(dest) = headers::destination(req.headers(), uri_host) else {
+            return MeshError::NoDestination.response("CONNECT names no service");
+        };
+        let Some(primary) = snap.services.get(dest.as_str()).cloned() else {
+            return MeshError::NoRoute.response(&format!("service {dest} is not configured"));
+        };
+        let fallback = primary
+            .spec
+            .fallback
+            .as_deref()
+            .and_then(|f| snap.services.get(f).cloned());
+        let mut result = crate::tcp::connect_service(&primary, &self.metrics).await;
+        let mut svc = primary;
+        if let (Err(ConnectError::NoEndpoint(_) | ConnectError::Refused(..)), Some(f)) =
+            (&result, fallback)
+        {
+            tracing::debug!(service = %svc.name, fallback = %f.name, "no endpoint accepts; using the fallback service");
+            result = crate::tcp::connect_service(&f, &self.metrics).await;
+            svc = f;
+        }
+        match result {
+            Ok((mut upstream, slot)) => {
+                let client_side = hyper::upgrade::on(&mut req);
+                let idle = svc.idle_timeout.unwrap_or(crate::tcp::DEFAULT_TUNNEL_IDLE);
+                let name = svc.name.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let Ok(client) = client_side.await else {
+                        return;
+                    };
+                    let mut client = hyper_util::rt::TokioIo::new(client);
+                    if let Err(e) = crate::tcp::tunnel(&mut client, &mut upstream, idle).await {
+                        tracing::debug!(service = %name, error = %e, "CONNECT tunnel ended");
+                    }
+                });
+                Response::new(crate::body::empty())
+            }
+            Err(e @ ConnectError::CircuitOpen(_)) => {
+                MeshError::CircuitOpen.response(&e.to_string())
+            }
+            Err(e @ ConnectError::NoEndpoint(_)) => {
+                MeshError::NoHealthyEndpoint.response(&e.to_string())
+            }
+            Err(e @ ConnectError::Refused(..)) => {
+                MeshError::UpstreamConnectFailed.response(&e.to_string())
+            }
+        }
     }
 
     /// A WebSocket (or other HTTP/1.1 `Upgrade`) request: sent on a fresh

@@ -13,7 +13,9 @@
 //! route pointed at another service sends new connections there. A port
 //! that cannot be bound is logged and retried.
 //!
-//! [`tunnel`] is also what an upgraded HTTP connection (WebSocket) runs on.
+//! [`tunnel`] is also what an upgraded HTTP connection (WebSocket) and an
+//! HTTP `CONNECT` tunnel (a sidecar's plain-TCP local port) run on;
+//! [`connect_service`] is how both reach a service's endpoint.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::resilience;
-use crate::state::SharedSnapshot;
+use crate::state::{ServiceRt, SharedSnapshot};
 
 /// Idle timeout of tunnels whose service sets none.
 pub const DEFAULT_TUNNEL_IDLE: Duration = Duration::from_secs(3600);
@@ -242,7 +244,37 @@ async fn proxy_connection(
         .cloned()
         .ok_or_else(|| not_found(format!("service {service} is not configured")))?;
     drop(snap);
-    let _slot = match svc.conn_limit() {
+    let (mut upstream, _slot) = connect_service(&svc, metrics).await?;
+    let idle = svc.idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE);
+    tunnel(&mut client, &mut upstream, idle).await.map(|_| ())
+}
+
+/// Why no connection to a service could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("service {0}: max_connections reached")]
+    CircuitOpen(Arc<str>),
+    #[error("service {0} has no available endpoint")]
+    NoEndpoint(Arc<str>),
+    #[error("no endpoint of {0} accepts connections ({1} tried)")]
+    Refused(Arc<str>, usize),
+}
+
+impl From<ConnectError> for std::io::Error {
+    fn from(e: ConnectError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+    }
+}
+
+/// A TCP connection to one of the service's endpoints: picked by its
+/// balancer, a refused or timed-out connect moving on to the next one (up
+/// to 3), under its `max_connections` breaker (the slot is held as long as
+/// the returned guard lives).
+pub async fn connect_service(
+    svc: &ServiceRt,
+    metrics: &Metrics,
+) -> Result<(TcpStream, Option<resilience::ConnSlot>), ConnectError> {
+    let slot = match svc.conn_limit() {
         Some(limit) => match resilience::try_open(&limit) {
             Some(s) => Some(s),
             None => {
@@ -250,30 +282,29 @@ async fn proxy_connection(
                     .resilience
                     .with_label_values(&[&svc.name, "circuit_open"])
                     .inc();
-                return Err(std::io::Error::other(format!(
-                    "service {}: max_connections reached",
-                    svc.name
-                )));
+                return Err(ConnectError::CircuitOpen(svc.name.clone()));
             }
         },
         None => None,
     };
     let mut tried = Vec::new();
-    let mut upstream = loop {
-        let ep = (tried.len() < MAX_CONNECT_ATTEMPTS)
+    loop {
+        let Some(ep) = (tried.len() < MAX_CONNECT_ATTEMPTS)
             .then(|| svc.balancer.pick(&tried))
             .flatten()
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    format!("no endpoint of {} accepts connections", svc.name),
-                )
-            })?;
+        else {
+            return Err(if tried.is_empty() {
+                ConnectError::NoEndpoint(svc.name.clone())
+            } else {
+                ConnectError::Refused(svc.name.clone(), tried.len())
+            });
+        };
         let connect = TcpStream::connect(ep.address.as_str());
         match tokio::time::timeout(svc.connect_timeout, connect).await {
             Ok(Ok(s)) => {
                 ep.on_success();
-                break s;
+                let _ = s.set_nodelay(true);
+                return Ok((s, slot));
             }
             Ok(Err(e)) => tracing::debug!(endpoint = %ep.address, error = %e, "tcp connect failed"),
             Err(_) => tracing::debug!(endpoint = %ep.address, "tcp connect timed out"),
@@ -284,10 +315,7 @@ async fn proxy_connection(
             .with_label_values(&[&svc.name])
             .inc();
         tried.push(ep);
-    };
-    let _ = upstream.set_nodelay(true);
-    let idle = svc.idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE);
-    tunnel(&mut client, &mut upstream, idle).await.map(|_| ())
+    }
 }
 
 #[cfg(test)]

@@ -354,6 +354,42 @@ pub async fn upgrade(
     pq: &PathAndQuery,
     parts: &http::request::Parts,
 ) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
+    let mut req = Request::new(crate::body::empty());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = Uri::from(pq.clone());
+    *req.headers_mut() = parts.headers.clone();
+    let switched = |s: http::StatusCode| s == http::StatusCode::SWITCHING_PROTOCOLS;
+    switch(ep, connect_timeout, timeout, req, switched).await
+}
+
+/// Sends `CONNECT <authority>` with `headers` to `ep` on a fresh
+/// connection. On a 2xx answer the connection becomes a byte tunnel and is
+/// returned with the response; any other answer is returned alone.
+pub async fn connect_tunnel(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    authority: &str,
+    headers: http::HeaderMap,
+) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
+    let uri = Uri::try_from(authority)
+        .map_err(|e| Attempt::Exchange(format!("invalid CONNECT authority {authority:?}: {e}")))?;
+    let mut req = Request::new(crate::body::empty());
+    *req.method_mut() = http::Method::CONNECT;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    switch(ep, connect_timeout, timeout, req, |s| s.is_success()).await
+}
+
+/// Sends `req` on a fresh HTTP/1.1 connection to `ep`; when the answer's
+/// status passes `switched`, takes the connection over as a tunnel.
+async fn switch(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    req: Request<ProxyBody>,
+    switched: impl Fn(http::StatusCode) -> bool,
+) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
     let stream = tokio::time::timeout(
         connect_timeout,
         tokio::net::TcpStream::connect(ep.address.as_str()),
@@ -371,17 +407,13 @@ pub async fn upgrade(
             tracing::debug!(error = %e, "upgrade connection ended with error");
         }
     });
-    let mut req = Request::new(crate::body::empty());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from(pq.clone());
-    *req.headers_mut() = parts.headers.clone();
     let mut resp = match tokio::time::timeout(timeout, tx.send_request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(Attempt::Exchange(root_cause(&e))),
         Err(_) => return Err(Attempt::Timeout),
     };
     ep.on_success();
-    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+    if !switched(resp.status()) {
         return Ok((resp.map(ProxyBody::Incoming), None));
     }
     let upgraded = hyper::upgrade::on(&mut resp)

@@ -46,6 +46,33 @@ pub struct SidecarConfig {
     /// check, so gateways send it traffic.
     #[serde(default)]
     pub app: Option<AppInstance>,
+    /// Per-service local ports, for clients that cannot name the
+    /// destination in a header: everything on `listen` goes to `service`.
+    #[serde(default)]
+    pub local_ports: Vec<LocalPort>,
+}
+
+/// A local port bound to one destination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPort {
+    /// Loopback address to listen on, e.g. `127.0.0.1:16001`.
+    pub listen: SocketAddr,
+    pub service: String,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+/// What a local port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// HTTP/1.1 or HTTP/2 (gRPC included); the port names the destination.
+    #[default]
+    Http,
+    /// Plain TCP: bytes are tunnelled to the destination (directly, or
+    /// through an HTTP `CONNECT` tunnel via the gateway tiers).
+    Tcp,
 }
 
 /// The local app, as gateways reach it.
@@ -162,6 +189,28 @@ impl SidecarConfig {
         }
         if self.proxy.connect_timeout_ms == 0 || self.proxy.request_timeout_ms == 0 {
             p.push(("proxy".into(), "timeouts must be greater than 0".into()));
+        }
+        let mut bound = vec![self.listen, self.admin_listen];
+        for (i, lp) in self.local_ports.iter().enumerate() {
+            if !lp.listen.ip().is_loopback() {
+                p.push((
+                    format!("local_ports[{i}].listen"),
+                    "must be a loopback address".into(),
+                ));
+            }
+            if lp.listen.port() != 0 && bound.contains(&lp.listen) {
+                p.push((
+                    format!("local_ports[{i}].listen"),
+                    "address already used by another listener".into(),
+                ));
+            }
+            bound.push(lp.listen);
+            if !name_ok(&lp.service) {
+                p.push((
+                    format!("local_ports[{i}].service"),
+                    "must be 1-128 characters of a-z, 0-9, '-', '_', '.'".into(),
+                ));
+            }
         }
         if let Some(app) = &self.app {
             if !meshgate_config::validate::valid_address(&app.address) {

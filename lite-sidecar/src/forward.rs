@@ -38,7 +38,7 @@ use meshgate_gateway::proxy::Proxy;
 use meshgate_gateway::upstream::{self, Attempt, AttemptOpts};
 use tokio::sync::watch;
 
-use crate::policy::{SharedPolicy, Tier};
+use crate::policy::{Policy, SharedPolicy, Tier};
 
 /// Freshness of the local policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,31 +124,29 @@ impl Forwarder {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> (Response<ProxyBody>, String, &'static str) {
-        let (mut parts, body) = req.into_parts();
-        let Some(dest) = headers::destination(&parts.headers, parts.uri.host()) else {
-            return (
-                MeshError::NoDestination
-                    .response("name the destination with Host: <service> or x-mesh-service"),
+    /// Names the destination and stamps the mesh headers: hops (508 over
+    /// the limit), ids, `x-mesh-service`, `x-mesh-source`, `host`.
+    fn prelude(
+        &self,
+        req: &mut Request<Incoming>,
+    ) -> Result<String, Box<(Response<ProxyBody>, String)>> {
+        let Some(dest) = headers::destination(req.headers(), req.uri().host()) else {
+            let msg = "name the destination with Host: <service> or x-mesh-service";
+            return Err(Box::new((
+                MeshError::NoDestination.response(msg),
                 String::new(),
-                "",
-            );
+            )));
         };
-        let h = &mut parts.headers;
+        let authority = req.uri().authority().cloned();
+        let h = req.headers_mut();
         match headers::bump_hops(h) {
             None => {
-                return (
-                    MeshError::BadRequest.response("x-mesh-hops is not a number"),
-                    dest,
-                    "",
-                )
+                let resp = MeshError::BadRequest.response("x-mesh-hops is not a number");
+                return Err(Box::new((resp, dest)));
             }
             Some(n) if n > self.max_hops => {
-                return (
-                    MeshError::LoopDetected.response("too many mesh hops"),
-                    dest,
-                    "",
-                );
+                let resp = MeshError::LoopDetected.response("too many mesh hops");
+                return Err(Box::new((resp, dest)));
             }
             Some(_) => {}
         }
@@ -158,12 +156,47 @@ impl Forwarder {
         }
         h.insert(headers::X_MESH_SOURCE, self.service.clone());
         if !h.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    h.insert(header::HOST, v);
-                }
+            if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                h.insert(header::HOST, v);
             }
         }
+        Ok(dest)
+    }
+
+    /// The destination's mode (`None`: policy unavailable or destination
+    /// not covered) and the gateway tiers to try, in order.
+    fn tiers<'p>(
+        &self,
+        policy: &'p Policy,
+        dest: &str,
+    ) -> (Option<DestinationMode>, Vec<&'p Tier>) {
+        let mode = match self.freshness() {
+            Freshness::Unavailable => None,
+            _ => policy.destinations.get(dest).copied(),
+        };
+        let tiers = match mode {
+            None => vec![&policy.central_tier],
+            Some(_) => vec![&policy.group_tier, &policy.central_tier],
+        };
+        (mode, tiers)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, String, &'static str) {
+        let dest = match self.prelude(&mut req) {
+            Ok(d) => d,
+            Err(e) => {
+                let (resp, dest) = *e;
+                return (resp, dest, "");
+            }
+        };
+        if headers::is_upgrade(req.headers()) {
+            return self.forward_upgrade(req, dest).await;
+        }
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
         let retryable = headers::idempotent(&parts.method) || headers::marked_retryable(h);
         headers::strip_hop_by_hop(h);
         let content_length = h
@@ -189,14 +222,7 @@ impl Forwarder {
         let mut unsent: Option<Request<ProxyBody>> = None;
 
         let policy = self.policy.load_full();
-        let mode = match self.freshness() {
-            Freshness::Unavailable => None,
-            _ => policy.destinations.get(&dest).copied(),
-        };
-        let tiers: Vec<&Tier> = match mode {
-            None => vec![&policy.central_tier],
-            Some(_) => vec![&policy.group_tier, &policy.central_tier],
-        };
+        let (mode, tiers) = self.tiers(&policy, &dest);
         let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
         let mut tried_any = false;
         if mode == Some(DestinationMode::Direct) {
@@ -321,6 +347,171 @@ impl Forwarder {
             );
         }
         self.give_up(last_error, "no gateway tier could be reached", dest)
+    }
+
+    /// An HTTP/1.1 `Upgrade` (WebSocket): sent to the gateway tiers on a
+    /// fresh connection per attempt (a refused or broken connection, or a
+    /// mesh error, moves it on: nothing has been tunnelled yet); on `101`
+    /// the app's connection and the gateway's are joined into a tunnel.
+    /// Upgrades skip the direct tier.
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        dest: String,
+    ) -> (Response<ProxyBody>, String, &'static str) {
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, _body) = req.into_parts();
+        headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let policy = self.policy.load_full();
+        let (_, tiers) = self.tiers(&policy, &dest);
+        let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
+        for tier in tiers {
+            let mut tried = Vec::new();
+            while let Some(member) = tier.members.pick(&tried) {
+                let attempt = upstream::upgrade(
+                    &member,
+                    self.connect_timeout,
+                    self.request_timeout,
+                    &pq,
+                    &parts,
+                )
+                .await;
+                match attempt {
+                    Ok((resp, Some(up))) => {
+                        tokio::spawn(async move {
+                            let Ok(client) = client_side.await else {
+                                return;
+                            };
+                            let mut client = hyper_util::rt::TokioIo::new(client);
+                            let mut up = hyper_util::rt::TokioIo::new(up);
+                            let idle = meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE;
+                            if let Err(e) =
+                                meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
+                            {
+                                tracing::debug!(error = %e, "upgraded connection ended");
+                            }
+                        });
+                        return (tag_tier(resp, tier.name), dest, tier.name);
+                    }
+                    Ok((resp, None)) => {
+                        let resp = tag_tier(resp, tier.name);
+                        if !self.moves_on(&resp, true) {
+                            return (resp, dest, tier.name);
+                        }
+                        last_error = Some((resp, tier.name));
+                        break;
+                    }
+                    Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
+                    Err(e) => {
+                        if let Attempt::Connect(..) = e {
+                            self.metrics
+                                .connect_failures
+                                .with_label_values(&[tier.name])
+                                .inc();
+                        }
+                        member.on_failure();
+                        tried.push(member);
+                    }
+                }
+            }
+        }
+        self.give_up(last_error, "no gateway tier could be reached", dest)
+    }
+
+    /// A connection on a plain-TCP local port for `dest`: joined to an
+    /// endpoint of `dest` (direct mode), else to an HTTP `CONNECT` tunnel
+    /// through the gateway tiers. Nothing has been read from the app
+    /// before the tunnel stands, so any failure moves on to the next
+    /// member or tier. Returns, once the tunnel has ended, the tier that
+    /// carried it; an error when no tier could open one.
+    pub async fn tcp(
+        &self,
+        dest: &str,
+        mut client: tokio::net::TcpStream,
+    ) -> Result<&'static str, String> {
+        let policy = self.policy.load_full();
+        let (mode, tiers) = self.tiers(&policy, dest);
+        if mode == Some(DestinationMode::Direct) {
+            let snap = self.direct.snapshot.load_full();
+            if let Some(svc) = snap.services.get(dest).cloned() {
+                drop(snap);
+                match meshgate_gateway::tcp::connect_service(&svc, &self.metrics).await {
+                    Ok((mut up, _slot)) => {
+                        let idle = svc
+                            .idle_timeout
+                            .unwrap_or(meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE);
+                        if let Err(e) =
+                            meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
+                        {
+                            tracing::debug!(service = %dest, error = %e, "tcp tunnel ended");
+                        }
+                        return Ok("direct");
+                    }
+                    Err(e) => {
+                        tracing::debug!(service = %dest, error = %e, "direct tcp connect failed; next tier")
+                    }
+                }
+            }
+        }
+        let mut h = http::HeaderMap::new();
+        let dest_value = HeaderValue::from_str(dest).map_err(|e| e.to_string())?;
+        h.insert(header::HOST, dest_value.clone());
+        h.insert(headers::X_MESH_SERVICE, dest_value);
+        h.insert(headers::X_MESH_SOURCE, self.service.clone());
+        h.insert(headers::X_MESH_HOPS, HeaderValue::from_static("1"));
+        headers::ensure_ids(&mut h);
+        let authority = format!("{dest}:0");
+        for tier in tiers {
+            let mut tried = Vec::new();
+            while let Some(member) = tier.members.pick(&tried) {
+                let attempt = upstream::connect_tunnel(
+                    &member,
+                    self.connect_timeout,
+                    self.request_timeout,
+                    &authority,
+                    h.clone(),
+                )
+                .await;
+                match attempt {
+                    Ok((_, Some(up))) => {
+                        let mut up = hyper_util::rt::TokioIo::new(up);
+                        let idle = meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE;
+                        if let Err(e) =
+                            meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
+                        {
+                            tracing::debug!(service = %dest, error = %e, "tcp tunnel ended");
+                        }
+                        return Ok(tier.name);
+                    }
+                    Ok((resp, None)) => {
+                        let why = resp
+                            .headers()
+                            .get(X_MESH_ERROR)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("refused")
+                            .to_string();
+                        tracing::debug!(tier = tier.name, member = %member.address, status = %resp.status(), %why, "CONNECT refused; next tier");
+                        break;
+                    }
+                    Err(e) => {
+                        if let Attempt::Connect(..) = e {
+                            self.metrics
+                                .connect_failures
+                                .with_label_values(&[tier.name])
+                                .inc();
+                        }
+                        member.on_failure();
+                        tried.push(member);
+                    }
+                }
+            }
+        }
+        Err(format!("no tier could open a tunnel to {dest}"))
     }
 
     /// Whether a tier's answer moves the request to the next tier: a mesh

@@ -35,7 +35,7 @@ use meshgate_gateway::state::{Compiler, Defaults, SharedSnapshot, Snapshot};
 use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
 
-use crate::config::SidecarConfig;
+use crate::config::{PortProtocol, SidecarConfig};
 use crate::forward::{Forwarder, Freshness};
 use crate::policy::PolicyCompiler;
 
@@ -190,6 +190,46 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         grace,
     ));
+    let mut port_tasks = Vec::new();
+    for lp in &cfg.local_ports {
+        let l = tokio::net::TcpListener::bind(lp.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "local_ports: cannot bind {} ({}): {e}",
+                    lp.listen,
+                    lp.service
+                )
+            })?;
+        tracing::info!(listen = %lp.listen, service = %lp.service, protocol = ?lp.protocol, "local port");
+        let f = fwd.clone();
+        let task = match lp.protocol {
+            PortProtocol::Http => {
+                let dest = HeaderValue::from_str(&lp.service)?;
+                let handler = move |_peer, mut req: http::Request<hyper::body::Incoming>| {
+                    let f = f.clone();
+                    req.headers_mut()
+                        .insert(meshgate_gateway::headers::X_MESH_SERVICE, dest.clone());
+                    async move { f.handle(req).await }
+                };
+                tokio::spawn(meshgate_gateway::server::serve(
+                    "app",
+                    l,
+                    handler,
+                    shutdown_rx.clone(),
+                    grace,
+                ))
+            }
+            PortProtocol::Tcp => tokio::spawn(tcp_port(
+                l,
+                lp.service.clone(),
+                f,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )),
+        };
+        port_tasks.push(task);
+    }
     tracing::info!(id = %cfg.id, service = %cfg.service, group = %cfg.group, listen = %cfg.listen, "sidecar started");
 
     let record = {
@@ -264,6 +304,48 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     registration.deregister().await;
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    for t in port_tasks {
+        let _ = t.await;
+    }
     let _ = ops.await;
     Ok(())
+}
+
+/// Accepts on a plain-TCP local port until shutdown; every connection is
+/// tunnelled to `service` (open tunnels carry on after the listener stops).
+async fn tcp_port(
+    listener: tokio::net::TcpListener,
+    service: String,
+    fwd: Arc<Forwarder>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (fwd, metrics, service) = (fwd.clone(), metrics.clone(), service.clone());
+                    tokio::spawn(async move {
+                        let (tier, class) = match fwd.tcp(&service, stream).await {
+                            Ok(tier) => (tier, "2xx"),
+                            Err(e) => {
+                                tracing::debug!(%service, error = %e, "tcp connection ended");
+                                ("", "5xx")
+                            }
+                        };
+                        metrics
+                            .requests
+                            .with_label_values(&["tcp", tier, &service, class])
+                            .inc();
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = meshgate_gateway::server::wait_true(&mut shutdown) => return,
+        }
+    }
 }

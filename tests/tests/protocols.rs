@@ -359,3 +359,142 @@ async fn tcp_routes_balance_fail_over_and_follow_config() {
         assert_eq!(exchange(&mut open, "b").await, "e2:b");
     }
 }
+
+/// The sidecar's local ports: an HTTP port and a WebSocket port that name
+/// their destination, and a plain-TCP port tunnelled through the group
+/// gateways (HTTP `CONNECT`), through the central tier when the group is
+/// down, and straight to the endpoint in direct mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_local_ports_carry_http_websocket_and_tcp() {
+    let mut m = Mesh::start().await;
+    let d = m.dir.path().to_path_buf();
+    let (_ws, ws_port) = py_server(&d, "ws_peer.py", "ws1").await;
+    let (e1, _t1) = tcp_echo("e1").await;
+    let put = |path: &'static str, v: serde_json::Value| {
+        let admin = &m.admin;
+        async move {
+            let r = admin.put(path, &v).await;
+            assert!(r.status == 200 || r.status == 201, "{r:?}");
+        }
+    };
+    put(
+        "services/echo",
+        serde_json::json!({"group": "shop", "protocol": "tcp", "endpoints": [{"address": e1.to_string()}]}),
+    )
+    .await;
+    put(
+        "services/chat",
+        serde_json::json!({"group": "shop", "endpoints": [{"address": addr(ws_port)}]}),
+    )
+    .await;
+    let dests = |echo_mode: &str| {
+        serde_json::json!({"group": "shop", "destinations": [
+            {"service": "orders"}, {"service": "chat"}, {"service": "echo", "mode": echo_mode}]})
+    };
+    put("services/frontend", dests("gateway")).await;
+    let (http_port, tcp_port, ws_local) = (free_port(), free_port(), free_port());
+    let central = vec![addr(m.gws[2].1.mesh)];
+    let (_sc, p) = start_sidecar_with(
+        &d,
+        "sc-ports",
+        "frontend",
+        "shop",
+        &central,
+        &m.etcd.endpoint(),
+        serde_json::json!({"local_ports": [
+            {"listen": addr(http_port), "service": "orders"},
+            {"listen": addr(tcp_port), "service": "echo", "protocol": "tcp"},
+            {"listen": addr(ws_local), "service": "chat"},
+        ]}),
+    );
+    wait_ready(p.ops).await;
+    let config = format!("http://127.0.0.1:{}/config", p.ops);
+    wait_until(
+        "the sidecar sees its group and destinations",
+        Duration::from_secs(15),
+        || async {
+            get_json(&config).await.is_some_and(|c| {
+                c["tiers"]["group"].as_array().map(Vec::len) == Some(2)
+                    && c["destinations"]["echo"] == "gateway"
+            })
+        },
+    )
+    .await;
+
+    // HTTP: no Host or header needed, the port names the destination.
+    let r = http_get(&format!("http://127.0.0.1:{http_port}/x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-mesh-tier"), Some("group"), "{r:?}");
+    assert!(
+        matches!(r.header("x-served-by"), Some("b1" | "b2")),
+        "{r:?}"
+    );
+
+    // WebSocket through the sidecar and the group gateways.
+    let ws_url = format!("ws://127.0.0.1:{ws_local}/room");
+    let r = py("ws_peer.py", &["client", &ws_url, "hello", "again"]).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["replies"], serde_json::json!(["ws1:hello", "ws1:again"]));
+
+    // Plain TCP, counted per tier once each connection ends.
+    let tcp_served = |tier: &'static str| {
+        let ops = p.ops;
+        async move {
+            let sample = format!(
+                "meshgate_requests_total{{class=\"2xx\",listener=\"tcp\",route=\"{tier}\",service=\"echo\"}}"
+            );
+            metric(ops, &sample).await
+        }
+    };
+    let tcp_round = |msg: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port))
+            .await
+            .unwrap();
+        assert_eq!(exchange(&mut s, msg).await, format!("e1:{msg}"));
+        assert_eq!(exchange(&mut s, "again").await, "e1:again");
+    };
+    tcp_round("via-group").await;
+    wait_until(
+        "tcp counted on the group tier",
+        Duration::from_secs(10),
+        || async { tcp_served("group").await == 1.0 },
+    )
+    .await;
+
+    // The group's gateways die: TCP and WebSocket go through the central tier.
+    m.gws[0].0.kill();
+    m.gws[1].0.kill();
+    tcp_round("via-central").await;
+    wait_until(
+        "tcp counted on the central tier",
+        Duration::from_secs(10),
+        || async { tcp_served("central").await == 1.0 },
+    )
+    .await;
+    let r = py("ws_peer.py", &["client", &ws_url, "still"]).await;
+    assert_eq!(r["replies"], serde_json::json!(["ws1:still"]), "{r}");
+
+    // Direct mode: the sidecar connects to the endpoint itself.
+    put("services/frontend", dests("direct")).await;
+    wait_until(
+        "echo compiled for direct mode",
+        Duration::from_secs(15),
+        || async {
+            get_json(&config)
+                .await
+                .is_some_and(|c| c["direct"].to_string().contains("services/echo"))
+        },
+    )
+    .await;
+    tcp_round("direct").await;
+    wait_until(
+        "tcp counted on the direct tier",
+        Duration::from_secs(10),
+        || async { tcp_served("direct").await == 1.0 },
+    )
+    .await;
+    assert_eq!(tcp_served("group").await, 1.0);
+    assert_eq!(tcp_served("central").await, 1.0);
+}
