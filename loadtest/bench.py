@@ -398,6 +398,7 @@ backend be
             "--initial-cluster", f"bench=http://127.0.0.1:{peer}", "--log-level", "warn"],
             cpu=self.load_cpu)
         self.etcd_url = f"http://127.0.0.1:{client}"
+        self.etcd = etcd
         wait_until("etcd", lambda: http_ok(f"{self.etcd_url}/health"))
         return etcd
 
@@ -421,10 +422,10 @@ backend be
             raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
         return json.loads(data) if data else None
 
-    def start_cluster_gateway(self, gid, groups):
+    def start_cluster_gateway(self, gid, groups, roles=("egress",)):
         mesh, ops = free_port(), free_port()
         cfg = self.write(f"{gid}.yaml", json.dumps({
-            "id": gid, "roles": ["egress"], "groups": groups, "workers": 1,
+            "id": gid, "roles": list(roles), "groups": groups, "workers": 1,
             "listen": f"127.0.0.1:{mesh}", "admin_listen": f"127.0.0.1:{ops}",
             "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
         p = self.procs.start(gid, [os.path.join(BIN, "meshgate-gateway"), "--config", cfg],
@@ -432,16 +433,18 @@ backend be
         wait_until(gid, lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
         return {"id": gid, "mesh": mesh, "ops": ops, "proc": p}
 
-    def start_sidecar(self, central):
+    def start_sidecar(self, central, sid="bench-sidecar", service="bench-client", group="bench", wait=True):
         app, ops = free_port(), free_port()
-        cfg = self.write("sidecar.yaml", json.dumps({
-            "id": "bench-sidecar", "service": "bench-client", "group": "bench",
+        cfg = self.write(f"{sid}.yaml", json.dumps({
+            "id": sid, "service": service, "group": group,
             "listen": f"127.0.0.1:{app}", "admin_listen": f"127.0.0.1:{ops}",
             "central": [f"127.0.0.1:{central}"],
+            "snapshot_file": os.path.join(self.workdir, f"{sid}.snapshot.json"),
             "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
-        p = self.procs.start("sidecar", [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
+        p = self.procs.start(sid, [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
                              cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
-        wait_until("sidecar", lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
+        if wait:
+            wait_until(sid, lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
         return {"app": app, "ops": ops, "proc": p}
 
     def cluster(self, direct, nginx):
@@ -452,6 +455,7 @@ backend be
         self.api("PUT", "/groups/other", {"description": "the other gateways' group"})
         self.api("PUT", "/services/backend", {
             "group": "bench", "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
+        self.api("PUT", "/services/bench-client", {"group": "bench", "destinations": [{"service": "backend"}]})
         gws = [self.start_cluster_gateway("gw-1", ["bench"]),
                self.start_cluster_gateway("gw-2", ["other"]),
                self.start_cluster_gateway("gw-3", ["other"])]
@@ -488,6 +492,112 @@ backend be
 
         log(f"config propagation: {self.args.changes} route changes, 3 gateways")
         self.results["propagation"] = self.propagation(gws)
+
+    def sidecar_scale(self):
+        """A sidecar's RSS and policy-load time against the size of the mesh
+        (services in etcd), next to a central gateway, which holds it all."""
+        pool = concurrent.futures.ThreadPoolExecutor(8)
+        have = 0
+        out = []
+        for n in self.args.scale_services:
+            log(f"sidecar scale: {n} services in etcd")
+
+            def put(i):
+                self.api("PUT", f"/services/scale-{i}", {
+                    "group": "other", "endpoints": [{"address": f"127.0.0.1:{20000 + i % 10000}"}],
+                    "timeouts": {"request_ms": 5000}, "labels": {"team": f"t{i % 50}"}})
+            list(pool.map(put, range(have, n)))
+            if have == 0:
+                self.api("PUT", "/services/scale-client", {"group": "bench", "destinations": [
+                    {"service": "backend"}, {"service": "scale-1", "mode": "direct"}]})
+            have = n
+            row = {"services": n, "sidecar": [], "central": []}
+            for rep in range(self.args.runs):
+                for kind in ("sidecar", "central"):
+                    t0 = time.perf_counter()
+                    if kind == "sidecar":
+                        sc = self.start_sidecar(1, sid=f"scale-{n}-{rep}", service="scale-client", wait=False)
+                        proc, ops = sc["proc"], sc["ops"]
+
+                        def loaded():
+                            st, body = http("GET", f"http://127.0.0.1:{ops}/readyz", timeout=1.0)
+                            return st == 200 and json.loads(body).get("policy") == "fresh"
+                    else:
+                        mesh, ops = free_port(), free_port()
+                        cfg = self.write(f"central-{n}-{rep}.yaml", json.dumps({
+                            "id": f"central-{n}-{rep}", "roles": ["central"], "workers": 1,
+                            "listen": f"127.0.0.1:{mesh}", "admin_listen": f"127.0.0.1:{ops}",
+                            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 5000}}}))
+                        proc = self.procs.start(f"central-{n}-{rep}", [
+                            os.path.join(BIN, "meshgate-gateway"), "--config", cfg],
+                            cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
+
+                        def loaded():
+                            return http_ok(f"http://127.0.0.1:{ops}/readyz")
+                    while True:
+                        try:
+                            if loaded():
+                                break
+                        except (OSError, ValueError):
+                            pass
+                        if time.perf_counter() - t0 > 120:
+                            raise RuntimeError(f"{kind} did not load {n} services")
+                        time.sleep(0.002)
+                    ms = (time.perf_counter() - t0) * 1000.0
+                    time.sleep(1.0)
+                    row[kind].append({"load_ms": ms, "rss_kb": mem_kb(proc.pid, "VmRSS")})
+                    self.procs.stop(proc)
+            out.append(row)
+        self.note_cmd("sidecar scale: N services PUT through the admin API; a sidecar (service scale-client, "
+                      "2 destinations, one direct) and a central gateway started against them, time to "
+                      "/readyz fresh (sidecar) or ready (gateway), RSS 1 s later")
+        self.results["sidecar_scale"] = out
+
+    def failover(self):
+        """Constant load through a sidecar while a group gateway is SIGKILLed,
+        then while etcd is stopped: the errors and the latency spike."""
+        self.api("PUT", "/groups/fo", {"description": "fail-over figures"})
+        self.api("PUT", "/services/fo-client", {"group": "fo", "destinations": [{"service": "backend"}]})
+        central = self.start_cluster_gateway("gw-fc", [], roles=("central",))
+        gws = [self.start_cluster_gateway("gw-fa", ["fo"]), self.start_cluster_gateway("gw-fb", ["fo"])]
+        sc = self.start_sidecar(central["mesh"], sid="fo-sidecar", service="fo-client", group="fo")
+        url = f"http://127.0.0.1:{sc['app']}/"
+
+        def tiers_ready():
+            st, body = http("GET", f"http://127.0.0.1:{sc['ops']}/config", timeout=1.0)
+            return st == 200 and len(json.loads(body)["tiers"]["group"]) == 2
+        wait_until("fail-over sidecar sees both group gateways", tiers_ready)
+        duration, kill_at, etcd_at = 15, 5.0, 10.0
+        rate = self.args.failover_rate
+        cmd = [os.path.join(BIN, "meshgate-load"), "--json", "-c", "20", "-d", str(duration),
+               "-r", str(rate), "-H", "x-mesh-service: backend", url]
+        self.note_cmd(f"taskset -c {self.load_cpu} meshgate-load --json -c 20 -d {duration} -r {rate} "
+                      f"-H 'x-mesh-service: backend' http://127.0.0.1:<fail-over sidecar port>/  "
+                      f"# SIGKILL one of 2 group gateways at {kill_at:.0f} s, stop etcd at {etcd_at:.0f} s")
+        log(f"fail-over: {rate} req/s; SIGKILL gw-fa at {kill_at} s, stop etcd at {etcd_at} s")
+        t0 = time.perf_counter()
+        load = subprocess.Popen(self.pinned(cmd), stdout=subprocess.PIPE, text=True)
+        time.sleep(kill_at)
+        self.procs.stop(gws[0]["proc"], signal.SIGKILL)
+        killed = time.perf_counter() - t0
+        time.sleep(max(0.0, etcd_at - (time.perf_counter() - t0)))
+        self.procs.stop(self.etcd)
+        stopped = time.perf_counter() - t0
+        out, _ = load.communicate(timeout=duration + 60)
+        r = json.loads(out)
+        st, body = http("GET", f"http://127.0.0.1:{sc['ops']}/readyz", timeout=2.0)
+        policy = json.loads(body).get("policy") if st == 200 else f"readyz {st}"
+
+        def window(lo, hi):
+            secs = [s for s in r["timeline"] if lo <= s["second"] < hi]
+            return {"errors": sum(s["errors"] for s in secs), "ok": sum(s["ok"] for s in secs),
+                    "p99_us": max((s["p99_us"] for s in secs), default=0),
+                    "max_us": max((s["max_us"] for s in secs), default=0)}
+        self.results["failover"] = {
+            "rate": rate, "duration": duration, "killed_at_s": killed, "etcd_stopped_at_s": stopped,
+            "baseline": window(1, int(kill_at)), "gateway_killed": window(int(kill_at), int(kill_at) + 2),
+            "etcd_stopped": window(int(etcd_at), int(etcd_at) + 2), "errors": r["errors"],
+            "requests": r["requests"], "failures": r["failures"][:20], "policy_after": policy}
 
     def sidecar_tier(self, url):
         req = urllib.request.Request(url, headers={"x-mesh-service": "backend"})
@@ -541,6 +651,8 @@ backend be
                       "pids": lambda: children(self.backend.pid)}
             nginx = self.start_nginx()
             haproxy = self.start_haproxy()
+            if self.args.only:
+                return self.run_only()
             mg = self.start_meshgate()
             self.results["gateway_rss_idle"] = self.rss_sample(mg["proc"].pid)
             self.throughput([direct, nginx, haproxy, mg])
@@ -548,9 +660,24 @@ backend be
             self.http2([nginx, haproxy, mg])
             self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
             self.cluster(direct, nginx)
+            self.sidecar_scale()
+            self.failover()
             self.route_scale()
         finally:
             self.procs.stop_all()
+        return self.results
+
+    def run_only(self):
+        """A partial run for development (`--only`): etcd, admin and the
+        named scenarios; prints raw results."""
+        self.start_etcd()
+        self.start_admin()
+        self.api("PUT", "/groups/bench", {"description": "benchmark group"})
+        self.api("PUT", "/groups/other", {"description": "other"})
+        self.api("PUT", "/services/backend", {
+            "group": "bench", "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
+        for name in self.args.only:
+            getattr(self, name)()
         return self.results
 
     def machine(self):
@@ -695,6 +822,38 @@ def report(res, machine, args, commands):
     per = ", ".join(f"{k} {v:.2f}" for k, v in p["per_gateway_p50_ms"].items())
     L.append(f"| {p['changes'] * p['gateways']} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['max_ms']:.2f} | {per} |\n")
 
+    sc = res["sidecar_scale"]
+    L.append("### Sidecar policy against the size of the mesh\n")
+    L.append("N services (each with an endpoint, a timeout and a label) in etcd, PUT through the admin API. "
+             "A fresh lite-sidecar (its service calls 2 destinations, one in direct mode) and, for contrast, a "
+             "fresh central gateway (which holds the whole config) are started against them; load time is "
+             "from process start until `/readyz` reports policy `fresh` (sidecar) or ready (gateway); RSS is "
+             "read 1 s later. Medians of the runs.\n")
+    L.append("| services in etcd | sidecar load ms | sidecar RSS MB | central gateway load ms | central gateway RSS MB |")
+    L.append("|---|---|---|---|---|")
+    for row in sc:
+        def m(kind, key):
+            return median([x[key] for x in row[kind]])
+        L.append(f"| {row['services']:,} | {m('sidecar', 'load_ms'):.0f} | {m('sidecar', 'rss_kb') / 1024:.1f} | "
+                 f"{m('central', 'load_ms'):.0f} | {m('central', 'rss_kb') / 1024:.1f} |")
+    L.append("")
+
+    fo = res["failover"]
+    L.append("### Fail-over under load\n")
+    L.append(f"Open loop at {fo['rate']:,} req/s (GET, 20 connections) through a lite-sidecar whose group has "
+             f"two egress gateways, with a central gateway behind them. One group gateway is SIGKILLed at "
+             f"{fo['killed_at_s']:.1f} s; etcd is stopped at {fo['etcd_stopped_at_s']:.1f} s and stays down. "
+             f"Latency from each request's intended send time. Windows are the 2 s from each event.\n")
+    L.append("| window | requests ok | errors | worst 1 s p99 µs | max µs |")
+    L.append("|---|---|---|---|---|")
+    for key, title in (("baseline", "before (steady state)"), ("gateway_killed", "group gateway SIGKILLed"),
+                       ("etcd_stopped", "etcd stopped")):
+        w = fo[key]
+        L.append(f"| {title} | {w['ok']:,} | {w['errors']} | {w['p99_us']:,} | {w['max_us']:,} |")
+    errs = ", ".join(f"{k}: {v}" for k, v in fo["errors"].items()) or "none"
+    L.append(f"\nWhole run: {fo['requests']:,} requests; errors: {errs}. Sidecar policy after etcd stopped: "
+             f"`{fo['policy_after']}`.\n")
+
     L.append("### Route table scale\n")
     L.append("Routes loaded through the gateway's config compiler; `match` is one lookup on the published "
              "table; `apply one change` is one changed route from watch event to published snapshot.\n")
@@ -731,20 +890,29 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per run")
     ap.add_argument("--changes", type=int, default=200, help="route changes for the propagation test")
     ap.add_argument("--routes", type=int, default=50_000, help="routes for the route-table scale test")
+    ap.add_argument("--scale-services", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[10, 1000, 10000], help="mesh sizes (services in etcd) for the sidecar scale test")
+    ap.add_argument("--failover-rate", type=int, default=1000, help="req/s through the sidecar in the fail-over run")
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 repetition of 2 s, 20 changes, 5,000 routes; prints, writes nothing")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--only", type=lambda v: v.split(","),
+                    help="development: run only these cluster scenarios (e.g. sidecar_scale,failover); prints raw JSON")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.duration, args.changes, args.routes = 1, 2, 20, 5000
+        args.scale_services = [10, 500]
     for tool in ("nginx", "haproxy", "wrk", "h2load", "etcd", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (loadtest/run.sh installs it)")
     b = Bench(args)
     res = b.run()
+    if args.only:
+        print(json.dumps(res, indent=1, default=str))
+        return
     machine = b.machine()
     body = report(res, machine, args, b.commands)
     if args.json:

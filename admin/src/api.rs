@@ -5,14 +5,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use meshgate_config::model::Node;
+use meshgate_config::key::node_prefix;
+use meshgate_config::model::{Node, NodeKind};
 use meshgate_config::store::{Cond, ConfigStore, Entry, Op, TxnOutcome};
 use meshgate_config::validate::decode_json;
+use meshgate_config::FieldError;
 use meshgate_config::{Key, Kind, Object};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -69,21 +75,23 @@ fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
     let Some(v) = headers.get("if-match") else {
         return Ok(None);
     };
-    let s = v.to_str().unwrap_or("").trim();
+    parse_if_match(v.to_str().unwrap_or("")).map(Some)
+}
+
+fn parse_if_match(s: &str) -> Result<IfMatch, ApiError> {
+    let s = s.trim();
     if s == "*" {
-        return Ok(Some(IfMatch::Any));
+        return Ok(IfMatch::Any);
     }
     let s = s.trim_start_matches("W/").trim_matches('"');
-    s.parse::<i64>()
-        .map(|v| Some(IfMatch::Version(v)))
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_if_match",
-                "If-Match must be a version such as \"12\"",
-            )
-            .field("If-Match")
-        })
+    s.parse::<i64>().map(IfMatch::Version).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_if_match",
+            "If-Match must be a version such as \"12\"",
+        )
+        .field("If-Match")
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,14 +100,75 @@ enum IfMatch {
     Version(i64),
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    /// Page size (1-1000, default 500).
+    limit: Option<usize>,
+    /// Start after this name (the `next` of the previous page).
+    after: Option<String>,
+    /// Label selector: `k=v,k2=v2` (every pair must match the spec's `labels`).
+    selector: Option<String>,
+}
+
+/// `GET /api/v1/{kind}`: objects in name order, a page at a time, read at
+/// one store revision.
 pub async fn list(
     State(st): State<AdminState>,
     Path(kind): Path<String>,
+    Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     let kind = config_kind(&kind)?;
+    let limit = params.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "limit must be from 1 to 1000",
+        )
+        .field("limit"));
+    }
+    let mut selector = Vec::new();
+    for pair in params.selector.iter().flat_map(|s| s.split(',')) {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => selector.push((k.trim(), v.trim())),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_parameter",
+                    format!("selector: {pair:?} is not key=value"),
+                )
+                .field("selector"))
+            }
+        }
+    }
     let r = st.store.range(&kind.prefix()).await?;
-    let items: Vec<Value> = r.entries.iter().map(render).collect();
-    Ok(Json(json!({ "items": items, "revision": r.revision })))
+    let mut items = Vec::new();
+    let mut next = None;
+    for e in &r.entries {
+        if params
+            .after
+            .as_deref()
+            .is_some_and(|a| e.key.name.as_str() <= a)
+        {
+            continue;
+        }
+        let v = render(e);
+        let labels = &v["spec"]["labels"];
+        if !selector
+            .iter()
+            .all(|(k, want)| labels[*k].as_str() == Some(*want))
+        {
+            continue;
+        }
+        if items.len() == limit {
+            next = items.last().map(|i: &Value| i["name"].clone());
+            break;
+        }
+        items.push(v);
+    }
+    Ok(Json(
+        json!({ "items": items, "revision": r.revision, "next": next }),
+    ))
 }
 
 pub async fn get(
@@ -117,97 +186,94 @@ pub async fn get(
     Ok(resp)
 }
 
-pub async fn put(
-    State(st): State<AdminState>,
-    axum::Extension(caller): axum::Extension<Caller>,
-    Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let key = object_key(&kind, &name)?;
-    let expect = if_match(&headers)?;
-    let spec = spec_from_body(&key, &body)?;
-    let obj = Object::decode(&key, &spec).map_err(ApiError::invalid)?;
-    let value = obj.to_json();
-    let refs = obj.references();
-    for (field, r) in &refs {
-        if st.store.get(r).await?.is_none() {
-            return Err(missing_ref(&key, field, r));
-        }
-    }
-    let current = st.store.get(&key).await?;
-    let current_version = current.as_ref().map(|e| e.mod_revision).unwrap_or(0);
-    let version_cond = match expect {
-        Some(IfMatch::Version(v)) => {
-            if v != current_version {
-                return Err(precondition_failed(&key, v, current_version));
-            }
-            v
-        }
-        Some(IfMatch::Any) if current.is_none() => return Err(precondition_failed(&key, -1, 0)),
-        _ => current_version,
-    };
-    let mut conds = vec![Cond::Version {
-        key: key.clone(),
-        version: version_cond,
-    }];
-    conds.extend(refs.iter().map(|(_, r)| Cond::Exists(r.clone())));
-    let op = Op::Put {
-        key: key.clone(),
-        value: value.clone(),
-        lease: None,
-    };
-    match st.store.txn(conds, vec![op]).await? {
-        TxnOutcome::Committed { revision } => {
-            tracing::info!(object = %key, version = revision, by = %caller.name, "object written");
-            let e = Entry {
-                key,
-                value,
-                mod_revision: revision,
-            };
-            let status = if current.is_some() {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
-            let mut resp = (status, Json(render(&e))).into_response();
-            resp.headers_mut().insert("etag", etag(revision));
-            Ok(resp)
-        }
-        TxnOutcome::ConditionFailed => {
-            // Find out which condition failed, for a precise answer.
-            for (field, r) in &refs {
-                if st.store.get(r).await?.is_none() {
-                    return Err(missing_ref(&key, field, r));
-                }
-            }
-            let now = st
-                .store
-                .get(&key)
-                .await?
-                .map(|e| e.mod_revision)
-                .unwrap_or(0);
-            if expect.is_some() {
-                Err(precondition_failed(&key, version_cond, now))
-            } else {
-                Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("{key} was changed concurrently (now version {now}); retry"),
-                ))
-            }
+/// Objects put (`Some`) or deleted (`None`) by earlier items of the same
+/// batch: later items see them, as the transaction will.
+type Overlay = HashMap<Key, Option<Object>>;
+
+/// One write, checked and ready for the store transaction.
+struct Plan {
+    key: Key,
+    conds: Vec<Cond>,
+    op: Op,
+    /// The object before the write (`None`: created).
+    before: Option<Entry>,
+    /// The new object (`None`: deleted).
+    after: Option<Object>,
+}
+
+impl Plan {
+    fn result(&self) -> &'static str {
+        match (&self.before, &self.after) {
+            (_, None) => "deleted",
+            (None, Some(_)) => "created",
+            (Some(_), Some(_)) => "replaced",
         }
     }
 }
 
-pub async fn delete(
-    State(st): State<AdminState>,
-    axum::Extension(caller): axum::Extension<Caller>,
-    Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let key = object_key(&kind, &name)?;
-    let expect = if_match(&headers)?;
+/// Checks a create-or-replace: the object is valid, every object it
+/// refers to exists (in the store or earlier in the batch), and its
+/// version matches `expect`. The conditions make the transaction fail if
+/// any of that changes before it commits.
+async fn plan_put(
+    st: &AdminState,
+    key: Key,
+    spec: &[u8],
+    expect: Option<IfMatch>,
+    overlay: &Overlay,
+) -> Result<Plan, ApiError> {
+    let obj = Object::decode(&key, spec).map_err(ApiError::invalid)?;
+    let value = obj.to_json();
+    let mut conds = Vec::new();
+    for (field, r) in obj.references() {
+        match overlay.get(&r) {
+            Some(Some(_)) => {}
+            Some(None) => return Err(missing_ref(&key, &field, &r)),
+            None => {
+                if st.store.get(&r).await?.is_none() {
+                    return Err(missing_ref(&key, &field, &r));
+                }
+                conds.push(Cond::Exists(r));
+            }
+        }
+    }
+    let before = st.store.get(&key).await?;
+    let current_version = before.as_ref().map(|e| e.mod_revision).unwrap_or(0);
+    match expect {
+        Some(IfMatch::Version(v)) if v != current_version => {
+            return Err(precondition_failed(&key, v, current_version))
+        }
+        Some(IfMatch::Any) if before.is_none() => {
+            return Err(precondition_failed(&key, -1, 0));
+        }
+        _ => {}
+    }
+    conds.push(Cond::Version {
+        key: key.clone(),
+        version: current_version,
+    });
+    Ok(Plan {
+        op: Op::Put {
+            key: key.clone(),
+            value,
+            lease: None,
+        },
+        key,
+        conds,
+        before,
+        after: Some(obj),
+    })
+}
+
+/// Checks a delete: the object exists at the expected version and, unless
+/// `force`, nothing refers to it (in the store or in the batch).
+async fn plan_delete(
+    st: &AdminState,
+    key: Key,
+    expect: Option<IfMatch>,
+    force: bool,
+    overlay: &Overlay,
+) -> Result<Plan, ApiError> {
     let current = st
         .store
         .get(&key)
@@ -218,51 +284,560 @@ pub async fn delete(
             return Err(precondition_failed(&key, v, current.mod_revision));
         }
     }
-    // Referrers, read at one revision per kind; the transaction checks
-    // that no object of those kinds changed since.
     let mut conds = vec![Cond::Version {
         key: key.clone(),
         version: current.mod_revision,
     }];
-    let mut referrers = Vec::new();
-    for kind in referring_kinds(key.kind) {
-        let r = st.store.range(&kind.prefix()).await?;
-        for e in &r.entries {
-            if let Ok(obj) = Object::decode(&e.key, &e.value) {
-                if obj.references().iter().any(|(_, k)| *k == key) {
-                    referrers.push(e.key.to_string());
+    if !force {
+        // Referrers, read at one revision per kind; the transaction checks
+        // that no object of those kinds changed since.
+        let mut referrers = Vec::new();
+        for kind in referring_kinds(key.kind) {
+            let r = st.store.range(&kind.prefix()).await?;
+            for e in r.entries.iter().filter(|e| !overlay.contains_key(&e.key)) {
+                if let Ok(obj) = Object::decode(&e.key, &e.value) {
+                    if obj.references().iter().any(|(_, k)| *k == key) {
+                        referrers.push(e.key.to_string());
+                    }
+                }
+            }
+            conds.push(Cond::KindUnchangedSince {
+                kind: *kind,
+                revision: r.revision,
+            });
+        }
+        for (k, obj) in overlay {
+            if let Some(obj) = obj {
+                if obj.references().iter().any(|(_, r)| *r == key) {
+                    referrers.push(k.to_string());
                 }
             }
         }
-        conds.push(Cond::KindUnchangedSince {
-            kind: *kind,
-            revision: r.revision,
+        if !referrers.is_empty() {
+            referrers.sort();
+            let mut e = ApiError::new(
+                StatusCode::CONFLICT,
+                "in_use",
+                format!(
+                    "{key} is still referenced by {} (delete with ?force=true to override)",
+                    referrers.join(", ")
+                ),
+            );
+            e.referrers = referrers;
+            return Err(e);
+        }
+    }
+    Ok(Plan {
+        op: Op::Delete { key: key.clone() },
+        key,
+        conds,
+        before: Some(current),
+        after: None,
+    })
+}
+
+/// Commits plans in one transaction. `Ok(None)`: a condition failed
+/// (something changed meanwhile); nothing was written.
+async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Option<i64>, ApiError> {
+    let conds = plans.iter().flat_map(|p| p.conds.iter().cloned()).collect();
+    let ops = plans.iter().map(|p| p.op.clone()).collect();
+    match st.store.txn(conds, ops).await? {
+        TxnOutcome::Committed { revision } => {
+            for p in plans {
+                tracing::info!(object = %p.key, result = p.result(), version = revision, by = %caller.name, "config written");
+            }
+            Ok(Some(revision))
+        }
+        TxnOutcome::ConditionFailed => Ok(None),
+    }
+}
+
+/// The answer to a precondition that failed at commit time: which one,
+/// as precisely as a re-read can tell.
+async fn conflict(st: &AdminState, plan: &Plan, expect: Option<IfMatch>) -> ApiError {
+    let now = match st.store.get(&plan.key).await {
+        Ok(e) => e.map(|e| e.mod_revision).unwrap_or(0),
+        Err(e) => return e.into(),
+    };
+    let was = plan.before.as_ref().map(|e| e.mod_revision).unwrap_or(0);
+    if now != was && expect.is_some() {
+        return precondition_failed(&plan.key, was, now);
+    }
+    if let Some(obj) = &plan.after {
+        for (field, r) in obj.references() {
+            if let Ok(None) = st.store.get(&r).await {
+                return missing_ref(&plan.key, &field, &r);
+            }
+        }
+    }
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        format!(
+            "{} or an object it depends on changed concurrently (now version {now}); nothing was changed, retry",
+            plan.key
+        ),
+    )
+}
+
+/// The response to one committed write, with `ETag` and, when the caller
+/// asked to wait, how far it has spread.
+async fn written(st: &AdminState, plan: &Plan, revision: i64, wait: Option<Duration>) -> Response {
+    let status = match plan.result() {
+        "created" => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    let mut body = match &plan.op {
+        Op::Put { key, value, .. } => render(&Entry {
+            key: key.clone(),
+            value: value.clone(),
+            mod_revision: revision,
+        }),
+        Op::Delete { key } => json!({ "deleted": key.to_string(), "revision": revision }),
+    };
+    if let Some(wait) = wait {
+        body["propagation"] = propagation(st, revision, wait).await;
+    }
+    let mut resp = (status, Json(body)).into_response();
+    if plan.after.is_some() {
+        resp.headers_mut().insert("etag", etag(revision));
+    }
+    resp
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct WriteParams {
+    /// Wait until every live gateway has applied the write, at most this
+    /// long (`500ms`, `5s`, `1m`; a bare number is seconds).
+    wait: Option<String>,
+    /// Delete even when other objects still refer to it.
+    #[serde(default)]
+    force: bool,
+}
+
+fn wait_param(p: &WriteParams) -> Result<Option<Duration>, ApiError> {
+    p.wait.as_deref().map(parse_duration).transpose()
+}
+
+/// `500ms`, `5s`, `2m`, or a bare number of seconds; at most 5 minutes.
+pub fn parse_duration(s: &str) -> Result<Duration, ApiError> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad_wait(s))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad_wait(s)),
+    };
+    if !(0.0..=300.0).contains(&secs) {
+        return Err(bad_wait(s));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn bad_wait(s: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+        format!("wait={s:?}: expected a duration such as 500ms, 5s or 1m (at most 5m)"),
+    )
+    .field("wait")
+}
+
+/// Waits until every live gateway reports `revision` applied, or the
+/// deadline; says which have and which have not.
+async fn propagation(st: &AdminState, revision: i64, wait: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (applied, pending) = match gateway_revisions(st).await {
+            Ok(gws) => {
+                let (a, p): (Vec<_>, Vec<_>) = gws.into_iter().partition(|(_, r)| *r >= revision);
+                (
+                    a.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                    p.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                )
+            }
+            Err(_) => (Vec::new(), vec!["(store unreachable)".to_string()]),
+        };
+        let complete = pending.is_empty();
+        if complete || tokio::time::Instant::now() >= deadline {
+            return json!({
+                "revision": revision,
+                "complete": complete,
+                "applied": applied,
+                "pending": pending,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every live gateway's id and applied revision.
+async fn gateway_revisions(st: &AdminState) -> Result<Vec<(String, i64)>, ApiError> {
+    let r = st.store.range(&node_prefix(NodeKind::Gateway)).await?;
+    Ok(r.entries
+        .iter()
+        .filter_map(|e| {
+            let n: Node = decode_json(&e.key, &e.value).ok()?;
+            let id = e
+                .key
+                .name
+                .split_once('/')
+                .map_or(&*e.key.name, |(_, id)| id);
+            Some((id.to_string(), n.applied_revision))
+        })
+        .collect())
+}
+
+pub async fn put(
+    State(st): State<AdminState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = object_key(&kind, &name)?;
+    let expect = if_match(&headers)?;
+    let wait = wait_param(&params)?;
+    let spec = spec_from_body(&key, &body)?;
+    let plan = plan_put(&st, key, &spec, expect, &Overlay::new()).await?;
+    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
+        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
+        None => Err(conflict(&st, &plan, expect).await),
+    }
+}
+
+/// JSON merge patch (RFC 7396) of an object's spec. The patch applies to
+/// the version read; when another write lands in between, it is applied
+/// again to the new version (or, with `If-Match`, refused with 412), so no
+/// update is lost.
+pub async fn patch(
+    State(st): State<AdminState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = object_key(&kind, &name)?;
+    let expect = if_match(&headers)?;
+    let wait = wait_param(&params)?;
+    let patch: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    for _ in 0..8 {
+        let current = st
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&key))?;
+        if let Some(IfMatch::Version(v)) = expect {
+            if v != current.mod_revision {
+                return Err(precondition_failed(&key, v, current.mod_revision));
+            }
+        }
+        let mut doc: Value = serde_json::from_slice(&current.value).unwrap_or(Value::Null);
+        merge_patch(&mut doc, &patch);
+        let spec = serde_json::to_vec(&doc).expect("json encodes");
+        let pin = Some(IfMatch::Version(current.mod_revision));
+        let plan = plan_put(&st, key.clone(), &spec, pin, &Overlay::new()).await?;
+        match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
+            Some(revision) => return Ok(written(&st, &plan, revision, wait).await),
+            None if expect.is_some() => return Err(conflict(&st, &plan, expect).await),
+            None => continue, // changed meanwhile: patch the new version
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        format!("{key} keeps changing concurrently; nothing was changed, retry"),
+    ))
+}
+
+/// RFC 7396: objects merge member by member, `null` removes a member, and
+/// anything else replaces the target.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+pub async fn delete(
+    State(st): State<AdminState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = object_key(&kind, &name)?;
+    let expect = if_match(&headers)?;
+    let wait = wait_param(&params)?;
+    let plan = plan_delete(&st, key, expect, params.force, &Overlay::new()).await?;
+    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
+        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
+        None => Err(conflict(&st, &plan, expect).await),
+    }
+}
+
+/// One item of a batch (or of a validation).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    pub op: BatchOp,
+    pub kind: String,
+    pub name: String,
+    /// The spec, for `put`.
+    #[serde(default)]
+    pub spec: Option<Value>,
+    /// The version the object must be at (`"12"` or `12`; `"*"`: must exist).
+    #[serde(default)]
+    pub if_match: Option<Value>,
+    /// `delete`: even when still referenced.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOp {
+    Put,
+    Delete,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub items: Vec<BatchItem>,
+}
+
+/// Plans every item in order, each seeing the earlier ones. Every
+/// problem is collected, with its item's index in the field path.
+async fn plan_batch(st: &AdminState, body: &[u8]) -> Result<Vec<Plan>, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let batch: Batch = serde_path_to_error::deserialize(de).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!("{}: {}", e.path(), e.inner()),
+        )
+        .field(e.path().to_string())
+    })?;
+    if batch.items.is_empty() || batch.items.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!("a batch holds 1 to {MAX_BATCH} items"),
+        )
+        .field("items"));
+    }
+    let mut overlay = Overlay::new();
+    let mut plans = Vec::new();
+    let mut problems: Vec<FieldError> = Vec::new();
+    let mut first: Option<ApiError> = None;
+    for (i, item) in batch.items.into_iter().enumerate() {
+        let base = format!("items[{i}]");
+        let planned = async {
+            let key = object_key(&item.kind, &item.name)?;
+            if overlay.contains_key(&key) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_batch",
+                    format!("{key} appears twice in the batch"),
+                ));
+            }
+            let expect = item
+                .if_match
+                .as_ref()
+                .map(|v| parse_if_match(&v.to_string().replace('"', "")))
+                .transpose()?;
+            match item.op {
+                BatchOp::Put => {
+                    let spec = item.spec.as_ref().ok_or_else(|| {
+                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", "put needs a spec")
+                            .field("spec")
+                    })?;
+                    let spec = serde_json::to_vec(spec).expect("json encodes");
+                    plan_put(st, key, &spec, expect, &overlay).await
+                }
+                BatchOp::Delete => plan_delete(st, key, expect, item.force, &overlay).await,
+            }
+        }
+        .await;
+        match planned {
+            Ok(plan) => {
+                overlay.insert(plan.key.clone(), plan.after.clone());
+                plans.push(plan);
+            }
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => return Err(e),
+            Err(e) => {
+                let inner = if e.errors.is_empty() {
+                    vec![FieldError {
+                        field: e.field.clone().unwrap_or_default(),
+                        message: e.message.clone(),
+                    }]
+                } else {
+                    e.errors.clone()
+                };
+                for fe in inner {
+                    let field = if fe.field.is_empty() {
+                        base.clone()
+                    } else {
+                        format!("{base}.{}", fe.field)
+                    };
+                    problems.push(FieldError {
+                        field,
+                        message: fe.message,
+                    });
+                }
+                first.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first {
+        // The status of the first problem (412, 409, 404 or 400), every
+        // problem listed.
+        let msg = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ApiError {
+            status: e.status,
+            error: e.error,
+            message: format!("batch refused, nothing changed: {msg}"),
+            field: problems.first().map(|p| p.field.clone()),
+            errors: problems,
+            referrers: e.referrers,
         });
     }
-    if !referrers.is_empty() {
-        let mut e = ApiError::new(
-            StatusCode::CONFLICT,
-            "in_use",
-            format!("{key} is still referenced by {}", referrers.join(", ")),
-        );
-        e.referrers = referrers;
-        return Err(e);
-    }
-    match st
-        .store
-        .txn(conds, vec![Op::Delete { key: key.clone() }])
-        .await?
-    {
-        TxnOutcome::Committed { revision } => {
-            tracing::info!(object = %key, revision, by = %caller.name, "object deleted");
-            Ok(Json(json!({ "deleted": key.to_string(), "revision": revision })).into_response())
+    Ok(plans)
+}
+
+const MAX_BATCH: usize = 1000;
+
+fn batch_results(plans: &[Plan], revision: Option<i64>) -> Vec<Value> {
+    plans
+        .iter()
+        .map(|p| {
+            json!({
+                "kind": p.key.kind.as_str(),
+                "name": p.key.name,
+                "result": p.result(),
+                "version": revision,
+            })
+        })
+        .collect()
+}
+
+/// `POST /api/v1/batch`: every item in one store transaction, all or
+/// nothing.
+pub async fn batch(
+    State(st): State<AdminState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(params): Query<WriteParams>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let wait = wait_param(&params)?;
+    let plans = plan_batch(&st, &body).await?;
+    match commit(&st, &caller, &plans).await? {
+        Some(revision) => {
+            let mut body = json!({
+                "revision": revision,
+                "items": batch_results(&plans, Some(revision)),
+            });
+            if let Some(wait) = wait {
+                body["propagation"] = propagation(&st, revision, wait).await;
+            }
+            Ok(Json(body).into_response())
         }
-        TxnOutcome::ConditionFailed => Err(ApiError::new(
+        None => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
-            format!("{key} or an object referring to it changed concurrently; retry"),
+            "an object of the batch, or one it depends on, changed concurrently; nothing was changed, retry",
         )),
     }
+}
+
+/// `POST /api/v1/validate`: a batch checked as it would be applied now
+/// (validity, references, versions), without writing anything.
+pub async fn validate(
+    State(st): State<AdminState>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let plans = plan_batch(&st, &body).await?;
+    Ok(Json(
+        json!({ "valid": true, "items": batch_results(&plans, None) }),
+    ))
+}
+
+/// `GET /api/v1/status`: the store's revision and every live process's
+/// applied revision and freshness. A gateway is `in_sync` once it has
+/// applied the newest config object's version (deletions leave no
+/// version behind; `?wait` on a write tracks those exactly).
+pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    let mut config_revision = 0;
+    for kind in Kind::CONFIG {
+        let r = st.store.range(&kind.prefix()).await?;
+        config_revision = r
+            .entries
+            .iter()
+            .map(|e| e.mod_revision)
+            .fold(config_revision, i64::max);
+    }
+    let r = st.store.range(&Kind::Nodes.prefix()).await?;
+    let now = meshgate_config::model::now_ms();
+    let nodes: Vec<Value> = r
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let n: Node = decode_json(&e.key, &e.value).ok()?;
+            let id = e
+                .key
+                .name
+                .split_once('/')
+                .map_or(&*e.key.name, |(_, id)| id);
+            let in_sync = n.kind != NodeKind::Gateway || n.applied_revision >= config_revision;
+            Some(json!({
+                "id": id,
+                "kind": n.kind.as_str(),
+                "roles": n.roles,
+                "groups": n.groups,
+                "applied_revision": n.applied_revision,
+                "lag_revisions": (config_revision - n.applied_revision).max(0),
+                "in_sync": in_sync,
+                "policy": n.policy,
+                "updated_ms_ago": now.saturating_sub(n.updated_at_ms),
+            }))
+        })
+        .collect();
+    let all_in_sync = nodes.iter().all(|n| n["in_sync"] == true);
+    Ok(Json(json!({
+        "store": { "reachable": true, "revision": r.revision },
+        "config_revision": config_revision,
+        "in_sync": all_in_sync,
+        "nodes": nodes,
+    })))
 }
 
 /// Kinds whose objects may refer to an object of `kind`.

@@ -18,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 pub use api::AdminState;
@@ -29,10 +29,16 @@ use error::ApiError;
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/api/v1/nodes", get(api::nodes))
+        .route("/api/v1/status", get(api::status))
+        .route("/api/v1/batch", post(api::batch))
+        .route("/api/v1/validate", post(api::validate))
         .route("/api/v1/{kind}", get(api::list))
         .route(
             "/api/v1/{kind}/{name}",
-            get(api::get).put(api::put).delete(api::delete),
+            get(api::get)
+                .put(api::put)
+                .patch(api::patch)
+                .delete(api::delete),
         )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
@@ -57,7 +63,9 @@ async fn authenticate(State(st): State<AdminState>, mut req: Request, next: Next
         )
         .into_response();
     };
-    let read_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    // Dry runs write nothing: viewers may run them.
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || matches!(req.uri().path(), "/api/v1/validate" | "/api/v1/explain");
     if caller.role == Role::Viewer && !read_only {
         return ApiError::new(
             StatusCode::FORBIDDEN,

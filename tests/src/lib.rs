@@ -762,6 +762,16 @@ impl Admin {
         .expect("admin reachable")
     }
 
+    /// Any call: `method` on `/api/v1/<path>` with a raw body and extra headers.
+    pub async fn call(&self, method: &str, path: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+        let auth = self.auth();
+        let mut h = vec![("authorization", auth.as_str())];
+        h.extend_from_slice(extra);
+        http(method, &format!("{}/api/v1/{path}", self.base), &h, body)
+            .await
+            .expect("admin reachable")
+    }
+
     pub async fn put_raw(&self, path: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
         let auth = self.auth();
         let mut h = vec![("authorization", auth.as_str())];

@@ -1,0 +1,420 @@
+//! The admin API against a real etcd: merge patch, atomic batches,
+//! validation dry runs, paging and label selectors, propagation status and
+//! `?wait`, concurrent writers, and etcd being down.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use meshgate_tests::*;
+use serde_json::{json, Value};
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    etcd: Etcd,
+    _admin_proc: Proc,
+    admin: Admin,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (admin_proc, base, token) = start_admin(dir.path(), &etcd.endpoint());
+    let admin = Admin { base, token };
+    admin.wait_up().await;
+    assert_eq!(admin.put("groups/shop", &json!({})).await.status, 201);
+    Cluster {
+        dir,
+        etcd,
+        _admin_proc: admin_proc,
+        admin,
+    }
+}
+
+fn svc(port: u16, labels: Value) -> Value {
+    json!({"group": "shop", "endpoints": [{"address": addr(port)}], "labels": labels})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_batch_validate_and_list() {
+    let c = cluster().await;
+    let a = &c.admin;
+    assert_eq!(
+        a.put("services/orders", &svc(9001, json!({"team": "a"})))
+            .await
+            .status,
+        201
+    );
+    let v1 = a.get("services/orders").await.json()["version"]
+        .as_i64()
+        .unwrap();
+
+    // Merge patch: members merge, null removes, the result is validated.
+    let r = a
+        .call(
+            "PATCH",
+            "services/orders",
+            r#"{"labels": {"tier": "gold"}, "timeouts": {"request_ms": 3000}}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let got = r.json();
+    assert_eq!(got["spec"]["labels"], json!({"team": "a", "tier": "gold"}));
+    assert_eq!(got["spec"]["timeouts"]["request_ms"], 3000);
+    let v2 = got["version"].as_i64().unwrap();
+    assert!(v2 > v1);
+    assert_eq!(r.header("etag"), Some(format!("\"{v2}\"").as_str()));
+    let r = a
+        .call(
+            "PATCH",
+            "services/orders",
+            r#"{"labels": {"tier": null}}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.json()["spec"]["labels"], json!({"team": "a"}), "{r:?}");
+    let v3 = r.json()["version"].as_i64().unwrap();
+    let stale = format!("\"{v1}\"");
+    let r = a
+        .call(
+            "PATCH",
+            "services/orders",
+            r#"{"labels": {"x": "y"}}"#,
+            &[("if-match", &stale)],
+        )
+        .await;
+    assert_eq!(r.status, 412, "{r:?}");
+    let r = a
+        .call(
+            "PATCH",
+            "services/orders",
+            r#"{"endpoints": [{"address": "nowhere"}]}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["field"], "endpoints[0].address", "{r:?}");
+    assert_eq!(
+        a.get("services/orders").await.json()["version"],
+        v3,
+        "a refused patch changed nothing"
+    );
+    assert_eq!(
+        a.call("PATCH", "services/nope", "{}", &[]).await.status,
+        404
+    );
+
+    // A batch: a new service and a route shifting 5% to it, in one step.
+    let batch = json!({"items": [
+        {"op": "put", "kind": "services", "name": "orders-v2", "spec": svc(9002, json!({"team": "a"}))},
+        {"op": "put", "kind": "routes", "name": "orders", "spec": {"scope": "mesh", "match": {"hosts": ["orders"]},
+            "backends": [{"service": "orders", "weight": 95}, {"service": "orders-v2", "weight": 5}]}},
+    ]});
+    let r = a.call("POST", "batch", &batch.to_string(), &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rev = r.json()["revision"].as_i64().unwrap();
+    assert_eq!(a.get("services/orders-v2").await.json()["version"], rev);
+    assert_eq!(a.get("routes/orders").await.json()["version"], rev);
+    assert_eq!(r.json()["items"][0]["result"], "created");
+
+    // One invalid item: nothing changes, every problem is listed.
+    let bad = json!({"items": [
+        {"op": "put", "kind": "services", "name": "x", "spec": svc(9003, json!({}))},
+        {"op": "put", "kind": "routes", "name": "y", "spec": {"scope": "mesh", "match": {"hosts": ["y"]},
+            "backends": [{"service": "missing"}]}},
+        {"op": "put", "kind": "services", "name": "z", "spec": {"endpoints": [{"address": "bad"}]}},
+    ]});
+    let r = a.call("POST", "batch", &bad.to_string(), &[]).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let fields: BTreeSet<String> = r.json()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "items[1].backends[0].service",
+            "items[2].endpoints[0].address"
+        ]
+        .map(String::from)
+        .into(),
+        "{r:?}"
+    );
+    assert_eq!(
+        a.get("services/x").await.status,
+        404,
+        "batch was not atomic"
+    );
+    // The same batch as a dry run answers the same, and writes nothing.
+    let r = a.call("POST", "validate", &bad.to_string(), &[]).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let good = json!({"items": [{"op": "put", "kind": "services", "name": "x", "spec": svc(9003, json!({}))}]});
+    let r = a.call("POST", "validate", &good.to_string(), &[]).await;
+    assert_eq!(
+        (r.status, r.json()["valid"].clone()),
+        (200, json!(true)),
+        "{r:?}"
+    );
+    assert_eq!(a.get("services/x").await.status, 404);
+    // Viewers may dry-run but not write.
+    let viewer = Admin {
+        base: a.base.clone(),
+        token: "viewer-token-0123456789".into(),
+    };
+    assert_eq!(
+        viewer
+            .call("POST", "validate", &good.to_string(), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        viewer
+            .call("PATCH", "services/orders", "{}", &[])
+            .await
+            .status,
+        403
+    );
+
+    // A stale If-Match in a batch: 412, nothing changed.
+    let stale_batch = json!({"items": [
+        {"op": "put", "kind": "services", "name": "x", "spec": svc(9003, json!({}))},
+        {"op": "delete", "kind": "services", "name": "orders-v2", "if_match": 1},
+    ]});
+    let r = a.call("POST", "batch", &stale_batch.to_string(), &[]).await;
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(r.json()["field"], "items[1]", "{r:?}");
+    assert_eq!(a.get("services/x").await.status, 404);
+
+    // Referential integrity: in use → 409; inside a batch, deleting the
+    // referrer first makes it fine; ?force=true overrides.
+    let r = a.delete("services/orders-v2").await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(r.json()["referrers"], json!(["routes/orders"]));
+    let shift_back = json!({"items": [
+        {"op": "put", "kind": "routes", "name": "orders", "spec": {"scope": "mesh", "match": {"hosts": ["orders"]},
+            "backends": [{"service": "orders"}]}},
+        {"op": "delete", "kind": "services", "name": "orders-v2"},
+    ]});
+    let r = a.call("POST", "batch", &shift_back.to_string(), &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(a.get("services/orders-v2").await.status, 404);
+    let r = a
+        .call("DELETE", "services/orders?force=true", "", &[])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(a.delete("routes/orders").await.status, 200);
+
+    // Paging in name order, and label selectors.
+    for i in 0..5 {
+        let labels = json!({"team": if i % 2 == 0 { "a" } else { "b" }});
+        assert_eq!(
+            a.put(&format!("services/s{i}"), &svc(9100 + i, labels))
+                .await
+                .status,
+            201
+        );
+    }
+    let mut names = Vec::new();
+    let mut path = "services?limit=2".to_string();
+    loop {
+        let page = a.get(&path).await.json();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 2, "{page}");
+        names.extend(
+            items
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(n) => path = format!("services?limit=2&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
+    let page = a.get("services?selector=team=a").await.json();
+    let picked: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(picked, ["s0", "s2", "s4"]);
+    assert_eq!(a.get("services?limit=0").await.status, 400);
+    assert_eq!(
+        a.get("services?selector=team").await.json()["field"],
+        "selector"
+    );
+}
+
+/// Many writers patch one object with If-Match read-modify-write loops:
+/// each version is won by exactly one of them and no increment is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_patches_with_if_match_lose_no_update() {
+    let c = cluster().await;
+    assert_eq!(
+        c.admin
+            .put("services/counter", &svc(9001, json!({"n": "0"})))
+            .await
+            .status,
+        201
+    );
+    let (clients, each) = (8, 5);
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let a = c.admin.clone();
+            tokio::spawn(async move {
+                let mut won = Vec::new();
+                let mut conflicts = 0;
+                while won.len() < each {
+                    let cur = a.get("services/counter").await.json();
+                    let n: u64 = cur["spec"]["labels"]["n"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let etag = format!("\"{}\"", cur["version"]);
+                    let body = json!({"labels": {"n": (n + 1).to_string()}}).to_string();
+                    let r = a
+                        .call("PATCH", "services/counter", &body, &[("if-match", &etag)])
+                        .await;
+                    match r.status {
+                        200 => won.push(cur["version"].as_i64().unwrap()),
+                        412 => conflicts += 1,
+                        s => panic!("unexpected {s}: {r:?}"),
+                    }
+                }
+                (won, conflicts)
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for t in tasks {
+        let (won, _) = t.await.unwrap();
+        versions.extend(won);
+    }
+    let unique: BTreeSet<i64> = versions.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        versions.len(),
+        "a version was won twice: {versions:?}"
+    );
+    let last = c.admin.get("services/counter").await.json();
+    assert_eq!(
+        last["spec"]["labels"]["n"],
+        (clients * each).to_string(),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_gateways_and_status_shows_propagation() {
+    let mut c = cluster().await;
+    let (mut gw, ports) = start_gateway(
+        c.dir.path(),
+        "gw-w",
+        &["egress"],
+        &["shop"],
+        &c.etcd.endpoint(),
+    );
+    wait_ready(ports.ops).await;
+    let a = &c.admin;
+    wait_until(
+        "the gateway is registered",
+        Duration::from_secs(15),
+        || async {
+            a.get("status").await.json()["nodes"]
+                .as_array()
+                .is_some_and(|n| !n.is_empty())
+        },
+    )
+    .await;
+
+    let r = a
+        .put_raw(
+            "services/orders?wait=10s",
+            &svc(9001, json!({})).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let p = &r.json()["propagation"];
+    assert_eq!(p["complete"], true, "{r:?}");
+    assert_eq!(p["applied"], json!(["gw-w"]));
+    let version = r.json()["version"].as_i64().unwrap();
+    let st = a.get("status").await.json();
+    assert_eq!(st["config_revision"], version, "{st}");
+    let node = &st["nodes"][0];
+    assert_eq!(
+        (node["id"].clone(), node["in_sync"].clone()),
+        (json!("gw-w"), json!(true)),
+        "{st}"
+    );
+    assert!(node["applied_revision"].as_i64().unwrap() >= version);
+
+    // A frozen gateway cannot apply: the wait says so by its deadline.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let r = a
+        .call(
+            "PATCH",
+            "services/orders?wait=700ms",
+            r#"{"labels": {"v": "2"}}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let p = &r.json()["propagation"];
+    assert_eq!(
+        (p["complete"].clone(), p["pending"].clone()),
+        (json!(false), json!(["gw-w"])),
+        "{r:?}"
+    );
+    let st = a.get("status").await.json();
+    assert_eq!(st["nodes"][0]["in_sync"], false, "{st}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid()),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    wait_until(
+        "the gateway catches up",
+        Duration::from_secs(15),
+        || async { a.get("status").await.json()["in_sync"] == true },
+    )
+    .await;
+    assert_eq!(
+        a.put_raw("services/orders?wait=forever", "{}", &[])
+            .await
+            .status,
+        400
+    );
+
+    // etcd down: the API stays up and says so; nothing is changed.
+    c.etcd.stop();
+    let r = a.get("status").await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (503, json!("store_unavailable")),
+        "{r:?}"
+    );
+    let r = a
+        .call("PATCH", "services/orders", r#"{"labels": {"v": "3"}}"#, &[])
+        .await;
+    assert_eq!(r.status, 503, "{r:?}");
+    c.etcd.restart().await;
+    wait_until("the API reads again", Duration::from_secs(20), || async {
+        a.get("services/orders").await.status == 200
+    })
+    .await;
+    assert_eq!(
+        a.get("services/orders").await.json()["spec"]["labels"],
+        json!({"v": "2"})
+    );
+    gw.kill();
+}
