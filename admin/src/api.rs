@@ -340,15 +340,186 @@ async fn plan_delete(
 /// (something changed meanwhile); nothing was written.
 async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Option<i64>, ApiError> {
     let conds = plans.iter().flat_map(|p| p.conds.iter().cloned()).collect();
-    let ops = plans.iter().map(|p| p.op.clone()).collect();
+    let mut ops: Vec<Op> = plans.iter().map(|p| p.op.clone()).collect();
+    // The change log entry commits with the change, or not at all.
+    ops.push(history_record(caller, plans));
     match st.store.txn(conds, ops).await? {
         TxnOutcome::Committed { revision } => {
             for p in plans {
                 tracing::info!(object = %p.key, result = p.result(), version = revision, by = %caller.name, "config written");
             }
+            let st = st.clone();
+            tokio::spawn(async move { trim_history(&st).await });
             Ok(Some(revision))
         }
         TxnOutcome::ConditionFailed => Ok(None),
+    }
+}
+
+/// Change-log entries kept (the oldest go first).
+pub const HISTORY_LIMIT: usize = 1000;
+
+/// The change-log entry of a commit: who, when, and each object before and
+/// after. Its version (the store revision) is the version each changed
+/// object got.
+fn history_record(caller: &Caller, plans: &[Plan]) -> Op {
+    let now = meshgate_config::model::now_ms();
+    let id = format!("{now:013}-{:08x}", rand_u32());
+    let spec = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
+    let changes: Vec<Value> = plans
+        .iter()
+        .map(|p| {
+            let after = match &p.op {
+                Op::Put { value, .. } => spec(value),
+                Op::Delete { .. } => Value::Null,
+            };
+            json!({
+                "kind": p.key.kind.as_str(),
+                "name": p.key.name,
+                "op": p.result(),
+                "before_version": p.before.as_ref().map(|e| e.mod_revision),
+                "before": p.before.as_ref().map(|e| spec(&e.value)),
+                "after": after,
+            })
+        })
+        .collect();
+    let value = json!({ "at_ms": now, "by": caller.name, "changes": changes });
+    Op::Put {
+        key: Key::new(Kind::History, id),
+        value: serde_json::to_vec(&value).expect("json encodes"),
+        lease: None,
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+/// Deletes the oldest change-log entries beyond [`HISTORY_LIMIT`].
+async fn trim_history(st: &AdminState) {
+    let Ok(r) = st.store.range(&Kind::History.prefix()).await else {
+        return;
+    };
+    if r.entries.len() <= HISTORY_LIMIT {
+        return;
+    }
+    let extra = r.entries.len() - HISTORY_LIMIT;
+    let ops = r.entries[..extra]
+        .iter()
+        .map(|e| Op::Delete { key: e.key.clone() })
+        .collect();
+    if let Err(e) = st.store.txn(vec![], ops).await {
+        tracing::warn!(error = %e, "could not trim the change log");
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct HistoryParams {
+    kind: Option<String>,
+    name: Option<String>,
+    /// Newest first, at most this many (1-1000, default 100).
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/history`: the change log, newest first, optionally of one
+/// object (`?kind=routes&name=checkout`).
+pub async fn history(
+    State(st): State<AdminState>,
+    Query(p): Query<HistoryParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=HISTORY_LIMIT).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("limit must be from 1 to {HISTORY_LIMIT}"),
+        )
+        .field("limit"));
+    }
+    if let Some(k) = &p.kind {
+        config_kind(k)?;
+    }
+    let r = st.store.range(&Kind::History.prefix()).await?;
+    let mut items = Vec::new();
+    for e in r.entries.iter().rev() {
+        let Ok(mut v) = serde_json::from_slice::<Value>(&e.value) else {
+            continue;
+        };
+        if let Some(Value::Array(changes)) = v.get_mut("changes") {
+            changes.retain(|c| {
+                p.kind.as_deref().is_none_or(|k| c["kind"] == k)
+                    && p.name.as_deref().is_none_or(|n| c["name"] == n)
+            });
+            if changes.is_empty() {
+                continue;
+            }
+        }
+        v["id"] = Value::String(e.key.name.clone());
+        v["version"] = e.mod_revision.into();
+        items.push(v);
+        if items.len() == limit {
+            break;
+        }
+    }
+    Ok(Json(json!({ "items": items, "revision": r.revision })))
+}
+
+/// `POST /api/v1/rollback`: `{"kind", "name", "version"}` puts the object
+/// back as it was at that recorded version (or deletes it, if that version
+/// was its deletion), through the same checks as any write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub kind: String,
+    pub name: String,
+    pub version: i64,
+}
+
+pub async fn rollback(
+    State(st): State<AdminState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    Json(req): Json<RollbackRequest>,
+) -> Result<Response, ApiError> {
+    let key = object_key(&req.kind, &req.name)?;
+    let expect = if_match(&headers)?;
+    let wait = wait_param(&params)?;
+    let r = st.store.range(&Kind::History.prefix()).await?;
+    let recorded = r
+        .entries
+        .iter()
+        .filter(|e| e.mod_revision == req.version)
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.value).ok())
+        .flat_map(|v| match v.get("changes") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        })
+        .find(|c| c["kind"] == key.kind.as_str() && c["name"] == key.name.as_str());
+    let Some(change) = recorded else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no recorded change of {key} at version {} (see GET /api/v1/history)",
+                req.version
+            ),
+        )
+        .field("version"));
+    };
+    let plan = match &change["after"] {
+        Value::Null => plan_delete(&st, key, expect, false, &Overlay::new()).await?,
+        spec => {
+            let spec = serde_json::to_vec(spec).expect("json encodes");
+            plan_put(&st, key, &spec, expect, &Overlay::new()).await?
+        }
+    };
+    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
+        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
+        None => Err(conflict(&st, &plan, expect).await),
     }
 }
 

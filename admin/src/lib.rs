@@ -32,6 +32,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/batch", post(api::batch))
         .route("/api/v1/validate", post(api::validate))
+        .route("/api/v1/history", get(api::history))
+        .route("/api/v1/rollback", post(api::rollback))
         .route("/api/v1/{kind}", get(api::list))
         .route(
             "/api/v1/{kind}/{name}",

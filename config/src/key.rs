@@ -11,6 +11,8 @@ pub enum Kind {
     Groups,
     Nodes,
     Instances,
+    /// The admin API's change log (`history/<id>`).
+    History,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
             Kind::Groups => "groups",
             Kind::Nodes => "nodes",
             Kind::Instances => "instances",
+            Kind::History => "history",
         }
     }
 
@@ -37,6 +40,7 @@ impl Kind {
             "groups" => Kind::Groups,
             "nodes" => Kind::Nodes,
             "instances" => Kind::Instances,
+            "history" => Kind::History,
             _ => return None,
         })
     }
