@@ -38,6 +38,13 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Adds a process-specific metric (e.g. the sidecar's policy state).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric not registered");
+        }
+    }
+
     pub fn new(process: &str) -> Metrics {
         let registry = Registry::new_custom(Some("meshgate".into()), None).expect("registry");
         let requests = IntCounterVec::new(

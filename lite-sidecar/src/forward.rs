@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use meshgate_config::model::now_ms;
 use meshgate_config::model::DestinationMode;
 use meshgate_config::sync::{Source, SyncStatus};
+use meshgate_gateway::balance::EndpointState;
 use meshgate_gateway::body::{ProxyBody, ReplayBody};
 use meshgate_gateway::client::HttpClient;
 use meshgate_gateway::client::Wire;
@@ -408,13 +409,7 @@ impl Forwarder {
                     }
                     Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
                     Err(e) => {
-                        if let Attempt::Connect(..) = e {
-                            self.metrics
-                                .connect_failures
-                                .with_label_values(&[tier.name])
-                                .inc();
-                        }
-                        member.on_failure();
+                        self.member_failed(tier, &member, &e);
                         tried.push(member);
                     }
                 }
@@ -499,19 +494,25 @@ impl Forwarder {
                         break;
                     }
                     Err(e) => {
-                        if let Attempt::Connect(..) = e {
-                            self.metrics
-                                .connect_failures
-                                .with_label_values(&[tier.name])
-                                .inc();
-                        }
-                        member.on_failure();
+                        self.member_failed(tier, &member, &e);
                         tried.push(member);
                     }
                 }
             }
         }
         Err(format!("no tier could open a tunnel to {dest}"))
+    }
+
+    /// A member could not take a tunnel: ejected for a while, and a failed
+    /// connect counted.
+    fn member_failed(&self, tier: &Tier, member: &EndpointState, e: &Attempt) {
+        if let Attempt::Connect(..) = e {
+            self.metrics
+                .connect_failures
+                .with_label_values(&[tier.name])
+                .inc();
+        }
+        member.on_failure();
     }
 
     /// Whether a tier's answer moves the request to the next tier: a mesh

@@ -269,6 +269,21 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             app_stop_rx,
         ))
     });
+    // Policy freshness on /metrics: one of fresh/stale/unavailable is 1,
+    // and when the policy last was in sync with the store.
+    let policy_state = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "policy_state",
+            "Local policy freshness: 1 for the current state",
+        ),
+        &["state"],
+    )?;
+    let policy_synced = prometheus::IntGauge::new(
+        "policy_last_sync_timestamp_seconds",
+        "Unix time the local policy was last known in sync with the store (0: never)",
+    )?;
+    metrics.register(Box::new(policy_state.clone()));
+    metrics.register(Box::new(policy_synced.clone()));
     let follow = {
         let mut status = status.clone();
         let fwd = fwd.clone();
@@ -276,17 +291,26 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let registration = &registration;
         async move {
             let mut last = None;
+            // Staleness grows with time alone: look again every second.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 let s = status.borrow_and_update().clone();
                 metrics.store_connected.set(i64::from(s.connected));
                 metrics.config_revision.set(s.revision);
+                policy_synced.set((s.last_sync_ms / 1000) as i64);
                 let fresh = fwd.freshness();
+                for f in [Freshness::Fresh, Freshness::Stale, Freshness::Unavailable] {
+                    policy_state
+                        .with_label_values(&[f.as_str()])
+                        .set(i64::from(f == fresh));
+                }
                 if last != Some((s.revision, fresh)) {
                     last = Some((s.revision, fresh));
                     registration.update(record(s.revision, fresh));
                 }
-                if status.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    r = status.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {}
                 }
             }
         }

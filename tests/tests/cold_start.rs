@@ -64,6 +64,14 @@ async fn sidecars_start_cold_with_etcd_down() {
     wait_ready(p3.ops).await;
     let r = readyz(p3.ops).await;
     assert_eq!(r["policy"], "unavailable", "{r}");
+    assert_eq!(
+        metric(p3.ops, "meshgate_policy_state{state=\"unavailable\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(p3.ops, "meshgate_policy_state{state=\"fresh\"}").await,
+        0.0
+    );
     let url3 = format!("http://127.0.0.1:{}/x", p3.app);
     for _ in 0..10 {
         let r = http_get(&url3, &[("host", "orders")]).await.unwrap();
@@ -78,6 +86,17 @@ async fn sidecars_start_cold_with_etcd_down() {
     let r = readyz(p2.ops).await;
     assert_eq!(r["source"], "snapshot_file", "{r}");
     assert_eq!(r["policy"], "stale", "{r}");
+    assert_eq!(
+        metric(p2.ops, "meshgate_policy_state{state=\"stale\"}").await,
+        1.0
+    );
+    // Since when: the snapshot's time, not now.
+    let synced = metric(p2.ops, "meshgate_policy_last_sync_timestamp_seconds").await;
+    assert_eq!(
+        synced as u64,
+        r["stale_since_ms"].as_u64().unwrap() / 1000,
+        "{r}"
+    );
     let url2 = format!("http://127.0.0.1:{}/x", p2.app);
     for _ in 0..10 {
         let r = http_get(&url2, &[("host", "orders")]).await.unwrap();

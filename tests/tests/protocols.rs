@@ -498,3 +498,91 @@ async fn sidecar_local_ports_carry_http_websocket_and_tcp() {
     assert_eq!(tcp_served("group").await, 1.0);
     assert_eq!(tcp_served("central").await, 1.0);
 }
+
+/// A gRPC client only changes its target to the sidecar: unary, streaming
+/// and trailers pass through the group gateways (h2c), and through the
+/// sidecar's own balancing in direct mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_the_sidecar_in_gateway_and_direct_mode() {
+    let m = Mesh::start().await;
+    let d = m.dir.path().to_path_buf();
+    let (_server, port) = py_server(&d, "grpc_peer.py", "grpc-server").await;
+    let svc = serde_json::json!({"group": "shop", "protocol": "grpc", "endpoints": [{"address": addr(port)}]});
+    assert_eq!(m.admin.put("services/echo", &svc).await.status, 201);
+    let dests = |mode: &str| serde_json::json!({"group": "shop", "destinations": [{"service": "orders"}, {"service": "echo", "mode": mode}]});
+    assert_eq!(
+        m.admin
+            .put("services/frontend", &dests("gateway"))
+            .await
+            .status,
+        200
+    );
+    let local = free_port();
+    let central = vec![addr(m.gws[2].1.mesh)];
+    let (_sc, p) = start_sidecar_with(
+        &d,
+        "sc-grpc",
+        "frontend",
+        "shop",
+        &central,
+        &m.etcd.endpoint(),
+        serde_json::json!({"local_ports": [{"listen": addr(local), "service": "echo"}]}),
+    );
+    wait_ready(p.ops).await;
+    let config = format!("http://127.0.0.1:{}/config", p.ops);
+    wait_until(
+        "the sidecar covers echo",
+        Duration::from_secs(15),
+        || async {
+            get_json(&config).await.is_some_and(|c| {
+                c["destinations"]["echo"] == "gateway"
+                    && c["tiers"]["group"].as_array().map(Vec::len) == Some(2)
+            })
+        },
+    )
+    .await;
+    let target = addr(local);
+    let grpc_ok = |tier: &'static str| {
+        let ops = p.ops;
+        async move {
+            let sample = format!(
+                "meshgate_requests_total{{class=\"2xx\",listener=\"app\",route=\"{tier}\",service=\"echo\"}}"
+            );
+            metric(ops, &sample).await
+        }
+    };
+    for mode in ["gateway", "direct"] {
+        if mode == "direct" {
+            assert_eq!(
+                m.admin
+                    .put("services/frontend", &dests("direct"))
+                    .await
+                    .status,
+                200
+            );
+            wait_until(
+                "echo compiled for direct mode",
+                Duration::from_secs(15),
+                || async {
+                    get_json(&config)
+                        .await
+                        .is_some_and(|c| c["direct"].to_string().contains("services/echo"))
+                },
+            )
+            .await;
+        }
+        let r = py("grpc_peer.py", &["client", &target, "Say", mode]).await;
+        assert_eq!(
+            r["reply"],
+            serde_json::json!([format!("echo:{mode}")]),
+            "{r}"
+        );
+        let r = py("grpc_peer.py", &["client", &target, "Count", "3"]).await;
+        assert_eq!(r["reply"], serde_json::json!(["0", "1", "2"]), "{r}");
+        assert_eq!(r["trailers"]["x-trailer"], "yes", "{r}");
+        let r = py("grpc_peer.py", &["client", &target, "Say", "fail"]).await;
+        assert_eq!(r["code"], "NOT_FOUND", "{r}");
+    }
+    assert_eq!(grpc_ok("group").await, 3.0);
+    assert_eq!(grpc_ok("direct").await, 3.0);
+}
