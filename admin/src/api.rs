@@ -348,16 +348,23 @@ async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Opti
             for p in plans {
                 tracing::info!(object = %p.key, result = p.result(), version = revision, by = %caller.name, "config written");
             }
-            let st = st.clone();
-            tokio::spawn(async move { trim_history(&st).await });
+            // Trimming reads the whole log: every TRIM_EVERY commits only.
+            static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            if COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % TRIM_EVERY == 0 {
+                let st = st.clone();
+                tokio::spawn(async move { trim_history(&st).await });
+            }
             Ok(Some(revision))
         }
         TxnOutcome::ConditionFailed => Ok(None),
     }
 }
 
-/// Change-log entries kept (the oldest go first).
+/// Change-log entries kept (the oldest go first). The log is trimmed every
+/// [`TRIM_EVERY`] commits of an admin process, so it may briefly hold that
+/// many more per process.
 pub const HISTORY_LIMIT: usize = 1000;
+const TRIM_EVERY: u64 = 50;
 
 /// The change-log entry of a commit: who, when, and each object before and
 /// after. Its version (the store revision) is the version each changed

@@ -129,16 +129,10 @@ struct Syncer<A> {
     rescope: Option<watch::Receiver<Vec<String>>>,
 }
 
-/// Whether `prefix` (see [`SyncOptions::prefixes`]) covers `key`.
+/// Whether `prefix` (see [`SyncOptions::prefixes`]) covers `key`. The
+/// store already filters; this guards against a store that does not.
 fn covers(prefix: &str, key: &Key) -> bool {
-    if prefix.ends_with('/') {
-        return true; // the store only returns keys under it
-    }
-    let kind = key.kind.as_str();
-    prefix.len() == kind.len() + 1 + key.name.len()
-        && prefix.starts_with(kind)
-        && prefix.as_bytes()[kind.len()] == b'/'
-        && prefix.ends_with(key.name.as_str())
+    crate::store::covers(prefix, &key.to_string())
 }
 
 impl<A: Apply> Syncer<A> {

@@ -103,7 +103,10 @@ impl ConfigStore for EtcdStore {
         let resp = self
             .bounded(
                 "range",
-                kv.get(self.abs(prefix), Some(GetOptions::new().with_prefix())),
+                kv.get(
+                    self.abs(prefix),
+                    super::is_prefix(prefix).then(|| GetOptions::new().with_prefix()),
+                ),
             )
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -121,10 +124,12 @@ impl ConfigStore for EtcdStore {
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
         let mut wc = self.client.watch_client();
-        let opts = WatchOptions::new()
-            .with_prefix()
+        let mut opts = WatchOptions::new()
             .with_start_revision(from_revision)
             .with_progress_notify();
+        if super::is_prefix(prefix) {
+            opts = opts.with_prefix();
+        }
         let (watcher, stream) = self
             .bounded("watch", wc.watch(self.abs(prefix), Some(opts)))
             .await?;

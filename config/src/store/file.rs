@@ -356,7 +356,7 @@ impl ConfigStore for FileStore {
         let entries = st
             .entries
             .values()
-            .filter(|e| e.key.to_string().starts_with(prefix))
+            .filter(|e| super::covers(prefix, &e.key.to_string()))
             .cloned()
             .collect();
         Ok(Range {
@@ -394,7 +394,7 @@ impl ConfigStore for FileStore {
                         Event::Put(e) => &e.key,
                         Event::Delete { key, .. } => key,
                     };
-                    key.to_string().starts_with(&prefix)
+                    super::covers(&prefix, &key.to_string())
                 })
                 .cloned()
                 .collect(),

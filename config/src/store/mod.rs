@@ -102,19 +102,38 @@ pub enum StoreError {
 
 pub type WatchStream = BoxStream<'static, Result<WatchBatch, StoreError>>;
 
+/// Whether a range or watch `prefix` covers the key `rel`: everything
+/// under an empty prefix or one ending in `/`; otherwise only the key
+/// itself (`services/orders` does not cover `services/orders-v2`).
+pub fn covers(prefix: &str, rel: &str) -> bool {
+    if prefix.is_empty() || prefix.ends_with('/') {
+        rel.starts_with(prefix)
+    } else {
+        rel == prefix
+    }
+}
+
+/// Whether `prefix` is a whole-prefix range (not one key).
+pub fn is_prefix(prefix: &str) -> bool {
+    prefix.is_empty() || prefix.ends_with('/')
+}
+
 /// The primitives a config store offers. Keys are relative (`routes/x`).
 #[async_trait]
 pub trait ConfigStore: Send + Sync + 'static {
     /// A short description for logs, e.g. `etcd http://127.0.0.1:2379 /meshgate/v1`.
     fn describe(&self) -> String;
 
-    /// Reads every object under `prefix` (e.g. `services/`, or `` for all).
+    /// Reads every object under `prefix` (e.g. `services/`, or `` for
+    /// all). A prefix that is neither empty nor ends in `/` names one key
+    /// (see [`covers`]).
     async fn range(&self, prefix: &str) -> Result<Range, StoreError>;
 
     /// Reads one object.
     async fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError>;
 
-    /// Streams the changes under `prefix` from `from_revision` on. The
+    /// Streams the changes under `prefix` (as in [`ConfigStore::range`])
+    /// from `from_revision` on. The
     /// stream ends with an error when the store goes away.
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError>;
 
