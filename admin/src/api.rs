@@ -13,22 +13,33 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meshgate_config::key::node_prefix;
-use meshgate_config::model::{Node, NodeKind};
+use meshgate_config::model::{ExplainRequest, Node, NodeKind, Role, Scope};
 use meshgate_config::store::{Cond, ConfigStore, Entry, Op, TxnOutcome};
 use meshgate_config::validate::decode_json;
 use meshgate_config::FieldError;
 use meshgate_config::{Key, Kind, Object};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+
+/// Answers an explain request; a standalone gateway explains in process.
+pub type Explainer = Arc<
+    dyn Fn(ExplainRequest) -> Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Shared state of the admin API.
 #[derive(Clone)]
 pub struct AdminState {
     pub store: Arc<dyn ConfigStore>,
     pub tokens: Arc<crate::auth::Tokens>,
+    /// `None`: explain requests go to a live gateway's ops port.
+    pub explainer: Option<Explainer>,
 }
 
 fn config_kind(kind: &str) -> Result<Kind, ApiError> {
@@ -1110,4 +1121,80 @@ fn precondition_failed(key: &Key, expected: i64, current: i64) -> ApiError {
         format!("{key} is at version {current}, not {expected}")
     };
     ApiError::new(StatusCode::PRECONDITION_FAILED, "version_mismatch", msg)
+}
+
+/// `POST /api/v1/explain`: which route a request would match, which
+/// backends and policies apply, and why the other routes did not. It is
+/// answered by a gateway's own router over the config it has applied (the
+/// live gateway serving the scope with the newest applied revision), so
+/// the answer is what the data plane does, not a re-implementation.
+pub async fn explain(
+    State(st): State<AdminState>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let req: ExplainRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{}: {}", e.path(), e.inner()),
+        )
+        .field(e.path().to_string())
+    })?;
+    if let Some(f) = &st.explainer {
+        return f(req).await.map(Json);
+    }
+    let r = st.store.range(&node_prefix(NodeKind::Gateway)).await?;
+    let wanted = match req.scope {
+        Scope::Ingress => &[Role::Ingress][..],
+        Scope::Mesh => &[Role::Egress, Role::Central][..],
+    };
+    let gateway = r
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let n: Node = decode_json(&e.key, &e.value).ok()?;
+            let ops = n.admin_address.clone()?;
+            n.roles.iter().any(|r| wanted.contains(r)).then(|| {
+                let id = e
+                    .key
+                    .name
+                    .split_once('/')
+                    .map_or(&*e.key.name, |(_, id)| id);
+                (n.applied_revision, id.to_string(), ops)
+            })
+        })
+        .max();
+    let Some((_, id, ops)) = gateway else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_gateway",
+            "no live gateway serves this scope: explain runs on a gateway's router",
+        ));
+    };
+    let body = serde_json::to_vec(&req).expect("json encodes");
+    let (status, answer) = crate::client::post_json(&format!("http://{ops}/explain"), body)
+        .await
+        .map_err(|e| {
+            tracing::warn!(gateway = %id, error = %e, "explain: gateway unreachable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_gateway",
+                format!("gateway {id} did not answer the explain request"),
+            )
+        })?;
+    let mut v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    if status != StatusCode::OK {
+        let msg = v["message"]
+            .as_str()
+            .unwrap_or("explain failed")
+            .to_string();
+        let mut e = ApiError::new(status, "invalid_request", msg);
+        if let Some(f) = v["field"].as_str() {
+            e = e.field(f);
+        }
+        return Err(e);
+    }
+    v["gateway"] = Value::String(id);
+    Ok(Json(v))
 }

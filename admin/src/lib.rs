@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod error;
 
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/batch", post(api::batch))
         .route("/api/v1/validate", post(api::validate))
+        .route("/api/v1/explain", post(api::explain))
         .route("/api/v1/history", get(api::history))
         .route("/api/v1/rollback", post(api::rollback))
         .route("/api/v1/{kind}", get(api::list))
@@ -95,5 +97,6 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
     AdminState {
         store,
         tokens: Arc::new(tokens),
+        explainer: None,
     }
 }

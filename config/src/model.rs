@@ -644,3 +644,30 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A request to explain (`POST /api/v1/explain`, answered by a gateway's
+/// router over its applied config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    /// `mesh` (default: from sidecars, by service name) or `ingress`.
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default = "default_explain_method")]
+    pub method: String,
+    /// The host; for `mesh`, the destination service.
+    pub host: String,
+    /// Path and query, e.g. `/api/items?page=2`.
+    #[serde(default = "default_explain_path")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_explain_method() -> String {
+    "GET".into()
+}
+
+fn default_explain_path() -> String {
+    "/".into()
+}

@@ -24,6 +24,7 @@ pub mod balance;
 pub mod body;
 pub mod client;
 pub mod error;
+pub mod explain;
 pub mod headers;
 pub mod health;
 pub mod metrics;

@@ -19,7 +19,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::explain::BadField;
 use crate::metrics::Metrics;
+use meshgate_config::model::ExplainRequest;
 
 /// What the ops endpoints read.
 #[derive(Clone)]
@@ -31,7 +33,13 @@ pub struct OpsState {
     pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
     /// The config sync's status (its `revision` is the applied revision).
     pub status: watch::Receiver<SyncStatus>,
+    /// `POST /explain` (gateways): a request explained against the
+    /// applied config.
+    pub explain: Option<ExplainFn>,
 }
+
+/// Explains a request against the applied config.
+pub type ExplainFn = Arc<dyn Fn(&ExplainRequest) -> Result<Value, BadField> + Send + Sync>;
 
 pub fn router(state: OpsState) -> Router {
     Router::new()
@@ -40,7 +48,38 @@ pub fn router(state: OpsState) -> Router {
         .route("/metrics", get(metrics))
         .route("/config", get(config))
         .route("/config/revision", get(revision))
+        .route("/explain", axum::routing::post(explain))
         .with_state(state)
+}
+
+async fn explain(State(st): State<OpsState>, body: axum::body::Bytes) -> Response {
+    let Some(f) = &st.explain else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "not_found", "message": "this process does not route"})),
+        )
+            .into_response();
+    };
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let req: ExplainRequest = match serde_path_to_error::deserialize(de) {
+        Ok(r) => r,
+        Err(e) => {
+            let field = e.path().to_string();
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_request", "message": format!("{field}: {}", e.inner()), "field": field})),
+            )
+                .into_response();
+        }
+    };
+    match f(&req) {
+        Ok(v) => Json(v).into_response(),
+        Err(b) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_request", "message": format!("{}: {}", b.field, b.message), "field": b.field})),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(st): State<OpsState>) -> Response {

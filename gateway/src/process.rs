@@ -237,6 +237,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }),
         config_dump: Arc::new(move || dump.render()),
         status: status.clone(),
+        explain: Some({
+            let shared = shared.clone();
+            Arc::new(move |req: &meshgate_config::model::ExplainRequest| {
+                crate::explain::explain(&shared.load(), req)
+            })
+        }),
     };
     let mut ops_app = crate::ops::router(ops_state);
     if let Some(a) = &cfg.admin_api {
@@ -245,10 +251,21 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             None => meshgate_admin::Tokens::default(),
         };
         meshgate_admin::check_listen(ops_addr, &tokens)?;
-        ops_app = ops_app.merge(meshgate_admin::router(meshgate_admin::state(
-            store.clone(),
-            tokens,
-        )));
+        let mut admin = meshgate_admin::state(store.clone(), tokens);
+        // Explain in process, against this gateway's applied config.
+        let shared = shared.clone();
+        admin.explainer = Some(Arc::new(move |req| {
+            let answer = crate::explain::explain(&shared.load(), &req).map_err(|b| {
+                meshgate_admin::error::ApiError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("{}: {}", b.field, b.message),
+                )
+                .field(b.field)
+            });
+            Box::pin(std::future::ready(answer))
+        }));
+        ops_app = ops_app.merge(meshgate_admin::router(admin));
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

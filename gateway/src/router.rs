@@ -37,6 +37,16 @@ enum ValueCond {
 }
 
 impl ValueCond {
+    fn describe(&self) -> String {
+        match self {
+            ValueCond::Present => "must be present".into(),
+            ValueCond::Absent => "must be absent".into(),
+            ValueCond::Exact(v) => format!("must equal {v:?}"),
+            ValueCond::Regex(re) => format!("must match the regex {:?}", re.as_str()),
+            ValueCond::Never => "is not a valid condition".into(),
+        }
+    }
+
     fn new(m: &meshgate_config::model::ValueMatch) -> ValueCond {
         match (&m.exact, &m.regex, m.present) {
             (_, _, Some(false)) => ValueCond::Absent,
@@ -405,6 +415,73 @@ impl CompiledRoute {
         let hash = self.sticky.as_ref().and_then(|k| k.hash(req.headers, None));
         let i = choice.first + choice.pick(hash)?;
         Some((i, &self.backends[i]))
+    }
+
+    /// Why this route does not match a request for `host` (empty: it
+    /// matches). For the admin API's `explain`; the request path uses
+    /// [`Router::find`].
+    pub fn mismatches(&self, host: &str, req: &RequestView<'_>) -> Vec<String> {
+        let mut why = Vec::new();
+        let host_ok = self.hosts.is_empty()
+            || self.hosts.iter().any(|h| match h.strip_prefix('*') {
+                Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+                None => h == host,
+            });
+        if !host_ok {
+            why.push(format!("host {host:?} is not one of {:?}", self.hosts));
+        }
+        let (path_ok, path_want) = match &self.path {
+            PathCond::Any => (true, String::new()),
+            PathCond::Exact(p) => (req.path == p, format!("exactly {p:?}")),
+            PathCond::Prefix(p) => (prefix_match(req.path, p), format!("the prefix {p:?}")),
+            PathCond::Regex(re) => (
+                re.is_match(req.path),
+                format!("the regex {:?}", re.as_str()),
+            ),
+        };
+        if !path_ok {
+            why.push(format!("path {:?} does not match {path_want}", req.path));
+        }
+        if !self.methods.is_empty() && !self.methods.contains(req.method) {
+            let methods: Vec<&str> = self.methods.iter().map(Method::as_str).collect();
+            why.push(format!("method {} is not one of {methods:?}", req.method));
+        }
+        for (name, cond) in &self.conds.headers {
+            let values = req
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            if !cond.matches(values) {
+                why.push(format!("header {name}: {}", cond.describe()));
+            }
+        }
+        if !self.conds.query.is_empty() && !self.conds.query_holds(req.query.unwrap_or("")) {
+            why.push("a query condition does not hold".to_string());
+        }
+        why
+    }
+
+    /// Which backends a matching request would be split over: the index
+    /// of the first backend rule whose conditions hold (`None`: the
+    /// default backends), and the services with their weights.
+    pub fn backend_choice(&self, req: &RequestView<'_>) -> (Option<usize>, Vec<(Arc<str>, u32)>) {
+        let (rule, choice) = match self.rules.iter().position(|(c, _)| c.hold(req)) {
+            Some(i) => (Some(i), &self.rules[i].1),
+            None => (None, &self.default),
+        };
+        let services = choice
+            .weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (self.backends[choice.first + i].clone(), *w))
+            .collect();
+        (rule, services)
+    }
+
+    /// Priority, then specificity: how the router orders matching routes.
+    pub fn rank(&self) -> i32 {
+        self.priority
     }
 
     fn matches_rest(&self, req: &RequestView<'_>) -> bool {

@@ -111,6 +111,8 @@ pub struct Snapshot {
     pub ingress: Router,
     /// L4 routes by name.
     pub tcp_routes: imbl::HashMap<String, Arc<TcpRoute>>,
+    /// Every compiled route by name (both scopes), for `explain`.
+    pub routes: imbl::HashMap<String, Arc<CompiledRoute>>,
 }
 
 /// What was rejected and why, for `/config` and logs.
@@ -358,6 +360,7 @@ impl Compiler {
             mesh: self.mesh.clone(),
             ingress: self.ingress.clone(),
             tcp_routes: self.tcp_routes.clone(),
+            routes: self.routes.clone(),
         };
         let rejected = self
             .rejected

@@ -172,6 +172,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         }),
         config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         status: status.clone(),
+        explain: None,
     };
     let ops = tokio::spawn(meshgate_gateway::ops::serve(
         ops_listener,

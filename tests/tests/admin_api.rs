@@ -485,3 +485,177 @@ async fn history_records_changes_and_rollback_restores_them() {
     );
     assert_eq!(viewer.get("history").await.status, 200);
 }
+
+/// `explain` runs on a live gateway's router: the route a request would
+/// match, its backends and their share, and why each other route did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_the_route_its_backends_and_why_others_lost() {
+    let c = cluster().await;
+    let a = &c.admin;
+    let r = a
+        .call("POST", "explain", r#"{"host": "orders"}"#, &[])
+        .await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (503, json!("no_gateway")),
+        "{r:?}"
+    );
+    let (_gw, ports) = start_gateway(
+        c.dir.path(),
+        "gw-x",
+        &["egress"],
+        &["shop"],
+        &c.etcd.endpoint(),
+    );
+    wait_ready(ports.ops).await;
+    for (name, port) in [("orders", 9001), ("orders-v2", 9002), ("payments", 9003)] {
+        assert_eq!(
+            a.put(&format!("services/{name}"), &svc(port, json!({})))
+                .await
+                .status,
+            201
+        );
+    }
+    let routes = [
+        (
+            "orders",
+            json!({"scope": "mesh", "match": {"hosts": ["orders"]},
+            "backends": [{"service": "orders", "weight": 90}, {"service": "orders-v2", "weight": 10}]}),
+        ),
+        (
+            "orders-canary",
+            json!({"scope": "mesh", "priority": 10,
+            "match": {"hosts": ["orders"], "headers": [{"name": "x-canary"}]},
+            "backends": [{"service": "orders-v2"}]}),
+        ),
+        (
+            "orders-admin",
+            json!({"scope": "mesh",
+            "match": {"hosts": ["orders"], "path": {"prefix": "/admin"}, "methods": ["POST"]},
+            "backends": [{"service": "orders"}]}),
+        ),
+    ];
+    for (name, spec) in &routes {
+        let r = a
+            .put_raw(&format!("routes/{name}?wait=10s"), &spec.to_string(), &[])
+            .await;
+        assert_eq!(
+            (r.status, r.json()["propagation"]["complete"].clone()),
+            (201, json!(true)),
+            "{r:?}"
+        );
+    }
+
+    let r = a
+        .call(
+            "POST",
+            "explain",
+            r#"{"host": "orders", "path": "/items?page=2"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let e = r.json();
+    assert_eq!(e["gateway"], "gw-x", "{e}");
+    assert_eq!(e["result"]["route"], "orders", "{e}");
+    let shares: Vec<(String, f64)> = e["result"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["service"].as_str().unwrap().to_string(),
+                b["share_percent"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shares,
+        [
+            ("orders".to_string(), 90.0),
+            ("orders-v2".to_string(), 10.0)
+        ]
+    );
+    let why = |route: &str| -> Vec<String> {
+        e["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["route"] == route)
+            .map(|c| {
+                c["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        why("orders-canary"),
+        ["header x-canary: must be present"],
+        "{e}"
+    );
+    let admin_why = why("orders-admin");
+    assert_eq!(admin_why.len(), 2, "{e}");
+    assert!(
+        admin_why[0].contains("/admin") && admin_why[1].contains("POST"),
+        "{e}"
+    );
+
+    // The canary header wins on priority; the default route still matches.
+    let body = json!({"host": "orders", "headers": {"x-canary": "1"}}).to_string();
+    let e = a.call("POST", "explain", &body, &[]).await.json();
+    assert_eq!(e["result"]["route"], "orders-canary", "{e}");
+    let verdicts: Vec<&str> = e["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["matches, but a better route wins", "no match", "matched"],
+        "{e}"
+    );
+
+    // A service named directly gets its implicit route; nothing else is a 404.
+    let e = a
+        .call("POST", "explain", r#"{"host": "payments"}"#, &[])
+        .await
+        .json();
+    assert_eq!(
+        (
+            e["result"]["implicit"].clone(),
+            e["result"]["backends"][0]["service"].clone()
+        ),
+        (json!(true), json!("payments")),
+        "{e}"
+    );
+    let e = a
+        .call("POST", "explain", r#"{"host": "nowhere"}"#, &[])
+        .await
+        .json();
+    assert!(
+        e["result"]["route"].is_null() && e["result"]["why"].as_str().unwrap().contains("404"),
+        "{e}"
+    );
+    let r = a
+        .call(
+            "POST",
+            "explain",
+            r#"{"host": "orders", "method": "G E T"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, json!("method")),
+        "{r:?}"
+    );
+    let r = a
+        .call("POST", "explain", r#"{"hots": "orders"}"#, &[])
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+}

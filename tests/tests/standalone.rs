@@ -75,6 +75,19 @@ async fn yaml_edits_and_admin_puts_both_apply() {
     .await;
     // The hand edit survived the admin's rewrite of the file.
     assert!(saved.contains(&b2.addr.to_string()), "{saved}");
+    // The embedded admin API explains with this gateway's own router.
+    let explain = format!("http://127.0.0.1:{ops}/api/v1/explain");
+    let r = http(
+        "POST",
+        &explain,
+        &[],
+        r#"{"scope": "ingress", "host": "any", "path": "/hello"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["result"]["route"], "hello", "{r:?}");
+    assert_eq!(r.json()["result"]["direct_response"], 200, "{r:?}");
     // A broken edit is refused; the gateway keeps serving the last good config.
     std::fs::write(&file, "routes: [this is not a map").unwrap();
     // Wait on the gateway having read the broken file: its log says so.

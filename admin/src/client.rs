@@ -1,0 +1,46 @@
+//! A small HTTP/1.1 client for the admin process's own calls (explain
+//! requests forwarded to a gateway's ops port) and for `meshctl`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// Sends one request and reads the whole answer (10 s limit).
+pub async fn request(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<(http::StatusCode, Vec<u8>), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    if !body.is_empty() {
+        b = b.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = b
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: no answer within 10 s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, bytes.to_vec()))
+}
+
+/// POSTs a JSON body.
+pub async fn post_json(url: &str, body: Vec<u8>) -> Result<(http::StatusCode, Vec<u8>), String> {
+    request(http::Method::POST, url, &[], body).await
+}
