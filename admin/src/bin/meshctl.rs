@@ -1,0 +1,782 @@
+//! `meshctl`: the operator's CLI over the admin API.
+//!
+//! Config files use the standalone format: maps of name → spec under
+//! `groups`, `services`, `routes`, `tcp_routes` (a directory: every
+//! `.yaml`/`.yml`/`.json` file in it). `apply` sends every changed object in
+//! one atomic batch, in dependency order; `diff` shows what it would change,
+//! field by field. Human tables by default; `-o json|yaml` prints the API's
+//! answers. Exit status: 0 done, 1 refused or failed, 2 usage.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use meshgate_admin::client;
+use meshgate_config::{Key, Kind, Object};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Meshgate's CLI over the admin API")]
+struct Cli {
+    /// Admin API base URL.
+    #[arg(long, env = "MESHCTL_SERVER", default_value = "http://127.0.0.1:9901")]
+    server: String,
+    /// Bearer token (or MESHCTL_TOKEN).
+    #[arg(long, env = "MESHCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List objects of a kind, or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Label selector, e.g. `team=a,tier=gold`.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+    },
+    /// Create or replace every object of the files, in one atomic batch.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Wait until every live gateway has applied it (e.g. `10s`).
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// What `apply` would change.
+    Diff {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete an object.
+    Delete {
+        kind: String,
+        name: String,
+        /// Even when other objects still refer to it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every gateway's and sidecar's applied revision.
+    Status {
+        /// Wait until every gateway is in sync (e.g. `10s`); exit 1 if not.
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// Which route a request would match, and why.
+    Explain {
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
+        /// `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value = "mesh")]
+        scope: String,
+    },
+    /// The change log, newest first.
+    History {
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Put an object back as it was at a recorded version.
+    Rollback {
+        kind: String,
+        name: String,
+        version: i64,
+    },
+}
+
+/// A failure to report: the message, and the API's field problems.
+struct Failure(String, Vec<String>);
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure(s, Vec::new())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg, fields)) => {
+            eprintln!("error: {msg}");
+            for f in fields {
+                eprintln!("  {f}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Api<'a> {
+    cli: &'a Cli,
+}
+
+impl Api<'_> {
+    /// Calls `/api/v1/<path>`; an error status becomes a [`Failure`] with
+    /// the API's message and field paths.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let url = format!("{}/api/v1/{path}", self.cli.server.trim_end_matches('/'));
+        let mut headers = Vec::new();
+        if let Some(t) = &self.cli.token {
+            headers.push(("authorization", format!("Bearer {t}")));
+        }
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let (status, bytes) = client::request(method, &url, &headers, body).await?;
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(v);
+        }
+        let msg = v["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{status}"));
+        let mut fields: Vec<String> = v["errors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["field"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if fields.is_empty() {
+            if let Some(f) = v["field"].as_str() {
+                fields.push(format!("field: {f}"));
+            }
+        }
+        Err(Failure(format!("{} ({})", msg, status.as_u16()), fields))
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    let api = Api { cli };
+    match &cli.cmd {
+        Cmd::Get {
+            kind,
+            name,
+            selector,
+        } => {
+            let v = match name {
+                Some(n) => api.call(Method::GET, &format!("{kind}/{n}"), None).await?,
+                None => {
+                    let mut items = Vec::new();
+                    let mut after: Option<String> = None;
+                    loop {
+                        let mut q = format!("{kind}?limit=1000");
+                        if let Some(s) = selector {
+                            q.push_str(&format!("&selector={s}"));
+                        }
+                        if let Some(a) = &after {
+                            q.push_str(&format!("&after={a}"));
+                        }
+                        let page = api.call(Method::GET, &q, None).await?;
+                        items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                        match page["next"].as_str() {
+                            Some(n) => after = Some(n.to_string()),
+                            None => break json!({ "items": items }),
+                        }
+                    }
+                }
+            };
+            print(cli, &v, |v| {
+                let rows: Vec<Vec<String>> = match v["items"].as_array() {
+                    Some(items) => items.iter().map(object_row).collect(),
+                    None => vec![object_row(v)],
+                };
+                table(&["KIND", "NAME", "VERSION", "SUMMARY"], rows)
+            });
+        }
+        Cmd::Apply { files, wait } => {
+            let objects = load(files)?;
+            let changes = diff(&api, &objects).await?;
+            let items: Vec<Value> = changes
+                .iter()
+                .filter(|c| c.change != Change::Unchanged)
+                .map(|c| json!({"op": "put", "kind": c.key.kind.as_str(), "name": c.key.name, "spec": c.spec}))
+                .collect();
+            if items.is_empty() {
+                print(
+                    cli,
+                    &json!({"items": [], "unchanged": changes.len()}),
+                    |_| format!("no changes ({} objects unchanged)\n", changes.len()),
+                );
+                return Ok(());
+            }
+            let path = match wait {
+                Some(w) => format!("batch?wait={w}"),
+                None => "batch".to_string(),
+            };
+            let v = api
+                .call(Method::POST, &path, Some(json!({ "items": items })))
+                .await?;
+            print(cli, &v, |v| {
+                let mut out = table(
+                    &["KIND", "NAME", "RESULT", "VERSION"],
+                    v["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|i| {
+                            vec![
+                                s(&i["kind"]),
+                                s(&i["name"]),
+                                s(&i["result"]),
+                                s(&i["version"]),
+                            ]
+                        })
+                        .collect(),
+                );
+                let unchanged = changes.len() - items.len();
+                if unchanged > 0 {
+                    out.push_str(&format!("{unchanged} unchanged\n"));
+                }
+                if let Some(p) = v.get("propagation") {
+                    out.push_str(&propagation_line(p));
+                }
+                out
+            });
+            if v["propagation"]["complete"] == false {
+                return Err(Failure(
+                    "applied, but not every gateway had it by the deadline".into(),
+                    Vec::new(),
+                ));
+            }
+        }
+        Cmd::Diff { files } => {
+            let objects = load(files)?;
+            let changes = diff(&api, &objects).await?;
+            let v = json!(changes
+                .iter()
+                .map(|c| json!({"kind": c.key.kind.as_str(), "name": c.key.name, "change": c.change.as_str(), "fields": c.fields}))
+                .collect::<Vec<_>>());
+            print(cli, &v, |_| {
+                let mut out = String::new();
+                for c in changes.iter().filter(|c| c.change != Change::Unchanged) {
+                    out.push_str(&format!("{} {}\n", c.change.sign(), c.key));
+                    for f in &c.fields {
+                        out.push_str(&format!("    {f}\n"));
+                    }
+                }
+                let same = changes
+                    .iter()
+                    .filter(|c| c.change == Change::Unchanged)
+                    .count();
+                if out.is_empty() {
+                    out.push_str("no changes\n");
+                }
+                out.push_str(&format!("{same} unchanged\n"));
+                out
+            });
+        }
+        Cmd::Delete { kind, name, force } => {
+            let path = format!("{kind}/{name}{}", if *force { "?force=true" } else { "" });
+            let v = api.call(Method::DELETE, &path, None).await?;
+            print(cli, &v, |v| {
+                format!(
+                    "deleted {} (revision {})\n",
+                    s(&v["deleted"]),
+                    s(&v["revision"])
+                )
+            });
+        }
+        Cmd::Status { wait } => {
+            let deadline = wait
+                .as_deref()
+                .map(|w| {
+                    meshgate_admin::api::parse_duration(w)
+                        .map_err(|e| Failure(e.message, Vec::new()))
+                })
+                .transpose()?
+                .map(|d| Instant::now() + d);
+            let v = loop {
+                let v = api.call(Method::GET, "status", None).await?;
+                let gateways_in_sync = v["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n["kind"] == "gateway")
+                    .all(|n| n["in_sync"] == true);
+                match deadline {
+                    Some(d) if !gateways_in_sync && Instant::now() < d => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Some(_) if !gateways_in_sync => {
+                        print(cli, &v, status_table);
+                        return Err(Failure("not every gateway is in sync".into(), Vec::new()));
+                    }
+                    _ => break v,
+                }
+            };
+            print(cli, &v, status_table);
+        }
+        Cmd::Explain {
+            host,
+            path,
+            method,
+            headers,
+            scope,
+        } => {
+            let mut h = BTreeMap::new();
+            for line in headers {
+                let (k, v) = line
+                    .split_once(':')
+                    .ok_or_else(|| format!("--header {line:?}: expected `name: value`"))?;
+                h.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let body =
+                json!({"scope": scope, "host": host, "path": path, "method": method, "headers": h});
+            let v = api.call(Method::POST, "explain", Some(body)).await?;
+            print(cli, &v, explain_text);
+        }
+        Cmd::History { kind, name, limit } => {
+            let mut q = format!("history?limit={limit}");
+            if let Some(k) = kind {
+                q.push_str(&format!("&kind={k}"));
+            }
+            if let Some(n) = name {
+                q.push_str(&format!("&name={n}"));
+            }
+            let v = api.call(Method::GET, &q, None).await?;
+            print(cli, &v, |v| {
+                let mut rows = Vec::new();
+                for i in v["items"].as_array().into_iter().flatten() {
+                    for c in i["changes"].as_array().into_iter().flatten() {
+                        rows.push(vec![
+                            s(&i["version"]),
+                            s(&i["by"]),
+                            format!("{}/{}", s(&c["kind"]), s(&c["name"])),
+                            s(&c["op"]),
+                        ]);
+                    }
+                }
+                table(&["VERSION", "BY", "OBJECT", "CHANGE"], rows)
+            });
+        }
+        Cmd::Rollback {
+            kind,
+            name,
+            version,
+        } => {
+            let body = json!({"kind": kind, "name": name, "version": version});
+            let v = api.call(Method::POST, "rollback", Some(body)).await?;
+            print(cli, &v, |v| match v.get("deleted") {
+                Some(d) => format!("rolled back: deleted {}\n", s(d)),
+                None => format!(
+                    "rolled back {kind}/{name} to its version {version}: now version {}\n",
+                    s(&v["version"])
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+// === files and diffs ===
+
+/// Objects of the files, by key.
+fn load(files: &[PathBuf]) -> Result<BTreeMap<Key, Value>, Failure> {
+    let mut paths = Vec::new();
+    for f in files {
+        if f.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(f)
+                .map_err(|e| format!("{}: {e}", f.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "json")
+                    )
+                })
+                .collect();
+            inside.sort();
+            paths.extend(inside);
+        } else {
+            paths.push(f.clone());
+        }
+    }
+    let mut out = BTreeMap::new();
+    for p in paths {
+        for (key, spec) in load_file(&p)? {
+            if out.insert(key.clone(), spec).is_some() {
+                return Err(format!("{}: {key} is defined twice", p.display()).into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn load_file(p: &Path) -> Result<Vec<(Key, Value)>, Failure> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let doc: BTreeMap<String, Value> =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+    let mut out = Vec::new();
+    for (kind, objects) in doc {
+        if kind == "revision" {
+            continue;
+        }
+        let k = Kind::parse(&kind)
+            .filter(|k| k.is_config())
+            .ok_or_else(|| {
+                format!(
+                    "{}: {kind}: not a config kind (groups, services, routes, tcp_routes)",
+                    p.display()
+                )
+            })?;
+        let Value::Object(map) = objects else {
+            return Err(format!("{}: {kind}: expected a map of name → spec", p.display()).into());
+        };
+        for (name, spec) in map {
+            out.push((Key::new(k, name), spec));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Create,
+    Update,
+    Unchanged,
+}
+
+impl Change {
+    fn as_str(self) -> &'static str {
+        match self {
+            Change::Create => "create",
+            Change::Update => "update",
+            Change::Unchanged => "unchanged",
+        }
+    }
+    fn sign(self) -> char {
+        match self {
+            Change::Create => '+',
+            Change::Update => '~',
+            Change::Unchanged => '=',
+        }
+    }
+}
+
+struct Planned {
+    key: Key,
+    spec: Value,
+    change: Change,
+    fields: Vec<String>,
+}
+
+/// Each file object against the server's, in apply order (kinds in
+/// dependency order; services referring to other services after them).
+async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Planned>, Failure> {
+    let mut out = Vec::new();
+    for key in apply_order(objects) {
+        let spec = &objects[&key];
+        // Compare normalised forms (defaults filled in), as the server stores.
+        let local = normalise(&key, spec)?;
+        let remote = match api.call(Method::GET, &key.to_string(), None).await {
+            Ok(v) => Some(v["spec"].clone()),
+            Err(Failure(msg, _)) if msg.ends_with("(404)") => None,
+            Err(e) => return Err(e),
+        };
+        let (change, fields) = match remote {
+            None => (Change::Create, Vec::new()),
+            Some(r) => {
+                let mut fields = Vec::new();
+                field_diff("", &r, &local, &mut fields);
+                if fields.is_empty() {
+                    (Change::Unchanged, fields)
+                } else {
+                    (Change::Update, fields)
+                }
+            }
+        };
+        out.push(Planned {
+            key,
+            spec: spec.clone(),
+            change,
+            fields,
+        });
+    }
+    Ok(out)
+}
+
+fn normalise(key: &Key, spec: &Value) -> Result<Value, Failure> {
+    let bytes = serde_json::to_vec(spec).expect("json encodes");
+    let obj = Object::decode(key, &bytes).map_err(|e| {
+        Failure(
+            format!("{key} is invalid"),
+            e.errors
+                .iter()
+                .map(|f| format!("{}: {}", f.field, f.message))
+                .collect(),
+        )
+    })?;
+    Ok(serde_json::from_slice(&obj.to_json()).unwrap_or(Value::Null))
+}
+
+fn apply_order(objects: &BTreeMap<Key, Value>) -> Vec<Key> {
+    let mut order = Vec::new();
+    for kind in Kind::CONFIG {
+        let mut pending: Vec<&Key> = objects.keys().filter(|k| k.kind == kind).collect();
+        if kind != Kind::Services {
+            order.extend(pending.into_iter().cloned());
+            continue;
+        }
+        // A service goes after the services of the file it refers to.
+        let mut placed: BTreeSet<String> = BTreeSet::new();
+        while !pending.is_empty() {
+            let before = pending.len();
+            pending.retain(|k| {
+                let ready = service_refs(&objects[*k]).iter().all(|r| {
+                    *r == k.name
+                        || placed.contains(r)
+                        || !objects.contains_key(&Key::new(Kind::Services, r.as_str()))
+                });
+                if ready {
+                    placed.insert(k.name.clone());
+                    order.push((*k).clone());
+                }
+                !ready
+            });
+            if pending.len() == before {
+                // A cycle: the rest in name order; the server says why.
+                order.extend(pending.drain(..).cloned());
+            }
+        }
+    }
+    order
+}
+
+/// Services a service spec refers to (fallback, destinations).
+fn service_refs(spec: &Value) -> Vec<String> {
+    let mut refs: Vec<String> = spec["fallback"]
+        .as_str()
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    for d in spec["destinations"].as_array().into_iter().flatten() {
+        if let Some(s) = d["service"].as_str() {
+            refs.push(s.to_string());
+        }
+    }
+    refs
+}
+
+/// The fields that differ, as `path: old → new`.
+fn field_diff(path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                field_diff(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ if old == new => {}
+        _ => out.push(format!("{path}: {old} → {new}")),
+    }
+}
+
+// === output ===
+
+fn print(cli: &Cli, v: &Value, human: impl FnOnce(&Value) -> String) {
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_yaml::to_string(v).unwrap_or_default()),
+        Output::Table => print!("{}", human(v)),
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut l = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(head.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+fn object_row(o: &Value) -> Vec<String> {
+    let spec = &o["spec"];
+    let summary = match o["kind"].as_str() {
+        Some("services") => format!(
+            "{} endpoint(s)",
+            spec["endpoints"].as_array().map_or(0, Vec::len)
+        ),
+        Some("routes") => format!(
+            "{} → {}",
+            s(&spec["scope"]),
+            spec["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| s(&b["service"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Some("tcp_routes") => format!("port {} → {}", s(&spec["port"]), s(&spec["service"])),
+        _ => s(&spec["description"]),
+    };
+    vec![s(&o["kind"]), s(&o["name"]), s(&o["version"]), summary]
+}
+
+fn status_table(v: &Value) -> String {
+    let mut out = format!(
+        "store revision {}, newest config version {}, in sync: {}\n",
+        s(&v["store"]["revision"]),
+        s(&v["config_revision"]),
+        s(&v["in_sync"])
+    );
+    out.push_str(&table(
+        &["NODE", "KIND", "APPLIED", "LAG", "IN SYNC", "POLICY"],
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                vec![
+                    s(&n["id"]),
+                    s(&n["kind"]),
+                    s(&n["applied_revision"]),
+                    s(&n["lag_revisions"]),
+                    s(&n["in_sync"]),
+                    s(&n["policy"]),
+                ]
+            })
+            .collect(),
+    ));
+    out
+}
+
+fn propagation_line(p: &Value) -> String {
+    format!(
+        "propagation: {} (applied: {}; pending: {})\n",
+        if p["complete"] == true {
+            "complete"
+        } else {
+            "incomplete"
+        },
+        p["applied"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+        p["pending"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+    )
+}
+
+fn explain_text(v: &Value) -> String {
+    let r = &v["result"];
+    let mut out = format!(
+        "{} {} {} ({} scope, gateway {})\n",
+        s(&v["method"]),
+        s(&v["host"]),
+        s(&v["path"]),
+        s(&v["scope"]),
+        s(&v["gateway"])
+    );
+    match r["route"].as_str() {
+        Some(route) => out.push_str(&format!("matched route {route}\n")),
+        None => out.push_str(&format!("no route: {}\n", s(&r["why"]))),
+    }
+    for b in r["backends"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  → {} ({}%)\n",
+            s(&b["service"]),
+            s(&b["share_percent"])
+        ));
+    }
+    for c in v["candidates"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  {}: {}", s(&c["route"]), s(&c["verdict"])));
+        let reasons: Vec<String> = c["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if !reasons.is_empty() {
+            out.push_str(&format!(" ({})", reasons.join("; ")));
+        }
+        out.push('\n');
+    }
+    out
+}

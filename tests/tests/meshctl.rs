@@ -1,0 +1,174 @@
+//! `meshctl` against a real etcd, admin and gateway: apply the example
+//! mesh in one batch and wait for the gateway, status, diff, get, explain,
+//! history, rollback, and clear errors with field paths.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshgate_tests::*;
+use serde_json::Value;
+
+struct Ctl {
+    server: String,
+    token: String,
+}
+
+impl Ctl {
+    /// Runs meshctl; returns (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(bin("meshctl"))
+            .args(["--server", &self.server, "--token", &self.token])
+            .args(args)
+            .output()
+            .expect("run meshctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "meshctl {args:?} failed:\n{out}\n{err}");
+        out
+    }
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/mesh.yaml")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_applies_the_example_mesh_and_waits_for_every_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (_admin, base, token) = start_admin(dir.path(), &etcd.endpoint());
+    let admin = Admin {
+        base: base.clone(),
+        token: token.clone(),
+    };
+    admin.wait_up().await;
+    let gws: Vec<_> = ["gw-1", "gw-2"]
+        .iter()
+        .map(|id| {
+            start_gateway(
+                dir.path(),
+                id,
+                &["egress", "ingress"],
+                &["shop"],
+                &etcd.endpoint(),
+            )
+        })
+        .collect();
+    for (_, p) in &gws {
+        wait_ready(p.ops).await;
+    }
+    wait_until(
+        "both gateways registered",
+        Duration::from_secs(15),
+        || async {
+            admin.get("nodes").await.json()["items"]
+                .as_array()
+                .map(Vec::len)
+                == Some(2)
+        },
+    )
+    .await;
+    let ctl = Ctl {
+        server: base,
+        token,
+    };
+    let file = example();
+    let file = file.to_str().unwrap();
+
+    let out = ctl.ok(&["apply", "-f", file, "--wait", "10s"]);
+    assert!(
+        out.contains("routes    orders ") || out.contains("routes  orders"),
+        "{out}"
+    );
+    assert!(
+        out.contains("propagation: complete (applied: gw-1, gw-2; pending: )"),
+        "{out}"
+    );
+    assert_eq!(out.matches("created").count(), 9, "{out}");
+    let out = ctl.ok(&["status", "--wait", "10s"]);
+    assert!(out.contains("in sync: true"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("gw-1") && l.contains("true")),
+        "{out}"
+    );
+
+    // Applying again changes nothing.
+    assert!(ctl.ok(&["diff", "-f", file]).starts_with("no changes"));
+    assert!(ctl.ok(&["apply", "-f", file]).starts_with("no changes"));
+
+    // An edit: diff names the field, apply replaces only that object.
+    let edited = dir.path().join("mesh.yaml");
+    let text = std::fs::read_to_string(file)
+        .unwrap()
+        .replace("weight: 5}", "weight: 20}");
+    std::fs::write(&edited, text).unwrap();
+    let edited = edited.to_str().unwrap();
+    let out = ctl.ok(&["diff", "-f", edited]);
+    assert!(out.contains("~ routes/orders"), "{out}");
+    assert!(out.contains("backends"), "{out}");
+    let out = ctl.ok(&["apply", "-f", edited, "--wait", "10s"]);
+    assert!(
+        out.contains("replaced") && out.contains("8 unchanged"),
+        "{out}"
+    );
+
+    // get, as a table and as JSON.
+    let out = ctl.ok(&["get", "routes"]);
+    assert!(out.contains("mesh → orders, orders-v2"), "{out}");
+    let json: Value =
+        serde_json::from_str(&ctl.ok(&["-o", "json", "get", "services", "-l", "team=orders"]))
+            .unwrap();
+    let names: Vec<&str> = json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["orders", "orders-v2"]);
+
+    // explain runs on a gateway's router.
+    let out = ctl.ok(&["explain", "--host", "orders", "-H", "x-canary: yes"]);
+    assert!(out.contains("matched route orders-canary"), "{out}");
+    assert!(
+        out.contains("orders: matches, but a better route wins"),
+        "{out}"
+    );
+
+    // history and rollback of the edit.
+    let out = ctl.ok(&["history", "--kind", "routes", "--name", "orders"]);
+    let versions: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(versions.len(), 2, "{out}");
+    let first = versions[1];
+    ctl.ok(&["rollback", "routes", "orders", first]);
+    assert!(ctl.ok(&["diff", "-f", file]).starts_with("no changes"));
+
+    // Errors: the field path, and a non-zero exit; nothing changed.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "services:\n  broken:\n    endpoints: [{address: nowhere}]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ctl.run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("endpoints[0].address"), "{err}");
+    let (ok, _, err) = ctl.run(&["delete", "services", "orders-v2"]);
+    assert!(
+        !ok && err.contains("still referenced by routes/orders"),
+        "{err}"
+    );
+    let (ok, _, err) = ctl.run(&["get", "widgets"]);
+    assert!(!ok && err.contains("unknown config kind"), "{err}");
+    assert_eq!(admin.get("services/broken").await.status, 404);
+}
