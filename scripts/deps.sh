@@ -26,9 +26,16 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The end-to-end tests' real gRPC and WebSocket peers (tests/peers/).
+# The end-to-end tests' real gRPC and WebSocket peers (tests/peers/), and
+# schemathesis, which fuzzes the admin API from its OpenAPI document.
 if [ "${1:-}" = "--test" ]; then
   command -v python3 >/dev/null 2>&1 || { echo "python3 is required for the tests"; exit 1; }
+  if ! command -v st >/dev/null 2>&1; then
+    echo "installing: schemathesis (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check "schemathesis==4.32.5" 2>&1 \
+      | grep -v "Running pip as the 'root' user" || true
+    command -v st >/dev/null 2>&1 || { echo "schemathesis did not install (st not on PATH)"; exit 1; }
+  fi
   if ! python3 -c "import grpc, websockets" >/dev/null 2>&1; then
     echo "installing: grpcio websockets (PyPI)"
     python3 -m pip install -q --disable-pip-version-check \

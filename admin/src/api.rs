@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Path, Query};
 
 /// Answers an explain request; a standalone gateway explains in process.
 pub type Explainer = Arc<
@@ -488,7 +488,7 @@ pub async fn history(
 /// `POST /api/v1/rollback`: `{"kind", "name", "version"}` puts the object
 /// back as it was at that recorded version (or deletes it, if that version
 /// was its deletion), through the same checks as any write.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     pub kind: String,
@@ -501,8 +501,9 @@ pub async fn rollback(
     axum::Extension(caller): axum::Extension<Caller>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    Json(req): Json<RollbackRequest>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let req: RollbackRequest = decode_body(&body)?;
     let key = object_key(&req.kind, &req.name)?;
     let expect = if_match(&headers)?;
     let wait = wait_param(&params)?;
@@ -790,7 +791,7 @@ pub async fn delete(
 }
 
 /// One item of a batch (or of a validation).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
     pub op: BatchOp,
@@ -798,23 +799,25 @@ pub struct BatchItem {
     pub name: String,
     /// The spec, for `put`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::openapi::any_spec")]
     pub spec: Option<Value>,
     /// The version the object must be at (`"12"` or `12`; `"*"`: must exist).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub if_match: Option<Value>,
     /// `delete`: even when still referenced.
     #[serde(default)]
     pub force: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BatchOp {
     Put,
     Delete,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     pub items: Vec<BatchItem>,
@@ -1197,4 +1200,18 @@ pub async fn explain(
     }
     v["gateway"] = Value::String(id);
     Ok(Json(v))
+}
+
+/// Decodes a JSON request body; a problem names its field.
+fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: {}", e.inner()),
+        )
+        .field(field)
+    })
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod openapi;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +32,10 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/api/v1/nodes", get(api::nodes))
         .route("/api/v1/status", get(api::status))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .route("/api/v1/batch", post(api::batch))
         .route("/api/v1/validate", post(api::validate))
         .route("/api/v1/explain", post(api::explain))

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Labels attached to objects, for filtering and for humans.
@@ -16,7 +17,7 @@ pub type Labels = BTreeMap<String, String>;
 // === services ===
 
 /// A destination service: where its endpoints are and how to reach them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// The service group this service belongs to (its sidecars use that
@@ -63,7 +64,7 @@ pub struct Service {
 }
 
 /// A service that a service calls.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     pub service: String,
@@ -72,7 +73,7 @@ pub struct Destination {
 }
 
 /// How a sidecar reaches a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DestinationMode {
     /// Through the group's egress gateways (then the central tier).
@@ -89,7 +90,7 @@ pub enum DestinationMode {
 /// configured. An endpoint turns unhealthy after `unhealthy_threshold`
 /// failed checks in a row and healthy again after `healthy_threshold`
 /// passed ones; the first result after (re)configuration counts at once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Check with an HTTP/1.1 GET (exactly one of `http` and `tcp`).
@@ -109,7 +110,7 @@ pub struct HealthCheck {
 }
 
 /// The HTTP request of a health check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheck {
     pub path: String,
@@ -140,7 +141,7 @@ fn default_unhealthy_threshold() -> u32 {
 /// 504) times in a row is ejected for `base_ejection_ms` × the number of
 /// times it has been ejected, at most `max_ejection_ms`; never more than
 /// `max_ejection_percent` of the endpoints at once (but always at least one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     #[serde(default = "default_consecutive")]
@@ -183,7 +184,7 @@ fn default_max_ejection_percent() -> u32 {
 /// Per-service limits of one gateway process. A request over a limit is
 /// answered at once with 503 `x-mesh-error: circuit_open`; a retry over
 /// `max_retries` is not made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Open HTTP/1.1 connections to the service's endpoints.
@@ -203,7 +204,7 @@ pub struct CircuitBreaker {
 /// When and how often a failed request is tried again, on another
 /// endpoint. A refused connection is always tried elsewhere (nothing was
 /// sent); this policy covers what happens after a request was sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Retries after the first attempt (0..=10).
@@ -231,7 +232,7 @@ pub struct RetryPolicy {
 /// A retry budget (linkerd2-proxy's): over a 10-second window, retries may
 /// add at most `percent` % of the requests, plus `min_per_s` per second, so
 /// that retries cannot multiply an outage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
     #[serde(default = "default_budget_percent")]
@@ -263,7 +264,7 @@ fn default_budget_min() -> u32 {
 }
 
 /// One endpoint of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// `host:port`; the host is an IP address or a DNS name.
@@ -286,7 +287,7 @@ fn default_weight() -> u32 {
 }
 
 /// Upstream protocol of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -297,7 +298,7 @@ pub enum Protocol {
 }
 
 /// Load-balancing policy of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     /// Smooth weighted round robin (nginx's algorithm).
@@ -315,7 +316,7 @@ pub enum LoadBalancing {
 }
 
 /// The request value a consistent-hash service hashes (exactly one).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HashOn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -328,7 +329,7 @@ pub struct HashOn {
 }
 
 /// Timeouts in milliseconds. `None` means the process default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// Time to establish a TCP connection to an endpoint.
@@ -351,7 +352,7 @@ pub struct Timeouts {
 // === routes ===
 
 /// Which listeners a route applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// North–south traffic on ingress listeners.
@@ -362,7 +363,7 @@ pub enum Scope {
 }
 
 /// A route: which requests it matches and where they go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     #[serde(default)]
@@ -404,7 +405,7 @@ pub struct Route {
 /// An L4 route: a TCP port on the ingress gateways whose connections are
 /// proxied, byte for byte, to a service's endpoints (load balancing,
 /// health checks, outlier ejection and connect fail-over as for HTTP).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpRoute {
     /// The port listened on, on the ingress listener's address.
@@ -415,7 +416,7 @@ pub struct TcpRoute {
 }
 
 /// What a route matches. Every given condition must hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// Host names (without port), lower case. Empty = any host.
@@ -435,7 +436,7 @@ pub struct RouteMatch {
 
 /// A path condition: exactly one of the fields. `regex` must match the
 /// whole path (it is anchored).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,7 +451,7 @@ pub struct PathMatch {
 /// `present: true`) the header must be present; `present: false` means it
 /// must be absent; `exact` and `regex` (anchored) constrain the value: any
 /// one of the header's values matching is enough.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
     pub name: String,
@@ -466,7 +467,7 @@ pub struct ValueMatch {
 pub type HeaderMatch = ValueMatch;
 
 /// Backends for requests matching conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRule {
     #[serde(rename = "match", default)]
@@ -475,7 +476,7 @@ pub struct BackendRule {
 }
 
 /// The request conditions of a backend rule (all must hold).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RuleMatch {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -485,7 +486,7 @@ pub struct RuleMatch {
 }
 
 /// What a sticky choice hashes: exactly one of a header and a cookie.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sticky {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -495,7 +496,7 @@ pub struct Sticky {
 }
 
 /// Request and response rewrites of a route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Rewrite {
     /// Replaces the matched `match.path.prefix` (`/` strips it).
@@ -511,7 +512,7 @@ pub struct Rewrite {
 }
 
 /// Header changes: `remove` first, then `set` (replacing any value).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderEdits {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -527,7 +528,7 @@ impl HeaderEdits {
 }
 
 /// A backend of a route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub service: String,
@@ -536,7 +537,7 @@ pub struct Backend {
 }
 
 /// A response generated by the gateway itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponse {
     pub status: u16,
@@ -549,7 +550,7 @@ pub struct DirectResponse {
 // === groups ===
 
 /// A service group: its services' sidecars share the group's egress gateways.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -565,7 +566,7 @@ pub struct Group {
 // === runtime kinds ===
 
 /// What kind of process a node is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeKind {
     Gateway,
@@ -584,7 +585,9 @@ impl NodeKind {
 }
 
 /// A gateway role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Ingress,
@@ -594,7 +597,7 @@ pub enum Role {
 
 /// A live process, registered by itself under a lease
 /// (`nodes/<kind>/<id>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub kind: NodeKind,
@@ -623,7 +626,7 @@ pub struct Node {
 }
 
 /// An app instance registered by its sidecar (`instances/<service>/<id>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {
     pub address: String,
@@ -647,7 +650,7 @@ pub fn now_ms() -> u64 {
 
 /// A request to explain (`POST /api/v1/explain`, answered by a gateway's
 /// router over its applied config).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExplainRequest {
     /// `mesh` (default: from sidecars, by service name) or `ingress`.

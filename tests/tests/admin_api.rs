@@ -659,3 +659,67 @@ async fn explain_names_the_route_its_backends_and_why_others_lost() {
         .await;
     assert_eq!(r.status, 400, "{r:?}");
 }
+
+/// schemathesis fuzzes every operation of the OpenAPI document against a
+/// real etcd, with a bounded number of examples: no 5xx, and no answer
+/// that contradicts the document (status, content type, schema).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let c = cluster().await;
+    let a = &c.admin;
+    assert_eq!(
+        a.put("services/orders", &svc(9001, json!({"team": "a"})))
+            .await
+            .status,
+        201
+    );
+    // explain needs a live gateway of each scope.
+    let (_gw, ports) = start_gateway(
+        c.dir.path(),
+        "gw-st",
+        &["egress", "ingress"],
+        &["shop"],
+        &c.etcd.endpoint(),
+    );
+    wait_ready(ports.ops).await;
+    wait_until(
+        "the gateway is registered",
+        Duration::from_secs(15),
+        || async {
+            a.get("nodes").await.json()["items"]
+                .as_array()
+                .is_some_and(|n| !n.is_empty())
+        },
+    )
+    .await;
+    let out = tokio::process::Command::new("st")
+        .args([
+            "run",
+            &format!("{}/api/v1/openapi.json", a.base),
+            "--url",
+            &a.base,
+            "-H",
+            &format!("Authorization: Bearer {}", a.token),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "15",
+            "--seed",
+            "1",
+            "--generation-deterministic",
+            "--workers",
+            "2",
+            "--no-color",
+        ])
+        .current_dir(c.dir.path())
+        .output()
+        .await
+        .expect("schemathesis (`st`) is installed by scripts/deps.sh --test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("passed"), "{stdout}");
+}
