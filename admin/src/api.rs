@@ -40,6 +40,8 @@ pub struct AdminState {
     pub tokens: Arc<crate::auth::Tokens>,
     /// `None`: explain requests go to a live gateway's ops port.
     pub explainer: Option<Explainer>,
+    /// Change-log entries kept (default [`HISTORY_LIMIT`]).
+    pub history_limit: usize,
 }
 
 fn config_kind(kind: &str) -> Result<Kind, ApiError> {
@@ -359,9 +361,11 @@ async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Opti
             for p in plans {
                 tracing::info!(object = %p.key, result = p.result(), version = revision, by = %caller.name, "config written");
             }
-            // Trimming reads the whole log: every TRIM_EVERY commits only.
+            // Trimming reads the whole log: every few commits only (at
+            // most a twentieth of the limit, so the excess stays small).
             static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            if COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % TRIM_EVERY == 0 {
+            let every = (st.history_limit as u64 / 20).clamp(1, TRIM_EVERY);
+            if COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % every == 0 {
                 let st = st.clone();
                 tokio::spawn(async move { trim_history(&st).await });
             }
@@ -371,9 +375,9 @@ async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Opti
     }
 }
 
-/// Change-log entries kept (the oldest go first). The log is trimmed every
-/// [`TRIM_EVERY`] commits of an admin process, so it may briefly hold that
-/// many more per process.
+/// Change-log entries kept by default (the oldest go first). The log is
+/// trimmed every few commits (at most [`TRIM_EVERY`]) of an admin process,
+/// so it may briefly hold that many more per process.
 pub const HISTORY_LIMIT: usize = 1000;
 const TRIM_EVERY: u64 = 50;
 
@@ -416,15 +420,15 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
-/// Deletes the oldest change-log entries beyond [`HISTORY_LIMIT`].
+/// Deletes the oldest change-log entries beyond the state's limit.
 async fn trim_history(st: &AdminState) {
     let Ok(r) = st.store.range(&Kind::History.prefix()).await else {
         return;
     };
-    if r.entries.len() <= HISTORY_LIMIT {
+    if r.entries.len() <= st.history_limit {
         return;
     }
-    let extra = r.entries.len() - HISTORY_LIMIT;
+    let extra = r.entries.len() - st.history_limit;
     let ops = r.entries[..extra]
         .iter()
         .map(|e| Op::Delete { key: e.key.clone() })

@@ -52,6 +52,14 @@ pub fn router(state: AdminState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method (see /api/v1/openapi.json)",
+            )
+            .into_response()
+        })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -103,5 +111,6 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
         store,
         tokens: Arc::new(tokens),
         explainer: None,
+        history_limit: api::HISTORY_LIMIT,
     }
 }

@@ -28,6 +28,13 @@ struct AdminConfig {
     /// YAML file of bearer tokens; required unless `listen` is loopback.
     #[serde(default)]
     token_file: Option<PathBuf>,
+    /// Change-log entries kept (default 1000).
+    #[serde(default = "default_history_limit")]
+    history_limit: usize,
+}
+
+fn default_history_limit() -> usize {
+    meshgate_admin::api::HISTORY_LIMIT
 }
 
 #[tokio::main]
@@ -38,15 +45,23 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let cfg: AdminConfig = node::load_checked(&args.config, |c: &AdminConfig| c.store.problems())?;
+    let cfg: AdminConfig = node::load_checked(&args.config, |c: &AdminConfig| {
+        let mut p = c.store.problems();
+        if !(1..=100_000).contains(&c.history_limit) {
+            p.push(("history_limit".into(), "must be from 1 to 100000".into()));
+        }
+        p
+    })?;
     let tokens = match &cfg.token_file {
         Some(p) => meshgate_admin::Tokens::load(p)?,
         None => meshgate_admin::Tokens::default(),
     };
     meshgate_admin::check_listen(cfg.listen, &tokens)?;
     let store = cfg.store.open().await?;
-    let app = meshgate_admin::router(meshgate_admin::state(store, tokens))
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let mut state = meshgate_admin::state(store, tokens);
+    state.history_limit = cfg.history_limit;
+    let app =
+        meshgate_admin::router(state).route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| {

@@ -721,6 +721,15 @@ pub fn start_sidecar_with(
 
 /// Starts `meshgate-admin` with a token; returns (proc, base url, token).
 pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
+    start_admin_with(dir, etcd, serde_json::json!({}))
+}
+
+/// [`start_admin`] with more config fields (`extra`, an object).
+pub fn start_admin_with(
+    dir: &Path,
+    etcd: &str,
+    extra: serde_json::Value,
+) -> (Proc, String, String) {
     let port = free_port();
     let token = "test-token-0123456789abcdef".to_string();
     let tokens = dir.join("tokens.yaml");
@@ -729,11 +738,14 @@ pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
         format!("tokens:\n  - name: tests\n    token: {token}\n    role: admin\n  - name: reader\n    token: viewer-token-0123456789\n    role: viewer\n"),
     )
     .unwrap();
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "listen": addr(port),
         "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
         "token_file": tokens,
     });
+    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        cfg.extend(extra.clone());
+    }
     let p = spawn_with_config(dir, "admin", "meshgate-admin", &cfg);
     (p, format!("http://127.0.0.1:{port}"), token)
 }

@@ -723,3 +723,47 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     assert!(stdout.contains("passed"), "{stdout}");
 }
+
+/// The change log keeps the newest `history_limit` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (_p, base, token) =
+        start_admin_with(dir.path(), &etcd.endpoint(), json!({"history_limit": 5}));
+    let a = Admin { base, token };
+    a.wait_up().await;
+    assert_eq!(a.put("groups/shop", &json!({})).await.status, 201);
+    let mut last = 0;
+    for i in 0..12 {
+        let r = a
+            .put("groups/shop", &json!({"description": format!("v{i}")}))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        last = r.json()["version"].as_i64().unwrap();
+    }
+    wait_until(
+        "the log trimmed to 5 entries",
+        Duration::from_secs(10),
+        || async {
+            a.get("history").await.json()["items"]
+                .as_array()
+                .map(Vec::len)
+                == Some(5)
+        },
+    )
+    .await;
+    let h = a.get("history").await.json();
+    assert_eq!(
+        h["items"][0]["version"], last,
+        "the newest entry is kept: {h}"
+    );
+    assert_eq!(h["items"][0]["changes"][0]["after"]["description"], "v11");
+    // A wrong method gets the JSON error shape too.
+    let r = a.call("POST", "groups/shop", "{}", &[]).await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (405, json!("method_not_allowed")),
+        "{r:?}"
+    );
+}
