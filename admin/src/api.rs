@@ -123,6 +123,23 @@ pub struct ListParams {
     selector: Option<String>,
 }
 
+/// Most items a page may hold.
+const MAX_PAGE: usize = 1000;
+
+/// The `limit` parameter: `default` when absent, 1 to [`MAX_PAGE`].
+fn page_limit(limit: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("limit must be from 1 to {MAX_PAGE}"),
+        )
+        .field("limit"));
+    }
+    Ok(limit)
+}
+
 /// `GET /api/v1/{kind}`: objects in name order, a page at a time, read at
 /// one store revision.
 pub async fn list(
@@ -131,15 +148,7 @@ pub async fn list(
     Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     let kind = config_kind(&kind)?;
-    let limit = params.limit.unwrap_or(500);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            "limit must be from 1 to 1000",
-        )
-        .field("limit"));
-    }
+    let limit = page_limit(params.limit, 500)?;
     let mut selector = Vec::new();
     for pair in params.selector.iter().flat_map(|s| s.split(',')) {
         match pair.split_once('=') {
@@ -452,15 +461,7 @@ pub async fn history(
     State(st): State<AdminState>,
     Query(p): Query<HistoryParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = p.limit.unwrap_or(100);
-    if !(1..=HISTORY_LIMIT).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            format!("limit must be from 1 to {HISTORY_LIMIT}"),
-        )
-        .field("limit"));
-    }
+    let limit = page_limit(p.limit, 100)?;
     if let Some(k) = &p.kind {
         config_kind(k)?;
     }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meshgate_config::model::now_ms;
 use meshgate_config::model::DestinationMode;
@@ -252,11 +253,15 @@ impl Forwarder {
                     )
                     .await;
                 let resp = tag_tier(resp, "direct");
-                if !(self.moves_on(&resp, retryable) && body.replayable()) {
-                    return (resp, dest, "direct");
+                match self.settle(resp, retryable && body.replayable()).await {
+                    Ok(resp) if !(self.moves_on(&resp, retryable) && body.replayable()) => {
+                        return (resp, dest, "direct");
+                    }
+                    Ok(resp) => last_error = Some((resp, "direct")),
+                    Err(error) => {
+                        tracing::debug!(service = %dest, %error, "endpoint broke off its answer; next tier")
+                    }
                 }
-                tracing::debug!(service = %dest, "direct tier failed; next tier");
-                last_error = Some((resp, "direct"));
             }
         }
         for tier in tiers {
@@ -306,6 +311,18 @@ impl Forwarder {
                         let (mut rp, rb) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rp.headers);
                         let resp = tag_tier(Response::from_parts(rp, rb), tier.name);
+                        // A small answer to a request that may be sent
+                        // again is read whole first: a member dying
+                        // mid-body then costs a retry, not a broken body.
+                        let resp = match self.settle(resp, retryable && body.replayable()).await {
+                            Ok(r) => r,
+                            Err(error) => {
+                                tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway broke off its answer; next member");
+                                member.on_failure();
+                                tried.push(member);
+                                continue;
+                            }
+                        };
                         if self.moves_on(&resp, retryable) && body.replayable() {
                             // The tier itself failed: try the next tier.
                             tracing::debug!(tier = tier.name, member = %member.address, "gateway error; next tier");
@@ -513,6 +530,36 @@ impl Forwarder {
                 .inc();
         }
         member.on_failure();
+    }
+
+    /// When `may_resend`, reads an answer whose announced body fits the
+    /// replay buffer into memory, so that a body broken off by a dying
+    /// member is found here, where the request can still be sent again.
+    /// Streams (no length, or larger) pass through untouched.
+    async fn settle(
+        &self,
+        resp: Response<ProxyBody>,
+        may_resend: bool,
+    ) -> Result<Response<ProxyBody>, String> {
+        let small = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n <= self.replay_buffer_bytes);
+        if !may_resend || !small || hyper::body::Body::is_end_stream(resp.body()) {
+            return Ok(resp);
+        }
+        let (parts, body) = resp.into_parts();
+        let read = tokio::time::timeout(self.request_timeout, body.collect());
+        match read.await {
+            Ok(Ok(c)) => Ok(Response::from_parts(
+                parts,
+                meshgate_gateway::body::full(http_body_util::Full::new(c.to_bytes())),
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("body not complete within the request timeout".into()),
+        }
     }
 
     /// Whether a tier's answer moves the request to the next tier: a mesh

@@ -179,6 +179,13 @@ impl Proc {
         }
     }
 
+    /// The last `n` lines of the process's log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -329,7 +336,11 @@ pub async fn http(
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("{e} ({e:?})"))?
+        .to_bytes();
     Ok(Resp {
         status: parts.status.as_u16(),
         headers: parts.headers,

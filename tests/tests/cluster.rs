@@ -139,9 +139,10 @@ async fn killing_an_egress_gateway_under_load_fails_no_request() {
     let failures = failed.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
-        "{} failed requests, first: {:?}",
+        "{} failed requests, first: {:?}\n--- sidecar log ---\n{}",
         failures.len(),
-        failures.first()
+        failures.first(),
+        m.sidecar.0.log_tail(80)
     );
     // The dead member's lease expires and the sidecar drops it.
     m.wait_group_members(1).await;

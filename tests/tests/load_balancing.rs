@@ -56,9 +56,13 @@ async fn slow_and_fast(policy: &str) {
     );
     assert_eq!(s + f, 400, "{by:?}");
     // Round robin would give the slow endpoint 200. Steering keeps it to a
-    // small share (each of its answers takes 100 ms while fast ones take
-    // well under 1 ms).
-    assert!(s <= 40, "{policy}: slow endpoint served {s} of 400: {by:?}");
+    // small share: each of its answers takes 100 ms while fast ones take
+    // well under 1 ms. How small depends on how busy the machine is (a
+    // slower fast endpoint holds more requests in flight, so the slow one
+    // is picked more often; 44 was seen under a parallel test run), so
+    // the bound is 40% of round robin's share: far from what an unsteered
+    // policy gives, and clear of the machine's noise.
+    assert!(s <= 80, "{policy}: slow endpoint served {s} of 400: {by:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
