@@ -541,9 +541,21 @@ pub async fn rollback(
             plan_put(&st, key, &spec, expect, &Overlay::new()).await?
         }
     };
-    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
-        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
-        None => Err(conflict(&st, &plan, expect).await),
+    commit_one(&st, &caller, &plan, expect, wait).await
+}
+
+/// Commits one planned write and answers it (or says what changed
+/// meanwhile).
+async fn commit_one(
+    st: &AdminState,
+    caller: &Caller,
+    plan: &Plan,
+    expect: Option<IfMatch>,
+    wait: Option<Duration>,
+) -> Result<Response, ApiError> {
+    match commit(st, caller, std::slice::from_ref(plan)).await? {
+        Some(revision) => Ok(written(st, plan, revision, wait).await),
+        None => Err(conflict(st, plan, expect).await),
     }
 }
 
@@ -678,11 +690,7 @@ async fn gateway_revisions(st: &AdminState) -> Result<Vec<(String, i64)>, ApiErr
         .iter()
         .filter_map(|e| {
             let n: Node = decode_json(&e.key, &e.value).ok()?;
-            let id = e
-                .key
-                .name
-                .split_once('/')
-                .map_or(&*e.key.name, |(_, id)| id);
+            let id = e.key.node_id();
             Some((id.to_string(), n.applied_revision))
         })
         .collect())
@@ -701,10 +709,7 @@ pub async fn put(
     let wait = wait_param(&params)?;
     let spec = spec_from_body(&key, &body)?;
     let plan = plan_put(&st, key, &spec, expect, &Overlay::new()).await?;
-    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
-        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
-        None => Err(conflict(&st, &plan, expect).await),
-    }
+    commit_one(&st, &caller, &plan, expect, wait).await
 }
 
 /// JSON merge patch (RFC 7396) of an object's spec. The patch applies to
@@ -789,10 +794,7 @@ pub async fn delete(
     let expect = if_match(&headers)?;
     let wait = wait_param(&params)?;
     let plan = plan_delete(&st, key, expect, params.force, &Overlay::new()).await?;
-    match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
-        Some(revision) => Ok(written(&st, &plan, revision, wait).await),
-        None => Err(conflict(&st, &plan, expect).await),
-    }
+    commit_one(&st, &caller, &plan, expect, wait).await
 }
 
 /// One item of a batch (or of a validation).
@@ -1009,11 +1011,7 @@ pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiErro
         .iter()
         .filter_map(|e| {
             let n: Node = decode_json(&e.key, &e.value).ok()?;
-            let id = e
-                .key
-                .name
-                .split_once('/')
-                .map_or(&*e.key.name, |(_, id)| id);
+            let id = e.key.node_id();
             let in_sync = n.kind != NodeKind::Gateway || n.applied_revision >= config_revision;
             Some(json!({
                 "id": id,
@@ -1054,11 +1052,7 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
         .filter_map(|e| {
             let node: Node = decode_json(&e.key, &e.value).ok()?;
             let mut v = serde_json::to_value(node).ok()?;
-            let id = e
-                .key
-                .name
-                .split_once('/')
-                .map_or(&*e.key.name, |(_, id)| id);
+            let id = e.key.node_id();
             v["id"] = Value::String(id.to_string());
             Some(v)
         })
@@ -1164,11 +1158,7 @@ pub async fn explain(
             let n: Node = decode_json(&e.key, &e.value).ok()?;
             let ops = n.admin_address.clone()?;
             n.roles.iter().any(|r| wanted.contains(r)).then(|| {
-                let id = e
-                    .key
-                    .name
-                    .split_once('/')
-                    .map_or(&*e.key.name, |(_, id)| id);
+                let id = e.key.node_id();
                 (n.applied_revision, id.to_string(), ops)
             })
         })

@@ -117,6 +117,17 @@ impl Key {
     }
 }
 
+impl Key {
+    /// A node record's id (`gw-1` of `nodes/gateway/gw-1`); the name
+    /// itself for other kinds.
+    pub fn node_id(&self) -> &str {
+        match self.kind {
+            Kind::Nodes => self.name.split_once('/').map_or(&*self.name, |(_, id)| id),
+            _ => &self.name,
+        }
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.kind.as_str(), self.name)

@@ -268,9 +268,9 @@ impl Apply for PolicyCompiler {
             gateway_revisions: self
                 .gateways
                 .iter()
-                .map(|(id, n)| {
-                    let id = id.split_once('/').map_or(id.as_str(), |(_, id)| id);
-                    (id.to_string(), n.applied_revision)
+                .map(|(name, n)| {
+                    let id = Key::new(Kind::Nodes, name.clone()).node_id().to_string();
+                    (id, n.applied_revision)
                 })
                 .collect(),
             destinations: self

@@ -657,6 +657,13 @@ pub fn start_gateway(
 }
 
 /// Writes `cfg` as `<name>.yaml` in `dir` and starts `binary --config` on it.
+/// Sets every top-level field of `extra` (an object) on `cfg`.
+fn overlay(cfg: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(cfg), serde_json::Value::Object(extra)) = (cfg.as_object_mut(), extra) {
+        cfg.extend(extra);
+    }
+}
+
 fn spawn_with_config(dir: &Path, name: &str, binary: &str, cfg: &serde_json::Value) -> Proc {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(cfg).unwrap()).unwrap();
@@ -721,11 +728,7 @@ pub fn start_sidecar_with(
         "snapshot_file": dir.join(format!("{id}.snapshot.json")),
         "lease_ttl_s": 5,
     });
-    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            cfg.insert(k.clone(), v.clone());
-        }
-    }
+    overlay(&mut cfg, extra);
     let p = spawn_with_config(dir, id, "lite-sidecar", &cfg);
     (p, ports)
 }
@@ -754,9 +757,7 @@ pub fn start_admin_with(
         "store": {"etcd": {"endpoints": [etcd], "timeout_ms": 1000}},
         "token_file": tokens,
     });
-    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-        cfg.extend(extra.clone());
-    }
+    overlay(&mut cfg, extra);
     let p = spawn_with_config(dir, "admin", "meshgate-admin", &cfg);
     (p, format!("http://127.0.0.1:{port}"), token)
 }
