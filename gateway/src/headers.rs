@@ -23,36 +23,84 @@ pub fn marked_retryable(h: &HeaderMap) -> bool {
 }
 
 /// Headers that apply to one connection only and are never forwarded
-/// (`te: trailers` is kept: gRPC needs it end to end).
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// (`te` is judged by its value: `te: trailers` is kept, gRPC needs it end
+/// to end).
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
 ];
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
+///
+/// Runs on every request and every response, and most carry none or only
+/// `Connection`: one pass over the names decides, and only the headers
+/// present are removed (a `HeaderMap::remove` hashes its name even when
+/// the header is absent).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).cloned() {
-        if let Ok(s) = conn.to_str() {
-            for name in s.split(',') {
-                let name = name.trim();
-                if !name.is_empty() {
-                    h.remove(name);
+    let mut connection = false;
+    let mut present = [false; 8];
+    let mut te = false;
+    for name in h.keys() {
+        match hop_index(name.as_str()) {
+            Some(i) => {
+                present[i] = true;
+                connection |= i == 0;
+            }
+            None => te |= name == header::TE,
+        }
+    }
+    if connection {
+        // Other headers `Connection` names (the fixed ones go below).
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(header::CONNECTION) {
+            for token in v.to_str().unwrap_or_default().split(',') {
+                let token = token.trim();
+                let fixed = HOP_BY_HOP
+                    .iter()
+                    .any(|n| n.as_str().eq_ignore_ascii_case(token));
+                if token.is_empty() || fixed {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
                 }
             }
         }
+        for n in named {
+            h.remove(n);
+        }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         h.remove(name);
     }
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+    if te && h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
     }
-    h.remove(header::UPGRADE);
-    h.remove(header::TRAILER);
+}
+
+/// The index in [`HOP_BY_HOP`] of a (lower-case) header name. A string
+/// match (length, then bytes) costs a few instructions; comparing
+/// `HeaderName`s one by one does not.
+fn hop_index(name: &str) -> Option<usize> {
+    let i = match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "trailer" => 7,
+        _ => return None,
+    };
+    debug_assert_eq!(HOP_BY_HOP[i], name);
+    Some(i)
 }
 
 /// [`strip_hop_by_hop`] for an upgrade request: `Connection: upgrade` and
@@ -264,11 +312,32 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("close, x-secret"),
         );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
         h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-keep"));
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
+
+        // Nothing hop-by-hop: nothing changes; `te: trailers` stays.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        // Only proxy headers, no `Connection`.
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }

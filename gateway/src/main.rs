@@ -5,11 +5,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// mimalloc: glibc's malloc returns freed pages to the kernel and faults
-/// them back in under steady request load (measured: one page fault per
-/// ~5 proxied requests); mimalloc keeps per-thread free lists and does not.
+/// mimalloc, see [`meshgate_gateway::alloc`].
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::MeshAlloc;
 use meshgate_config::model::Role;
 use meshgate_config::node::{exit_on_error, StoreConfig};
 use meshgate_gateway::process::{EmbeddedAdmin, GatewayConfig};

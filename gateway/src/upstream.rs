@@ -1,15 +1,16 @@
 //! HTTP/1.1 upstream connections, pooled per endpoint.
 //!
-//! Each endpoint keeps its idle keep-alive connections (hyper's low-level
-//! `SendRequest` handles) in a small LIFO stack. The request path checks
-//! one out, or connects; the response body hands the connection back when
-//! it has been read to the end, so a connection is never shared by two
-//! exchanges. Compared with hyper-util's pooled client this skips the
-//! per-request pool-key hashing, the connector service and the checkout
-//! futures, and it lets the caller tell the three ways a send can fail:
-//! no connection (safe to try elsewhere), a pooled connection that turned
-//! out closed before the request was written (retried here on a fresh
-//! one, invisibly), and a failure after the request was written.
+//! Each endpoint keeps its idle keep-alive connections ([`h1::Conn`]) in a
+//! small LIFO stack. The request path checks one out, or connects, and
+//! runs the exchange on it from its own task ([`crate::h1`]); the response
+//! body hands the connection back when it has been read to the end, so a
+//! connection is never shared by two exchanges. Compared with hyper-util's
+//! pooled client this skips the per-request pool-key hashing, the
+//! connector service, the checkout futures and hyper's per-connection
+//! task, and it lets the caller tell the ways a send can fail: no
+//! connection (safe to try elsewhere), the connection limit, and a failure
+//! after the request was (or may have been) written. A pooled connection
+//! the peer has closed is noticed at checkout and skipped.
 //!
 //! HTTP/2 upstreams use the shared multiplexing client in [`crate::client`].
 //! [`attempt`] is one try of a request on one endpoint over either wire,
@@ -23,13 +24,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::EndpointState;
 use crate::body::ProxyBody;
 use crate::client::{HttpClient, Wire};
+use crate::h1::{Conn, Exchange};
 use crate::proxy::root_cause;
 use crate::resilience::{self, ConnLimit, ConnSlot, Overflow};
 
@@ -38,12 +40,10 @@ const MAX_IDLE: usize = 256;
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-type Sender = http1::SendRequest<ProxyBody>;
-
 /// The idle HTTP/1.1 connections of one endpoint.
 #[derive(Default)]
 pub struct H1Pool {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
     /// Woken when a connection comes back idle (for requests waiting under
     /// a connection limit).
     released: tokio::sync::Notify,
@@ -66,7 +66,7 @@ pub enum SendError {
     /// The service's connection limit refused it: nothing was sent.
     Overflow(Overflow, Box<Request<ProxyBody>>),
     /// The exchange failed; the request may have been (partly) sent.
-    Exchange(hyper::Error),
+    Exchange(std::io::Error),
 }
 
 impl std::fmt::Display for SendError {
@@ -74,7 +74,7 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
             SendError::Overflow(o, _) => write!(f, "{} reached", o.as_str()),
-            SendError::Exchange(e) => write!(f, "{}", root_cause(e)),
+            SendError::Exchange(e) => write!(f, "{e}"),
         }
     }
 }
@@ -84,28 +84,23 @@ impl H1Pool {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<Sender> {
+    fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
-        while let Some((tx, since)) = idle.pop() {
-            if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(tx);
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.usable_when_idle() {
+                return Some(conn);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response was read to the end. Its
-    /// connection task may not have noticed yet, so readiness is awaited
-    /// at checkout, not checked here.
-    fn put(&self, tx: Sender) {
-        if tx.is_closed() {
-            return;
-        }
+    /// Returns a connection whose last response was read to the end.
+    fn put(&self, conn: Conn) {
         let mut idle = self.lock();
         // Drop the oldest when full or expired (the bottom of the stack).
         if idle.len() >= MAX_IDLE
@@ -115,19 +110,19 @@ impl H1Pool {
         {
             idle.remove(0);
         }
-        idle.push((tx, Instant::now()));
+        idle.push((conn, Instant::now()));
         drop(idle);
         self.released.notify_waiters();
     }
 
     /// A new connection slot under `limit`: at once when one is free, else
     /// after waiting (as one of at most `max_pending` requests) for a
-    /// connection of this endpoint to come back idle (`Err(Some(tx))`) or
+    /// connection of this endpoint to come back idle (`Err(conn)`) or
     /// for any connection of the service to close.
     async fn slot_or_idle(
         &self,
         limit: &ConnLimit<'_>,
-    ) -> Result<Result<ConnSlot, Sender>, Overflow> {
+    ) -> Result<Result<ConnSlot, Conn>, Overflow> {
         if let Some(s) = resilience::try_open(limit) {
             return Ok(Ok(s));
         }
@@ -143,8 +138,8 @@ impl H1Pool {
             tokio::pin!(released, freed);
             released.as_mut().enable();
             freed.as_mut().enable();
-            if let Some(tx) = self.checkout() {
-                return Ok(Err(tx));
+            if let Some(conn) = self.checkout() {
+                return Ok(Err(conn));
             }
             if let Some(s) = resilience::try_open(limit) {
                 return Ok(Ok(s));
@@ -156,34 +151,6 @@ impl H1Pool {
         }
     }
 
-    async fn connect(
-        address: &str,
-        timeout: Duration,
-        slot: Option<ConnSlot>,
-    ) -> Result<Sender, std::io::Error> {
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("connect timed out after {} ms", timeout.as_millis()),
-                )
-            })??;
-        stream.set_nodelay(true)?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with error");
-            }
-            // The connection is gone: its slot under the limit is free.
-            drop(slot);
-        });
-        Ok(tx)
-    }
-
     /// Sends `req` (origin-form URI, `Host` header set) to `address`,
     /// reusing an idle connection when there is one. Under a connection
     /// `limit`, a new connection is opened only while the service is under
@@ -193,59 +160,40 @@ impl H1Pool {
         address: &str,
         connect_timeout: Duration,
         limit: Option<ConnLimit<'_>>,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        // A pooled connection can have been closed by the peer just now;
-        // its request comes back unsent and goes on a fresh connection.
-        let mut pooled = self.checkout();
-        loop {
-            let fresh = pooled.is_none();
-            let mut tx = match pooled.take() {
-                Some(mut tx) => {
-                    if tx.ready().await.is_err() {
-                        // Closed while idle: connect instead.
-                        pooled = self.checkout();
-                        continue;
-                    }
-                    tx
+        let conn = match self.checkout() {
+            Some(conn) => conn,
+            None => {
+                let slot = match &limit {
+                    None => None,
+                    Some(l) => match self.slot_or_idle(l).await {
+                        Ok(Ok(slot)) => Some(slot),
+                        Ok(Err(idle)) => return self.exchange(idle, req).await,
+                        Err(o) => return Err(SendError::Overflow(o, Box::new(req))),
+                    },
+                };
+                match Conn::connect(address, connect_timeout, slot).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
                 }
-                None => {
-                    let slot = match &limit {
-                        None => None,
-                        Some(l) => match self.slot_or_idle(l).await {
-                            Ok(Ok(slot)) => Some(slot),
-                            Ok(Err(idle)) => {
-                                pooled = Some(idle);
-                                continue;
-                            }
-                            Err(o) => return Err(SendError::Overflow(o, Box::new(req))),
-                        },
-                    };
-                    match Self::connect(address, connect_timeout, slot).await {
-                        Ok(tx) => tx,
-                        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-                    }
-                }
-            };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let (parts, body) = resp.into_parts();
-                    let done = body.is_end_stream();
-                    let mut body = UpstreamBody {
-                        inner: body,
-                        release: Some((tx, self.clone())),
-                    };
-                    if done {
-                        body.release();
-                    }
-                    return Ok(Response::from_parts(parts, body));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh => req = back,
-                    _ => return Err(SendError::Exchange(e.into_error())),
-                },
             }
-        }
+        };
+        self.exchange(conn, req).await
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        conn: Conn,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let (parts, exchange) = conn.send(req).await.map_err(SendError::Exchange)?;
+        let mut body = UpstreamBody {
+            exchange,
+            pool: self.clone(),
+        };
+        body.release();
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -322,7 +270,7 @@ pub async fn attempt(
                     Err(Attempt::Connect(e.to_string(), Some(back)))
                 }
                 Ok(Err(SendError::Overflow(o, _))) => Err(Attempt::Overflow(o)),
-                Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(root_cause(&e))),
+                Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(e.to_string())),
                 Err(_) => Err(Attempt::Timeout),
             }
         }
@@ -426,14 +374,14 @@ async fn switch(
 /// its pool once the body has been read to the end. A body dropped early
 /// closes its connection instead (its remaining bytes are unread).
 pub struct UpstreamBody {
-    inner: Incoming,
-    release: Option<(Sender, Arc<H1Pool>)>,
+    exchange: Exchange,
+    pool: Arc<H1Pool>,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some((tx, pool)) = self.release.take() {
-            pool.put(tx);
+        if let Some(conn) = self.exchange.take_idle() {
+            self.pool.put(conn);
         }
     }
 }
@@ -446,28 +394,28 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.release = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let r = self.exchange.poll_frame(cx);
+        if r.is_ready() {
+            self.release();
         }
         r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.exchange.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.exchange.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 

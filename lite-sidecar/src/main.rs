@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// mimalloc: glibc's malloc returns freed pages to the kernel and faults
-/// them back in under steady request load (measured: one page fault per
-/// ~5 proxied requests); mimalloc keeps per-thread free lists and does not.
+/// mimalloc, see [`meshgate_gateway::alloc`].
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::MeshAlloc;
 use http::HeaderValue;
 use meshgate_config::model::{now_ms, Node, NodeKind};
 use meshgate_config::node;

@@ -358,7 +358,8 @@ pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<Resp, Strin
 /// counting the requests it served (`/healthz` requests are counted apart).
 ///
 /// Paths: `/status/<code>` answers that status, `/delay/<ms>` waits first,
-/// `/stall` sends its headers and one chunk and then nothing more.
+/// `/stall` sends its headers and one chunk and then nothing more, `/echo`
+/// answers the request body, chunked.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -471,6 +472,20 @@ impl Backend {
                                     .unwrap_or(200),
                                 s => s,
                             };
+                            if path == "/echo" {
+                                // The request body back, framed chunked
+                                // (a stream of unknown length).
+                                let chunks = futures::stream::iter([Ok::<_, Infallible>(
+                                    hyper::body::Frame::data(body),
+                                )]);
+                                return Ok(http::Response::builder()
+                                    .status(status)
+                                    .header("x-served-by", &*n)
+                                    .body(TestBody::Stream(Box::pin(
+                                        http_body_util::StreamBody::new(chunks),
+                                    )))
+                                    .unwrap());
+                            }
                             if path == "/stall" {
                                 // One chunk, then silence (the stream never ends).
                                 let chunks = futures::stream::iter([Ok::<_, Infallible>(
