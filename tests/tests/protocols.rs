@@ -278,16 +278,28 @@ async fn http1_bodies_pass_whole_in_every_framing() {
                 .output()
                 .await
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             out.stdout
         }
     };
     // Chunked upload, chunked answer: the body comes back byte for byte.
     let echoed = curl_body(&["-H", "Transfer-Encoding: chunked"], "/echo").await;
-    assert!(echoed == body, "chunked echo differs ({} bytes back)", echoed.len());
+    assert!(
+        echoed == body,
+        "chunked echo differs ({} bytes back)",
+        echoed.len()
+    );
     // Sized upload (content-length): streamed through, whole.
     let echoed = curl_body(&[], "/echo").await;
-    assert!(echoed == body, "sized echo differs ({} bytes back)", echoed.len());
+    assert!(
+        echoed == body,
+        "sized echo differs ({} bytes back)",
+        echoed.len()
+    );
     // The backend saw both POST bodies whole.
     let posts = b.posts.lock().unwrap().clone();
     assert_eq!(posts.len(), 2);
