@@ -6,6 +6,12 @@
 //! page fault per ~5 proxied requests); mimalloc keeps per-thread free
 //! lists and does not.
 //!
+//! Transparent huge pages are turned off for the process
+//! ([`no_huge_pages`]): mimalloc asks the kernel for them on its arenas,
+//! and with THP in `madvise` mode (Debian's default) every touched 2 MiB
+//! region became resident whole. Measured on the sidecar: 17.1 MB RSS idle
+//! and 19.1 MB after load with them, 9.6 and 12.4 MB without.
+//!
 //! Called directly rather than through the `mimalloc` crate's allocator,
 //! which sends every allocation through `mi_malloc_aligned`: that takes
 //! mimalloc's generic, over-allocating path for any block over 1 KiB
@@ -65,6 +71,15 @@ unsafe impl GlobalAlloc for MeshAlloc {
         } else {
             mi::mi_realloc_aligned(ptr as *mut c_void, new_size, layout.align()) as *mut u8
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`),
+/// from the next page fault on. Call first thing in `main`. Failure (an
+/// old kernel) only costs memory, so it is logged and ignored.
+pub fn no_huge_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("could not turn transparent huge pages off: {e}");
     }
 }
 

@@ -177,43 +177,30 @@ impl Conn {
         encode_head(&mut self.wbuf, &parts, length, chunked);
 
         // An in-memory body goes out with the head, in one write.
-        let mut rest = Some(body);
-        if matches!(rest, Some(ProxyBody::Full(_)))
-            && length.is_some_and(|n| n as usize <= COALESCE)
-        {
-            let mut b = rest.take().expect("set above");
-            while let Some(frame) = poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
-                let frame = frame.map_err(|e| io::Error::other(e.to_string()))?;
-                if let Ok(data) = frame.into_data() {
+        let rest = match body {
+            ProxyBody::Full(full) if length.is_some_and(|n| n as usize <= COALESCE) => {
+                if let Some(data) = full_data(full) {
                     self.wbuf.extend_from_slice(&data);
                 }
+                None
             }
-        } else if rest.as_ref().is_some_and(|b| b.is_end_stream()) {
-            rest = None;
-        }
-
+            b if b.is_end_stream() => None,
+            b => Some(b),
+        };
         let Conn { io, rbuf, wbuf, .. } = &mut self;
         let (mut rd, mut wr) = io.split();
-        let mut body_sent = rest.is_none();
-        let head = match rest {
+        let (head, body_sent) = match rest {
             None => {
                 wr.write_all(wbuf).await?;
-                read_head(&mut rd, rbuf, head_only).await?
+                (read_head(&mut rd, rbuf, head_only).await?, true)
             }
+            // Boxed: streaming is the rare path, and its future would
+            // otherwise widen every exchange's.
             Some(body) => {
-                // Stream the body while watching for an early answer.
-                let send = write_streamed(&mut wr, wbuf, body, chunked);
-                let recv = read_head(&mut rd, rbuf, head_only);
-                tokio::pin!(send, recv);
-                tokio::select! {
-                    biased;
-                    sent = &mut send => {
-                        sent?;
-                        body_sent = true;
-                        recv.await?
-                    }
-                    head = &mut recv => head?,
-                }
+                Box::pin(stream_body(
+                    &mut rd, &mut wr, rbuf, wbuf, body, chunked, head_only,
+                ))
+                .await?
             }
         };
         let Head {
@@ -228,6 +215,39 @@ impl Conn {
         };
         ex.check_done();
         Ok((parts, ex))
+    }
+}
+
+/// The bytes of an in-memory body (it is always ready).
+fn full_data(mut full: http_body_util::Full<Bytes>) -> Option<Bytes> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+        _ => None,
+    }
+}
+
+/// Writes the head and streams `body` while watching for an early answer.
+/// Returns the answer's head, and whether the whole body was sent.
+async fn stream_body(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    rbuf: &mut BytesMut,
+    wbuf: &[u8],
+    body: ProxyBody,
+    chunked: bool,
+    head_only: bool,
+) -> io::Result<(Head, bool)> {
+    let send = write_streamed(wr, wbuf, body, chunked);
+    let recv = read_head(rd, rbuf, head_only);
+    tokio::pin!(send, recv);
+    tokio::select! {
+        biased;
+        sent = &mut send => {
+            sent?;
+            Ok((recv.await?, true))
+        }
+        head = &mut recv => Ok((head?, false)),
     }
 }
 

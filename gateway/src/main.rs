@@ -52,6 +52,7 @@ struct Args {
 }
 
 fn main() {
+    meshgate_gateway::alloc::no_huge_pages();
     let args = Args::parse();
     meshgate_config::node::init_logging(&args.log);
     let cfg = exit_on_error("meshgate-gateway", 2, load(&args));

@@ -164,8 +164,11 @@ impl Proxy {
 
         let uri_host = req.uri().host().map(str::to_string);
         if req.method() == http::Method::CONNECT {
+            // Boxed, here and for upgrades: a rare path's future would
+            // otherwise widen every request's future (copied when it is
+            // created and moved).
             return (
-                self.connect(kind, &snap, uri_host.as_deref(), req).await,
+                Box::pin(self.connect(kind, &snap, uri_host.as_deref(), req)).await,
                 None,
             );
         }
@@ -261,9 +264,7 @@ impl Proxy {
         if headers::is_upgrade(req.headers()) {
             let t = primary.timeouts(route.timeouts.as_ref());
             let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
-            return self
-                .forward_upgrade(primary, route, total, t.idle, req)
-                .await;
+            return Box::pin(self.forward_upgrade(primary, route, total, t.idle, req)).await;
         }
         let (mut parts, body) = req.into_parts();
         // Keep the caller's host for the upstream (HTTP/2 carries it in the URI).

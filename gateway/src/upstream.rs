@@ -164,29 +164,14 @@ impl H1Pool {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let conn = match self.checkout() {
             Some(conn) => conn,
-            None => {
-                let slot = match &limit {
-                    None => None,
-                    Some(l) => match self.slot_or_idle(l).await {
-                        Ok(Ok(slot)) => Some(slot),
-                        Ok(Err(idle)) => return self.exchange(idle, req).await,
-                        Err(o) => return Err(SendError::Overflow(o, Box::new(req))),
-                    },
-                };
-                match Conn::connect(address, connect_timeout, slot).await {
-                    Ok(conn) => conn,
-                    Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-                }
-            }
+            // Boxed: a rare path whose future would otherwise widen every
+            // request's.
+            None => match Box::pin(self.open(address, connect_timeout, limit)).await {
+                Ok(conn) => conn,
+                Err(Opened::Failed(e)) => return Err(SendError::Connect(e, Box::new(req))),
+                Err(Opened::Overflow(o)) => return Err(SendError::Overflow(o, Box::new(req))),
+            },
         };
-        self.exchange(conn, req).await
-    }
-
-    async fn exchange(
-        self: &Arc<Self>,
-        conn: Conn,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
         let (parts, exchange) = conn.send(req).await.map_err(SendError::Exchange)?;
         let mut body = UpstreamBody {
             exchange,
@@ -195,6 +180,33 @@ impl H1Pool {
         body.release();
         Ok(Response::from_parts(parts, body))
     }
+
+    /// A connection when none is idle: a new one (under `limit`, after
+    /// waiting for a slot), or one that came back idle meanwhile.
+    async fn open(
+        &self,
+        address: &str,
+        connect_timeout: Duration,
+        limit: Option<ConnLimit<'_>>,
+    ) -> Result<Conn, Opened> {
+        let slot = match &limit {
+            None => None,
+            Some(l) => match self.slot_or_idle(l).await {
+                Ok(Ok(slot)) => Some(slot),
+                Ok(Err(idle)) => return Ok(idle),
+                Err(o) => return Err(Opened::Overflow(o)),
+            },
+        };
+        Conn::connect(address, connect_timeout, slot)
+            .await
+            .map_err(Opened::Failed)
+    }
+}
+
+/// Why no connection was opened.
+enum Opened {
+    Failed(std::io::Error),
+    Overflow(Overflow),
 }
 
 /// How one attempt to an endpoint failed.
@@ -274,12 +286,14 @@ pub async fn attempt(
                 Err(_) => Err(Attempt::Timeout),
             }
         }
-        Wire::Http2 => match tokio::time::timeout(opts.timeout, opts.h2.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
-            Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e), None)),
-            Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
-            Err(_) => Err(Attempt::Timeout),
-        },
+        Wire::Http2 => {
+            match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
+                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+                Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e), None)),
+                Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
+                Err(_) => Err(Attempt::Timeout),
+            }
+        }
     };
     drop(in_flight);
     if result.is_ok() {

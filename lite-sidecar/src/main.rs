@@ -50,6 +50,7 @@ struct Args {
 }
 
 fn main() {
+    meshgate_gateway::alloc::no_huge_pages();
     let args = Args::parse();
     node::init_logging(&args.log);
     let cfg = node::exit_on_error(
