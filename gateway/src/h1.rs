@@ -414,9 +414,11 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
             continue;
         }
         let mut headers = HeaderMap::with_capacity(count);
+        let mut seen = Seen::default();
         for &(ns, ne, vs, ve) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
+            seen.note(&name);
             let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
                 .map_err(|_| invalid(format!("invalid value of response header {name}")))?;
             headers.append(name, value);
@@ -426,8 +428,12 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
         } else {
             Version::HTTP_11
         };
-        let (framing, mut keep_alive) = framing(&headers, status, head_only)?;
-        keep_alive &= wants_keep_alive(&headers, version);
+        let (framing, mut keep_alive) = framing(&headers, &seen, status, head_only)?;
+        keep_alive &= if seen.connection {
+            wants_keep_alive(&headers, version)
+        } else {
+            version == Version::HTTP_11
+        };
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -440,13 +446,39 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
     }
 }
 
+/// Which framing-related headers a response head has, noted while it is
+/// parsed (a `HeaderMap` lookup hashes; most answers have few of these).
+#[derive(Default)]
+struct Seen {
+    content_length: bool,
+    transfer_encoding: bool,
+    connection: bool,
+}
+
+impl Seen {
+    fn note(&mut self, name: &HeaderName) {
+        if name == header::CONTENT_LENGTH {
+            self.content_length = true;
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == header::CONNECTION {
+            self.connection = true;
+        }
+    }
+}
+
 /// The body framing of a response (RFC 9112 §6.3), and whether the
 /// connection can be reused after it as far as framing goes.
-fn framing(h: &HeaderMap, status: StatusCode, head_only: bool) -> io::Result<(Framing, bool)> {
+fn framing(
+    h: &HeaderMap,
+    seen: &Seen,
+    status: StatusCode,
+    head_only: bool,
+) -> io::Result<(Framing, bool)> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if h.contains_key(header::TRANSFER_ENCODING) {
+    if seen.transfer_encoding {
         let chunked_last = h
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -456,12 +488,15 @@ fn framing(h: &HeaderMap, status: StatusCode, head_only: bool) -> io::Result<(Fr
             .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         // With a content-length too, the message is suspect: decode by
         // transfer-encoding and do not reuse the connection.
-        let alone = !h.contains_key(header::CONTENT_LENGTH);
+        let alone = !seen.content_length;
         return Ok(if chunked_last {
             (Framing::Chunked(Chunk::Size), alone)
         } else {
             (Framing::Eof, false)
         });
+    }
+    if !seen.content_length {
+        return Ok((Framing::Eof, false));
     }
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
