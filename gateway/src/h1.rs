@@ -795,6 +795,19 @@ mod tests {
         (addr, seen)
     }
 
+    /// A server that reads one request per connection, writes `pieces`
+    /// (as separate writes) and closes the connection.
+    async fn answer_once(pieces: &'static [&'static [u8]]) -> String {
+        server(move |mut s| async move {
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).await;
+            for piece in pieces {
+                s.write_all(piece).await.unwrap();
+            }
+        })
+        .await
+    }
+
     fn request(method: Method, body: impl Into<Bytes>) -> Request<ProxyBody> {
         let mut r = Request::new(crate::body::full(Full::new(body.into())));
         *r.method_mut() = method;
@@ -926,15 +939,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_delimited_body_is_read_to_the_end_and_the_connection_dropped() {
-        let addr = server(|mut s| async move {
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nall of ")
-                .await
-                .unwrap();
-            s.write_all(b"this").await.unwrap();
-        })
-        .await;
+        let addr = answer_once(&[b"HTTP/1.1 200 OK\r\n\r\nall of ", b"this"]).await;
         let (_, body, _, idle) = exchange(connect(&addr).await, request(Method::GET, ""))
             .await
             .unwrap();
@@ -997,14 +1002,7 @@ mod tests {
             assert!(err.to_string().contains(what), "{what}: {err}");
         }
         // A body cut short by the peer is an error, not a short body.
-        let addr = server(|mut s| async move {
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
-                .await
-                .unwrap();
-        })
-        .await;
+        let addr = answer_once(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"]).await;
         let err = exchange(connect(&addr).await, request(Method::GET, ""))
             .await
             .unwrap_err();
@@ -1014,11 +1012,7 @@ mod tests {
             "{err}"
         );
         // No answer at all.
-        let addr = server(|mut s| async move {
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-        })
-        .await;
+        let addr = answer_once(&[]).await;
         let err = exchange(connect(&addr).await, request(Method::GET, ""))
             .await
             .unwrap_err();
@@ -1058,15 +1052,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_not_usable() {
-        let addr = server(|mut s| async move {
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
-            // Then close without saying so.
-        })
-        .await;
+        // The answer, then a close without saying so.
+        let addr = answer_once(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).await;
         let (_, _, _, idle) = exchange(connect(&addr).await, request(Method::GET, ""))
             .await
             .unwrap();

@@ -209,18 +209,26 @@ routes:
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2c_upgrade_request_is_answered_over_http1() {
-    let Some(curl) = which("curl") else {
-        panic!("curl is required (scripts/deps.sh installs it)");
-    };
-    let dir = tempfile::tempdir().unwrap();
+fn curl() -> PathBuf {
+    which("curl").expect("curl is required (scripts/deps.sh installs it)")
+}
+
+/// A standalone gateway with one ingress route (every path) to one backend.
+async fn one_service_gateway(dir: &Path) -> (Proc, GatewayPorts, Backend) {
     let b = Backend::start("b").await;
     let yaml = format!(
         "services:\n  s:\n    endpoints: [{{address: {}}}]\nroutes:\n  s:\n    scope: ingress\n    backends: [{{service: s}}]\n",
         b.addr
     );
-    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let (gw, ports, _) = start_standalone(dir, &yaml).await;
+    (gw, ports, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_request_is_answered_over_http1() {
+    let curl = curl();
+    let dir = tempfile::tempdir().unwrap();
+    let (_gw, ports, b) = one_service_gateway(dir.path()).await;
     let url = format!("http://127.0.0.1:{}/x", ports.ingress);
     // curl --http2 on http:// sends `Upgrade: h2c`; the gateway declines
     // the upgrade (RFC 9113 deprecates it) and answers over HTTP/1.1.
@@ -251,16 +259,9 @@ async fn an_h2c_upgrade_request_is_answered_over_http1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_bodies_pass_whole_in_every_framing() {
-    let Some(curl) = which("curl") else {
-        panic!("curl is required (scripts/deps.sh installs it)");
-    };
+    let curl = curl();
     let dir = tempfile::tempdir().unwrap();
-    let b = Backend::start("b").await;
-    let yaml = format!(
-        "services:\n  s:\n    endpoints: [{{address: {}}}]\nroutes:\n  s:\n    scope: ingress\n    backends: [{{service: s}}]\n",
-        b.addr
-    );
-    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let (_gw, ports, b) = one_service_gateway(dir.path()).await;
     // Larger than the replay buffer (64 KiB), so the gateway streams it
     // instead of buffering, and not a multiple of any buffer size.
     let body: Vec<u8> = (0..300_001u32).map(|i| b'a' + (i % 23) as u8).collect();
