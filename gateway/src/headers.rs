@@ -172,20 +172,32 @@ pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
 }
 
 /// Ensures `x-request-id` and `traceparent` exist.
+///
+/// The ids come from a per-thread xoshiro256++ generator seeded from the OS
+/// (through `rand`'s thread generator): ids must be unique and
+/// unpredictable enough to not collide, not secret, and ChaCha costs more
+/// than the rest of this function.
 pub fn ensure_ids(h: &mut HeaderMap) {
-    let mut rng = rand::thread_rng();
-    if !h.contains_key(&X_REQUEST_ID) {
-        let mut buf = [0u8; 32];
-        hex(&mut buf, &rng.gen::<u128>().to_be_bytes());
-        h.insert(X_REQUEST_ID, hex_value(&buf));
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+    thread_local! {
+        static RNG: std::cell::RefCell<SmallRng> =
+            std::cell::RefCell::new(SmallRng::from_rng(rand::thread_rng()).expect("seeded"));
     }
-    if !h.contains_key(&TRACEPARENT) {
-        // 00-<32 hex trace id>-<16 hex span id>-01; ids must not be all zero.
-        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
-        hex(&mut buf[3..35], &(rng.gen::<u128>() | 1).to_be_bytes());
-        hex(&mut buf[36..52], &(rng.gen::<u64>() | 1).to_be_bytes());
-        h.insert(TRACEPARENT, hex_value(&buf));
-    }
+    RNG.with_borrow_mut(|rng| {
+        if let header::Entry::Vacant(e) = h.entry(X_REQUEST_ID) {
+            let mut buf = [0u8; 32];
+            hex(&mut buf, &rng.gen::<u128>().to_be_bytes());
+            e.insert(hex_value(&buf));
+        }
+        if let header::Entry::Vacant(e) = h.entry(TRACEPARENT) {
+            // 00-<32 hex trace id>-<16 hex span id>-01; ids must not be all zero.
+            let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+            hex(&mut buf[3..35], &(rng.gen::<u128>() | 1).to_be_bytes());
+            hex(&mut buf[36..52], &(rng.gen::<u64>() | 1).to_be_bytes());
+            e.insert(hex_value(&buf));
+        }
+    })
 }
 
 /// Lower-case hex of `bytes` into `out` (twice as long).
@@ -290,6 +302,20 @@ mod tests {
         // Existing ids are kept.
         ensure_ids(&mut h);
         assert_eq!(h[&TRACEPARENT], tp.as_str());
+        // Fresh ids differ, here and on another thread.
+        let ids = |h: &HeaderMap| (h[&X_REQUEST_ID].clone(), h[&TRACEPARENT].clone());
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let mut h = HeaderMap::new();
+            ensure_ids(&mut h);
+            assert!(seen.insert(ids(&h)));
+        }
+        let other = std::thread::spawn(move || {
+            let mut h = HeaderMap::new();
+            ensure_ids(&mut h);
+            ids(&h)
+        });
+        assert!(seen.insert(other.join().unwrap()));
     }
 
     #[test]

@@ -91,8 +91,9 @@ impl H1Pool {
     /// The most recently used idle connection that is still open.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
+        let now = Instant::now();
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && conn.usable_when_idle() {
+            if now.duration_since(since) < IDLE_TIMEOUT && conn.usable_when_idle() {
                 return Some(conn);
             }
         }
@@ -102,15 +103,16 @@ impl H1Pool {
     /// Returns a connection whose last response was read to the end.
     fn put(&self, conn: Conn) {
         let mut idle = self.lock();
+        let now = Instant::now();
         // Drop the oldest when full or expired (the bottom of the stack).
         if idle.len() >= MAX_IDLE
             || idle
                 .first()
-                .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+                .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
         {
             idle.remove(0);
         }
-        idle.push((conn, Instant::now()));
+        idle.push((conn, now));
         drop(idle);
         self.released.notify_waiters();
     }
