@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, Path, Query};
+use crate::error::{ApiError, Body, Path, Query};
 
 /// Answers an explain request; a standalone gateway explains in process.
 pub type Explainer = Arc<
@@ -506,7 +506,7 @@ pub async fn rollback(
     axum::Extension(caller): axum::Extension<Caller>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let req: RollbackRequest = decode_body(&body)?;
     let key = object_key(&req.kind, &req.name)?;
@@ -702,7 +702,7 @@ pub async fn put(
     Path((kind, name)): Path<(String, String)>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let key = object_key(&kind, &name)?;
     let expect = if_match(&headers)?;
@@ -722,7 +722,7 @@ pub async fn patch(
     Path((kind, name)): Path<(String, String)>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let key = object_key(&kind, &name)?;
     let expect = if_match(&headers)?;
@@ -955,7 +955,7 @@ pub async fn batch(
     State(st): State<AdminState>,
     axum::Extension(caller): axum::Extension<Caller>,
     Query(params): Query<WriteParams>,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let wait = wait_param(&params)?;
     let plans = plan_batch(&st, &body).await?;
@@ -982,7 +982,7 @@ pub async fn batch(
 /// (validity, references, versions), without writing anything.
 pub async fn validate(
     State(st): State<AdminState>,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let plans = plan_batch(&st, &body).await?;
     Ok(Json(
@@ -1132,7 +1132,7 @@ fn precondition_failed(key: &Key, expected: i64, current: i64) -> ApiError {
 /// the answer is what the data plane does, not a re-implementation.
 pub async fn explain(
     State(st): State<AdminState>,
-    body: axum::body::Bytes,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let req: ExplainRequest = serde_path_to_error::deserialize(de).map_err(|e| {

@@ -128,7 +128,7 @@ fn op(summary: &str, params: Vec<Value>, body: Option<Value>, ok: &[(u16, Value)
         responses.insert(status.to_string(), r);
     }
     let mut err = json_body(reference("Error"));
-    err["description"] = json!("an error: 400 invalid input (every problem with its field path), 401/403 auth, 404, 409 conflict or in use, 412 stale If-Match, 503 store unreachable");
+    err["description"] = json!("an error: 400 invalid input (every problem with its field path), 401/403 auth, 404, 409 conflict or in use, 412 stale If-Match, 413 body over 2 MiB, 503 store unreachable");
     responses.insert("default".into(), err);
     let mut o = json!({"summary": summary, "parameters": params, "responses": responses});
     if let Some(b) = body {
