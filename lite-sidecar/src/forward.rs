@@ -171,15 +171,13 @@ impl Forwarder {
         &self,
         policy: &'p Policy,
         dest: &str,
-    ) -> (Option<DestinationMode>, Vec<&'p Tier>) {
+    ) -> (Option<DestinationMode>, impl Iterator<Item = &'p Tier>) {
         let mode = match self.freshness() {
             Freshness::Unavailable => None,
             _ => policy.destinations.get(dest).copied(),
         };
-        let tiers = match mode {
-            None => vec![&policy.central_tier],
-            Some(_) => vec![&policy.group_tier, &policy.central_tier],
-        };
+        let group = mode.map(|_| &policy.group_tier);
+        let tiers = group.into_iter().chain([&policy.central_tier]);
         (mode, tiers)
     }
 
@@ -551,8 +549,18 @@ impl Forwarder {
             return Ok(resp);
         }
         let (parts, body) = resp.into_parts();
-        let read = tokio::time::timeout(self.request_timeout, body.collect());
-        match read.await {
+        // Usually the whole body came with the head: try once without
+        // arming a timer, and wait under the timeout only when it did not.
+        let mut collect = std::pin::pin!(body.collect());
+        let first = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::future::Future::poll(collect.as_mut(), &mut cx)
+        };
+        let read = match first {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
+        };
+        match read {
             Ok(Ok(c)) => Ok(Response::from_parts(
                 parts,
                 meshgate_gateway::body::full(http_body_util::Full::new(c.to_bytes())),
