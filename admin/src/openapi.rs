@@ -316,6 +316,46 @@ mod tests {
 
     const METHODS: [&str; 5] = ["get", "put", "post", "patch", "delete"];
 
+    /// A body over the 2 MiB limit gets the documented JSON error shape
+    /// (in process: over a socket the server's early answer races the
+    /// client's upload), and nothing is written.
+    #[tokio::test]
+    async fn an_oversized_body_is_refused_in_the_error_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, "groups: {}\n").unwrap();
+        let store = meshgate_config::store::FileStore::open(&file)
+            .await
+            .unwrap();
+        let mut tokens = crate::Tokens::default();
+        tokens.add(
+            "t".into(),
+            "test-token-0123456789",
+            crate::auth::Role::Admin,
+        );
+        let app = crate::router(crate::state(store, tokens));
+        let huge = format!(r#"{{"description": "{}"}}"#, "a".repeat(3 << 20));
+        for method in ["PUT", "PATCH"] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri("/api/v1/groups/g")
+                .header("authorization", "Bearer test-token-0123456789")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(huge.clone()))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(
+                resp.status(),
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "{method}"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: Value = serde_json::from_slice(&body).expect("a JSON error");
+            assert_eq!(v["error"], "body_too_large", "{method}: {v}");
+        }
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "groups: {}\n");
+    }
+
     /// The router serves exactly the documented methods of every
     /// documented path (405 for the others), and every schema reference
     /// resolves.
