@@ -1031,12 +1031,14 @@ mod tests {
             s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
                 .await
                 .unwrap();
-            // Hold the connection open, unread, until the client goes.
+            // Then drain whatever else comes until the client goes, so the
+            // close is clean (no reset racing the answer).
             let _ = s.read_to_end(&mut Vec::new()).await;
         })
         .await;
-        // Far more than the socket buffers hold: without watching for the
-        // answer, the write would wait forever.
+        // Far more than the socket buffers hold, so the answer arrives
+        // while the upload is under way: without watching for it, the
+        // whole body would be sent first and the connection kept.
         let big = vec![b'x'; 32 << 20];
         let sent = exchange(connect(&addr).await, request(Method::POST, big));
         let (parts, _, _, idle) = tokio::time::timeout(Duration::from_secs(30), sent)
