@@ -75,11 +75,11 @@ unsafe impl GlobalAlloc for MeshAlloc {
 }
 
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`),
-/// from the next page fault on. Call first thing in `main`. Failure (an
-/// old kernel) only costs memory, so it is logged and ignored.
+/// from the next page fault on. Call early in `main` (once logging is up).
+/// Failure (an old kernel) only costs memory, so it is logged and ignored.
 pub fn no_huge_pages() {
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        eprintln!("could not turn transparent huge pages off: {e}");
+        tracing::warn!(error = %e, "could not turn transparent huge pages off");
     }
 }
 

@@ -52,9 +52,9 @@ struct Args {
 }
 
 fn main() {
-    meshgate_gateway::alloc::no_huge_pages();
     let args = Args::parse();
     meshgate_config::node::init_logging(&args.log);
+    meshgate_gateway::alloc::no_huge_pages();
     let cfg = exit_on_error("meshgate-gateway", 2, load(&args));
     let rt = exit_on_error(
         "meshgate-gateway",

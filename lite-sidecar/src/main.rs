@@ -50,9 +50,9 @@ struct Args {
 }
 
 fn main() {
-    meshgate_gateway::alloc::no_huge_pages();
     let args = Args::parse();
     node::init_logging(&args.log);
+    meshgate_gateway::alloc::no_huge_pages();
     let cfg = node::exit_on_error(
         "lite-sidecar",
         2,
