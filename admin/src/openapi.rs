@@ -316,14 +316,20 @@ mod tests {
 
     const METHODS: [&str; 5] = ["get", "put", "post", "patch", "delete"];
 
+    /// A standalone config file holding one empty `groups` map.
+    fn config_file() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, "groups: {}\n").unwrap();
+        (dir, file)
+    }
+
     /// A body over the 2 MiB limit gets the documented JSON error shape
     /// (in process: over a socket the server's early answer races the
     /// client's upload), and nothing is written.
     #[tokio::test]
     async fn an_oversized_body_is_refused_in_the_error_shape() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("mesh.yaml");
-        std::fs::write(&file, "groups: {}\n").unwrap();
+        let (_dir, file) = config_file();
         let store = meshgate_config::store::FileStore::open(&file)
             .await
             .unwrap();
@@ -361,9 +367,7 @@ mod tests {
     /// resolves.
     #[tokio::test]
     async fn the_document_and_the_router_agree() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("mesh.yaml");
-        std::fs::write(&file, "groups: {}\n").unwrap();
+        let (_dir, file) = config_file();
         let store = meshgate_config::store::FileStore::open(&file)
             .await
             .unwrap();

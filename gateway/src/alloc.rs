@@ -32,9 +32,11 @@ const MI_MAX_ALIGN: usize = 16;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MeshAlloc;
 
+/// Whether plain `mi_malloc` (or `mi_realloc`) to `size` bytes already
+/// gives `align`.
 #[inline(always)]
-fn plain(layout: &Layout) -> bool {
-    layout.align() <= MI_MAX_ALIGN && layout.align() <= layout.size()
+fn plain(align: usize, size: usize) -> bool {
+    align <= MI_MAX_ALIGN && align <= size
 }
 
 // SAFETY: every block comes from mimalloc, which honours the layout's
@@ -43,7 +45,7 @@ fn plain(layout: &Layout) -> bool {
 unsafe impl GlobalAlloc for MeshAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if plain(&layout) {
+        if plain(layout.align(), layout.size()) {
             mi::mi_malloc(layout.size()) as *mut u8
         } else {
             mi::mi_malloc_aligned(layout.size(), layout.align()) as *mut u8
@@ -52,7 +54,7 @@ unsafe impl GlobalAlloc for MeshAlloc {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if plain(&layout) {
+        if plain(layout.align(), layout.size()) {
             mi::mi_zalloc(layout.size()) as *mut u8
         } else {
             mi::mi_zalloc_aligned(layout.size(), layout.align()) as *mut u8
@@ -66,7 +68,7 @@ unsafe impl GlobalAlloc for MeshAlloc {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if layout.align() <= MI_MAX_ALIGN && layout.align() <= new_size {
+        if plain(layout.align(), new_size) {
             mi::mi_realloc(ptr as *mut c_void, new_size) as *mut u8
         } else {
             mi::mi_realloc_aligned(ptr as *mut c_void, new_size, layout.align()) as *mut u8

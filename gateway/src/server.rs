@@ -78,9 +78,9 @@ pub async fn serve<H, F>(
                 let h = handler.clone();
                 let peer = Peer::new(remote);
                 let svc = service_fn(move |req| {
-                    // The request's future is several KB: boxed once here,
-                    // hyper moves a pointer instead of copying it around.
-                    let fut = Box::pin(h(peer.clone(), req));
+                    // Not boxed here: hyper keeps one boxed slot per
+                    // connection and moves each request's future into it.
+                    let fut = h(peer.clone(), req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

@@ -785,6 +785,21 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Waits (15 s at most) until exactly `n` nodes are registered.
+    pub async fn wait_nodes(&self, n: usize) {
+        wait_until(
+            &format!("{n} node(s) registered"),
+            Duration::from_secs(15),
+            || async {
+                self.get("nodes").await.json()["items"]
+                    .as_array()
+                    .map(Vec::len)
+                    == Some(n)
+            },
+        )
+        .await;
+    }
+
     fn auth(&self) -> String {
         format!("Bearer {}", self.token)
     }

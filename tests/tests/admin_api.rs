@@ -321,16 +321,7 @@ async fn writes_wait_for_gateways_and_status_shows_propagation() {
     );
     wait_ready(ports.ops).await;
     let a = &c.admin;
-    wait_until(
-        "the gateway is registered",
-        Duration::from_secs(15),
-        || async {
-            a.get("status").await.json()["nodes"]
-                .as_array()
-                .is_some_and(|n| !n.is_empty())
-        },
-    )
-    .await;
+    a.wait_nodes(1).await;
 
     let r = a
         .put_raw(
@@ -682,16 +673,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         &c.etcd.endpoint(),
     );
     wait_ready(ports.ops).await;
-    wait_until(
-        "the gateway is registered",
-        Duration::from_secs(15),
-        || async {
-            a.get("nodes").await.json()["items"]
-                .as_array()
-                .is_some_and(|n| !n.is_empty())
-        },
-    )
-    .await;
+    a.wait_nodes(1).await;
     let out = tokio::process::Command::new("st")
         .args([
             "run",

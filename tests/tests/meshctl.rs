@@ -3,7 +3,6 @@
 //! history, rollback, and clear errors with field paths.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use meshgate_tests::*;
 use serde_json::Value;
@@ -64,17 +63,7 @@ async fn meshctl_applies_the_example_mesh_and_waits_for_every_gateway() {
     for (_, p) in &gws {
         wait_ready(p.ops).await;
     }
-    wait_until(
-        "both gateways registered",
-        Duration::from_secs(15),
-        || async {
-            admin.get("nodes").await.json()["items"]
-                .as_array()
-                .map(Vec::len)
-                == Some(2)
-        },
-    )
-    .await;
+    admin.wait_nodes(2).await;
     let ctl = Ctl {
         server: base,
         token,

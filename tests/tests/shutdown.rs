@@ -23,16 +23,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     assert_eq!(r.status, 201);
     let (mut gw, ports) = start_gateway(dir.path(), "gw", &["central"], &[], &etcd.endpoint());
     wait_ready(ports.ops).await;
-    let admin2 = admin.clone();
-    wait_until("gateway registered", Duration::from_secs(10), || {
-        let admin = admin2.clone();
-        async move {
-            admin.get("nodes").await.json()["items"]
-                .as_array()
-                .is_some_and(|a| a.len() == 1)
-        }
-    })
-    .await;
+    admin.wait_nodes(1).await;
 
     // A request that takes 1.5 s is in flight when SIGTERM arrives.
     let url = format!("http://127.0.0.1:{}/delay/1500", ports.mesh);
