@@ -1,8 +1,10 @@
-//! The body types on the proxy path: a streamed hyper body, a response
-//! from a pooled upstream connection, or a buffered one (replayable for
-//! retries and fail-over), without boxing; and, only when a service asks
-//! for it, a body that holds a circuit-breaker slot until it ends and
-//! fails when idle too long.
+//! The body types on the proxy path: a request body as the listener hands
+//! it over ([`RequestBody`]: read whole by the HTTP/1.1 fast path, or
+//! streamed by hyper); a streamed hyper body, a response from a pooled
+//! upstream connection, or a buffered one (replayable for retries and
+//! fail-over), without boxing; and, only when a service asks for it, a
+//! body that holds a circuit-breaker slot until it ends and fails when
+//! idle too long.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +16,56 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::upstream::UpstreamBody;
+
+/// A request body as a listener hands it to the request path.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Read whole before the request was handed over (the HTTP/1.1 fast
+    /// path, [`crate::h1_server`]); `None` once taken.
+    Whole(Option<Bytes>),
+    /// Streamed by hyper (HTTP/2, and HTTP/1.1 connections hyper serves).
+    Incoming(Incoming),
+}
+
+impl RequestBody {
+    /// An empty body.
+    pub fn empty() -> RequestBody {
+        RequestBody::Whole(None)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Whole(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Whole(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            RequestBody::Incoming(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Incoming(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A request or response body passing through the proxy.
 #[derive(Debug)]
@@ -171,10 +223,15 @@ pub enum BodyError {
 
 impl ReplayBody {
     pub async fn new(
-        body: Incoming,
+        body: RequestBody,
         content_length: Option<u64>,
         limit: usize,
     ) -> Result<Self, BodyError> {
+        let body = match body {
+            // Already in memory: the listener bounded its size.
+            RequestBody::Whole(b) => return Ok(ReplayBody::Buffered(b.unwrap_or_default())),
+            RequestBody::Incoming(b) => b,
+        };
         if body.is_end_stream() {
             return Ok(ReplayBody::Buffered(Bytes::new()));
         }

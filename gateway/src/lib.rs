@@ -2,6 +2,7 @@
 //!
 //! Module map (each owns one concern):
 //! - [`server`]: listeners, HTTP/1.1 + h2c connections, graceful drain
+//! - [`h1_server`]: the HTTP/1.1 fast path those connections start on
 //! - [`proxy`]: the gateway request path, in order (see its docs)
 //! - [`router`]: route tables and matching
 //! - [`balance`]: load-balancing policies, priorities, endpoint state
@@ -32,6 +33,7 @@ pub mod client;
 pub mod error;
 pub mod explain;
 pub mod h1;
+pub mod h1_server;
 pub mod headers;
 pub mod health;
 pub mod metrics;

@@ -21,10 +21,9 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::balance::{EndpointState, Outcome};
-use crate::body::{full, Guarded, ProxyBody, ReplayBody};
+use crate::body::{full, Guarded, ProxyBody, ReplayBody, RequestBody};
 use crate::client::Wire;
 use crate::error::MeshError;
 use crate::headers;
@@ -94,7 +93,7 @@ impl Proxy {
         &self,
         kind: ListenerKind,
         peer: Peer,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = headers::is_grpc(req.headers());
@@ -133,7 +132,7 @@ impl Proxy {
         kind: ListenerKind,
         peer: &Peer,
         grpc: bool,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> (Response<ProxyBody>, Option<(Arc<CompiledRoute>, usize)>) {
         if !self.ready.load(Ordering::Acquire) {
             return (MeshError::NotReady.response("no config loaded yet"), None);
@@ -259,7 +258,7 @@ impl Proxy {
         route: &CompiledRoute,
         client_ip: &HeaderValue,
         deadline_hint: Option<Duration>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Response<ProxyBody> {
         if headers::is_upgrade(req.headers()) {
             let t = primary.timeouts(route.timeouts.as_ref());
@@ -567,7 +566,7 @@ impl Proxy {
         kind: ListenerKind,
         snap: &Snapshot,
         uri_host: Option<&str>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Response<ProxyBody> {
         use crate::tcp::ConnectError;
         if kind != ListenerKind::Mesh {
@@ -631,7 +630,7 @@ impl Proxy {
         route: &CompiledRoute,
         timeout: Duration,
         idle: Option<Duration>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Response<ProxyBody> {
         if svc.wire != Wire::Http1 {
             return MeshError::BadRequest.response(&format!(

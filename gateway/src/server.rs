@@ -1,25 +1,37 @@
-//! Listeners: the accept loop shared by gateway and sidecar. Each connection
-//! is served by hyper's auto builder (HTTP/1.1 with keep-alive, or HTTP/2
-//! cleartext by prior knowledge), with a header read timeout against slow
-//! clients. Malformed HTTP/1 gets `400 Bad Request` and a closed connection.
-//! On shutdown the loop stops accepting and in-flight requests are drained
-//! up to a deadline.
+//! Listeners: the accept loop shared by gateway and sidecar. Each
+//! connection starts on the HTTP/1.1 fast path ([`crate::h1_server`]); the
+//! first request it does not serve (an upload to stream, an upgrade, the
+//! HTTP/2 preface, malformed input) hands the connection, with the bytes
+//! already read, to hyper's auto builder for the rest of its life
+//! (HTTP/1.1 with keep-alive and upgrades, or HTTP/2 cleartext by prior
+//! knowledge). Both enforce a request-read timeout against slow clients;
+//! malformed HTTP/1 gets hyper's `400 Bad Request` and a closed
+//! connection. On shutdown the loop stops accepting, idle connections
+//! close, and in-flight requests are drained up to a deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
+pub use crate::h1_server::Limits;
+use crate::h1_server::{self, End};
 
 /// The client end of a connection, resolved once per connection.
 #[derive(Debug, Clone)]
@@ -44,28 +56,44 @@ pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) where
-    H: Fn(Peer, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    serve_with(name, listener, handler, shutdown, grace, Limits::default()).await
+}
+
+/// [`serve`] with the given connection timeouts.
+pub async fn serve_with<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    limits: Limits,
+) where
+    H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(limits.request_read)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
         .max_concurrent_streams(1024);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    let connections = TaskTracker::new();
     loop {
         tokio::select! {
             res = listener.accept() => {
-                let (stream, remote) = match res {
+                let (mut stream, remote) = match res {
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -75,19 +103,21 @@ pub async fn serve<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let h = handler.clone();
-                let peer = Peer::new(remote);
-                let svc = service_fn(move |req| {
-                    // Not boxed here: hyper keeps one boxed slot per
-                    // connection and moves each request's future into it.
-                    let fut = h(peer.clone(), req);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
+                let handler = handler.clone();
+                let builder = builder.clone();
+                let mut shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    let peer = Peer::new(remote);
+                    match h1_server::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await {
+                        End::Closed => {
+                            let _ = stream.shutdown().await;
+                        }
+                        End::HandOff(read) => {
+                            let io = Rewind { read: read.freeze(), io: stream };
+                            if let Err(e) = with_hyper(io, peer, handler, &builder, shutdown).await {
+                                tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
+                            }
+                        }
                     }
                 });
             }
@@ -95,8 +125,9 @@ pub async fn serve<H, F>(
         }
     }
     drop(listener);
+    connections.close();
     tracing::info!(listener = name, "stopped accepting; draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -104,6 +135,88 @@ pub async fn serve<H, F>(
             listener = name,
             "drain deadline reached; closing remaining connections"
         );
+    }
+}
+
+/// Serves the rest of a connection with hyper's auto builder (HTTP/1.1,
+/// or HTTP/2 by prior knowledge), with upgrades; on shutdown it finishes
+/// the requests in flight and closes.
+async fn with_hyper<H, F>(
+    io: Rewind,
+    peer: Peer,
+    handler: H,
+    builder: &Builder<TokioExecutor>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let fut = handler(peer.clone(), req.map(RequestBody::Incoming));
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => res,
+        _ = wait_true(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// A client connection with bytes already read from it: they are read
+/// again first.
+struct Rewind {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -402,6 +402,14 @@ impl UpstreamBody {
     }
 }
 
+impl Drop for UpstreamBody {
+    /// A body complete but never polled to its end (the answer to a
+    /// `HEAD`, a 204) still gives its connection back.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("UpstreamBody")

@@ -25,12 +25,12 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+
 use meshgate_config::model::now_ms;
 use meshgate_config::model::DestinationMode;
 use meshgate_config::sync::{Source, SyncStatus};
 use meshgate_gateway::balance::EndpointState;
-use meshgate_gateway::body::{ProxyBody, ReplayBody};
+use meshgate_gateway::body::{ProxyBody, ReplayBody, RequestBody};
 use meshgate_gateway::client::HttpClient;
 use meshgate_gateway::client::Wire;
 use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
@@ -112,7 +112,7 @@ impl Forwarder {
         freshness(&self.status.borrow(), bound)
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<ProxyBody> {
         let start = std::time::Instant::now();
         let (resp, dest, tier) = self.forward(req).await;
         self.metrics
@@ -130,7 +130,7 @@ impl Forwarder {
     /// the limit), ids, `x-mesh-service`, `x-mesh-source`, `host`.
     fn prelude(
         &self,
-        req: &mut Request<Incoming>,
+        req: &mut Request<RequestBody>,
     ) -> Result<String, Box<(Response<ProxyBody>, String)>> {
         let Some(dest) = headers::destination(req.headers(), req.uri().host()) else {
             let msg = "name the destination with Host: <service> or x-mesh-service";
@@ -183,7 +183,7 @@ impl Forwarder {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> (Response<ProxyBody>, String, &'static str) {
         let dest = match self.prelude(&mut req) {
             Ok(d) => d,
@@ -372,7 +372,7 @@ impl Forwarder {
     /// Upgrades skip the direct tier.
     async fn forward_upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         dest: String,
     ) -> (Response<ProxyBody>, String, &'static str) {
         let client_side = hyper::upgrade::on(&mut req);

@@ -206,12 +206,13 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let task = match lp.protocol {
             PortProtocol::Http => {
                 let dest = HeaderValue::from_str(&lp.service)?;
-                let handler = move |_peer, mut req: http::Request<hyper::body::Incoming>| {
-                    let f = f.clone();
-                    req.headers_mut()
-                        .insert(meshgate_gateway::headers::X_MESH_SERVICE, dest.clone());
-                    async move { f.handle(req).await }
-                };
+                let handler =
+                    move |_peer, mut req: http::Request<meshgate_gateway::body::RequestBody>| {
+                        let f = f.clone();
+                        req.headers_mut()
+                            .insert(meshgate_gateway::headers::X_MESH_SERVICE, dest.clone());
+                        async move { f.handle(req).await }
+                    };
                 tokio::spawn(meshgate_gateway::server::serve(
                     "app",
                     l,

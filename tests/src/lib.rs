@@ -376,6 +376,17 @@ pub struct Backend {
     pub health: Arc<std::sync::atomic::AtomicU16>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Connections being served now.
+    open: Arc<AtomicU64>,
+}
+
+/// Counts a served connection until dropped.
+struct OpenConn(Arc<AtomicU64>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Backend {
@@ -404,6 +415,8 @@ impl Backend {
         let fail = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let health = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let open = Arc::new(AtomicU64::new(0));
+        let live = open.clone();
         let n: Arc<str> = Arc::from(name);
         let (h, p) = (hits.clone(), posts.clone());
         let (hh, cc, fl, hl) = (
@@ -418,6 +431,8 @@ impl Backend {
                     continue;
                 };
                 cc.fetch_add(1, Ordering::SeqCst);
+                live.fetch_add(1, Ordering::SeqCst);
+                let served = OpenConn(live.clone());
                 let (n, h, p) = (n.clone(), h.clone(), p.clone());
                 let (hh, fl, hl) = (hh.clone(), fl.clone(), hl.clone());
                 let mut stop_rx = stop_rx.clone();
@@ -522,6 +537,7 @@ impl Backend {
                         _ = conn => {}
                         _ = stop_rx.wait_for(|s| *s) => {}
                     }
+                    drop(served);
                 });
             }
         });
@@ -536,6 +552,7 @@ impl Backend {
             health,
             stop,
             task,
+            open,
         }
     }
 
@@ -554,8 +571,24 @@ impl Backend {
         self.health.store(status, Ordering::SeqCst);
     }
 
-    /// Stops listening and closes every open connection.
-    pub fn stop(&self) {
+    /// Stops listening and closes every open connection; returns once
+    /// connects are refused and no connection is open.
+    pub async fn stop(&self) {
+        self.halt();
+        wait_until(
+            &format!("backend {} stopped", self.name),
+            Duration::from_secs(10),
+            || async {
+                self.open.load(Ordering::SeqCst) == 0
+                    && tokio::net::TcpStream::connect(self.addr).await.is_err()
+            },
+        )
+        .await;
+    }
+
+    /// Starts stopping (the listener and connections close when their
+    /// tasks next run).
+    fn halt(&self) {
         self.task.abort();
         let _ = self.stop.send(true);
     }
@@ -563,7 +596,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }
 

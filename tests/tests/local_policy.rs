@@ -87,7 +87,7 @@ async fn direct_mode_bypasses_the_gateways_and_fails_over_to_them() {
 
     // 2. A dead endpoint is ejected: the rest goes to b2, and at most one
     //    request ever tried b1 (a refused connect, then moved on).
-    m.b1.stop();
+    m.b1.stop().await;
     let b2_before = m.b2.hits();
     for _ in 0..40 {
         let r = http_get(&url, &host).await.unwrap();
@@ -117,7 +117,7 @@ async fn direct_mode_bypasses_the_gateways_and_fails_over_to_them() {
 
     // 3. The whole destination down: GETs and POSTs fail over to the group
     //    gateways, whose fallback routing serves them from orders-backup.
-    m.b2.stop();
+    m.b2.stop().await;
     for i in 0..10 {
         let r = http_get(&url, &host).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");

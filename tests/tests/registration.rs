@@ -125,7 +125,7 @@ async fn the_sidecar_registers_its_app_while_it_is_healthy() {
     )
     .await;
     sc.kill();
-    app.stop();
+    app.stop().await;
     let hits = app.hits();
     wait_until(
         "the instance expires with its lease",

@@ -1,0 +1,953 @@
+//! The HTTP/1.1 server side of a client connection, for the requests that
+//! make up nearly all mesh traffic. Everything else goes to hyper.
+//!
+//! hyper's server connection is a general state machine: per request it
+//! arms a header-read timer, builds the request through its dispatcher,
+//! gives the body a channel, moves the request's future into a boxed slot
+//! and encodes the response through generic buffers. On the proxy's hot
+//! path that was about a third of the user-space instructions per request.
+//! Here the connection's own task parses the head with `httparse` into an
+//! [`http::Request`], reads a small body whole, awaits the handler in place
+//! and writes the response itself, usually head and body in one write.
+//!
+//! **Served here:** HTTP/1.1 requests (not `CONNECT`) with no body or a
+//! `content-length` of at most [`MAX_BODY`] bytes, and no
+//! `transfer-encoding`, `expect` or upgrade; pipelined requests, in order;
+//! `connection: close`.
+//!
+//! **Handed to hyper:** anything else ends the fast path. That covers:
+//! - a chunked or larger upload, and `Expect: 100-continue`;
+//! - upgrades (WebSocket, h2c) and HTTP/1.0;
+//! - the HTTP/2 preface;
+//! - more than [`MAX_HEADERS`] headers;
+//! - any head that hyper would refuse with 400 or 431.
+//!
+//! [`serve`] then returns the bytes it has read and not served, and the
+//! listener ([`crate::server`]) gives the connection to hyper for the rest
+//! of its life, those bytes first. Hyper's behaviour, including its
+//! answers to malformed input, is kept for all of them.
+//!
+//! **Timeouts:** a request's head, and a body read here, must arrive whole
+//! within [`Limits::request_read`] once its first byte is in. A keep-alive
+//! connection idle for [`Limits::keep_alive_idle`] is closed. Each
+//! connection has one timer, moved forward lazily rather than re-armed per
+//! request.
+//!
+//! **Response framing** (RFC 9112 §6):
+//! - no body for `HEAD`, 1xx, 204 and 304;
+//! - `content-length` when the body's size is known;
+//! - otherwise chunked, with trailers.
+//!
+//! A `date` header is added when the response has none. It is formatted
+//! once a second per thread.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Body;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{ProxyBody, RequestBody};
+use crate::h1::write_field;
+use crate::server::{wait_true, Peer};
+
+/// Most request headers parsed here; a request with more goes to hyper
+/// (which takes 100).
+pub const MAX_HEADERS: usize = 64;
+/// Largest request head parsed here; a larger one goes to hyper (431).
+const MAX_HEAD: usize = 64 * 1024;
+/// Request bodies with a `content-length` up to this size are read whole
+/// here (the proxy buffers them for replay anyway); larger ones stream
+/// through hyper.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response data up to this size is gathered into one write.
+const COALESCE: usize = 64 * 1024;
+/// How late the keep-alive deadline may fire: the timer is moved at most
+/// once per this much time instead of once per request.
+const TIMER_SLACK: Duration = Duration::from_secs(1);
+
+/// The connection timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request's head (and a body read here) must arrive whole within
+    /// this, counted from when its first byte is in.
+    pub request_read: Duration,
+    /// An idle keep-alive connection is closed after this. Longer than
+    /// the upstream pool's idle time (60 s), so a pooled client closes
+    /// first.
+    pub keep_alive_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_read: Duration::from_secs(10),
+            keep_alive_idle: Duration::from_secs(75),
+        }
+    }
+}
+
+/// How a connection's fast path ended.
+#[derive(Debug)]
+pub enum End {
+    /// Closed, or to be closed.
+    Closed,
+    /// The rest of the connection is hyper's: these bytes were read and not
+    /// served, and come first.
+    HandOff(BytesMut),
+}
+
+/// Serves requests on `io` with `handler` until the connection ends,
+/// shutdown is signalled while it is idle, or a request needs hyper.
+pub async fn serve<H, F>(
+    io: &mut TcpStream,
+    peer: &Peer,
+    handler: &H,
+    shutdown: &mut watch::Receiver<bool>,
+    limits: Limits,
+) -> End
+where
+    H: Fn(Peer, Request<RequestBody>) -> F,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut wbuf = Vec::with_capacity(READ_CHUNK);
+    let timer = tokio::time::sleep(limits.keep_alive_idle);
+    let shut = wait_true(shutdown);
+    tokio::pin!(timer, shut);
+    let mut stopping = false;
+    loop {
+        let mut head_deadline = None;
+        let head = loop {
+            if !rbuf.is_empty() {
+                match parse(&mut rbuf) {
+                    Parse::Head(h) => break h,
+                    Parse::HandOff => return End::HandOff(rbuf),
+                    Parse::Partial if rbuf.len() >= MAX_HEAD => return End::HandOff(rbuf),
+                    Parse::Partial => {}
+                }
+            } else if stopping {
+                return End::Closed;
+            }
+            let deadline = if rbuf.is_empty() {
+                Instant::now() + limits.keep_alive_idle
+            } else {
+                *head_deadline.get_or_insert_with(|| Instant::now() + limits.request_read)
+            };
+            let shut = (!stopping).then_some(shut.as_mut());
+            match fill(io, &mut rbuf, timer.as_mut(), deadline, shut).await {
+                Fill::Data => {}
+                Fill::Stopping => stopping = true,
+                Fill::Closed | Fill::TimedOut => return End::Closed,
+            }
+        };
+        let Head {
+            parts,
+            body_len,
+            close,
+        } = head;
+        let body = if body_len == 0 {
+            RequestBody::empty()
+        } else {
+            let deadline = head_deadline.unwrap_or_else(|| Instant::now() + limits.request_read);
+            while rbuf.len() < body_len {
+                match fill(
+                    io,
+                    &mut rbuf,
+                    timer.as_mut(),
+                    deadline,
+                    None::<Pin<&mut std::future::Ready<()>>>,
+                )
+                .await
+                {
+                    Fill::Data => {}
+                    _ => return End::Closed,
+                }
+            }
+            RequestBody::Whole(Some(rbuf.split_to(body_len).freeze()))
+        };
+        let head_only = parts.method == Method::HEAD;
+        let resp = handler(peer.clone(), Request::from_parts(parts, body)).await;
+        let keep_alive = !close && !stopping;
+        match write_response(io, &mut wbuf, resp, head_only, !keep_alive).await {
+            Ok(()) if keep_alive => {}
+            Ok(()) => return End::Closed,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, error = %e, "response not written whole; closing");
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// What waiting for bytes ended with.
+enum Fill {
+    Data,
+    /// The peer closed (or the socket failed).
+    Closed,
+    TimedOut,
+    /// Shutdown was signalled.
+    Stopping,
+}
+
+/// Reads more bytes into `rbuf`, until `deadline` or (when given) until
+/// `shut` completes. The timer is moved only when the deadline is earlier
+/// or more than [`TIMER_SLACK`] later than where it stands.
+async fn fill<S: Future<Output = ()>>(
+    io: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    mut shut: Option<Pin<&mut S>>,
+) -> Fill {
+    let at = timer.deadline();
+    if deadline < at || deadline > at + TIMER_SLACK {
+        timer.as_mut().reset(deadline);
+    }
+    if rbuf.capacity() - rbuf.len() < READ_CHUNK / 2 {
+        rbuf.reserve(READ_CHUNK);
+    }
+    poll_fn(|cx| {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Fill::Closed),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Fill::Data),
+            Poll::Pending => {}
+        }
+        if let Some(s) = shut.as_mut() {
+            if s.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Fill::Stopping);
+            }
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Fill::TimedOut);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A request head served here.
+#[derive(Debug)]
+struct Head {
+    parts: http::request::Parts,
+    /// The body's `content-length` (at most [`MAX_BODY`]).
+    body_len: usize,
+    /// `connection: close`.
+    close: bool,
+}
+
+// Not boxed: a head is parsed for every request, and a box would be an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Parse {
+    Head(Head),
+    /// More bytes are needed.
+    Partial,
+    /// Not served here; `rbuf` is left as it was.
+    HandOff,
+}
+
+/// Parses one request head from the start of `rbuf` and consumes it when
+/// it is served here.
+fn parse(rbuf: &mut BytesMut) -> Parse {
+    // (name start, name end, value start, value end) in the head.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, method, path, count, body_len, close) = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut req,
+            rbuf,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Parse::Partial,
+            Err(_) => return Parse::HandOff,
+        };
+        if req.version != Some(1) {
+            return Parse::HandOff;
+        }
+        let method = match Method::from_bytes(req.method.unwrap_or_default().as_bytes()) {
+            Ok(m) if m != Method::CONNECT => m,
+            _ => return Parse::HandOff,
+        };
+        let base = rbuf.as_ptr() as usize;
+        let target = req.path.unwrap_or_default();
+        let ps = target.as_ptr() as usize - base;
+        let path = (ps, ps + target.len());
+        let mut length: Option<usize> = None;
+        let mut close = false;
+        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+            let name = h.name.as_bytes();
+            let value = h.value;
+            match name.len() {
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    match (length, content_length(value)) {
+                        (None, Some(n)) if n <= MAX_BODY => length = Some(n),
+                        _ => return Parse::HandOff,
+                    }
+                }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Parse::HandOff,
+                6 if name.eq_ignore_ascii_case(b"expect") => return Parse::HandOff,
+                7 if name.eq_ignore_ascii_case(b"upgrade") => return Parse::HandOff,
+                10 if name.eq_ignore_ascii_case(b"connection") => {
+                    for token in value.split(|&b| b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"upgrade") {
+                            return Parse::HandOff;
+                        }
+                        close |= token.eq_ignore_ascii_case(b"close");
+                    }
+                }
+                _ => {}
+            }
+            let n = name.as_ptr() as usize - base;
+            let v = value.as_ptr() as usize - base;
+            *span = (
+                n as u32,
+                (n + name.len()) as u32,
+                v as u32,
+                (v + value.len()) as u32,
+            );
+        }
+        (
+            len,
+            method,
+            path,
+            req.headers.len(),
+            length.unwrap_or(0),
+            close,
+        )
+    };
+    let head = rbuf.split_to(len).freeze();
+    // What httparse lets through and `http` refuses goes to hyper, with
+    // the buffer as it was.
+    let give_back = |rbuf: &mut BytesMut| {
+        let mut whole = BytesMut::with_capacity(head.len() + rbuf.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(rbuf);
+        *rbuf = whole;
+        Parse::HandOff
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
+        return give_back(rbuf);
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let Ok(name) = HeaderName::from_bytes(&head[ns as usize..ne as usize]) else {
+            return give_back(rbuf);
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)) else {
+            return give_back(rbuf);
+        };
+        headers.append(name, value);
+    }
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.headers = headers;
+    Parse::Head(Head {
+        parts,
+        body_len,
+        close,
+    })
+}
+
+/// A `content-length` value of digits only (no sign, no list).
+fn content_length(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0')))
+}
+
+/// How a response body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body is sent (`HEAD`, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The framing of a response, and whether a `content-length` header it
+/// carries is written as it is (else it is left out, and the framing
+/// writes its own).
+fn framing(
+    status: StatusCode,
+    head_only: bool,
+    h: &HeaderMap,
+    hint: Option<u64>,
+) -> (Framing, bool) {
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        return (Framing::None, false);
+    }
+    if status == StatusCode::NOT_MODIFIED {
+        return (Framing::None, true);
+    }
+    let announced = h.get(header::CONTENT_LENGTH);
+    if head_only {
+        // The headers describe the body a GET would get.
+        return match (announced, hint) {
+            (None, Some(n)) => (Framing::Length(n), false),
+            _ => (Framing::None, true),
+        };
+    }
+    if let Some(n) = hint {
+        return (Framing::Length(n), false);
+    }
+    match announced.and_then(|v| content_length(v.as_bytes())) {
+        Some(n) => (Framing::Length(n as u64), false),
+        None => (Framing::Chunked, false),
+    }
+}
+
+/// Writes the status line and headers, with the framing's own headers.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    framing: Framing,
+    keep_length: bool,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || (name == header::CONTENT_LENGTH && !keep_length)
+        {
+            continue;
+        }
+        has_date |= name == header::DATE;
+        write_field(out, name, value);
+    }
+    if !has_date {
+        write_date(out);
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a response: head and body, gathered into as few writes as the
+/// body's pace allows (a frame that is not ready flushes what is waiting).
+async fn write_response(
+    io: &mut TcpStream,
+    wbuf: &mut Vec<u8>,
+    resp: Response<ProxyBody>,
+    head_only: bool,
+    close: bool,
+) -> io::Result<()> {
+    let (parts, mut body) = resp.into_parts();
+    let (framing, keep_length) = framing(
+        parts.status,
+        head_only,
+        &parts.headers,
+        body.size_hint().exact(),
+    );
+    wbuf.clear();
+    encode_head(wbuf, &parts, framing, keep_length, close);
+    if head_only || framing == Framing::None {
+        drop(body);
+        return io.write_all(wbuf).await;
+    }
+    let chunked = framing == Framing::Chunked;
+    let mut left = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    let mut trailers = None;
+    loop {
+        let step = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Pending if !wbuf.is_empty() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        })
+        .await;
+        let frame = match step {
+            // The body is not ready: send what is waiting meanwhile.
+            None => {
+                io.write_all(wbuf).await?;
+                wbuf.clear();
+                continue;
+            }
+            Some(None) => break,
+            Some(Some(Ok(frame))) => frame,
+            Some(Some(Err(e))) => {
+                io.write_all(wbuf).await?;
+                return Err(io::Error::other(format!("response body: {e}")));
+            }
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(left) = &mut left {
+            if data.len() as u64 > *left {
+                io.write_all(wbuf).await?;
+                return Err(io::Error::other("response body longer than its length"));
+            }
+            *left -= data.len() as u64;
+        }
+        if chunked {
+            wbuf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if wbuf.len() + data.len() <= COALESCE {
+            wbuf.extend_from_slice(&data);
+        } else {
+            io.write_all_buf(&mut (&wbuf[..]).chain(data)).await?;
+            wbuf.clear();
+        }
+        if chunked {
+            wbuf.extend_from_slice(b"\r\n");
+        }
+    }
+    if chunked {
+        wbuf.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            write_field(wbuf, name, value);
+        }
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    io.write_all(wbuf).await?;
+    wbuf.clear();
+    match left {
+        Some(n) if n > 0 => Err(io::Error::other(format!(
+            "response body ended {n} bytes short of its length"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a `date` header with the current time, formatted at most once a
+/// second per thread.
+fn write_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::body::full;
+
+    /// Answers `METHOD target body` (the body it received), with the
+    /// number of request headers in `x-headers`; `/204` answers 204,
+    /// `/wait` signals `entered` and waits for `release` first.
+    async fn echo(req: Request<RequestBody>, gate: Arc<(Notify, Notify)>) -> Response<ProxyBody> {
+        if req.uri().path() == "/wait" {
+            gate.0.notify_one();
+            gate.1.notified().await;
+        }
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let text = format!(
+            "{} {} {}",
+            parts.method,
+            parts.uri,
+            String::from_utf8_lossy(&body)
+        );
+        let mut resp = Response::new(full(Full::new(Bytes::from(text))));
+        resp.headers_mut()
+            .insert("x-headers", HeaderValue::from(parts.headers.len()));
+        if parts.uri.path() == "/204" {
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+        }
+        resp
+    }
+
+    struct Server {
+        port: u16,
+        stop: watch::Sender<bool>,
+        /// (entered, release) for `/wait`.
+        gate: Arc<(Notify, Notify)>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn server(limits: Limits) -> Server {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (stop, rx) = watch::channel(false);
+        let gate = Arc::new((Notify::new(), Notify::new()));
+        let r = gate.clone();
+        let handler = move |_peer, req| echo(req, r.clone());
+        let task = tokio::spawn(crate::server::serve_with(
+            "test",
+            l,
+            handler,
+            rx,
+            Duration::from_secs(10),
+            limits,
+        ));
+        Server {
+            port,
+            stop,
+            gate,
+            task,
+        }
+    }
+
+    async fn connect(port: u16) -> TcpStream {
+        TcpStream::connect(("127.0.0.1", port)).await.unwrap()
+    }
+
+    /// Everything the server writes until it closes (bounded wait).
+    async fn read_to_close(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Reads until `n` complete responses (heads with content-length
+    /// bodies, or bodiless) are in; returns them.
+    async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while out.len() < n {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let len = if head.starts_with("http/1.1 204") {
+                    0
+                } else {
+                    len
+                };
+                if buf.len() >= end + 4 + len {
+                    let msg: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                    out.push(String::from_utf8_lossy(&msg).into_owned());
+                    continue;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let got = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .expect("responses arrive")
+                .unwrap();
+            assert!(got > 0, "closed after {} responses: {out:?}", out.len());
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        assert!(buf.is_empty(), "stray bytes after the responses: {buf:?}");
+        out
+    }
+
+    fn body(resp: &str) -> &str {
+        resp.split_once("\r\n\r\n").unwrap().1
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_then_close_is_honoured() {
+        let srv = server(Limits::default()).await;
+        let mut s = connect(srv.port).await;
+        s.write_all(
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+              GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let out = read_to_close(&mut s).await;
+        let parts: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(parts.len(), 3, "{out}");
+        assert!(parts[0].starts_with("200 OK\r\n"), "{out}");
+        assert!(parts[0].ends_with("\r\n\r\nGET /a?x=1 "), "{out}");
+        assert!(parts[1].ends_with("\r\n\r\nPOST /b hello"), "{out}");
+        assert!(parts[2].contains("connection: close\r\n"), "{out}");
+        assert!(parts[2].ends_with("\r\n\r\nGET /c "), "{out}");
+        for p in &parts {
+            assert!(p.contains("\r\ndate: "), "a date is added: {p}");
+            assert!(p.contains("\r\nx-headers: "), "{p}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_byte_by_byte_is_served() {
+        let srv = server(Limits::default()).await;
+        let mut s = connect(srv.port).await;
+        let req = b"PUT /slow HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc";
+        for b in req {
+            s.write_all(&[*b]).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let out = read_responses(&mut s, 1).await;
+        assert_eq!(body(&out[0]), "PUT /slow abc");
+        assert!(out[0].contains("content-length: 13\r\n"), "{}", out[0]);
+    }
+
+    #[tokio::test]
+    async fn head_and_204_answers_carry_no_body_and_the_connection_goes_on() {
+        let srv = server(Limits::default()).await;
+        let mut s = connect(srv.port).await;
+        s.write_all(
+            b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /204 HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /after HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // (read_responses would wait for the HEAD answer's announced body.)
+        let mut buf = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&buf).contains("GET /after ") {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .expect("answers arrive")
+                .unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let out = String::from_utf8_lossy(&buf).into_owned();
+        let parts: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(parts.len(), 3, "{out}");
+        // HEAD: the length a GET would get, and no body.
+        assert!(parts[0].starts_with("200 OK\r\n"), "{out}");
+        assert!(parts[0].contains("content-length: 8\r\n"), "{out}");
+        assert!(parts[0].ends_with("\r\n\r\n"), "{out}");
+        // 204: neither a length nor a body.
+        assert!(parts[1].starts_with("204 No Content\r\n"), "{out}");
+        assert!(!parts[1].contains("content-length"), "{out}");
+        assert!(parts[1].ends_with("\r\n\r\n"), "{out}");
+        assert!(parts[2].ends_with("\r\n\r\nGET /after "), "{out}");
+    }
+
+    #[tokio::test]
+    async fn requests_left_to_hyper_are_served_on_the_same_connection() {
+        let srv = server(Limits::default()).await;
+        let mut s = connect(srv.port).await;
+        // Fast path, then a chunked upload (hyper from here on), then a
+        // plain request hyper serves too.
+        s.write_all(
+            b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n\
+              POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+              GET /third HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let out = read_responses(&mut s, 3).await;
+        assert_eq!(body(&out[0]), "GET /first ");
+        assert_eq!(body(&out[1]), "POST /chunked abcde");
+        assert_eq!(body(&out[2]), "GET /third ");
+        // Malformed input after a request served here: hyper's 400, closed.
+        let mut s = connect(srv.port).await;
+        s.write_all(
+            b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let out = read_to_close(&mut s).await;
+        let parts: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(parts.len(), 2, "{out}");
+        assert!(parts[0].ends_with("GET /ok "), "{out}");
+        assert!(parts[1].starts_with("400"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn http2_by_prior_knowledge_goes_to_hyper() {
+        let srv = server(Limits::default()).await;
+        let io = hyper_util::rt::TokioIo::new(connect(srv.port).await);
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post(format!("http://127.0.0.1:{}/h2", srv.port))
+            .body(Full::new(Bytes::from_static(b"over h2")))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), Version::HTTP_2);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &got[..],
+            format!("POST http://127.0.0.1:{}/h2 over h2", srv.port).as_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_head_and_an_idle_connection_are_closed() {
+        let srv = server(Limits {
+            request_read: Duration::from_millis(200),
+            keep_alive_idle: Duration::from_millis(300),
+        })
+        .await;
+        // Half a head, never finished: closed without an answer.
+        let mut s = connect(srv.port).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+        assert_eq!(read_to_close(&mut s).await, "");
+        // One request, then nothing: answered, then closed.
+        let mut s = connect(srv.port).await;
+        s.write_all(b"GET /once HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(&mut s).await;
+        assert!(out.ends_with("\r\n\r\nGET /once "), "{out}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
+        let srv = server(Limits::default()).await;
+        let mut idle = connect(srv.port).await;
+        idle.write_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        read_responses(&mut idle, 1).await;
+        let mut busy = connect(srv.port).await;
+        busy.write_all(b"GET /wait HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), srv.gate.0.notified())
+            .await
+            .expect("the request reaches the handler");
+        // The idle connection closes once shutdown is signalled, while the
+        // request in flight is still held.
+        srv.stop.send(true).unwrap();
+        assert_eq!(read_to_close(&mut idle).await, "");
+        srv.gate.1.notify_one();
+        let out = read_to_close(&mut busy).await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nGET /wait "), "{out}");
+        tokio::time::timeout(Duration::from_secs(10), srv.task)
+            .await
+            .expect("the listener finishes draining")
+            .unwrap();
+    }
+
+    #[test]
+    fn requests_outside_the_fast_path_are_handed_off_untouched() {
+        let cases: &[&[u8]] = &[
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"CONNECT svc:80 HTTP/1.1\r\nHost: svc\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        ];
+        for case in cases {
+            let mut buf = BytesMut::from(&case[..]);
+            assert!(matches!(parse(&mut buf), Parse::HandOff), "{case:?}");
+            assert_eq!(&buf[..], &case[..], "left as it was");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+        assert!(matches!(parse(&mut buf), Parse::HandOff));
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a"[..]);
+        assert!(matches!(parse(&mut buf), Parse::Partial));
+    }
+
+    #[test]
+    fn a_served_head_is_parsed_and_consumed() {
+        let mut buf = BytesMut::from(
+            &b"DELETE /x/y?q=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 2\r\nConnection: Close\r\n\r\nokNEXT"[..],
+        );
+        let Parse::Head(head) = parse(&mut buf) else {
+            panic!("served here")
+        };
+        assert_eq!(&buf[..], b"okNEXT");
+        assert_eq!(head.parts.method, Method::DELETE);
+        assert_eq!(head.parts.uri, "/x/y?q=1");
+        assert_eq!(head.parts.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!((head.body_len, head.close), (2, true));
+    }
+
+    #[test]
+    fn response_framing_follows_status_method_and_size() {
+        let none = HeaderMap::new();
+        let mut sized = HeaderMap::new();
+        sized.insert(header::CONTENT_LENGTH, HeaderValue::from(10));
+        let ok = StatusCode::OK;
+        let cases = [
+            // (status, HEAD, headers, exact size) -> (framing, keep its length)
+            ((ok, false, &none, Some(5)), (Framing::Length(5), false)),
+            ((ok, false, &none, None), (Framing::Chunked, false)),
+            ((ok, false, &sized, None), (Framing::Length(10), false)),
+            ((ok, false, &sized, Some(10)), (Framing::Length(10), false)),
+            ((ok, true, &sized, Some(0)), (Framing::None, true)),
+            ((ok, true, &none, Some(3)), (Framing::Length(3), false)),
+            (
+                (StatusCode::NO_CONTENT, false, &sized, Some(0)),
+                (Framing::None, false),
+            ),
+            (
+                (StatusCode::NOT_MODIFIED, false, &sized, Some(0)),
+                (Framing::None, true),
+            ),
+        ];
+        for ((status, head, h, hint), want) in cases {
+            assert_eq!(
+                framing(status, head, h, hint),
+                want,
+                "{status} head={head} {h:?} {hint:?}"
+            );
+        }
+    }
+}
