@@ -123,11 +123,11 @@ pub fn explain(snap: &Snapshot, req: &ExplainRequest) -> Result<Value, BadField>
                 "backends": backends(list),
             })
         }
-        None if req.scope == Scope::Mesh && snap.services.contains_key(host.as_str()) => json!({
+        None if req.scope == Scope::Mesh && snap.services.contains_key(&*host) => json!({
             "route": null,
             "implicit": true,
             "why": format!("no mesh route matches; the request names service {host:?}, which gets its implicit route"),
-            "backends": backends(vec![(Arc::from(host.as_str()), 1)]),
+            "backends": backends(vec![(Arc::from(&*host), 1)]),
         }),
         None => json!({
             "route": null,

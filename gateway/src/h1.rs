@@ -410,7 +410,9 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
         for &(ns, ne, vs, ve) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
                 .map_err(|_| invalid("invalid response header name"))?;
-            seen.note(&name);
+            if !seen.note(&name, &head[vs as usize..ve as usize]) {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
                 .map_err(|_| invalid(format!("invalid value of response header {name}")))?;
             headers.append(name, value);
@@ -421,11 +423,7 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
             Version::HTTP_11
         };
         let (framing, mut keep_alive) = framing(&headers, &seen, status, head_only)?;
-        keep_alive &= if seen.connection {
-            wants_keep_alive(&headers, version)
-        } else {
-            version == Version::HTTP_11
-        };
+        keep_alive &= !seen.close && (version == Version::HTTP_11 || seen.keep_alive);
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -444,19 +442,46 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
 struct Seen {
     content_length: bool,
     transfer_encoding: bool,
-    connection: bool,
+    /// `connection: close`.
+    close: bool,
+    /// `connection: keep-alive`.
+    keep_alive: bool,
 }
 
 impl Seen {
-    fn note(&mut self, name: &HeaderName) {
+    /// Notes a header; false when it is not worth keeping: a `connection`
+    /// header naming only `close` or `keep-alive` has said all it has to
+    /// say here, and would only be stripped again (it is hop-by-hop).
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         if name == header::CONTENT_LENGTH {
             self.content_length = true;
         } else if name == header::TRANSFER_ENCODING {
             self.transfer_encoding = true;
         } else if name == header::CONNECTION {
-            self.connection = true;
+            let (close, keep, others) = connection_tokens(value);
+            self.close |= close;
+            self.keep_alive |= keep;
+            return others;
+        }
+        true
+    }
+}
+
+/// The tokens of a `connection` value: whether it says `close`,
+/// `keep-alive`, and whether it names anything else.
+pub(crate) fn connection_tokens(value: &[u8]) -> (bool, bool, bool) {
+    let (mut close, mut keep, mut others) = (false, false, false);
+    for token in value.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            keep = true;
+        } else if !token.is_empty() {
+            others = true;
         }
     }
+    (close, keep, others)
 }
 
 /// The body framing of a response (RFC 9112 §6.3), and whether the
@@ -507,20 +532,6 @@ fn framing(
         Some(n) => (Framing::Length(n), true),
         None => (Framing::Eof, false),
     })
-}
-
-/// Whether the response lets the connection stay open.
-fn wants_keep_alive(h: &HeaderMap, version: Version) -> bool {
-    let mut close = false;
-    let mut keep = false;
-    for v in h.get_all(header::CONNECTION) {
-        for t in v.to_str().unwrap_or_default().split(',') {
-            let t = t.trim();
-            close |= t.eq_ignore_ascii_case("close");
-            keep |= t.eq_ignore_ascii_case("keep-alive");
-        }
-    }
-    !close && (version == Version::HTTP_11 || keep)
 }
 
 /// The response body of an exchange, read from its connection. When the

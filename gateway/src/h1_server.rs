@@ -59,7 +59,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{ProxyBody, RequestBody};
-use crate::h1::write_field;
+use crate::h1::{connection_tokens, write_field};
 use crate::server::{wait_true, Peer};
 
 /// Most request headers parsed here; a request with more goes to hyper
@@ -71,6 +71,9 @@ const MAX_HEAD: usize = 64 * 1024;
 /// here (the proxy buffers them for replay anyway); larger ones stream
 /// through hyper.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Headers the proxy adds to a request on its way (`x-mesh-hops`,
+/// `x-request-id`, `traceparent`, `x-forwarded-for`, and a few more).
+const ADDED_HEADERS: usize = 6;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
 /// Response data up to this size is gathered into one write.
@@ -239,6 +242,9 @@ async fn fill<S: Future<Output = ()>>(
     .await
 }
 
+/// The span of a header left out of the request's map.
+const SKIP: (u32, u32, u32, u32) = (0, 0, 0, 0);
+
 /// A request head served here.
 #[derive(Debug)]
 struct Head {
@@ -305,12 +311,23 @@ fn parse(rbuf: &mut BytesMut) -> Parse {
                 6 if name.eq_ignore_ascii_case(b"expect") => return Parse::HandOff,
                 7 if name.eq_ignore_ascii_case(b"upgrade") => return Parse::HandOff,
                 10 if name.eq_ignore_ascii_case(b"connection") => {
-                    for token in value.split(|&b| b == b',') {
-                        let token = token.trim_ascii();
-                        if token.eq_ignore_ascii_case(b"upgrade") {
+                    let (c, _, others) = connection_tokens(value);
+                    close |= c;
+                    if others {
+                        // `upgrade`, or headers named hop-by-hop: the
+                        // upgrade is hyper's; the names stay for the
+                        // proxy to strip.
+                        if value
+                            .split(|&b| b == b',')
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+                        {
                             return Parse::HandOff;
                         }
-                        close |= token.eq_ignore_ascii_case(b"close");
+                    } else {
+                        // Only `close` / `keep-alive`: said all it has to
+                        // say here, and would be stripped as hop-by-hop.
+                        *span = SKIP;
+                        continue;
                     }
                 }
                 _ => {}
@@ -346,8 +363,13 @@ fn parse(rbuf: &mut BytesMut) -> Parse {
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
         return give_back(rbuf);
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the headers the request path adds (hops, ids, forwarded-for)
+    // without growing the table: each growth rehashes it.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     for &(ns, ne, vs, ve) in &spans[..count] {
+        if (ns, ne, vs, ve) == SKIP {
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(&head[ns as usize..ne as usize]) else {
             return give_back(rbuf);
         };

@@ -2,6 +2,8 @@
 //! request ids, trace context, caller identity, hop-by-hop header removal,
 //! and naming the destination service.
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
@@ -167,7 +169,29 @@ pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
         Some(v) => v.to_str().ok()?.trim().parse::<u32>().ok()?,
     };
     let next = hops.saturating_add(1);
-    h.insert(X_MESH_HOPS, HeaderValue::from(next));
+    // Small counts (all but looping requests) without an allocation.
+    static SMALL: [HeaderValue; 10] = {
+        const fn v(s: &'static str) -> HeaderValue {
+            HeaderValue::from_static(s)
+        }
+        [
+            v("0"),
+            v("1"),
+            v("2"),
+            v("3"),
+            v("4"),
+            v("5"),
+            v("6"),
+            v("7"),
+            v("8"),
+            v("9"),
+        ]
+    };
+    let value = match SMALL.get(next as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(next),
+    };
+    h.insert(X_MESH_HOPS, value);
     Some(next)
 }
 
@@ -215,27 +239,45 @@ fn hex_value(s: &[u8]) -> HeaderValue {
 
 /// The service a mesh request is for: `x-mesh-service`, else the host
 /// (from `Host` or the URI authority) without port and `.mesh` suffix,
-/// lower-cased.
-pub fn destination(h: &HeaderMap, uri_host: Option<&str>) -> Option<String> {
+/// lower-cased. Borrowed from the request unless it had to be lowered.
+pub fn destination<'a>(h: &'a HeaderMap, uri_host: Option<&'a str>) -> Option<Cow<'a, str>> {
     if let Some(v) = h.get(&X_MESH_SERVICE).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() {
-            return Some(v.to_ascii_lowercase());
+            return Some(lower(v));
         }
     }
-    let host = request_host(h, uri_host)?;
-    let host = host.strip_suffix(".mesh").unwrap_or(&host);
-    (!host.is_empty()).then(|| host.to_string())
+    let unmeshed = |s: &str| -> Option<usize> {
+        let s = s.strip_suffix(".mesh").unwrap_or(s);
+        (!s.is_empty()).then_some(s.len())
+    };
+    Some(match request_host(h, uri_host)? {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..unmeshed(b)?]),
+        Cow::Owned(mut o) => {
+            o.truncate(unmeshed(&o)?);
+            Cow::Owned(o)
+        }
+    })
 }
 
-/// The request's host without port, lower-cased.
-pub fn request_host(h: &HeaderMap, uri_host: Option<&str>) -> Option<String> {
+/// The request's host without port, lower-cased. Borrowed from the
+/// request unless it had to be lowered.
+pub fn request_host<'a>(h: &'a HeaderMap, uri_host: Option<&'a str>) -> Option<Cow<'a, str>> {
     let raw = match h.get(header::HOST).and_then(|v| v.to_str().ok()) {
         Some(v) => v,
         None => uri_host?,
     };
     let host = strip_port(raw.trim());
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    (!host.is_empty()).then(|| lower(host))
+}
+
+/// `s` in lower case, copied only when it has upper-case letters.
+fn lower(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
 }
 
 fn strip_port(h: &str) -> &str {

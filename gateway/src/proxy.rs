@@ -192,7 +192,7 @@ impl Proxy {
         let found = router.find(&host, &view).cloned();
         let route: Arc<CompiledRoute> = match found {
             Some(r) => r,
-            None => match (kind, snap.services.get(host.as_str())) {
+            None => match (kind, snap.services.get(&*host)) {
                 (ListenerKind::Mesh, Some(svc)) => svc.implicit_route.clone(),
                 _ => {
                     let msg = format!(
@@ -572,7 +572,8 @@ impl Proxy {
         if kind != ListenerKind::Mesh {
             return MeshError::BadRequest.response("CONNECT is served on mesh listeners only");
         }
-        let Some(dest) = headers::destination(req.headers(), uri_host) else {
+        let Some(dest) = headers::destination(req.headers(), uri_host).map(|d| d.into_owned())
+        else {
             return MeshError::NoDestination.response("CONNECT names no service");
         };
         let Some(primary) = snap.services.get(dest.as_str()).cloned() else {
@@ -732,16 +733,18 @@ fn grpc_error(resp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 fn append_forwarded_for(h: &mut http::HeaderMap, ip: &HeaderValue) {
     const XFF: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-    let v = match h.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            match HeaderValue::from_str(&format!("{prev}, {}", ip.to_str().unwrap_or(""))) {
-                Ok(v) => v,
-                Err(_) => return,
+    match h.entry(XFF) {
+        header::Entry::Vacant(e) => {
+            e.insert(ip.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            let Ok(prev) = e.get().to_str() else { return };
+            let joined = format!("{prev}, {}", ip.to_str().unwrap_or(""));
+            if let Ok(v) = HeaderValue::from_str(&joined) {
+                e.insert(v);
             }
         }
-        None => ip.clone(),
-    };
-    h.insert(XFF, v);
+    }
 }
 
 /// The innermost error message (hyper wraps io errors several levels deep).

@@ -132,7 +132,9 @@ impl Forwarder {
         &self,
         req: &mut Request<RequestBody>,
     ) -> Result<String, Box<(Response<ProxyBody>, String)>> {
-        let Some(dest) = headers::destination(req.headers(), req.uri().host()) else {
+        let Some(dest) =
+            headers::destination(req.headers(), req.uri().host()).map(|d| d.into_owned())
+        else {
             let msg = "name the destination with Host: <service> or x-mesh-service";
             return Err(Box::new((
                 MeshError::NoDestination.response(msg),
