@@ -29,7 +29,7 @@
 //! Upgrades and `CONNECT` tunnels still use hyper's client (one exchange
 //! per connection, see [`crate::upstream::upgrade`]).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -42,6 +42,7 @@ use http::{Method, Request, StatusCode, Version};
 use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
 use crate::resilience::ConnSlot;
@@ -67,6 +68,51 @@ pub struct Conn {
     /// The connection's place under the service's connection limit,
     /// released when the connection is dropped.
     _slot: Option<ConnSlot>,
+    /// Bounds waiting for a response head. Aimed lazily: an exchange moves
+    /// it only to an earlier deadline, and one that fires before the
+    /// current exchange's deadline is re-aimed then. A connection's
+    /// deadlines mostly only grow, so the timer is registered about once
+    /// per timeout span instead of once per request.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// The error (inside an [`io::ErrorKind::TimedOut`]) of an exchange whose
+/// response head did not arrive by its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("no response head by the deadline")]
+pub struct DeadlinePassed;
+
+impl DeadlinePassed {
+    /// Whether `e` is this.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<DeadlinePassed>())
+    }
+}
+
+/// Runs `fut` until `deadline` on `timer` (see [`Conn::timer`]).
+async fn within<F: Future<Output = io::Result<T>>, T>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    fut: F,
+) -> io::Result<T> {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let mut fut = std::pin::pin!(fut);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, DeadlinePassed)));
+            }
+            // Aimed at an earlier exchange's deadline: aim it at this one.
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 impl std::fmt::Debug for Conn {
@@ -137,11 +183,14 @@ impl Conn {
                 )
             })??;
         io.set_nodelay(true)?;
+        // Not registered until first polled.
+        let idle = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         Ok(Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             _slot: slot,
+            timer: Box::pin(tokio::time::sleep_until(idle)),
         })
     }
 
@@ -170,10 +219,12 @@ impl Conn {
     }
 
     /// Sends `req` (origin-form target, `Host` set) and reads the response
-    /// head. The returned [`Exchange`] reads the body.
+    /// head, which must arrive by `deadline` (else a [`DeadlinePassed`]
+    /// error). The returned [`Exchange`] reads the body.
     pub async fn send(
         mut self,
         req: Request<ProxyBody>,
+        deadline: Instant,
     ) -> io::Result<(http::response::Parts, Exchange)> {
         let head_only = req.method() == Method::HEAD;
         let (parts, body) = req.into_parts();
@@ -193,22 +244,31 @@ impl Conn {
             b if b.is_end_stream() => None,
             b => Some(b),
         };
-        let Conn { io, rbuf, wbuf, .. } = &mut self;
+        let Conn {
+            io,
+            rbuf,
+            wbuf,
+            timer,
+            ..
+        } = &mut self;
         let (mut rd, mut wr) = io.split();
-        let (head, body_sent) = match rest {
-            None => {
-                wr.write_all(wbuf).await?;
-                (read_head(&mut rd, rbuf, head_only).await?, true)
-            }
-            // Boxed: streaming is the rare path, and its future would
-            // otherwise widen every exchange's.
-            Some(body) => {
-                Box::pin(stream_body(
-                    &mut rd, &mut wr, rbuf, wbuf, body, chunked, head_only,
-                ))
-                .await?
+        let exchange = async {
+            match rest {
+                None => {
+                    wr.write_all(wbuf).await?;
+                    Ok((read_head(&mut rd, rbuf, head_only).await?, true))
+                }
+                // Boxed: streaming is the rare path, and its future would
+                // otherwise widen every exchange's.
+                Some(body) => {
+                    Box::pin(stream_body(
+                        &mut rd, &mut wr, rbuf, wbuf, body, chunked, head_only,
+                    ))
+                    .await
+                }
             }
         };
+        let (head, body_sent) = within(timer.as_mut(), deadline, exchange).await?;
         let Head {
             parts,
             framing,
@@ -831,7 +891,7 @@ mod tests {
         Option<HeaderMap>,
         Option<Conn>,
     )> {
-        let (parts, mut ex) = conn.send(req).await?;
+        let (parts, mut ex) = conn.send(req, far()).await?;
         let mut data = Vec::new();
         let mut trailers = None;
         while let Some(frame) = poll_fn(|cx| ex.poll_frame(cx)).await {
@@ -842,6 +902,11 @@ mod tests {
         }
         assert!(ex.is_done());
         Ok((parts, data.into(), trailers, ex.take_idle()))
+    }
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
     }
 
     async fn connect(addr: &str) -> Conn {
@@ -1070,5 +1135,49 @@ mod tests {
             .expect("the close never arrived")
             .unwrap();
         assert!(!conn.usable_when_idle());
+    }
+
+    #[tokio::test]
+    async fn a_head_late_for_its_deadline_fails_and_an_earlier_deadline_cuts_no_later_exchange() {
+        // Answers each request after as many milliseconds as its body says.
+        let addr = server(|mut s| async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_request(&mut s, &mut buf).await {
+                let end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let ms: u64 = String::from_utf8_lossy(&req[end + 4..]).parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let after = |ms: u64| Instant::now() + Duration::from_millis(ms);
+        // A quick answer well within a short deadline: the connection's
+        // timer is now aimed at that deadline.
+        let conn = connect(&addr).await;
+        let (_, mut ex) = conn
+            .send(request(Method::POST, "0"), after(200))
+            .await
+            .unwrap();
+        while poll_fn(|cx| ex.poll_frame(cx)).await.is_some() {}
+        let conn = ex.take_idle().expect("reusable");
+        // The timer fires during this exchange, before its own deadline:
+        // it is re-aimed, and the answer arrives.
+        let (parts, mut ex) = conn
+            .send(request(Method::POST, "600"), after(5_000))
+            .await
+            .unwrap();
+        assert_eq!(parts.status, StatusCode::OK);
+        while poll_fn(|cx| ex.poll_frame(cx)).await.is_some() {}
+        let conn = ex.take_idle().expect("reusable");
+        // An answer later than the deadline: the exchange fails with
+        // DeadlinePassed.
+        let err = conn
+            .send(request(Method::POST, "3000"), after(100))
+            .await
+            .unwrap_err();
+        assert!(DeadlinePassed::is(&err), "{err}");
     }
 }

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use crate::balance::EndpointState;
 use crate::body::ProxyBody;
 use crate::client::{HttpClient, Wire};
-use crate::h1::{Conn, Exchange};
+use crate::h1::{Conn, DeadlinePassed, Exchange};
 use crate::proxy::root_cause;
 use crate::resilience::{self, ConnLimit, ConnSlot, Overflow};
 
@@ -67,6 +67,9 @@ pub enum SendError {
     Overflow(Overflow, Box<Request<ProxyBody>>),
     /// The exchange failed; the request may have been (partly) sent.
     Exchange(std::io::Error),
+    /// No response head by the deadline (waiting for a connection
+    /// included).
+    Timeout,
 }
 
 impl std::fmt::Display for SendError {
@@ -75,6 +78,7 @@ impl std::fmt::Display for SendError {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
             SendError::Overflow(o, _) => write!(f, "{} reached", o.as_str()),
             SendError::Exchange(e) => write!(f, "{e}"),
+            SendError::Timeout => f.write_str("no response head by the deadline"),
         }
     }
 }
@@ -163,18 +167,34 @@ impl H1Pool {
         connect_timeout: Duration,
         limit: Option<ConnLimit<'_>>,
         req: Request<ProxyBody>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let conn = match self.checkout() {
             Some(conn) => conn,
             // Boxed: a rare path whose future would otherwise widen every
             // request's.
-            None => match Box::pin(self.open(address, connect_timeout, limit)).await {
-                Ok(conn) => conn,
-                Err(Opened::Failed(e)) => return Err(SendError::Connect(e, Box::new(req))),
-                Err(Opened::Overflow(o)) => return Err(SendError::Overflow(o, Box::new(req))),
-            },
+            None => {
+                let opened = tokio::time::timeout_at(
+                    deadline,
+                    Box::pin(self.open(address, connect_timeout, limit)),
+                );
+                match opened.await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(Opened::Failed(e))) => return Err(SendError::Connect(e, Box::new(req))),
+                    Ok(Err(Opened::Overflow(o))) => {
+                        return Err(SendError::Overflow(o, Box::new(req)))
+                    }
+                    Err(_) => return Err(SendError::Timeout),
+                }
+            }
         };
-        let (parts, exchange) = conn.send(req).await.map_err(SendError::Exchange)?;
+        let (parts, exchange) = conn.send(req, deadline).await.map_err(|e| {
+            if DeadlinePassed::is(&e) {
+                SendError::Timeout
+            } else {
+                SendError::Exchange(e)
+            }
+        })?;
         let mut body = UpstreamBody {
             exchange,
             pool: self.clone(),
@@ -275,17 +295,24 @@ pub async fn attempt(
     let sent_at = Instant::now();
     let result = match opts.wire {
         Wire::Http1 => {
-            let sent = ep
-                .h1
-                .send(&ep.address, opts.connect_timeout, opts.conn_limit, req);
-            match tokio::time::timeout(opts.timeout, sent).await {
-                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Upstream)),
-                Ok(Err(SendError::Connect(e, back))) => {
+            // The pool's connections carry their own timers (see
+            // `h1::Conn`): no timer is armed per request.
+            let deadline = tokio::time::Instant::from_std(sent_at) + opts.timeout;
+            let sent = ep.h1.send(
+                &ep.address,
+                opts.connect_timeout,
+                opts.conn_limit,
+                req,
+                deadline,
+            );
+            match sent.await {
+                Ok(resp) => Ok(resp.map(ProxyBody::Upstream)),
+                Err(SendError::Connect(e, back)) => {
                     Err(Attempt::Connect(e.to_string(), Some(back)))
                 }
-                Ok(Err(SendError::Overflow(o, _))) => Err(Attempt::Overflow(o)),
-                Ok(Err(SendError::Exchange(e))) => Err(Attempt::Exchange(e.to_string())),
-                Err(_) => Err(Attempt::Timeout),
+                Err(SendError::Overflow(o, _)) => Err(Attempt::Overflow(o)),
+                Err(SendError::Exchange(e)) => Err(Attempt::Exchange(e.to_string())),
+                Err(SendError::Timeout) => Err(Attempt::Timeout),
             }
         }
         Wire::Http2 => {
@@ -479,6 +506,10 @@ mod tests {
         (addr, accepted)
     }
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
     fn get(addr: &str) -> Request<ProxyBody> {
         let mut r = Request::new(crate::body::empty());
         *r.uri_mut() = "/".parse().unwrap();
@@ -489,7 +520,7 @@ mod tests {
 
     async fn exchange(pool: &Arc<H1Pool>, addr: &str) -> Bytes {
         let resp = pool
-            .send(addr, Duration::from_secs(1), None, get(addr))
+            .send(addr, Duration::from_secs(1), None, get(addr), far())
             .await
             .unwrap();
         resp.into_body().collect().await.unwrap().to_bytes()
@@ -525,7 +556,10 @@ mod tests {
         let mut req = get(&addr);
         req.headers_mut()
             .insert("x-marker", http::HeaderValue::from_static("kept"));
-        match pool.send(&addr, Duration::from_secs(1), None, req).await {
+        match pool
+            .send(&addr, Duration::from_secs(1), None, req, far())
+            .await
+        {
             Err(SendError::Connect(_, back)) => assert_eq!(back.headers()["x-marker"], "kept"),
             other => panic!("expected a connect error, got {other:?}"),
         }
