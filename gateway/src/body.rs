@@ -32,6 +32,12 @@ impl RequestBody {
     pub fn empty() -> RequestBody {
         RequestBody::Whole(None)
     }
+
+    /// Whether the HTTP/1.1 fast path read it whole: the request is then
+    /// no upgrade and no `CONNECT` (those go to hyper).
+    pub fn is_whole(&self) -> bool {
+        matches!(self, RequestBody::Whole(_))
+    }
 }
 
 impl Body for RequestBody {
@@ -222,9 +228,10 @@ pub enum BodyError {
 }
 
 impl ReplayBody {
+    /// `headers` are the request's (for its `content-length`).
     pub async fn new(
         body: RequestBody,
-        content_length: Option<u64>,
+        headers: &http::HeaderMap,
         limit: usize,
     ) -> Result<Self, BodyError> {
         let body = match body {
@@ -235,6 +242,10 @@ impl ReplayBody {
         if body.is_end_stream() {
             return Ok(ReplayBody::Buffered(Bytes::new()));
         }
+        let content_length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         match content_length {
             Some(n) if n <= limit as u64 => {
                 let collected = Limited::new(body, limit).collect().await.map_err(|e| {

@@ -260,7 +260,7 @@ impl Proxy {
         deadline_hint: Option<Duration>,
         req: Request<RequestBody>,
     ) -> Response<ProxyBody> {
-        if headers::is_upgrade(req.headers()) {
+        if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
             let t = primary.timeouts(route.timeouts.as_ref());
             let total = deadline_hint.map_or(t.total, |d| d.min(t.total));
             return Box::pin(self.forward_upgrade(primary, route, total, t.idle, req)).await;
@@ -276,13 +276,8 @@ impl Proxy {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let content_length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
         let mut body =
-            match ReplayBody::new(body, content_length, self.opts.replay_buffer_bytes).await {
+            match ReplayBody::new(body, &parts.headers, self.opts.replay_buffer_bytes).await {
                 Ok(b) => b,
                 Err(e) => return MeshError::BadRequest.response(&e.to_string()),
             };

@@ -8,6 +8,13 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
+/// A persistent hash map (structural sharing across snapshots) hashed with
+/// foldhash. Its keys come from the config; requests only look them up, so
+/// a fast per-process-seeded hash serves better than SipHash here (three
+/// lookups per request: host, path, service).
+pub type FastMap<K, V> =
+    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use meshgate_config::model::{Route, Scope, Timeouts};
@@ -539,8 +546,8 @@ fn bucket_order(a: &Arc<CompiledRoute>, b: &Arc<CompiledRoute>) -> Ordering {
 /// change copies only the touched nodes.
 #[derive(Debug, Clone, Default)]
 struct Bucket {
-    exact: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
-    prefix: imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
+    exact: FastMap<String, Vec<Arc<CompiledRoute>>>,
+    prefix: FastMap<String, Vec<Arc<CompiledRoute>>>,
     /// Regex-path routes: tried one by one (keep them few per host).
     regex: Vec<Arc<CompiledRoute>>,
     any: Vec<Arc<CompiledRoute>>,
@@ -618,10 +625,7 @@ impl Bucket {
 /// One list of a bucket, to update in place.
 enum ListMut<'a> {
     Vec(&'a mut Vec<Arc<CompiledRoute>>),
-    Map(
-        &'a mut imbl::HashMap<String, Vec<Arc<CompiledRoute>>>,
-        String,
-    ),
+    Map(&'a mut FastMap<String, Vec<Arc<CompiledRoute>>>, String),
 }
 
 impl ListMut<'_> {
@@ -648,9 +652,9 @@ impl ListMut<'_> {
 /// the cost of a change does not grow with the size of the table.
 #[derive(Debug, Default, Clone)]
 pub struct Router {
-    exact: imbl::HashMap<String, Bucket>,
+    exact: FastMap<String, Bucket>,
     /// Keyed by the suffix including the dot (`.example.com`).
-    wildcard: imbl::HashMap<String, Bucket>,
+    wildcard: FastMap<String, Bucket>,
     any: Bucket,
     len: usize,
 }

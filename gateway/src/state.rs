@@ -28,7 +28,7 @@ use crate::balance::{Balancer, EndpointRegistry, RequestKey};
 use crate::client::{Clients, HttpClient, Wire};
 use crate::health::HealthChecks;
 use crate::resilience::{ConnLimit, Outlier, Retry, ServiceShared, SharedRegistry};
-use crate::router::{CompiledRoute, Router};
+use crate::router::{CompiledRoute, FastMap, Router};
 
 /// Process-wide defaults for what a service or route does not set.
 #[derive(Debug, Clone)]
@@ -105,14 +105,14 @@ impl ServiceRt {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub revision: i64,
-    pub services: imbl::HashMap<Arc<str>, Arc<ServiceRt>>,
-    pub groups: imbl::HashMap<String, Group>,
+    pub services: FastMap<Arc<str>, Arc<ServiceRt>>,
+    pub groups: FastMap<String, Group>,
     pub mesh: Router,
     pub ingress: Router,
     /// L4 routes by name.
-    pub tcp_routes: imbl::HashMap<String, Arc<TcpRoute>>,
+    pub tcp_routes: FastMap<String, Arc<TcpRoute>>,
     /// Every compiled route by name (both scopes), for `explain`.
-    pub routes: imbl::HashMap<String, Arc<CompiledRoute>>,
+    pub routes: FastMap<String, Arc<CompiledRoute>>,
 }
 
 /// What was rejected and why, for `/config` and logs.
@@ -141,12 +141,12 @@ pub struct Compiler {
     specs: std::collections::HashMap<String, (i64, Service)>,
     /// Registered instances by service, then instance id.
     instances: std::collections::HashMap<String, BTreeMap<String, Instance>>,
-    services: imbl::HashMap<Arc<str>, Arc<ServiceRt>>,
-    routes: imbl::HashMap<String, Arc<CompiledRoute>>,
+    services: FastMap<Arc<str>, Arc<ServiceRt>>,
+    routes: FastMap<String, Arc<CompiledRoute>>,
     mesh: Router,
     ingress: Router,
-    tcp_routes: imbl::HashMap<String, Arc<TcpRoute>>,
-    groups: imbl::HashMap<String, Group>,
+    tcp_routes: FastMap<String, Arc<TcpRoute>>,
+    groups: FastMap<String, Group>,
     /// Raw accepted objects (for the `/config` dump).
     accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
     rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,

@@ -194,18 +194,14 @@ impl Forwarder {
                 return (resp, dest, "");
             }
         };
-        if headers::is_upgrade(req.headers()) {
+        if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
             return self.forward_upgrade(req, dest).await;
         }
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
         let retryable = headers::idempotent(&parts.method) || headers::marked_retryable(h);
         headers::strip_hop_by_hop(h);
-        let content_length = h
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let mut body = match ReplayBody::new(body, content_length, self.replay_buffer_bytes).await {
+        let mut body = match ReplayBody::new(body, h, self.replay_buffer_bytes).await {
             Ok(b) => b,
             Err(e) => return (MeshError::BadRequest.response(&e.to_string()), dest, ""),
         };
