@@ -786,6 +786,26 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> io::Result<Option<Frame<
     }
 }
 
+/// Test helpers shared by the codec and server tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Takes the first complete message off `buf`: a head, and the body
+    /// its `content-length` announces (none for a 204). `None` while
+    /// incomplete.
+    pub(crate) fn take_message(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = if head.starts_with("http/1.1 204") {
+            0
+        } else {
+            head.lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        };
+        (buf.len() >= end + 4 + len).then(|| buf.drain(..end + 4 + len).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -794,6 +814,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
+    use super::test_util::take_message;
     use super::*;
 
     /// A server running `f` on every accepted connection.
@@ -815,15 +836,8 @@ mod tests {
     /// Reads one request (head, and a content-length body) off `s`.
     async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
         loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    return Some(buf.drain(..end + 4 + len).collect());
-                }
+            if let Some(msg) = take_message(buf) {
+                return Some(msg);
             }
             let mut chunk = [0u8; 4096];
             match s.read(&mut chunk).await {

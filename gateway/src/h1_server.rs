@@ -608,6 +608,7 @@ mod tests {
 
     use super::*;
     use crate::body::full;
+    use crate::h1::test_util::take_message;
 
     /// Answers `METHOD target body` (the body it received), with the
     /// number of request headers in `x-headers`; `/204` answers 204,
@@ -686,22 +687,9 @@ mod tests {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while out.len() < n {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                let len = if head.starts_with("http/1.1 204") {
-                    0
-                } else {
-                    len
-                };
-                if buf.len() >= end + 4 + len {
-                    let msg: Vec<u8> = buf.drain(..end + 4 + len).collect();
-                    out.push(String::from_utf8_lossy(&msg).into_owned());
-                    continue;
-                }
+            if let Some(msg) = take_message(&mut buf) {
+                out.push(String::from_utf8_lossy(&msg).into_owned());
+                continue;
             }
             let mut chunk = [0u8; 4096];
             let got = tokio::time::timeout_at(deadline, s.read(&mut chunk))
