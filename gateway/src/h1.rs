@@ -45,6 +45,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
+use crate::headers::ConnectionTokens;
 use crate::resilience::ConnSlot;
 
 /// Most response headers accepted (as hyper's client).
@@ -371,8 +372,8 @@ async fn write_streamed(
             Ok(data) if data.is_empty() => {}
             Ok(data) if chunked => {
                 // Size line, data and CRLF in one (vectored) write.
-                let size = format!("{:x}\r\n", data.len());
-                let mut chunk = size.as_bytes().chain(&data[..]).chain(&b"\r\n"[..]);
+                let size = ChunkSize::new(data.len());
+                let mut chunk = size.as_ref().chain(&data[..]).chain(&b"\r\n"[..]);
                 wr.write_all_buf(&mut chunk).await?;
             }
             Ok(data) => wr.write_all(&data).await?,
@@ -380,14 +381,45 @@ async fn write_streamed(
         }
     }
     if chunked {
-        let mut end = b"0\r\n".to_vec();
-        for (name, value) in trailers.iter().flatten() {
-            write_field(&mut end, name, value);
-        }
-        end.extend_from_slice(b"\r\n");
+        let mut end = Vec::new();
+        write_last_chunk(&mut end, trailers.as_ref());
         wr.write_all(&end).await?;
     }
     Ok(())
+}
+
+/// Where a parsed header's name and value sit in the head's buffer, kept
+/// as offsets while the buffer is borrowed by the parser, so the values
+/// can then be sliced from it without copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Span {
+    pub(crate) const EMPTY: Span = Span {
+        name: (0, 0),
+        value: (0, 0),
+    };
+
+    /// The span of `h`, parsed from a buffer starting at address `base`.
+    pub(crate) fn of(base: usize, h: &httparse::Header<'_>) -> Span {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        Span {
+            name: (n as u32, (n + h.name.len()) as u32),
+            value: (v as u32, (v + h.value.len()) as u32),
+        }
+    }
+
+    pub(crate) fn name(&self) -> std::ops::Range<usize> {
+        self.name.0 as usize..self.name.1 as usize
+    }
+
+    pub(crate) fn value(&self) -> std::ops::Range<usize> {
+        self.value.0 as usize..self.value.1 as usize
+    }
 }
 
 /// A parsed final response head.
@@ -427,7 +459,7 @@ async fn read_head(
 fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> {
     loop {
         // (name start, name end, value start, value end) in the head.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut spans = [Span::EMPTY; MAX_HEADERS];
         let (len, code, minor, count) = {
             let mut headers =
                 [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -440,14 +472,7 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
             };
             let base = rbuf.as_ptr() as usize;
             for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-                let n = h.name.as_ptr() as usize - base;
-                let v = h.value.as_ptr() as usize - base;
-                *span = (
-                    n as u32,
-                    (n + h.name.len()) as u32,
-                    v as u32,
-                    (v + h.value.len()) as u32,
-                );
+                *span = Span::of(base, h);
             }
             (
                 len,
@@ -467,13 +492,13 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> 
         }
         let mut headers = HeaderMap::with_capacity(count);
         let mut seen = Seen::default();
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+        for span in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[span.name()])
                 .map_err(|_| invalid("invalid response header name"))?;
-            if !seen.note(&name, &head[vs as usize..ve as usize]) {
+            if !seen.note(&name, &head[span.value()]) {
                 continue;
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            let value = HeaderValue::from_maybe_shared(head.slice(span.value()))
                 .map_err(|_| invalid(format!("invalid value of response header {name}")))?;
             headers.append(name, value);
         }
@@ -518,30 +543,53 @@ impl Seen {
         } else if name == header::TRANSFER_ENCODING {
             self.transfer_encoding = true;
         } else if name == header::CONNECTION {
-            let (close, keep, others) = connection_tokens(value);
-            self.close |= close;
-            self.keep_alive |= keep;
-            return others;
+            let t = ConnectionTokens::of(value);
+            self.close |= t.close;
+            self.keep_alive |= t.keep_alive;
+            return !t.only_persistence();
         }
         true
     }
 }
 
-/// The tokens of a `connection` value: whether it says `close`,
-/// `keep-alive`, and whether it names anything else.
-pub(crate) fn connection_tokens(value: &[u8]) -> (bool, bool, bool) {
-    let (mut close, mut keep, mut others) = (false, false, false);
-    for token in value.split(|&b| b == b',') {
-        let token = token.trim_ascii();
-        if token.eq_ignore_ascii_case(b"close") {
-            close = true;
-        } else if token.eq_ignore_ascii_case(b"keep-alive") {
-            keep = true;
-        } else if !token.is_empty() {
-            others = true;
+/// The size line of a chunk (`<hex size>\r\n`), formatted on the stack.
+pub(crate) struct ChunkSize {
+    buf: [u8; 18],
+    start: usize,
+}
+
+impl ChunkSize {
+    pub(crate) fn new(len: usize) -> ChunkSize {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 18];
+        buf[16..].copy_from_slice(b"\r\n");
+        let mut start = 16;
+        let mut n = len;
+        loop {
+            start -= 1;
+            buf[start] = DIGITS[n & 0xf];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
         }
+        ChunkSize { buf, start }
     }
-    (close, keep, others)
+}
+
+impl AsRef<[u8]> for ChunkSize {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+/// The last chunk of a chunked body and its trailer section.
+pub(crate) fn write_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        write_field(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The body framing of a response (RFC 9112 §6.3), and whether the
@@ -1193,5 +1241,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(DeadlinePassed::is(&err), "{err}");
+    }
+
+    #[test]
+    fn chunk_size_lines_are_lower_case_hex() {
+        for (len, line) in [
+            (0, "0\r\n"),
+            (10, "a\r\n"),
+            (255, "ff\r\n"),
+            (1 << 20, "100000\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
+        ] {
+            assert_eq!(ChunkSize::new(len).as_ref(), line.as_bytes(), "{len}");
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("42"));
+        let mut out = Vec::new();
+        write_last_chunk(&mut out, Some(&trailers));
+        assert_eq!(out, b"0\r\nx-sum: 42\r\n\r\n");
     }
 }

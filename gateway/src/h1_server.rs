@@ -59,7 +59,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{ProxyBody, RequestBody};
-use crate::h1::{connection_tokens, write_field};
+use crate::h1::{write_field, write_last_chunk, ChunkSize, Span};
+use crate::headers::ConnectionTokens;
 use crate::server::{wait_true, Peer};
 
 /// Most request headers parsed here; a request with more goes to hyper
@@ -242,8 +243,9 @@ async fn fill<S: Future<Output = ()>>(
     .await
 }
 
-/// The span of a header left out of the request's map.
-const SKIP: (u32, u32, u32, u32) = (0, 0, 0, 0);
+/// The span of a header left out of the request's map (no header starts
+/// at offset 0: the request line does).
+const SKIP: Span = Span::EMPTY;
 
 /// A request head served here.
 #[derive(Debug)]
@@ -271,7 +273,7 @@ enum Parse {
 /// it is served here.
 fn parse(rbuf: &mut BytesMut) -> Parse {
     // (name start, name end, value start, value end) in the head.
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans = [Span::EMPTY; MAX_HEADERS];
     let (len, method, path, count, body_len, close) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -311,35 +313,21 @@ fn parse(rbuf: &mut BytesMut) -> Parse {
                 6 if name.eq_ignore_ascii_case(b"expect") => return Parse::HandOff,
                 7 if name.eq_ignore_ascii_case(b"upgrade") => return Parse::HandOff,
                 10 if name.eq_ignore_ascii_case(b"connection") => {
-                    let (c, _, others) = connection_tokens(value);
-                    close |= c;
-                    if others {
-                        // `upgrade`, or headers named hop-by-hop: the
-                        // upgrade is hyper's; the names stay for the
-                        // proxy to strip.
-                        if value
-                            .split(|&b| b == b',')
-                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-                        {
-                            return Parse::HandOff;
-                        }
-                    } else {
-                        // Only `close` / `keep-alive`: said all it has to
-                        // say here, and would be stripped as hop-by-hop.
+                    let t = ConnectionTokens::of(value);
+                    if t.upgrade {
+                        return Parse::HandOff;
+                    }
+                    close |= t.close;
+                    if t.only_persistence() {
+                        // Said all it has to say here; named headers stay
+                        // for the proxy to strip.
                         *span = SKIP;
                         continue;
                     }
                 }
                 _ => {}
             }
-            let n = name.as_ptr() as usize - base;
-            let v = value.as_ptr() as usize - base;
-            *span = (
-                n as u32,
-                (n + name.len()) as u32,
-                v as u32,
-                (v + value.len()) as u32,
-            );
+            *span = Span::of(base, h);
         }
         (
             len,
@@ -366,14 +354,14 @@ fn parse(rbuf: &mut BytesMut) -> Parse {
     // Room for the headers the request path adds (hops, ids, forwarded-for)
     // without growing the table: each growth rehashes it.
     let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        if (ns, ne, vs, ve) == SKIP {
+    for span in &spans[..count] {
+        if *span == SKIP {
             continue;
         }
-        let Ok(name) = HeaderName::from_bytes(&head[ns as usize..ne as usize]) else {
+        let Ok(name) = HeaderName::from_bytes(&head[span.name()]) else {
             return give_back(rbuf);
         };
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)) else {
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(span.value())) else {
             return give_back(rbuf);
         };
         headers.append(name, value);
@@ -548,7 +536,7 @@ async fn write_response(
             *left -= data.len() as u64;
         }
         if chunked {
-            wbuf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            wbuf.extend_from_slice(ChunkSize::new(data.len()).as_ref());
         }
         if wbuf.len() + data.len() <= COALESCE {
             wbuf.extend_from_slice(&data);
@@ -561,11 +549,7 @@ async fn write_response(
         }
     }
     if chunked {
-        wbuf.extend_from_slice(b"0\r\n");
-        for (name, value) in trailers.iter().flatten() {
-            write_field(wbuf, name, value);
-        }
-        wbuf.extend_from_slice(b"\r\n");
+        write_last_chunk(wbuf, trailers.as_ref());
     }
     io.write_all(wbuf).await?;
     wbuf.clear();

@@ -126,12 +126,45 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
     if up.as_bytes().eq_ignore_ascii_case(b"h2c") {
         return false;
     }
-    h.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
-    })
+    h.get_all(header::CONNECTION)
+        .iter()
+        .any(|v| ConnectionTokens::of(v.as_bytes()).upgrade)
+}
+
+/// What a `Connection` value says (RFC 9110 §7.6.1), read in one pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub upgrade: bool,
+    /// It names other (hop-by-hop) headers.
+    pub others: bool,
+}
+
+impl ConnectionTokens {
+    pub fn of(value: &[u8]) -> ConnectionTokens {
+        let mut t = ConnectionTokens::default();
+        for token in value.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                t.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                t.keep_alive = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                t.upgrade = true;
+            } else if !token.is_empty() {
+                t.others = true;
+            }
+        }
+        t
+    }
+
+    /// Whether the header says only `close` / `keep-alive`: a parser that
+    /// has read that has no reason to keep the header (it is hop-by-hop
+    /// and would be stripped again).
+    pub fn only_persistence(&self) -> bool {
+        !self.upgrade && !self.others
+    }
 }
 
 /// Whether a request is a gRPC call (`content-type: application/grpc...`).
@@ -322,6 +355,24 @@ pub fn idempotent(m: &http::Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_tokens_are_read_in_one_pass() {
+        let t = |v: &str| ConnectionTokens::of(v.as_bytes());
+        assert_eq!(
+            t(" Keep-Alive , CLOSE"),
+            ConnectionTokens {
+                close: true,
+                keep_alive: true,
+                ..Default::default()
+            }
+        );
+        assert!(t("keep-alive").only_persistence());
+        assert!(t("Upgrade").upgrade && !t("Upgrade").only_persistence());
+        let named = t("close, x-secret");
+        assert!(named.close && named.others && !named.only_persistence());
+        assert_eq!(t(" , "), ConnectionTokens::default());
+    }
 
     #[test]
     fn hops_and_ids() {
