@@ -10,7 +10,7 @@ use clap::Parser;
 static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::MeshAlloc;
 use meshgate_config::model::Role;
 use meshgate_config::node::{exit_on_error, StoreConfig};
-use meshgate_gateway::process::{EmbeddedAdmin, GatewayConfig};
+use meshgate_gateway::node::gateway::{EmbeddedAdmin, GatewayConfig};
 
 /// Meshgate gateway: ingress, per-group egress and central routing.
 ///
@@ -64,7 +64,7 @@ fn main() {
     exit_on_error(
         "meshgate-gateway",
         1,
-        rt.block_on(meshgate_gateway::process::run(cfg)),
+        rt.block_on(meshgate_gateway::node::gateway::run(cfg)),
     );
 }
 

@@ -1,22 +1,29 @@
 //! The sidecar's request path and fail-over chain.
 //!
 //! 1. destination: `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400 `no_destination`
-//! 2. `x-mesh-hops` + 1 (508 over the limit), ids, `x-mesh-source` = own service
+//! 2. the engine's prelude (`x-mesh-hops` + 1, 508 over the limit; ids),
+//!    `x-mesh-source` = own service
 //! 3. tiers: local policy available and the destination covered by it →
 //!    [direct (destinations in `direct` mode), group egress gateways,
 //!    central]; otherwise (no policy, too stale, destination not covered)
 //!    → [central]. The direct tier is the gateway's own forwarding path
 //!    over the destination's endpoints (health checks, outlier ejection,
-//!    breakers, retries, timeouts from the destination's config); a mesh
-//!    error from it moves the request on under the rule of step 5.
-//! 4. within a tier, members are tried in weighted round robin, ejected
-//!    members skipped: a refused connection moves to the next member (any
-//!    method: nothing was sent); a broken exchange does so only for
-//!    idempotent or `x-mesh-retryable: true` requests with a replayable body
-//! 5. a gateway-originated error (`x-mesh-error`) moves idempotent or
-//!    retryable requests to the next tier, and any request when the reason
-//!    proves it was not sent on (every reason but `upstream_reset` and
-//!    `upstream_timeout`); an app's own 5xx never does
+//!    breakers, retries, timeouts from the destination's config), and its
+//!    failures come back as typed values, not headers.
+//! 4. within a tier, the engine's attempt loop
+//!    ([`meshgate_gateway::proxy::attempts`]) tries members in weighted
+//!    round robin, ejected members skipped: a refused connection moves to
+//!    the next member (any method: nothing was sent); a broken exchange
+//!    does so only for idempotent or `x-mesh-retryable: true` requests with
+//!    a replayable body; a timeout ends the request
+//! 5. a tier's failure, or a gateway's own error (`x-mesh-error`, read back
+//!    into a failure where it crosses the process boundary), moves the
+//!    request to the next tier by the engine's rule
+//!    ([`meshgate_gateway::proxy::attempts::next_tier`]): any request when
+//!    nothing was sent on, idempotent or retryable ones otherwise; an app's
+//!    own 5xx never does
+//! 6. the rescue: a failure becomes its synthetic response (a gRPC status
+//!    for a gRPC call)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,19 +32,23 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 
 use meshgate_config::model::now_ms;
 use meshgate_config::model::DestinationMode;
 use meshgate_config::sync::{Source, SyncStatus};
-use meshgate_gateway::balance::EndpointState;
-use meshgate_gateway::body::{ProxyBody, ReplayBody, RequestBody};
-use meshgate_gateway::client::HttpClient;
-use meshgate_gateway::client::Wire;
-use meshgate_gateway::error::{MeshError, X_MESH_ERROR};
-use meshgate_gateway::headers;
+use meshgate_gateway::http::body::{ProxyBody, ReplayBody, RequestBody};
+use meshgate_gateway::http::error::{Failure, MeshError, Side, X_MESH_ERROR};
+use meshgate_gateway::http::h2::{HttpClient, Wire};
+use meshgate_gateway::http::headers;
+use meshgate_gateway::http::tunnel::{self, DEFAULT_TUNNEL_IDLE};
 use meshgate_gateway::metrics::{status_class, Metrics};
-use meshgate_gateway::proxy::Proxy;
-use meshgate_gateway::upstream::{self, Attempt, AttemptOpts};
+use meshgate_gateway::proxy::attempts::{self, Attempt, Members, Resend, Step, Why};
+use meshgate_gateway::proxy::forward::Dest;
+use meshgate_gateway::proxy::tunnel::connect_service;
+use meshgate_gateway::proxy::{prelude, Proxy};
+use meshgate_gateway::upstream::attempt::{self, AttemptError, AttemptOpts, Switched};
+use meshgate_gateway::upstream::endpoint::EndpointState;
 use tokio::sync::watch;
 
 use crate::policy::{Policy, SharedPolicy, Tier};
@@ -114,7 +125,10 @@ impl Forwarder {
 
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ProxyBody> {
         let start = std::time::Instant::now();
-        let (resp, dest, tier) = self.forward(req).await;
+        let grpc = headers::is_grpc(req.headers());
+        let (result, dest, tier) = self.forward(req).await;
+        // The rescue: a failure becomes its synthetic response here.
+        let resp = result.unwrap_or_else(|f| f.into_response(grpc));
         self.metrics
             .requests
             .with_label_values(&["app", tier, &dest, status_class(resp.status().as_u16())])
@@ -126,44 +140,26 @@ impl Forwarder {
         resp
     }
 
-    /// Names the destination and stamps the mesh headers: hops (508 over
-    /// the limit), ids, `x-mesh-service`, `x-mesh-source`, `host`.
-    fn prelude(
-        &self,
-        req: &mut Request<RequestBody>,
-    ) -> Result<String, Box<(Response<ProxyBody>, String)>> {
+    /// Names the destination and stamps the mesh headers: the engine's
+    /// prelude (hops, ids), then `x-mesh-service`, `x-mesh-source` and
+    /// `host`. A failure comes with the destination named, if any.
+    fn prelude(&self, req: &mut Request<RequestBody>) -> Result<String, (Failure, String)> {
         let Some(dest) =
             headers::destination(req.headers(), req.uri().host()).map(|d| d.into_owned())
         else {
             let msg = "name the destination with Host: <service> or x-mesh-service";
-            return Err(Box::new((
-                MeshError::NoDestination.response(msg),
-                String::new(),
-            )));
+            return Err((Failure::new(MeshError::NoDestination, msg), String::new()));
         };
         let authority = req.uri().authority().cloned();
         let h = req.headers_mut();
-        match headers::bump_hops(h) {
-            None => {
-                let resp = MeshError::BadRequest.response("x-mesh-hops is not a number");
-                return Err(Box::new((resp, dest)));
-            }
-            Some(n) if n > self.max_hops => {
-                let resp = MeshError::LoopDetected.response("too many mesh hops");
-                return Err(Box::new((resp, dest)));
-            }
-            Some(_) => {}
+        if let Err(f) = prelude::stamp(h, self.max_hops) {
+            return Err((f, dest));
         }
-        headers::ensure_ids(h);
         if let Ok(v) = HeaderValue::from_str(&dest) {
             h.insert(headers::X_MESH_SERVICE, v);
         }
         h.insert(headers::X_MESH_SOURCE, self.service.clone());
-        if !h.contains_key(header::HOST) {
-            if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-                h.insert(header::HOST, v);
-            }
-        }
+        prelude::keep_host(h, authority.as_ref());
         Ok(dest)
     }
 
@@ -180,187 +176,136 @@ impl Forwarder {
         };
         let group = mode.map(|_| &policy.group_tier);
         let tiers = group.into_iter().chain([&policy.central_tier]);
-        (mode, tiers)
+        (mode, tiers.filter(|t| !t.members.is_empty()))
     }
 
+    /// The fail-over chain for an HTTP request: the direct tier (the
+    /// gateway's own forwarding path, in process), then each gateway tier
+    /// through the attempt loop; from one tier to the next by
+    /// [`attempts::next_tier`].
     async fn forward(
         &self,
         mut req: Request<RequestBody>,
-    ) -> (Response<ProxyBody>, String, &'static str) {
+    ) -> (Result<Response<ProxyBody>, Failure>, String, &'static str) {
         let dest = match self.prelude(&mut req) {
             Ok(d) => d,
-            Err(e) => {
-                let (resp, dest) = *e;
-                return (resp, dest, "");
-            }
+            Err((f, dest)) => return (Err(f), dest, ""),
         };
         if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
-            return self.forward_upgrade(req, dest).await;
+            return Box::pin(self.forward_upgrade(req, dest)).await;
         }
         let (mut parts, body) = req.into_parts();
-        let h = &mut parts.headers;
-        let retryable = headers::idempotent(&parts.method) || headers::marked_retryable(h);
-        headers::strip_hop_by_hop(h);
-        let mut body = match ReplayBody::new(body, h, self.replay_buffer_bytes).await {
+        let method_ok =
+            headers::idempotent(&parts.method) || headers::marked_retryable(&parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let body = match ReplayBody::new(body, &parts.headers, self.replay_buffer_bytes).await {
             Ok(b) => b,
-            Err(e) => return (MeshError::BadRequest.response(&e.to_string()), dest, ""),
+            Err(e) => {
+                return (
+                    Err(Failure::new(MeshError::BadRequest, e.to_string())),
+                    dest,
+                    "",
+                )
+            }
         };
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = prelude::target(&parts.uri);
         // The app's protocol is kept on the way to the gateway.
         let wire = if parts.version == Version::HTTP_2 {
             Wire::Http2
         } else {
             Wire::Http1
         };
-        // HTTP/1.1: the request itself, back unsent from a failed connect.
-        let mut unsent: Option<Request<ProxyBody>> = None;
-
+        let mut s = Sending {
+            parts,
+            body,
+            unsent: None,
+            pq,
+            wire,
+            method_ok,
+        };
         let policy = self.policy.load_full();
         let (mode, tiers) = self.tiers(&policy, &dest);
-        let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
-        let mut tried_any = false;
+        let mut last: Option<(Failure, &'static str)> = None;
         if mode == Some(DestinationMode::Direct) {
-            let snap = self.direct.snapshot.load_full();
-            if let Some(svc) = snap.services.get(dest.as_str()).cloned() {
-                tried_any = true;
-                let mut copy = Request::new(());
-                *copy.method_mut() = parts.method.clone();
-                *copy.uri_mut() = parts.uri.clone();
-                *copy.version_mut() = parts.version;
-                *copy.headers_mut() = parts.headers.clone();
-                let deadline = headers::is_grpc(&parts.headers)
-                    .then(|| headers::grpc_timeout(&parts.headers))
-                    .flatten();
-                let route = svc.implicit_route.clone();
-                let resp = self
-                    .direct
-                    .forward_prepared(
-                        svc,
-                        &snap,
-                        &route,
-                        &LOOPBACK,
-                        deadline,
-                        copy.into_parts().0,
-                        &mut body,
-                    )
-                    .await;
-                let resp = tag_tier(resp, "direct");
-                match self.settle(resp, retryable && body.replayable()).await {
-                    Ok(resp) if !(self.moves_on(&resp, retryable) && body.replayable()) => {
-                        return (resp, dest, "direct");
+            if let Some(result) = self.direct(&dest, &mut s).await {
+                match result {
+                    Ok(resp) => return (Ok(resp), dest, "direct"),
+                    Err(f) if !attempts::next_tier(&f, s.resend()) => {
+                        return (Err(f), dest, "direct")
                     }
-                    Ok(resp) => last_error = Some((resp, "direct")),
-                    Err(error) => {
-                        tracing::debug!(service = %dest, %error, "endpoint broke off its answer; next tier")
+                    Err(f) => {
+                        tracing::debug!(service = %dest, error = %f, "direct tier failed; next tier");
+                        last = Some((f, "direct"));
                     }
                 }
             }
         }
         for tier in tiers {
-            let mut tried = Vec::new();
-            while let Some(member) = tier.members.pick(&tried) {
-                tried_any = true;
-                let up = match unsent.take() {
-                    Some(r) => r,
-                    None => {
-                        let Some(attempt) = body.take() else {
-                            return self.give_up(
-                                last_error,
-                                "the request body cannot be replayed",
-                                dest,
-                            );
-                        };
-                        let mut up = Request::new(attempt);
-                        *up.method_mut() = parts.method.clone();
-                        *up.headers_mut() = parts.headers.clone();
-                        up
-                    }
-                };
-                let opts = AttemptOpts {
-                    wire,
-                    h2: &self.h2,
-                    connect_timeout: self.connect_timeout,
-                    timeout: self.request_timeout,
-                    track_load: false,
-                    conn_limit: None,
-                };
-                let attempt = match upstream::attempt(&member, opts, &pq, up).await {
-                    Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
-                    Err(Attempt::Connect(error, back)) => {
-                        unsent = back.map(|b| *b);
-                        Err(Some(error))
-                    }
-                    // No connection limit is set here; were one hit, nothing was sent.
-                    Err(Attempt::Overflow(o)) => Err(Some(o.as_str().to_string())),
-                    Err(Attempt::Exchange(error)) => {
-                        tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway exchange failed");
-                        Err(None)
-                    }
-                    Ok(resp) => Ok(resp),
-                };
-                match attempt {
-                    Ok(resp) => {
-                        let (mut rp, rb) = resp.into_parts();
-                        headers::strip_hop_by_hop(&mut rp.headers);
-                        let resp = tag_tier(Response::from_parts(rp, rb), tier.name);
-                        // A small answer to a request that may be sent
-                        // again is read whole first: a member dying
-                        // mid-body then costs a retry, not a broken body.
-                        let resp = match self.settle(resp, retryable && body.replayable()).await {
-                            Ok(r) => r,
-                            Err(error) => {
-                                tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway broke off its answer; next member");
-                                member.on_failure();
-                                tried.push(member);
-                                continue;
-                            }
-                        };
-                        if self.moves_on(&resp, retryable) && body.replayable() {
-                            // The tier itself failed: try the next tier.
-                            tracing::debug!(tier = tier.name, member = %member.address, "gateway error; next tier");
-                            last_error = Some((resp, tier.name));
-                            break;
-                        }
-                        return (resp, dest, tier.name);
-                    }
-                    // No connection: nothing was sent; any request moves on.
-                    Err(Some(error)) => {
-                        member.on_failure();
-                        self.metrics
-                            .connect_failures
-                            .with_label_values(&[tier.name])
-                            .inc();
-                        tracing::debug!(tier = tier.name, member = %member.address, %error, "gateway connect failed");
-                        tried.push(member);
-                    }
-                    // The exchange broke after the request was (maybe) sent.
-                    Err(None) => {
-                        member.on_failure();
-                        if !(retryable && body.replayable()) {
-                            let msg = format!(
-                                "gateway {} failed after the request was sent",
-                                member.address
-                            );
-                            return (MeshError::UpstreamReset.response(&msg), dest, tier.name);
-                        }
-                        tried.push(member);
-                    }
+            let mut member = MemberAttempt {
+                fwd: self,
+                tier,
+                s: &mut s,
+            };
+            let members = Members::all(tier.name, &tier.members);
+            // A gateway's own mesh error is a failure of its tier.
+            let result = attempts::run(members, &mut member)
+                .await
+                .and_then(Failure::from_answer);
+            match result {
+                Ok(resp) => return (Ok(resp), dest, tier.name),
+                Err(f) if !attempts::next_tier(&f, s.resend()) => return (Err(f), dest, tier.name),
+                Err(f) => {
+                    tracing::debug!(tier = tier.name, error = %f, "tier failed; next tier");
+                    last = Some((f, tier.name));
                 }
             }
         }
-        if !tried_any {
-            return (
-                MeshError::UpstreamConnectFailed
-                    .response("no gateway tier is known (no policy and no central bootstrap)"),
-                dest,
-                "",
-            );
+        match last {
+            Some((f, tier)) => (Err(f), dest, tier),
+            None => {
+                let msg = "no gateway tier is known (no policy and no central bootstrap)";
+                let f = Failure::new(MeshError::UpstreamConnectFailed, msg);
+                (Err(f), dest, "")
+            }
         }
-        self.give_up(last_error, "no gateway tier could be reached", dest)
+    }
+
+    /// The direct tier: the gateway's forwarding path over `dest`'s
+    /// endpoints, in process. `None` when the tier does not know `dest`.
+    async fn direct(
+        &self,
+        dest: &str,
+        s: &mut Sending,
+    ) -> Option<Result<Response<ProxyBody>, Failure>> {
+        let snap = self.direct.snapshot().load_full();
+        let svc = snap.services.get(dest).cloned()?;
+        let mut copy = Request::new(());
+        *copy.method_mut() = s.parts.method.clone();
+        *copy.uri_mut() = s.parts.uri.clone();
+        *copy.version_mut() = s.parts.version;
+        *copy.headers_mut() = s.parts.headers.clone();
+        let deadline = headers::is_grpc(&s.parts.headers)
+            .then(|| headers::grpc_timeout(&s.parts.headers))
+            .flatten();
+        let route = svc.implicit_route.clone();
+        let to = Dest {
+            service: &svc,
+            route: &route,
+            snapshot: &snap,
+            client_ip: &LOOPBACK,
+            deadline,
+        };
+        let sent = self
+            .direct
+            .forward_prepared(to, copy.into_parts().0, &mut s.body)
+            .await;
+        Some(match sent {
+            Ok(resp) => {
+                let may_resend = s.method_ok && s.body.replayable();
+                self.settle(tag_tier(resp, "direct"), may_resend).await
+            }
+            Err(f) => Err(f),
+        })
     }
 
     /// An HTTP/1.1 `Upgrade` (WebSocket): sent to the gateway tiers on a
@@ -372,63 +317,53 @@ impl Forwarder {
         &self,
         mut req: Request<RequestBody>,
         dest: String,
-    ) -> (Response<ProxyBody>, String, &'static str) {
-        let client_side = hyper::upgrade::on(&mut req);
+    ) -> (Result<Response<ProxyBody>, Failure>, String, &'static str) {
+        let client = hyper::upgrade::on(&mut req);
         let (mut parts, _body) = req.into_parts();
         headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = prelude::target(&parts.uri);
         let policy = self.policy.load_full();
         let (_, tiers) = self.tiers(&policy, &dest);
-        let mut last_error: Option<(Response<ProxyBody>, &'static str)> = None;
+        // Nothing has been tunnelled yet: any failure may move on.
+        let anything = Resend {
+            body: true,
+            method: true,
+        };
+        let mut last: Option<(Failure, &'static str)> = None;
         for tier in tiers {
-            let mut tried = Vec::new();
-            while let Some(member) = tier.members.pick(&tried) {
-                let attempt = upstream::upgrade(
-                    &member,
-                    self.connect_timeout,
-                    self.request_timeout,
-                    &pq,
-                    &parts,
-                )
-                .await;
-                match attempt {
-                    Ok((resp, Some(up))) => {
-                        tokio::spawn(async move {
-                            let Ok(client) = client_side.await else {
-                                return;
-                            };
-                            let mut client = hyper_util::rt::TokioIo::new(client);
-                            let mut up = hyper_util::rt::TokioIo::new(up);
-                            let idle = meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE;
-                            if let Err(e) =
-                                meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
-                            {
-                                tracing::debug!(error = %e, "upgraded connection ended");
-                            }
-                        });
-                        return (tag_tier(resp, tier.name), dest, tier.name);
-                    }
-                    Ok((resp, None)) => {
-                        let resp = tag_tier(resp, tier.name);
-                        if !self.moves_on(&resp, true) {
-                            return (resp, dest, tier.name);
-                        }
-                        last_error = Some((resp, tier.name));
-                        break;
-                    }
-                    Err(Attempt::Timeout) => return self.timed_out(dest, tier.name),
-                    Err(e) => {
-                        self.member_failed(tier, &member, &e);
-                        tried.push(member);
-                    }
+            let mut member = Switch {
+                fwd: self,
+                tier,
+                target: SwitchTo::Upgrade(&pq, &parts),
+            };
+            let result = attempts::run(Members::all(tier.name, &tier.members), &mut member).await;
+            let f = match result {
+                Ok((resp, Some(up))) => {
+                    let idle = DEFAULT_TUNNEL_IDLE;
+                    tunnel::spawn(client, TokioIo::new(up), idle, dest.as_str().into(), ());
+                    return (Ok(tag_tier(resp, tier.name)), dest, tier.name);
                 }
+                Ok((resp, None)) => match Failure::from_answer(tag_tier(resp, tier.name)) {
+                    Ok(resp) => return (Ok(resp), dest, tier.name),
+                    Err(f) => f,
+                },
+                Err(f) => f,
+            };
+            if !attempts::next_tier(&f, anything) {
+                return (Err(f), dest, tier.name);
+            }
+            last = Some((f, tier.name));
+        }
+        match last {
+            Some((f, tier)) => (Err(f), dest, tier),
+            None => {
+                let f = Failure::new(
+                    MeshError::UpstreamConnectFailed,
+                    "no gateway tier could be reached",
+                );
+                (Err(f), dest, "")
             }
         }
-        self.give_up(last_error, "no gateway tier could be reached", dest)
     }
 
     /// A connection on a plain-TCP local port for `dest`: joined to an
@@ -445,23 +380,19 @@ impl Forwarder {
         let policy = self.policy.load_full();
         let (mode, tiers) = self.tiers(&policy, dest);
         if mode == Some(DestinationMode::Direct) {
-            let snap = self.direct.snapshot.load_full();
+            let snap = self.direct.snapshot().load_full();
             if let Some(svc) = snap.services.get(dest).cloned() {
                 drop(snap);
-                match meshgate_gateway::tcp::connect_service(&svc, &self.metrics).await {
+                match connect_service(&svc, &self.metrics).await {
                     Ok((mut up, _slot)) => {
-                        let idle = svc
-                            .idle_timeout
-                            .unwrap_or(meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE);
-                        if let Err(e) =
-                            meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
-                        {
+                        let idle = svc.idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE);
+                        if let Err(e) = tunnel::tunnel(&mut client, &mut up, idle).await {
                             tracing::debug!(service = %dest, error = %e, "tcp tunnel ended");
                         }
                         return Ok("direct");
                     }
-                    Err(e) => {
-                        tracing::debug!(service = %dest, error = %e, "direct tcp connect failed; next tier")
+                    Err(f) => {
+                        tracing::debug!(service = %dest, error = %f, "direct tcp connect failed; next tier")
                     }
                 }
             }
@@ -471,60 +402,50 @@ impl Forwarder {
         h.insert(header::HOST, dest_value.clone());
         h.insert(headers::X_MESH_SERVICE, dest_value);
         h.insert(headers::X_MESH_SOURCE, self.service.clone());
-        h.insert(headers::X_MESH_HOPS, HeaderValue::from_static("1"));
-        headers::ensure_ids(&mut h);
+        prelude::stamp(&mut h, self.max_hops).map_err(|f| f.to_string())?;
         let authority = format!("{dest}:0");
         for tier in tiers {
-            let mut tried = Vec::new();
-            while let Some(member) = tier.members.pick(&tried) {
-                let attempt = upstream::connect_tunnel(
-                    &member,
-                    self.connect_timeout,
-                    self.request_timeout,
-                    &authority,
-                    h.clone(),
-                )
-                .await;
-                match attempt {
-                    Ok((_, Some(up))) => {
-                        let mut up = hyper_util::rt::TokioIo::new(up);
-                        let idle = meshgate_gateway::tcp::DEFAULT_TUNNEL_IDLE;
-                        if let Err(e) =
-                            meshgate_gateway::tcp::tunnel(&mut client, &mut up, idle).await
-                        {
-                            tracing::debug!(service = %dest, error = %e, "tcp tunnel ended");
-                        }
-                        return Ok(tier.name);
+            let mut member = Switch {
+                fwd: self,
+                tier,
+                target: SwitchTo::Connect(&authority, &h),
+            };
+            let result = attempts::run(Members::all(tier.name, &tier.members), &mut member).await;
+            match result {
+                Ok((_, Some(up))) => {
+                    let mut up = TokioIo::new(up);
+                    let idle = DEFAULT_TUNNEL_IDLE;
+                    if let Err(e) = tunnel::tunnel(&mut client, &mut up, idle).await {
+                        tracing::debug!(service = %dest, error = %e, "tcp tunnel ended");
                     }
-                    Ok((resp, None)) => {
-                        let why = resp
-                            .headers()
-                            .get(X_MESH_ERROR)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("refused")
-                            .to_string();
-                        tracing::debug!(tier = tier.name, member = %member.address, status = %resp.status(), %why, "CONNECT refused; next tier");
-                        break;
-                    }
-                    Err(e) => {
-                        self.member_failed(tier, &member, &e);
-                        tried.push(member);
-                    }
+                    return Ok(tier.name);
+                }
+                Ok((resp, None)) => {
+                    let why = resp
+                        .headers()
+                        .get(X_MESH_ERROR)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("refused")
+                        .to_string();
+                    tracing::debug!(tier = tier.name, status = %resp.status(), %why, "CONNECT refused; next tier");
+                }
+                Err(f) => {
+                    tracing::debug!(tier = tier.name, error = %f, "no member took the tunnel; next tier")
                 }
             }
         }
         Err(format!("no tier could open a tunnel to {dest}"))
     }
 
-    /// A member could not take a tunnel: ejected for a while, and a failed
-    /// connect counted.
-    fn member_failed(&self, tier: &Tier, member: &EndpointState, e: &Attempt) {
-        if let Attempt::Connect(..) = e {
+    /// A member failed: ejected for a while, and a failed connect counted.
+    fn member_failed(&self, tier: &Tier, member: &EndpointState, f: &Failure) {
+        if f.reason == MeshError::UpstreamConnectFailed && !f.sent {
             self.metrics
                 .connect_failures
                 .with_label_values(&[tier.name])
                 .inc();
         }
+        tracing::debug!(tier = tier.name, member = %member.address, error = %f, "gateway member failed");
         member.on_failure();
     }
 
@@ -536,7 +457,7 @@ impl Forwarder {
         &self,
         resp: Response<ProxyBody>,
         may_resend: bool,
-    ) -> Result<Response<ProxyBody>, String> {
+    ) -> Result<Response<ProxyBody>, Failure> {
         let small = resp
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -558,52 +479,157 @@ impl Forwarder {
             std::task::Poll::Ready(r) => Ok(r),
             std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
         };
+        let broken = |why: String| {
+            let msg = format!("the answer broke off: {why}");
+            Failure::new(MeshError::UpstreamReset, msg)
+        };
         match read {
             Ok(Ok(c)) => Ok(Response::from_parts(
                 parts,
-                meshgate_gateway::body::full(http_body_util::Full::new(c.to_bytes())),
+                meshgate_gateway::http::body::full(http_body_util::Full::new(c.to_bytes())),
             )),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("body not complete within the request timeout".into()),
+            Ok(Err(e)) => Err(broken(e.to_string())),
+            Err(_) => Err(broken(
+                "body not complete within the request timeout".into(),
+            )),
+        }
+    }
+}
+
+/// An HTTP request on its way through the tiers: what every attempt
+/// needs, and what the attempts change.
+struct Sending {
+    parts: http::request::Parts,
+    body: ReplayBody,
+    /// HTTP/1.1: the request itself, handed back unsent by a refused
+    /// connect.
+    unsent: Option<Request<ProxyBody>>,
+    pq: PathAndQuery,
+    wire: Wire,
+    /// Idempotent, or marked `x-mesh-retryable`.
+    method_ok: bool,
+}
+
+impl Sending {
+    /// What the request still allows.
+    fn resend(&self) -> Resend {
+        Resend {
+            body: self.unsent.is_some() || self.body.replayable(),
+            method: self.method_ok,
+        }
+    }
+}
+
+/// One try of a [`Sending`] request on a member of a gateway tier.
+struct MemberAttempt<'a> {
+    fwd: &'a Forwarder,
+    tier: &'a Tier,
+    s: &'a mut Sending,
+}
+
+impl Attempt for MemberAttempt<'_> {
+    type Answer = Response<ProxyBody>;
+
+    async fn attempt(&mut self, member: Arc<EndpointState>) -> Step<Response<ProxyBody>> {
+        let (fwd, s) = (self.fwd, &mut *self.s);
+        let up = match s.unsent.take() {
+            Some(r) => r,
+            None => {
+                let Some(body) = s.body.take() else {
+                    let msg = "the request body cannot be replayed";
+                    let f = Failure::new(MeshError::UpstreamConnectFailed, msg).on(Side::Mesh);
+                    return Step::Failed(f);
+                };
+                let mut up = Request::new(body);
+                *up.method_mut() = s.parts.method.clone();
+                *up.headers_mut() = s.parts.headers.clone();
+                up
+            }
+        };
+        let opts = AttemptOpts {
+            wire: s.wire,
+            h2: &fwd.h2,
+            connect_timeout: fwd.connect_timeout,
+            timeout: fwd.request_timeout,
+            track_load: false,
+            conn_limit: None,
+        };
+        let resp = match attempt::attempt(&member, opts, &s.pq, up).await {
+            Ok(resp) => resp,
+            Err(AttemptError::Connect(e, back)) => {
+                s.unsent = back.map(|b| *b);
+                let e = AttemptError::Connect(e, None);
+                return Step::Failed(e.into_failure(self.tier.name, &member));
+            }
+            Err(e) => return Step::Failed(e.into_failure(self.tier.name, &member)),
+        };
+        let (mut rp, rb) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut rp.headers);
+        let resp = tag_tier(Response::from_parts(rp, rb), self.tier.name);
+        // A small answer to a request that may be sent again is read whole
+        // first: a member dying mid-body then costs a retry, not a broken
+        // body.
+        let may_resend = s.method_ok && s.body.replayable();
+        match fwd.settle(resp, may_resend).await {
+            Ok(resp) => Step::Done(resp),
+            Err(f) => Step::Failed(f),
         }
     }
 
-    /// Whether a tier's answer moves the request to the next tier: a mesh
-    /// error does for an idempotent (or marked) request, and for any
-    /// request when the error proves it was not sent on (not ready, no
-    /// route, no endpoint, connect failed...). An app's own answer never
-    /// does.
-    fn moves_on(&self, resp: &Response<ProxyBody>, retryable: bool) -> bool {
-        match resp
-            .headers()
-            .get(X_MESH_ERROR)
-            .map(|v| MeshError::from_code(v.as_bytes()))
-        {
-            None => false,
-            Some(Some(e)) => retryable || e.unsent(),
-            Some(None) => retryable,
+    /// A member's timeout spent the request's time; anything else may be
+    /// resent when the request allows it.
+    fn may_resend(&mut self, why: Why<'_>) -> bool {
+        let timed_out = matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout);
+        !timed_out && self.s.method_ok && self.s.body.replayable()
+    }
+
+    fn blame(&mut self, member: &EndpointState, f: &Failure) {
+        self.fwd.member_failed(self.tier, member, f);
+    }
+}
+
+/// What a [`Switch`] asks a gateway member for.
+enum SwitchTo<'a> {
+    /// The app's upgrade request.
+    Upgrade(&'a PathAndQuery, &'a http::request::Parts),
+    /// A `CONNECT` tunnel to the authority, with these headers.
+    Connect(&'a str, &'a http::HeaderMap),
+}
+
+/// One try at a tunnel through a member of a gateway tier, on a fresh
+/// connection: nothing of the app's has been sent before it stands, so
+/// any failure but a timeout may move on.
+struct Switch<'a> {
+    fwd: &'a Forwarder,
+    tier: &'a Tier,
+    target: SwitchTo<'a>,
+}
+
+impl Attempt for Switch<'_> {
+    type Answer = Switched;
+
+    async fn attempt(&mut self, member: Arc<EndpointState>) -> Step<Switched> {
+        let (connect, timeout) = (self.fwd.connect_timeout, self.fwd.request_timeout);
+        let sent = match &self.target {
+            SwitchTo::Upgrade(pq, parts) => {
+                attempt::upgrade(&member, connect, timeout, pq, parts).await
+            }
+            SwitchTo::Connect(authority, h) => {
+                attempt::connect_tunnel(&member, connect, timeout, authority, (*h).clone()).await
+            }
+        };
+        match sent {
+            Ok(switched) => Step::Done(switched),
+            Err(e) => Step::Failed(e.into_failure(self.tier.name, &member)),
         }
     }
 
-    fn timed_out(
-        &self,
-        dest: String,
-        tier: &'static str,
-    ) -> (Response<ProxyBody>, String, &'static str) {
-        let msg = format!("no response within {} ms", self.request_timeout.as_millis());
-        (MeshError::UpstreamTimeout.response(&msg), dest, tier)
+    fn may_resend(&mut self, why: Why<'_>) -> bool {
+        !matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout)
     }
 
-    fn give_up(
-        &self,
-        last_error: Option<(Response<ProxyBody>, &'static str)>,
-        msg: &str,
-        dest: String,
-    ) -> (Response<ProxyBody>, String, &'static str) {
-        match last_error {
-            Some((resp, tier)) => (resp, dest, tier),
-            None => (MeshError::UpstreamConnectFailed.response(msg), dest, ""),
-        }
+    fn blame(&mut self, member: &EndpointState, f: &Failure) {
+        self.fwd.member_failed(self.tier, member, f);
     }
 }
 

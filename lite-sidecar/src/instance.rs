@@ -46,13 +46,13 @@ pub async fn run(
     let interval = Duration::from_millis(check.interval_ms);
     let timeout = Duration::from_millis(check.timeout_ms);
     let mut registration: Option<Registration> = None;
-    let mut verdict = meshgate_gateway::health::Verdict::default();
+    let mut verdict = meshgate_gateway::upstream::health::Verdict::default();
     let mut healthy: Option<bool> = None;
     loop {
         let ok = matches!(
             tokio::time::timeout(
                 timeout,
-                meshgate_gateway::health::probe(check, &app.address)
+                meshgate_gateway::upstream::health::probe(check, &app.address)
             )
             .await,
             Ok(Ok(()))

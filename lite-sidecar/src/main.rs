@@ -24,12 +24,12 @@ use meshgate_config::model::{now_ms, Node, NodeKind};
 use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
-use meshgate_gateway::balance::EndpointRegistry;
-use meshgate_gateway::client::{build, Clients, Wire};
-use meshgate_gateway::health::HealthChecks;
+use meshgate_gateway::http::h2::{build, Clients, Wire};
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::proxy::{Proxy, ProxyOptions};
-use meshgate_gateway::state::{Compiler, Defaults, SharedSnapshot, Snapshot};
+use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
+use meshgate_gateway::upstream::endpoint::EndpointRegistry;
+use meshgate_gateway::upstream::health::HealthChecks;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::watch;
 
@@ -136,16 +136,16 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         max_hops: cfg.proxy.max_hops,
         replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
         request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
-        direct: Proxy {
-            snapshot: direct_snapshot,
-            ready: Arc::new(AtomicBool::new(true)),
-            metrics: metrics.clone(),
-            opts: ProxyOptions {
+        direct: Proxy::new(
+            direct_snapshot,
+            Arc::new(AtomicBool::new(true)),
+            metrics.clone(),
+            ProxyOptions {
                 max_hops: cfg.proxy.max_hops,
                 replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
                 ..ProxyOptions::default()
             },
-        },
+        ),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -153,7 +153,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let f = fwd.clone();
     let st = status.clone();
     let pol = policy.clone();
-    let ops_state = meshgate_gateway::ops::OpsState {
+    let ops_state = meshgate_gateway::node::ops::OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
             let s = st.borrow().clone();
@@ -161,7 +161,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let p = pol.load();
             // Serving is possible with a policy, or with a central tier to fall back to.
             let ready = fresh != Freshness::Unavailable || !p.central_tier.members.is_empty();
-            let mut v = meshgate_gateway::process::status_json(&s, false);
+            let mut v = meshgate_gateway::node::gateway::status_json(&s, false);
             v["ready"] = ready.into();
             v["policy"] = fresh.as_str().into();
             if fresh != Freshness::Fresh && s.last_sync_ms > 0 {
@@ -173,9 +173,9 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         status: status.clone(),
         explain: None,
     };
-    let ops = tokio::spawn(meshgate_gateway::ops::serve(
+    let ops = tokio::spawn(meshgate_gateway::node::ops::serve(
         ops_listener,
-        meshgate_gateway::ops::router(ops_state),
+        meshgate_gateway::node::ops::router(ops_state),
         shutdown_rx.clone(),
     ));
     let f = fwd.clone();
@@ -206,13 +206,17 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let task = match lp.protocol {
             PortProtocol::Http => {
                 let dest = HeaderValue::from_str(&lp.service)?;
-                let handler =
-                    move |_peer, mut req: http::Request<meshgate_gateway::body::RequestBody>| {
-                        let f = f.clone();
-                        req.headers_mut()
-                            .insert(meshgate_gateway::headers::X_MESH_SERVICE, dest.clone());
-                        async move { f.handle(req).await }
-                    };
+                let handler = move |_peer,
+                                    mut req: http::Request<
+                    meshgate_gateway::http::body::RequestBody,
+                >| {
+                    let f = f.clone();
+                    req.headers_mut().insert(
+                        meshgate_gateway::http::headers::X_MESH_SERVICE,
+                        dest.clone(),
+                    );
+                    async move { f.handle(req).await }
+                };
                 tokio::spawn(meshgate_gateway::server::serve(
                     "app",
                     l,

@@ -29,9 +29,10 @@ use meshgate_config::store::Entry;
 use meshgate_config::sync::{diff, Apply, Change};
 use meshgate_config::validate::decode_json;
 use meshgate_config::{Key, Kind};
-use meshgate_gateway::balance::{Balancer, EndpointRegistry};
-use meshgate_gateway::health::HealthChecks;
-use meshgate_gateway::state::Compiler;
+use meshgate_gateway::snapshot::Compiler;
+use meshgate_gateway::upstream::balance::Balancer;
+use meshgate_gateway::upstream::endpoint::EndpointRegistry;
+use meshgate_gateway::upstream::health::HealthChecks;
 use serde_json::json;
 use tokio::sync::watch;
 

@@ -14,9 +14,9 @@ use hdrhistogram::Histogram;
 use meshgate_config::store::Entry;
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind};
-use meshgate_gateway::balance::EndpointRegistry;
-use meshgate_gateway::client::Clients;
-use meshgate_gateway::state::{Compiler, Defaults, Snapshot};
+use meshgate_gateway::http::h2::Clients;
+use meshgate_gateway::snapshot::{Compiler, Defaults, Snapshot};
+use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -129,7 +129,7 @@ fn main() {
             _ => (format!("svc-{i}.example.com"), "/items/42".to_string()),
         };
         let t = Instant::now();
-        let view = meshgate_gateway::router::RequestView {
+        let view = meshgate_gateway::routing::RequestView {
             method: &method,
             path: &path,
             query: None,

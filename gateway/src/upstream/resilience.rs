@@ -14,48 +14,20 @@ use std::time::Duration;
 
 use http::Method;
 use meshgate_config::model::{CircuitBreaker, RetryBudget, RetryPolicy};
-use tokio::sync::Notify;
 
-use crate::balance::mono_ms;
+use crate::clock::mono_ms;
+use crate::http::limit::{ConnCounter, Held, InFlightCount, Overflow};
 
 /// Counters shared by every compiled version of one service.
 #[derive(Debug, Default)]
 pub struct ServiceShared {
     /// Requests in flight (admitted, response not yet finished).
-    pub requests: AtomicU32,
+    pub requests: Arc<InFlightCount>,
     /// Retries in flight.
-    pub retries: AtomicU32,
+    pub retries: Arc<InFlightCount>,
     /// Open HTTP/1.1 connections and requests waiting for one.
     pub conns: Arc<ConnCounter>,
     pub budget: BudgetWindow,
-}
-
-/// Open connections of a service, with a wake-up for requests waiting for
-/// one to be released or closed.
-#[derive(Debug, Default)]
-pub struct ConnCounter {
-    pub open: AtomicU32,
-    pub pending: AtomicU32,
-    pub freed: Notify,
-}
-
-/// Held by an open connection; releases its slot when the connection ends.
-#[derive(Debug)]
-pub struct ConnSlot(pub Arc<ConnCounter>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.freed.notify_waiters();
-    }
-}
-
-/// The connection limit of an attempt (see [`crate::upstream::H1Pool::send`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ConnLimit<'a> {
-    pub counter: &'a Arc<ConnCounter>,
-    pub max_connections: u32,
-    pub max_pending: u32,
 }
 
 /// `ServiceShared` by service name, reused across config changes.
@@ -80,92 +52,23 @@ impl SharedRegistry {
     }
 }
 
-/// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    Requests,
-    Connections,
-    Pending,
-}
-
-impl Overflow {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Overflow::Requests => "max_requests",
-            Overflow::Connections => "max_connections",
-            Overflow::Pending => "max_pending_requests",
-        }
-    }
-}
-
 /// A request admitted by the breaker; leaves when dropped.
-#[derive(Debug)]
-pub struct Admitted(Arc<ServiceShared>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.requests.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub type Admitted = Held;
 
 /// A retry in flight; leaves when dropped.
-#[derive(Debug)]
-pub struct RetryPermit(Arc<ServiceShared>);
-
-impl Drop for RetryPermit {
-    fn drop(&mut self) {
-        self.0.retries.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Takes a slot under `max` on `counter`, or fails without changing it.
-fn acquire(counter: &AtomicU32, max: Option<u32>) -> bool {
-    match max {
-        None => {
-            counter.fetch_add(1, Ordering::AcqRel);
-            true
-        }
-        Some(max) => counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok(),
-    }
-}
+pub type RetryPermit = Held;
 
 /// Admits a request under `max_requests`.
 pub fn admit(shared: &Arc<ServiceShared>, limits: &CircuitBreaker) -> Result<Admitted, Overflow> {
-    if acquire(&shared.requests, limits.max_requests) {
-        Ok(Admitted(shared.clone()))
-    } else {
-        Err(Overflow::Requests)
-    }
+    shared
+        .requests
+        .hold(limits.max_requests)
+        .ok_or(Overflow::Requests)
 }
 
 /// A retry slot under `max_retries`, or `None` (the retry is not made).
 pub fn retry_permit(shared: &Arc<ServiceShared>, limits: &CircuitBreaker) -> Option<RetryPermit> {
-    acquire(&shared.retries, limits.max_retries).then(|| RetryPermit(shared.clone()))
-}
-
-/// Takes a connection slot if one is free.
-pub fn try_open(limit: &ConnLimit<'_>) -> Option<ConnSlot> {
-    acquire(&limit.counter.open, Some(limit.max_connections))
-        .then(|| ConnSlot(limit.counter.clone()))
-}
-
-/// A waiting request; leaves the pending count when dropped.
-#[derive(Debug)]
-pub struct Pending<'a>(&'a ConnCounter);
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Joins the requests waiting for a connection, under `max_pending`.
-pub fn wait_slot<'a>(limit: &ConnLimit<'a>) -> Option<Pending<'a>> {
-    acquire(&limit.counter.pending, Some(limit.max_pending)).then(|| Pending(limit.counter))
+    shared.retries.hold(limits.max_retries)
 }
 
 // === retry budget ===
@@ -275,7 +178,7 @@ impl Retry {
     /// Whether a request with this method (and `x-mesh-retryable`) may be
     /// sent again after it was sent once.
     pub fn method_allowed(&self, method: &Method, marked_retryable: bool) -> bool {
-        self.non_idempotent || marked_retryable || crate::headers::idempotent(method)
+        self.non_idempotent || marked_retryable || crate::http::headers::idempotent(method)
     }
 }
 

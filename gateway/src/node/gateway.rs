@@ -22,14 +22,14 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::balance::EndpointRegistry;
-use crate::client::Clients;
-use crate::health::HealthChecks;
+use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
-use crate::state::{Compiler, Defaults, Snapshot};
+use crate::snapshot::{Compiler, Defaults, Snapshot};
+use crate::upstream::endpoint::EndpointRegistry;
+use crate::upstream::health::HealthChecks;
 
 /// The gateway's node config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -213,21 +213,21 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
-    let proxy = Arc::new(Proxy {
-        snapshot: shared.clone(),
-        ready: ready.clone(),
-        metrics: metrics.clone(),
-        opts: ProxyOptions {
+    let proxy = Arc::new(Proxy::new(
+        shared.clone(),
+        ready.clone(),
+        metrics.clone(),
+        ProxyOptions {
             max_hops: cfg.proxy.max_hops,
             replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
             ..ProxyOptions::default()
         },
-    });
+    ));
 
     // Ops port (+ embedded admin API).
     let st = status.clone();
     let dr = draining.clone();
-    let ops_state = crate::ops::OpsState {
+    let ops_state = crate::node::ops::OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
             let s = st.borrow().clone();
@@ -240,11 +240,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         explain: Some({
             let shared = shared.clone();
             Arc::new(move |req: &meshgate_config::model::ExplainRequest| {
-                crate::explain::explain(&shared.load(), req)
+                crate::node::explain::explain(&shared.load(), req)
             })
         }),
     };
-    let mut ops_app = crate::ops::router(ops_state);
+    let mut ops_app = crate::node::ops::router(ops_state);
     if let Some(a) = &cfg.admin_api {
         let tokens = match &a.token_file {
             Some(p) => meshgate_admin::Tokens::load(p)?,
@@ -255,7 +255,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         // Explain in process, against this gateway's applied config.
         let shared = shared.clone();
         admin.explainer = Some(Arc::new(move |req| {
-            let answer = crate::explain::explain(&shared.load(), &req).map_err(|b| {
+            let answer = crate::node::explain::explain(&shared.load(), &req).map_err(|b| {
                 meshgate_admin::error::ApiError::new(
                     http::StatusCode::BAD_REQUEST,
                     "invalid_request",
@@ -271,7 +271,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::ops::serve(
+    tasks.push(tokio::spawn(crate::node::ops::serve(
         ops_listener,
         ops_app,
         shutdown_rx.clone(),
@@ -297,7 +297,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     // TCP routes listen on the ingress address.
     if let Some(a) = cfg.ingress_listen {
-        tasks.push(tokio::spawn(crate::tcp::run_listeners(
+        tasks.push(tokio::spawn(crate::proxy::tcp::run_listeners(
             a.ip(),
             shared.clone(),
             metrics.clone(),

@@ -24,11 +24,14 @@ use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
 use serde::Serialize;
 
-use crate::balance::{Balancer, EndpointRegistry, RequestKey};
-use crate::client::{Clients, HttpClient, Wire};
-use crate::health::HealthChecks;
-use crate::resilience::{ConnLimit, Outlier, Retry, ServiceShared, SharedRegistry};
-use crate::router::{CompiledRoute, FastMap, Router};
+use crate::http::h2::{Clients, HttpClient, Wire};
+use crate::http::limit::ConnLimit;
+use crate::maps::FastMap;
+use crate::routing::{CompiledRoute, Router};
+use crate::upstream::balance::{Balancer, RequestKey};
+use crate::upstream::endpoint::EndpointRegistry;
+use crate::upstream::health::HealthChecks;
+use crate::upstream::resilience::{Outlier, Retry, ServiceShared, SharedRegistry};
 
 /// Process-wide defaults for what a service or route does not set.
 #[derive(Debug, Clone)]
@@ -113,6 +116,17 @@ pub struct Snapshot {
     pub tcp_routes: FastMap<String, Arc<TcpRoute>>,
     /// Every compiled route by name (both scopes), for `explain`.
     pub routes: FastMap<String, Arc<CompiledRoute>>,
+}
+
+impl Snapshot {
+    /// The service's fallback service, when it names one other than itself.
+    pub fn fallback_of(&self, svc: &ServiceRt) -> Option<Arc<ServiceRt>> {
+        let name = svc.spec.fallback.as_deref()?;
+        self.services
+            .get(name)
+            .filter(|f| f.name != svc.name)
+            .cloned()
+    }
 }
 
 /// What was rejected and why, for `/config` and logs.

@@ -58,9 +58,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{ProxyBody, RequestBody};
-use crate::h1::{write_field, write_last_chunk, ChunkSize, Span};
-use crate::headers::ConnectionTokens;
+use crate::http::body::{ProxyBody, RequestBody};
+use crate::http::headers::ConnectionTokens;
+use crate::http::wire::{write_field, write_last_chunk, ChunkSize, Span};
 use crate::server::{wait_true, Peer};
 
 /// Most request headers parsed here; a request with more goes to hyper
@@ -591,8 +591,8 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::body::full;
-    use crate::h1::test_util::take_message;
+    use crate::http::body::full;
+    use crate::http::wire::test_util::take_message;
 
     /// Answers `METHOD target body` (the body it received), with the
     /// number of request headers in `x-headers`; `/204` answers 204,

@@ -8,18 +8,13 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-/// A persistent hash map (structural sharing across snapshots) hashed with
-/// foldhash. Its keys come from the config; requests only look them up, so
-/// a fast per-process-seeded hash serves better than SipHash here (three
-/// lookups per request: host, path, service).
-pub type FastMap<K, V> =
-    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+use crate::maps::FastMap;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use meshgate_config::model::{Route, Scope, Timeouts};
 
-use crate::balance::Schedule;
+use crate::upstream::balance::Schedule;
 
 #[derive(Debug, Clone)]
 enum PathCond {
@@ -300,11 +295,11 @@ pub struct CompiledRoute {
     default: Choice,
     /// Backend rules, tried in order.
     rules: Vec<(Conditions, Choice)>,
-    sticky: Option<crate::balance::RequestKey>,
+    sticky: Option<crate::upstream::balance::RequestKey>,
     pub direct: Option<(StatusCode, Bytes, Option<HeaderValue>)>,
     pub timeouts: Option<Timeouts>,
     /// Overrides the service's retry policy.
-    pub retry: Option<crate::resilience::Retry>,
+    pub retry: Option<crate::upstream::resilience::Retry>,
     pub rewrite: Option<CompiledRewrite>,
     /// This route's metric handles, resolved on first use so the request
     /// path does not hash label values (see `metrics::RouteStats`).
@@ -364,7 +359,11 @@ impl CompiledRoute {
                     .collect()
             },
             sticky: r.sticky.as_ref().and_then(|s| {
-                crate::balance::RequestKey::new(s.header.as_deref(), s.cookie.as_deref(), false)
+                crate::upstream::balance::RequestKey::new(
+                    s.header.as_deref(),
+                    s.cookie.as_deref(),
+                    false,
+                )
             }),
             direct: r.direct_response.as_ref().map(|d| {
                 (
@@ -376,7 +375,10 @@ impl CompiledRoute {
                 )
             }),
             timeouts: r.timeouts,
-            retry: r.retry.as_ref().map(crate::resilience::Retry::new),
+            retry: r
+                .retry
+                .as_ref()
+                .map(crate::upstream::resilience::Retry::new),
             rewrite: r.rewrite.as_ref().map(|rw| {
                 CompiledRewrite::new(rw, m.path.as_ref().and_then(|p| p.prefix.as_deref()))
             }),

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::explain::BadField;
 use crate::metrics::Metrics;
+use crate::node::explain::BadField;
 use meshgate_config::model::ExplainRequest;
 
 /// What the ops endpoints read.

@@ -27,7 +27,7 @@
 //!   end make the connection single-use.
 //!
 //! Upgrades and `CONNECT` tunnels still use hyper's client (one exchange
-//! per connection, see [`crate::upstream::upgrade`]).
+//! per connection, see [`crate::upstream::attempt::upgrade`]).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -44,9 +44,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::ProxyBody;
-use crate::headers::ConnectionTokens;
-use crate::resilience::ConnSlot;
+use crate::http::body::ProxyBody;
+use crate::http::headers::ConnectionTokens;
+use crate::http::limit::ConnSlot;
+use crate::http::wire::{write_field, write_last_chunk, ChunkSize, Span};
 
 /// Most response headers accepted (as hyper's client).
 const MAX_HEADERS: usize = 100;
@@ -87,6 +88,20 @@ impl DeadlinePassed {
     /// Whether `e` is this.
     pub fn is(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|i| i.is::<DeadlinePassed>())
+    }
+}
+
+/// The error (inside an [`io::Error`]) of an exchange whose request body
+/// failed while it was being sent: the client's malformed or abandoned
+/// upload, not the upstream's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("request body: {0}")]
+pub struct RequestBodyFailed(pub String);
+
+impl RequestBodyFailed {
+    /// Whether `e` is this.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<RequestBodyFailed>())
     }
 }
 
@@ -349,14 +364,6 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// One `name: value` line of a head or trailer section.
-pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Writes the head in `wbuf`, then the body frame by frame.
 async fn write_streamed(
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
@@ -367,7 +374,7 @@ async fn write_streamed(
     wr.write_all(wbuf).await?;
     let mut trailers = None;
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|e| io::Error::other(format!("request body: {e}")))?;
+        let frame = frame.map_err(|e| io::Error::other(RequestBodyFailed(e.to_string())))?;
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) if chunked => {
@@ -386,40 +393,6 @@ async fn write_streamed(
         wr.write_all(&end).await?;
     }
     Ok(())
-}
-
-/// Where a parsed header's name and value sit in the head's buffer, kept
-/// as offsets while the buffer is borrowed by the parser, so the values
-/// can then be sliced from it without copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Span {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-impl Span {
-    pub(crate) const EMPTY: Span = Span {
-        name: (0, 0),
-        value: (0, 0),
-    };
-
-    /// The span of `h`, parsed from a buffer starting at address `base`.
-    pub(crate) fn of(base: usize, h: &httparse::Header<'_>) -> Span {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        Span {
-            name: (n as u32, (n + h.name.len()) as u32),
-            value: (v as u32, (v + h.value.len()) as u32),
-        }
-    }
-
-    pub(crate) fn name(&self) -> std::ops::Range<usize> {
-        self.name.0 as usize..self.name.1 as usize
-    }
-
-    pub(crate) fn value(&self) -> std::ops::Range<usize> {
-        self.value.0 as usize..self.value.1 as usize
-    }
 }
 
 /// A parsed final response head.
@@ -550,46 +523,6 @@ impl Seen {
         }
         true
     }
-}
-
-/// The size line of a chunk (`<hex size>\r\n`), formatted on the stack.
-pub(crate) struct ChunkSize {
-    buf: [u8; 18],
-    start: usize,
-}
-
-impl ChunkSize {
-    pub(crate) fn new(len: usize) -> ChunkSize {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut buf = [0u8; 18];
-        buf[16..].copy_from_slice(b"\r\n");
-        let mut start = 16;
-        let mut n = len;
-        loop {
-            start -= 1;
-            buf[start] = DIGITS[n & 0xf];
-            n >>= 4;
-            if n == 0 {
-                break;
-            }
-        }
-        ChunkSize { buf, start }
-    }
-}
-
-impl AsRef<[u8]> for ChunkSize {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-/// The last chunk of a chunked body and its trailer section.
-pub(crate) fn write_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        write_field(out, name, value);
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The body framing of a response (RFC 9112 §6.3), and whether the
@@ -834,26 +767,6 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> io::Result<Option<Frame<
     }
 }
 
-/// Test helpers shared by the codec and server tests.
-#[cfg(test)]
-pub(crate) mod test_util {
-    /// Takes the first complete message off `buf`: a head, and the body
-    /// its `content-length` announces (none for a 204). `None` while
-    /// incomplete.
-    pub(crate) fn take_message(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize = if head.starts_with("http/1.1 204") {
-            0
-        } else {
-            head.lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap())
-        };
-        (buf.len() >= end + 4 + len).then(|| buf.drain(..end + 4 + len).collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -862,8 +775,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::test_util::take_message;
     use super::*;
+    use crate::http::wire::test_util::take_message;
 
     /// A server running `f` on every accepted connection.
     async fn server<F, Fut>(f: F) -> String
@@ -934,7 +847,7 @@ mod tests {
     }
 
     fn request(method: Method, body: impl Into<Bytes>) -> Request<ProxyBody> {
-        let mut r = Request::new(crate::body::full(Full::new(body.into())));
+        let mut r = Request::new(crate::http::body::full(Full::new(body.into())));
         *r.method_mut() = method;
         *r.uri_mut() = "/p?q=1".parse().unwrap();
         r.headers_mut()

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use meshgate_config::model::HealthCheck;
 use prometheus::IntCounterVec;
 
-use crate::balance::{EndpointState, Health};
+use crate::upstream::endpoint::{EndpointState, Health};
 
 /// The process's health checks.
 pub struct HealthChecks {

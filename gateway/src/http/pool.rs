@@ -1,20 +1,17 @@
 //! HTTP/1.1 upstream connections, pooled per endpoint.
 //!
-//! Each endpoint keeps its idle keep-alive connections ([`h1::Conn`]) in a
+//! Each endpoint keeps its idle keep-alive connections ([`Conn`]) in a
 //! small LIFO stack. The request path checks one out, or connects, and
-//! runs the exchange on it from its own task ([`crate::h1`]); the response
+//! runs the exchange on it from its own task ([`super::h1`]); the response
 //! body hands the connection back when it has been read to the end, so a
 //! connection is never shared by two exchanges. Compared with hyper-util's
 //! pooled client this skips the per-request pool-key hashing, the
 //! connector service, the checkout futures and hyper's per-connection
 //! task, and it lets the caller tell the ways a send can fail: no
-//! connection (safe to try elsewhere), the connection limit, and a failure
-//! after the request was (or may have been) written. A pooled connection
-//! the peer has closed is noticed at checkout and skipped.
-//!
-//! HTTP/2 upstreams use the shared multiplexing client in [`crate::client`].
-//! [`attempt`] is one try of a request on one endpoint over either wire,
-//! shared by the gateway's and the sidecar's request paths.
+//! connection (safe to try elsewhere), the connection limit, a failure of
+//! the request's own body (the client's), and a failure after the request
+//! was (or may have been) written. A pooled connection the peer has
+//! closed is noticed at checkout and skipped.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -22,18 +19,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response};
 use hyper::body::{Body, Frame, SizeHint};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 
-use crate::balance::EndpointState;
-use crate::body::ProxyBody;
-use crate::client::{HttpClient, Wire};
-use crate::h1::{Conn, DeadlinePassed, Exchange};
-use crate::proxy::root_cause;
-use crate::resilience::{self, ConnLimit, ConnSlot, Overflow};
+use crate::http::body::ProxyBody;
+use crate::http::h1::{Conn, DeadlinePassed, Exchange, RequestBodyFailed};
+use crate::http::limit::{self, ConnLimit, ConnSlot, Overflow};
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -65,6 +56,9 @@ pub enum SendError {
     Connect(std::io::Error, Box<Request<ProxyBody>>),
     /// The service's connection limit refused it: nothing was sent.
     Overflow(Overflow, Box<Request<ProxyBody>>),
+    /// The request's own body failed while it was sent (the client's
+    /// fault); part of the request may have been sent.
+    RequestBody(std::io::Error),
     /// The exchange failed; the request may have been (partly) sent.
     Exchange(std::io::Error),
     /// No response head by the deadline (waiting for a connection
@@ -77,7 +71,7 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
             SendError::Overflow(o, _) => write!(f, "{} reached", o.as_str()),
-            SendError::Exchange(e) => write!(f, "{e}"),
+            SendError::RequestBody(e) | SendError::Exchange(e) => write!(f, "{e}"),
             SendError::Timeout => f.write_str("no response head by the deadline"),
         }
     }
@@ -129,13 +123,13 @@ impl H1Pool {
         &self,
         limit: &ConnLimit<'_>,
     ) -> Result<Result<ConnSlot, Conn>, Overflow> {
-        if let Some(s) = resilience::try_open(limit) {
+        if let Some(s) = limit::try_open(limit) {
             return Ok(Ok(s));
         }
         if limit.max_pending == 0 {
             return Err(Overflow::Connections);
         }
-        let Some(_pending) = resilience::wait_slot(limit) else {
+        let Some(_pending) = limit::wait_slot(limit) else {
             return Err(Overflow::Pending);
         };
         loop {
@@ -147,7 +141,7 @@ impl H1Pool {
             if let Some(conn) = self.checkout() {
                 return Ok(Err(conn));
             }
-            if let Some(s) = resilience::try_open(limit) {
+            if let Some(s) = limit::try_open(limit) {
                 return Ok(Ok(s));
             }
             tokio::select! {
@@ -160,7 +154,7 @@ impl H1Pool {
     /// Sends `req` (origin-form URI, `Host` header set) to `address`,
     /// reusing an idle connection when there is one. Under a connection
     /// `limit`, a new connection is opened only while the service is under
-    /// it; otherwise the request waits (see [`resilience::ConnLimit`]).
+    /// it; otherwise the request waits (see [`ConnLimit`]).
     pub async fn send(
         self: &Arc<Self>,
         address: &str,
@@ -191,6 +185,8 @@ impl H1Pool {
         let (parts, exchange) = conn.send(req, deadline).await.map_err(|e| {
             if DeadlinePassed::is(&e) {
                 SendError::Timeout
+            } else if RequestBodyFailed::is(&e) {
+                SendError::RequestBody(e)
             } else {
                 SendError::Exchange(e)
             }
@@ -229,188 +225,6 @@ impl H1Pool {
 enum Opened {
     Failed(std::io::Error),
     Overflow(Overflow),
-}
-
-/// How one attempt to an endpoint failed.
-#[derive(Debug)]
-pub enum Attempt {
-    /// No connection: nothing was sent. HTTP/1.1 hands the request back.
-    Connect(String, Option<Box<Request<ProxyBody>>>),
-    /// The service's connection limit refused it: nothing was sent.
-    Overflow(Overflow),
-    /// Failed after the request was (or may have been) sent.
-    Exchange(String),
-    /// No response headers within the timeout.
-    Timeout,
-}
-
-/// The wire and limits of one attempt.
-#[derive(Debug, Clone, Copy)]
-pub struct AttemptOpts<'a> {
-    pub wire: Wire,
-    /// The HTTP/2 client (HTTP/1.1 uses the endpoint's own pool).
-    pub h2: &'a HttpClient,
-    pub connect_timeout: Duration,
-    /// Time allowed for response headers.
-    pub timeout: Duration,
-    /// Count requests in flight and time answers on the endpoint (for
-    /// load-aware balancing).
-    pub track_load: bool,
-    /// The service's connection limit (HTTP/1.1).
-    pub conn_limit: Option<ConnLimit<'a>>,
-}
-
-/// Sends `req` to `ep`: sets the request target for the wire (origin-form
-/// through the endpoint's HTTP/1.1 pool, absolute-form through the HTTP/2
-/// client), waits for response headers, and marks the endpoint's success.
-/// Failures are for the caller to judge (eject, retry, move on).
-pub async fn attempt(
-    ep: &Arc<EndpointState>,
-    opts: AttemptOpts<'_>,
-    pq: &PathAndQuery,
-    mut req: Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, Attempt> {
-    match opts.wire {
-        Wire::Http1 => {
-            *req.uri_mut() = Uri::from(pq.clone());
-            *req.version_mut() = Version::HTTP_11;
-        }
-        Wire::Http2 => {
-            let Some(auth) = &ep.authority else {
-                return Err(Attempt::Connect(
-                    format!("{} is not a valid address", ep.address),
-                    Some(Box::new(req)),
-                ));
-            };
-            *req.uri_mut() = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(auth.clone())
-                .path_and_query(pq.clone())
-                .build()
-                .expect("valid uri parts");
-            *req.version_mut() = Version::HTTP_2;
-        }
-    }
-    let in_flight = opts.track_load.then(|| ep.start());
-    let sent_at = Instant::now();
-    let result = match opts.wire {
-        Wire::Http1 => {
-            // The pool's connections carry their own timers (see
-            // `h1::Conn`): no timer is armed per request.
-            let deadline = tokio::time::Instant::from_std(sent_at) + opts.timeout;
-            let sent = ep.h1.send(
-                &ep.address,
-                opts.connect_timeout,
-                opts.conn_limit,
-                req,
-                deadline,
-            );
-            match sent.await {
-                Ok(resp) => Ok(resp.map(ProxyBody::Upstream)),
-                Err(SendError::Connect(e, back)) => {
-                    Err(Attempt::Connect(e.to_string(), Some(back)))
-                }
-                Err(SendError::Overflow(o, _)) => Err(Attempt::Overflow(o)),
-                Err(SendError::Exchange(e)) => Err(Attempt::Exchange(e.to_string())),
-                Err(SendError::Timeout) => Err(Attempt::Timeout),
-            }
-        }
-        Wire::Http2 => {
-            match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
-                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
-                Ok(Err(e)) if e.is_connect() => Err(Attempt::Connect(root_cause(&e), None)),
-                Ok(Err(e)) => Err(Attempt::Exchange(root_cause(&e))),
-                Err(_) => Err(Attempt::Timeout),
-            }
-        }
-    };
-    drop(in_flight);
-    if result.is_ok() {
-        ep.on_success();
-        if opts.track_load {
-            ep.observe_rtt(sent_at.elapsed());
-        }
-    }
-    result
-}
-
-/// Sends an upgrade request (`Connection: upgrade`, e.g. WebSocket) to
-/// `ep` on a fresh connection of its own. On `101 Switching Protocols`
-/// returns the upstream side of the upgraded connection with the (empty)
-/// response; any other answer is returned as is, with its body.
-pub async fn upgrade(
-    ep: &Arc<EndpointState>,
-    connect_timeout: Duration,
-    timeout: Duration,
-    pq: &PathAndQuery,
-    parts: &http::request::Parts,
-) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
-    let mut req = Request::new(crate::body::empty());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from(pq.clone());
-    *req.headers_mut() = parts.headers.clone();
-    let switched = |s: http::StatusCode| s == http::StatusCode::SWITCHING_PROTOCOLS;
-    switch(ep, connect_timeout, timeout, req, switched).await
-}
-
-/// Sends `CONNECT <authority>` with `headers` to `ep` on a fresh
-/// connection. On a 2xx answer the connection becomes a byte tunnel and is
-/// returned with the response; any other answer is returned alone.
-pub async fn connect_tunnel(
-    ep: &Arc<EndpointState>,
-    connect_timeout: Duration,
-    timeout: Duration,
-    authority: &str,
-    headers: http::HeaderMap,
-) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
-    let uri = Uri::try_from(authority)
-        .map_err(|e| Attempt::Exchange(format!("invalid CONNECT authority {authority:?}: {e}")))?;
-    let mut req = Request::new(crate::body::empty());
-    *req.method_mut() = http::Method::CONNECT;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    switch(ep, connect_timeout, timeout, req, |s| s.is_success()).await
-}
-
-/// Sends `req` on a fresh HTTP/1.1 connection to `ep`; when the answer's
-/// status passes `switched`, takes the connection over as a tunnel.
-async fn switch(
-    ep: &Arc<EndpointState>,
-    connect_timeout: Duration,
-    timeout: Duration,
-    req: Request<ProxyBody>,
-    switched: impl Fn(http::StatusCode) -> bool,
-) -> Result<(Response<ProxyBody>, Option<hyper::upgrade::Upgraded>), Attempt> {
-    let stream = tokio::time::timeout(
-        connect_timeout,
-        tokio::net::TcpStream::connect(ep.address.as_str()),
-    )
-    .await
-    .map_err(|_| Attempt::Connect("connect timed out".into(), None))?
-    .map_err(|e| Attempt::Connect(e.to_string(), None))?;
-    let _ = stream.set_nodelay(true);
-    let (mut tx, conn) = http1::Builder::new()
-        .handshake::<_, ProxyBody>(TokioIo::new(stream))
-        .await
-        .map_err(|e| Attempt::Connect(root_cause(&e), None))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgrade connection ended with error");
-        }
-    });
-    let mut resp = match tokio::time::timeout(timeout, tx.send_request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(Attempt::Exchange(root_cause(&e))),
-        Err(_) => return Err(Attempt::Timeout),
-    };
-    ep.on_success();
-    if !switched(resp.status()) {
-        return Ok((resp.map(ProxyBody::Incoming), None));
-    }
-    let upgraded = hyper::upgrade::on(&mut resp)
-        .await
-        .map_err(|e| Attempt::Exchange(root_cause(&e)))?;
-    Ok((resp.map(|_| crate::body::empty()), Some(upgraded)))
 }
 
 /// A response body from a pooled connection: returns the connection to
@@ -476,6 +290,7 @@ mod tests {
 
     use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
 
     use super::*;
 
@@ -511,7 +326,7 @@ mod tests {
     }
 
     fn get(addr: &str) -> Request<ProxyBody> {
-        let mut r = Request::new(crate::body::empty());
+        let mut r = Request::new(crate::http::body::empty());
         *r.uri_mut() = "/".parse().unwrap();
         r.headers_mut()
             .insert(http::header::HOST, addr.parse().unwrap());

@@ -1,5 +1,5 @@
 //! Listeners: the accept loop shared by gateway and sidecar. Each
-//! connection starts on the HTTP/1.1 fast path ([`crate::h1_server`]); the
+//! connection starts on the HTTP/1.1 fast path ([`crate::server::h1`]); the
 //! first request it does not serve (an upload to stream, an upgrade, the
 //! HTTP/2 preface, malformed input) hands the connection, with the bytes
 //! already read, to hyper's auto builder for the rest of its life
@@ -29,9 +29,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{ProxyBody, RequestBody};
-pub use crate::h1_server::Limits;
-use crate::h1_server::{self, End};
+use crate::http::body::{ProxyBody, RequestBody};
+pub mod h1;
+
+use h1::End;
+pub use h1::Limits;
 
 /// The client end of a connection, resolved once per connection.
 #[derive(Debug, Clone)]
@@ -108,7 +110,7 @@ pub async fn serve_with<H, F>(
                 let mut shutdown = shutdown.clone();
                 connections.spawn(async move {
                     let peer = Peer::new(remote);
-                    match h1_server::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await {
+                    match h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await {
                         End::Closed => {
                             let _ = stream.shutdown().await;
                         }

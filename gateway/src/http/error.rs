@@ -1,12 +1,22 @@
-//! Synthetic responses: every response the mesh generates itself carries
-//! `x-mesh-error: <code>` and a small JSON body `{"error", "message"}`.
-//! This is the one place where failures become HTTP answers.
+//! The failure vocabulary of the mesh.
+//!
+//! A [`Failure`] is a value: its reason ([`MeshError`], the `x-mesh-error`
+//! code), whose fault it is ([`Side`]: the downstream client, the
+//! upstream, or the mesh itself, as Pingora's error source), and whether
+//! any byte of the request may have been sent on. The request path passes
+//! failures up as values; the fail-over rules read them
+//! ([`crate::proxy::attempts`]); one rescue at the edge turns a failure
+//! into the synthetic response ([`Failure::into_response`]): status,
+//! `x-mesh-error: <code>` and a small JSON body `{"error", "message"}`, or
+//! a gRPC status for a gRPC call. `x-mesh-error` is read back into a
+//! failure only where it crosses a process boundary
+//! ([`Failure::from_answer`]).
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::body::{full, ProxyBody};
+use crate::http::body::{full, ProxyBody};
 
 /// The header naming the reason of a mesh-generated response.
 pub const X_MESH_ERROR: &str = "x-mesh-error";
@@ -80,6 +90,24 @@ impl MeshError {
         !matches!(self, MeshError::UpstreamReset | MeshError::UpstreamTimeout)
     }
 
+    /// Whose fault this error usually is.
+    pub fn side(self) -> Side {
+        match self {
+            MeshError::UpstreamConnectFailed
+            | MeshError::UpstreamReset
+            | MeshError::UpstreamTimeout => Side::Upstream,
+            MeshError::LoopDetected
+            | MeshError::NoDestination
+            | MeshError::BadRequest
+            | MeshError::PayloadTooLarge => Side::Downstream,
+            MeshError::NoRoute
+            | MeshError::NoHealthyEndpoint
+            | MeshError::NotReady
+            | MeshError::ShuttingDown
+            | MeshError::CircuitOpen => Side::Mesh,
+        }
+    }
+
     /// The gRPC status code a gRPC caller gets for this error.
     pub fn grpc_status(self) -> u8 {
         match self {
@@ -125,7 +153,7 @@ impl MeshError {
     /// `grpc-status` and `grpc-message` in the headers, no body; still
     /// marked with `x-mesh-error`.
     pub fn grpc_response(self, message: &str) -> Response<ProxyBody> {
-        let mut resp = Response::new(crate::body::empty());
+        let mut resp = Response::new(crate::http::body::empty());
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -154,6 +182,121 @@ impl MeshError {
         );
         h.insert(X_MESH_ERROR, HeaderValue::from_static(self.code()));
         resp
+    }
+}
+
+/// The innermost error message (hyper wraps io errors several levels deep).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Whose fault a failure is. Only [`Side::Upstream`] failures count
+/// against an endpoint (outlier detection, ejection) and may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client: a malformed or abandoned request or upload.
+    Downstream,
+    /// The upstream (an endpoint, or a gateway member): refused, reset,
+    /// timed out.
+    Upstream,
+    /// The mesh's own decision: no route, no endpoint, a breaker limit,
+    /// not ready.
+    Mesh,
+}
+
+/// A failed request, as a value.
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: MeshError,
+    pub side: Side,
+    /// Whether any byte of the request may have reached an upstream.
+    pub sent: bool,
+    pub message: String,
+    /// An answer that came with the failure (a gateway's own mesh error,
+    /// read off the wire): passed on as is if the failure is final.
+    pub answer: Option<Box<Response<ProxyBody>>>,
+}
+
+impl Failure {
+    /// A failure of the reason's usual side, sent when the reason leaves
+    /// it open (a reset, a timeout).
+    pub fn new(reason: MeshError, message: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            side: reason.side(),
+            sent: !reason.unsent(),
+            message: message.into(),
+            answer: None,
+        }
+    }
+
+    /// The same failure, blamed on `side`.
+    pub fn on(mut self, side: Side) -> Failure {
+        self.side = side;
+        self
+    }
+
+    /// The same failure, with whether the request may have been sent.
+    pub fn sent(mut self, sent: bool) -> Failure {
+        self.sent = sent;
+        self
+    }
+
+    /// A mesh error answered by another mesh process (marked with
+    /// `x-mesh-error`), as a failure carrying that answer; `None` for any
+    /// other answer (an app's own 5xx is not a failure of the mesh). An
+    /// unknown reason is taken as possibly sent.
+    pub fn from_answer(resp: Response<ProxyBody>) -> Result<Response<ProxyBody>, Failure> {
+        let Some(code) = resp.headers().get(X_MESH_ERROR) else {
+            return Ok(resp);
+        };
+        let (reason, sent) = match MeshError::from_code(code.as_bytes()) {
+            Some(e) => (e, !e.unsent()),
+            None => (MeshError::UpstreamReset, true),
+        };
+        Err(Failure {
+            reason,
+            side: Side::Upstream,
+            sent,
+            message: format!("{} answered by the next hop", reason.code()),
+            answer: Some(Box::new(resp)),
+        })
+    }
+
+    /// The rescue: the response a client gets for this failure. An answer
+    /// carried from another mesh process is passed on as is; otherwise the
+    /// synthetic response, as a gRPC status for a gRPC call.
+    pub fn into_response(self, grpc: bool) -> Response<ProxyBody> {
+        if let Some(answer) = self.answer {
+            if grpc && !answer.headers().contains_key("grpc-status") {
+                let message = format!("{} ({})", self.reason.code(), answer.status());
+                return self.reason.grpc_response(&message);
+            }
+            return *answer;
+        }
+        match self.side {
+            Side::Downstream => {
+                tracing::debug!(reason = self.reason.code(), message = %self.message, "request failed on the client side")
+            }
+            Side::Upstream | Side::Mesh => {
+                tracing::debug!(reason = self.reason.code(), message = %self.message, "request failed")
+            }
+        }
+        if grpc {
+            self.reason.grpc_response(&self.message)
+        } else {
+            self.reason.response(&self.message)
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason.code(), self.message)
     }
 }
 

@@ -15,13 +15,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::upstream::UpstreamBody;
+use crate::http::pool::UpstreamBody;
 
 /// A request body as a listener hands it to the request path.
 #[derive(Debug)]
 pub enum RequestBody {
     /// Read whole before the request was handed over (the HTTP/1.1 fast
-    /// path, [`crate::h1_server`]); `None` once taken.
+    /// path, [`crate::server::h1`]); `None` once taken.
     Whole(Option<Bytes>),
     /// Streamed by hyper (HTTP/2, and HTTP/1.1 connections hyper serves).
     Incoming(Incoming),
@@ -131,7 +131,7 @@ impl Body for ProxyBody {
 pub struct Guarded {
     inner: ProxyBody,
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
-    hold: Option<crate::resilience::Admitted>,
+    hold: Option<crate::http::limit::Held>,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -152,7 +152,7 @@ impl Guarded {
     pub fn wrap(
         inner: ProxyBody,
         idle: Option<Duration>,
-        hold: Option<crate::resilience::Admitted>,
+        hold: Option<crate::http::limit::Held>,
     ) -> ProxyBody {
         if idle.is_none() && hold.is_none() {
             return inner;

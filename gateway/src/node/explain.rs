@@ -10,8 +10,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use meshgate_config::model::{ExplainRequest, Scope};
 use serde_json::{json, Value};
 
-use crate::router::RequestView;
-use crate::state::Snapshot;
+use crate::routing::RequestView;
+use crate::snapshot::Snapshot;
 
 /// A field of the request that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +54,14 @@ pub fn explain(snap: &Snapshot, req: &ExplainRequest) -> Result<Value, BadField>
         headers.insert(http::header::HOST, host);
     }
     let (router, host) = match req.scope {
-        Scope::Mesh => (&snap.mesh, crate::headers::destination(&headers, None)),
-        Scope::Ingress => (&snap.ingress, crate::headers::request_host(&headers, None)),
+        Scope::Mesh => (
+            &snap.mesh,
+            crate::http::headers::destination(&headers, None),
+        ),
+        Scope::Ingress => (
+            &snap.ingress,
+            crate::http::headers::request_host(&headers, None),
+        ),
     };
     let host = host.unwrap_or_default();
     let (path, query) = match req.path.split_once('?') {

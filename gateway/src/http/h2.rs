@@ -10,7 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::ProxyBody;
+use crate::http::body::ProxyBody;
 
 /// A pooled upstream client.
 pub type HttpClient = Client<HttpConnector, ProxyBody>;

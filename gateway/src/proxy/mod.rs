@@ -1,0 +1,285 @@
+//! The request path of a gateway listener. In order, for every request
+//! (ARCHITECTURE.md lists the same steps, and a unit test keeps the two
+//! lists equal):
+//!
+//! 1. ready? no config loaded yet → 503 `not_ready`
+//! 2. prelude ([`prelude`]): `x-mesh-hops` + 1 (508 `loop_detected` over
+//!    the limit), `x-request-id` and `traceparent` created when missing;
+//!    on ingress listeners `x-mesh-source` removed (never trusted from
+//!    outside); `x-forwarded-for` appended
+//! 3. `CONNECT` (a sidecar's plain-TCP local port, mesh listeners only) →
+//!    a TCP tunnel to the named service ([`tunnel`])
+//! 4. route match on the listener's table (mesh: by `x-mesh-service` or
+//!    host; a service named directly gets its implicit route) → 404
+//!    `no_route`
+//! 5. a direct response, or a backend: the first backend rule whose
+//!    conditions hold, else the weighted split (sticky by header or cookie
+//!    hash when set) → the service (503 `no_healthy_endpoint` when it is
+//!    not configured)
+//! 6. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
+//!    ([`tunnel`])
+//! 7. forward ([`forward`]): breaker admission (503 `circuit_open`), the
+//!    body made replayable, hop-by-hop headers stripped, rewrites; the
+//!    attempt loop ([`attempts`]) over the service's endpoints (refused
+//!    connects move on; resets, per-try timeouts and listed statuses are
+//!    resent under the retry policy, budget and deadline; outcomes feed
+//!    outlier detection); the fallback service when no endpoint took it
+//! 8. the rescue: a [`Failure`] becomes its synthetic response, or a gRPC
+//!    status for a gRPC call ([`Failure::into_response`])
+//! 9. metrics per route and backend
+
+pub mod attempts;
+pub mod forward;
+pub mod prelude;
+pub mod tcp;
+pub mod tunnel;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header;
+use http::{Request, Response};
+use http_body_util::Full;
+
+use crate::http::body::{full, ProxyBody, RequestBody};
+use crate::http::error::{Failure, MeshError};
+use crate::http::headers;
+use crate::metrics::{status_class, Metrics, RouteStats};
+use crate::routing::{CompiledRoute, RequestView};
+use crate::server::Peer;
+use crate::snapshot::SharedSnapshot;
+use forward::Dest;
+
+/// Which table a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// North–south traffic: `scope: ingress` routes.
+    Ingress,
+    /// East–west traffic from sidecars: `scope: mesh` routes.
+    Mesh,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Ingress => "ingress",
+            ListenerKind::Mesh => "mesh",
+        }
+    }
+}
+
+/// Tunables of the proxy path.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    pub max_hops: u32,
+    /// Request bodies up to this size are buffered so they can be replayed.
+    pub replay_buffer_bytes: usize,
+    /// Endpoints tried per request when connections are refused.
+    pub max_connect_attempts: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            max_hops: 8,
+            replay_buffer_bytes: 64 * 1024,
+            max_connect_attempts: 3,
+        }
+    }
+}
+
+/// The gateway data plane.
+pub struct Proxy {
+    snapshot: SharedSnapshot,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    opts: ProxyOptions,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("opts", &self.opts).finish()
+    }
+}
+
+impl Proxy {
+    /// A data plane over `snapshot`, serving once `ready` is set.
+    pub fn new(
+        snapshot: SharedSnapshot,
+        ready: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+        opts: ProxyOptions,
+    ) -> Proxy {
+        Proxy {
+            snapshot,
+            ready,
+            metrics,
+            opts,
+        }
+    }
+
+    /// The snapshot this data plane reads.
+    pub fn snapshot(&self) -> &SharedSnapshot {
+        &self.snapshot
+    }
+
+    /// Handles one request end to end; never fails (a failure becomes its
+    /// synthetic response at this edge).
+    pub async fn handle(
+        &self,
+        kind: ListenerKind,
+        peer: Peer,
+        req: Request<RequestBody>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = headers::is_grpc(req.headers());
+        let (result, route) = self.route_and_forward(kind, &peer, grpc, req).await;
+        let resp = result.unwrap_or_else(|f| f.into_response(grpc));
+        let status = resp.status().as_u16();
+        let elapsed = start.elapsed().as_secs_f64();
+        match route {
+            Some((route, backend)) => {
+                let stats = route.stats.get_or_init(|| {
+                    let backends: Vec<&str> = route.backends.iter().map(|b| &**b).collect();
+                    RouteStats::new(&self.metrics, kind.as_str(), &route.name, &backends)
+                });
+                stats.count(backend, status);
+                stats.duration.observe(elapsed);
+            }
+            None => {
+                self.metrics
+                    .requests
+                    .with_label_values(&[kind.as_str(), "", "", status_class(status)])
+                    .inc();
+                self.metrics
+                    .duration
+                    .with_label_values(&[kind.as_str(), ""])
+                    .observe(elapsed);
+            }
+        }
+        resp
+    }
+
+    /// The response or the failure, and the route and backend index it is
+    /// counted under.
+    async fn route_and_forward(
+        &self,
+        kind: ListenerKind,
+        peer: &Peer,
+        grpc: bool,
+        mut req: Request<RequestBody>,
+    ) -> (
+        Result<Response<ProxyBody>, Failure>,
+        Option<(Arc<CompiledRoute>, usize)>,
+    ) {
+        // 1. ready?
+        if !self.ready.load(Ordering::Acquire) {
+            let f = Failure::new(MeshError::NotReady, "no config loaded yet");
+            return (Err(f), None);
+        }
+        let snap = self.snapshot.load_full();
+        // 2. prelude
+        let h = req.headers_mut();
+        if let Err(f) = prelude::stamp(h, self.opts.max_hops) {
+            return (Err(f), None);
+        }
+        if kind == ListenerKind::Ingress {
+            h.remove(&headers::X_MESH_SOURCE);
+        }
+        prelude::forwarded_for(h, &peer.ip);
+
+        let uri_host = req.uri().host().map(str::to_string);
+        // 3. CONNECT. Boxed, here and for upgrades: a rare path's future
+        // would otherwise widen every request's future (copied when it is
+        // created and moved).
+        if req.method() == http::Method::CONNECT {
+            let connect = self.connect(kind, &snap, uri_host.as_deref(), req);
+            return (Box::pin(connect).await, None);
+        }
+        // 4. route match
+        let (router, host) = match kind {
+            ListenerKind::Mesh => (
+                &snap.mesh,
+                headers::destination(req.headers(), uri_host.as_deref()),
+            ),
+            ListenerKind::Ingress => (
+                &snap.ingress,
+                headers::request_host(req.headers(), uri_host.as_deref()),
+            ),
+        };
+        let host = host.unwrap_or_default();
+        let path = req.uri().path();
+        let view = RequestView {
+            method: req.method(),
+            path,
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let found = router.find(&host, &view).cloned();
+        let route: Arc<CompiledRoute> = match found {
+            Some(r) => r,
+            None => match (kind, snap.services.get(&*host)) {
+                (ListenerKind::Mesh, Some(svc)) => svc.implicit_route.clone(),
+                _ => {
+                    let msg = format!(
+                        "no {} route for {} {}{}",
+                        kind.as_str(),
+                        req.method(),
+                        host,
+                        path
+                    );
+                    return (Err(Failure::new(MeshError::NoRoute, msg)), None);
+                }
+            },
+        };
+        // 5. direct response, or a backend
+        if let Some((status, body, ctype)) = &route.direct {
+            let mut resp = Response::new(full(Full::new(body.clone())));
+            *resp.status_mut() = *status;
+            if let Some(c) = ctype {
+                resp.headers_mut().insert(header::CONTENT_TYPE, c.clone());
+            }
+            return (Ok(resp), Some((route, 0)));
+        }
+        let Some((index, backend)) = route.pick_backend(&view) else {
+            let f = Failure::new(
+                MeshError::NoHealthyEndpoint,
+                "route has no weighted backend",
+            );
+            return (Err(f), None);
+        };
+        let Some(svc) = snap.services.get(&**backend).cloned() else {
+            let msg = format!("service {backend} is not configured");
+            let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
+            return (Err(f), Some((route, index)));
+        };
+        // A gRPC caller's deadline bounds the whole request.
+        let deadline = if grpc {
+            headers::grpc_timeout(req.headers())
+        } else {
+            None
+        };
+        // 6. upgrade
+        if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
+            let t = svc.timeouts(route.timeouts.as_ref());
+            let total = deadline.map_or(t.total, |d| d.min(t.total));
+            let upgrade = self.forward_upgrade(svc, &route, total, t.idle, req);
+            return (Box::pin(upgrade).await, Some((route, index)));
+        }
+        // 7. forward
+        let dest = Dest {
+            service: &svc,
+            route: &route,
+            snapshot: &snap,
+            client_ip: &peer.ip,
+            deadline,
+        };
+        let result = self.forward(dest, req).await;
+        (result, Some((route, index)))
+    }
+}
+
+/// Default timeouts of the proxy path.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,0 +1,265 @@
+//! One attempt of a request on one endpoint, over either wire: the
+//! endpoint's HTTP/1.1 pool ([`crate::http::pool`]) or the shared HTTP/2
+//! client; an upgrade or `CONNECT` on a fresh connection; a plain TCP
+//! connect. Each returns a typed [`AttemptError`] saying how far the
+//! request got, for the attempt loop ([`crate::proxy`]) to judge.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use crate::http::body::ProxyBody;
+use crate::http::error::{root_cause, Failure, MeshError, Side};
+use crate::http::h2::{HttpClient, Wire};
+use crate::http::limit::{ConnLimit, Overflow};
+use crate::http::pool::SendError;
+use crate::upstream::endpoint::EndpointState;
+
+/// How one attempt on an endpoint failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// No connection could be made: nothing was sent. HTTP/1.1 hands the
+    /// request back, so even a streamed body can move on.
+    Connect(String, Option<Box<Request<ProxyBody>>>),
+    /// The service's connection limit refused it: nothing was sent.
+    Overflow(Overflow),
+    /// The request's own body failed while it was sent: the client's
+    /// malformed or abandoned upload, not the endpoint's fault.
+    RequestBody(String),
+    /// Failed after the request was (or may have been) sent.
+    Exchange(String),
+    /// No response headers within the timeout.
+    Timeout(Duration),
+}
+
+impl AttemptError {
+    /// The failure this is, on `service`'s endpoint `ep` (the request
+    /// handed back by a refused connect is the caller's to take first).
+    pub fn into_failure(self, service: &str, ep: &EndpointState) -> Failure {
+        match self {
+            AttemptError::Connect(e, _) => Failure::new(
+                MeshError::UpstreamConnectFailed,
+                format!("cannot connect to {service} at {}: {e}", ep.address),
+            ),
+            AttemptError::Overflow(o) => Failure::new(
+                MeshError::CircuitOpen,
+                format!("service {service}: {} reached", o.as_str()),
+            ),
+            AttemptError::RequestBody(e) => Failure::new(MeshError::BadRequest, e)
+                .on(Side::Downstream)
+                .sent(true),
+            AttemptError::Exchange(e) => Failure::new(
+                MeshError::UpstreamReset,
+                format!("upstream {service} failed: {e}"),
+            ),
+            AttemptError::Timeout(t) => Failure::new(
+                MeshError::UpstreamTimeout,
+                format!("no response from {service} within {} ms", t.as_millis()),
+            ),
+        }
+    }
+}
+
+/// An answer to an upgrade or `CONNECT`, and the upstream side of the
+/// connection when it switched to a tunnel.
+pub type Switched = (Response<ProxyBody>, Option<hyper::upgrade::Upgraded>);
+
+/// The wire and limits of one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptOpts<'a> {
+    pub wire: Wire,
+    /// The HTTP/2 client (HTTP/1.1 uses the endpoint's own pool).
+    pub h2: &'a HttpClient,
+    pub connect_timeout: Duration,
+    /// Time allowed for response headers.
+    pub timeout: Duration,
+    /// Count requests in flight and time answers on the endpoint (for
+    /// load-aware balancing).
+    pub track_load: bool,
+    /// The service's connection limit (HTTP/1.1).
+    pub conn_limit: Option<ConnLimit<'a>>,
+}
+
+/// Sends `req` to `ep`: sets the request target for the wire (origin-form
+/// through the endpoint's HTTP/1.1 pool, absolute-form through the HTTP/2
+/// client), waits for response headers, and marks the endpoint's success.
+/// Failures are for the caller to judge (eject, retry, move on).
+pub async fn attempt(
+    ep: &Arc<EndpointState>,
+    opts: AttemptOpts<'_>,
+    pq: &PathAndQuery,
+    mut req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, AttemptError> {
+    match opts.wire {
+        Wire::Http1 => {
+            *req.uri_mut() = Uri::from(pq.clone());
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Wire::Http2 => {
+            let Some(auth) = &ep.authority else {
+                return Err(AttemptError::Connect(
+                    format!("{} is not a valid address", ep.address),
+                    Some(Box::new(req)),
+                ));
+            };
+            *req.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(auth.clone())
+                .path_and_query(pq.clone())
+                .build()
+                .expect("valid uri parts");
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+    let in_flight = opts.track_load.then(|| ep.start());
+    let sent_at = Instant::now();
+    let result = match opts.wire {
+        Wire::Http1 => {
+            // The pool's connections carry their own timers (see
+            // `h1::Conn`): no timer is armed per request.
+            let deadline = tokio::time::Instant::from_std(sent_at) + opts.timeout;
+            let sent = ep.h1.send(
+                &ep.address,
+                opts.connect_timeout,
+                opts.conn_limit,
+                req,
+                deadline,
+            );
+            match sent.await {
+                Ok(resp) => Ok(resp.map(ProxyBody::Upstream)),
+                Err(SendError::Connect(e, back)) => {
+                    Err(AttemptError::Connect(e.to_string(), Some(back)))
+                }
+                Err(SendError::Overflow(o, _)) => Err(AttemptError::Overflow(o)),
+                Err(SendError::RequestBody(e)) => Err(AttemptError::RequestBody(e.to_string())),
+                Err(SendError::Exchange(e)) => Err(AttemptError::Exchange(e.to_string())),
+                Err(SendError::Timeout) => Err(AttemptError::Timeout(opts.timeout)),
+            }
+        }
+        Wire::Http2 => {
+            match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
+                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+                Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
+                Ok(Err(e)) if user_body_failed(&e) => {
+                    Err(AttemptError::RequestBody(root_cause(&e)))
+                }
+                Ok(Err(e)) => Err(AttemptError::Exchange(root_cause(&e))),
+                Err(_) => Err(AttemptError::Timeout(opts.timeout)),
+            }
+        }
+    };
+    drop(in_flight);
+    if result.is_ok() {
+        ep.on_success();
+        if opts.track_load {
+            ep.observe_rtt(sent_at.elapsed());
+        }
+    }
+    result
+}
+
+/// Sends an upgrade request (`Connection: upgrade`, e.g. WebSocket) to
+/// `ep` on a fresh connection of its own. On `101 Switching Protocols`
+/// returns the upstream side of the upgraded connection with the (empty)
+/// response; any other answer is returned as is, with its body.
+pub async fn upgrade(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    pq: &PathAndQuery,
+    parts: &http::request::Parts,
+) -> Result<Switched, AttemptError> {
+    let mut req = Request::new(crate::http::body::empty());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = Uri::from(pq.clone());
+    *req.headers_mut() = parts.headers.clone();
+    let switched = |s: http::StatusCode| s == http::StatusCode::SWITCHING_PROTOCOLS;
+    switch(ep, connect_timeout, timeout, req, switched).await
+}
+
+/// Sends `CONNECT <authority>` with `headers` to `ep` on a fresh
+/// connection. On a 2xx answer the connection becomes a byte tunnel and is
+/// returned with the response; any other answer is returned alone.
+pub async fn connect_tunnel(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    authority: &str,
+    headers: http::HeaderMap,
+) -> Result<Switched, AttemptError> {
+    let uri = Uri::try_from(authority).map_err(|e| {
+        AttemptError::Exchange(format!("invalid CONNECT authority {authority:?}: {e}"))
+    })?;
+    let mut req = Request::new(crate::http::body::empty());
+    *req.method_mut() = http::Method::CONNECT;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    switch(ep, connect_timeout, timeout, req, |s| s.is_success()).await
+}
+
+/// Sends `req` on a fresh HTTP/1.1 connection to `ep`; when the answer's
+/// status passes `switched`, takes the connection over as a tunnel.
+async fn switch(
+    ep: &Arc<EndpointState>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    req: Request<ProxyBody>,
+    switched: impl Fn(http::StatusCode) -> bool,
+) -> Result<Switched, AttemptError> {
+    let stream = connect_tcp(ep, connect_timeout).await?;
+    let (mut tx, conn) = http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| AttemptError::Connect(root_cause(&e), None))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection ended with error");
+        }
+    });
+    let mut resp = match tokio::time::timeout(timeout, tx.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(AttemptError::Exchange(root_cause(&e))),
+        Err(_) => return Err(AttemptError::Timeout(timeout)),
+    };
+    if !switched(resp.status()) {
+        return Ok((resp.map(ProxyBody::Incoming), None));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| AttemptError::Exchange(root_cause(&e)))?;
+    Ok((resp.map(|_| crate::http::body::empty()), Some(upgraded)))
+}
+
+/// Whether an HTTP/2 client error came from the request's own body.
+fn user_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_user();
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// A TCP connection to `ep` within `connect_timeout` (a TCP route, a
+/// `CONNECT` tunnel), marking the endpoint's success.
+pub async fn connect_tcp(
+    ep: &EndpointState,
+    connect_timeout: Duration,
+) -> Result<tokio::net::TcpStream, AttemptError> {
+    let connect = tokio::net::TcpStream::connect(ep.address.as_str());
+    match tokio::time::timeout(connect_timeout, connect).await {
+        Ok(Ok(s)) => {
+            ep.on_success();
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(AttemptError::Connect(e.to_string(), None)),
+        Err(_) => Err(AttemptError::Connect("connect timed out".into(), None)),
+    }
+}
