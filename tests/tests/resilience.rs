@@ -391,3 +391,65 @@ routes:
     }
     assert!(resets > 0);
 }
+
+/// A client's broken upload is the client's fault: it gets 400 when it is
+/// still there to read it, it is never retried, and it never counts
+/// against the endpoint that was receiving it (eight such uploads used to
+/// eject a healthy endpoint by outlier detection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_broken_upload_does_not_eject_a_healthy_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let a = Backend::start("a").await;
+    let yaml = format!(
+        "services:\n  up:\n    endpoints: [{{address: {}}}]\n    outlier_detection: {{consecutive_gateway_failure: 2, consecutive_5xx: 2, base_ejection_ms: 60000, max_ejection_percent: 100}}\nroutes:\n  up:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: up}}]\n",
+        a.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", ports.ingress));
+    // Four malformed chunked uploads (a chunk size that is not hex), read
+    // to the gateway's answer.
+    for _ in 0..4 {
+        let mut s = connect().await.unwrap();
+        s.write_all(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 400") && !out.contains("upstream_reset"),
+            "blamed on the upstream: {out}"
+        );
+    }
+    // Four uploads abandoned mid-body (too large to be buffered first, so
+    // they stream to the endpoint).
+    for _ in 0..4 {
+        let mut s = connect().await.unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial")
+            .await
+            .unwrap();
+        drop(s);
+    }
+    // Every one of the eight has been handled (and counted as the
+    // client's 4xx) before the ejection count is read.
+    let client_errors =
+        "meshgate_requests_total{class=\"4xx\",listener=\"ingress\",route=\"up\",service=\"up\"}";
+    wait_until("eight uploads handled", Duration::from_secs(15), || async {
+        metric(ports.ops, client_errors).await >= 8.0
+    })
+    .await;
+    let ejected = "meshgate_resilience_events_total{event=\"outlier_ejection\",service=\"up\"}";
+    assert_eq!(
+        metric(ports.ops, ejected).await,
+        0.0,
+        "a healthy endpoint was ejected"
+    );
+    assert_eq!(metric(ports.ops, client_errors).await, 8.0);
+    let r = http_get(&format!("http://127.0.0.1:{}/after", ports.ingress), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
