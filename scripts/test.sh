@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh --test
 cargo fmt --all -- --check
+scripts/check-layers.sh
+scripts/check-docs.sh
 cargo clippy --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace

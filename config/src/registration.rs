@@ -17,7 +17,7 @@ use crate::store::{ConfigStore, Op};
 /// remove it at once with [`Registration::deregister`].
 pub struct Registration {
     value: watch::Sender<Vec<u8>>,
-    stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    stop: std::sync::Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
 }
 
 impl Registration {
@@ -28,7 +28,7 @@ impl Registration {
         tokio::spawn(run(store, key, vrx, srx, ttl));
         Registration {
             value: vtx,
-            stop: Some(stx),
+            stop: std::sync::Mutex::new(Some(stx)),
         }
     }
 
@@ -45,9 +45,10 @@ impl Registration {
     }
 
     /// Revokes the lease so the object disappears now; waits (bounded) for
-    /// the store to confirm.
-    pub async fn deregister(mut self) {
-        if let Some(stop) = self.stop.take() {
+    /// the store to confirm. Later updates are not written.
+    pub async fn deregister(&self) {
+        let stop = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(stop) = stop {
             let (done_tx, done_rx) = oneshot::channel();
             if stop.send(done_tx).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(3), done_rx).await;

@@ -64,7 +64,10 @@ fn main() {
     exit_on_error(
         "meshgate-gateway",
         1,
-        rt.block_on(meshgate_gateway::node::gateway::run(cfg)),
+        rt.block_on(async {
+            let embed = cfg.admin_api.clone().map(admin::embed);
+            meshgate_gateway::node::gateway::run(cfg, embed).await
+        }),
     );
 }
 
@@ -99,4 +102,65 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
     }
     let path = args.config.as_ref().expect("clap requires --config");
     meshgate_config::node::load_checked(path, GatewayConfig::problems)
+}
+
+/// The admin API embedded on a standalone gateway's ops port. It lives in
+/// the binary: the engine library (and so the sidecar) does not link the
+/// admin API or its web framework.
+mod admin {
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Full};
+    use meshgate_gateway::http::body::full;
+    use meshgate_gateway::node::gateway::{Embed, EmbedContext, EmbeddedAdmin};
+    use meshgate_gateway::node::ops::OpsExtra;
+    use tower::ServiceExt;
+
+    /// Mounts the admin API with `settings` when the gateway runs.
+    pub fn embed(settings: EmbeddedAdmin) -> Embed {
+        Box::new(move |cx: EmbedContext| mount(settings, cx))
+    }
+
+    fn mount(settings: EmbeddedAdmin, cx: EmbedContext) -> anyhow::Result<OpsExtra> {
+        let tokens = match &settings.token_file {
+            Some(p) => meshgate_admin::Tokens::load(p)?,
+            None => meshgate_admin::Tokens::default(),
+        };
+        meshgate_admin::check_listen(cx.ops_addr, &tokens)?;
+        let mut admin = meshgate_admin::state(cx.store.clone(), tokens);
+        // Explain in process, against this gateway's applied config.
+        let snapshot = cx.snapshot.clone();
+        admin.explainer = Some(Arc::new(move |req| {
+            let explained = meshgate_gateway::node::explain::explain(&snapshot.load(), &req);
+            let answer = explained.map_err(|b| {
+                meshgate_admin::error::ApiError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("{}: {}", b.field, b.message),
+                )
+                .field(b.field)
+            });
+            Box::pin(std::future::ready(answer))
+        }));
+        let router = meshgate_admin::router(admin);
+        Ok(Arc::new(move |req| {
+            let router = router.clone();
+            Box::pin(async move {
+                let resp = router
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .unwrap_or_else(|never| match never {});
+                // Admin answers are small JSON documents: buffered.
+                let (parts, body) = resp.into_parts();
+                let bytes = match body.collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin API answer failed");
+                        bytes::Bytes::new()
+                    }
+                };
+                http::Response::from_parts(parts, full(Full::new(bytes)))
+            })
+        }))
+    }
 }

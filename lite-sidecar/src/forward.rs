@@ -15,7 +15,10 @@
 //!    round robin, ejected members skipped: a refused connection moves to
 //!    the next member (any method: nothing was sent); a broken exchange
 //!    does so only for idempotent or `x-mesh-retryable: true` requests with
-//!    a replayable body; a timeout ends the request
+//!    a replayable body; a timeout ends the request. A small answer
+//!    (`content-length` within the replay buffer) to a request that may be
+//!    resent is read whole first, so a member dying mid-body costs a
+//!    resend, not a broken body
 //! 5. a tier's failure, or a gateway's own error (`x-mesh-error`, read back
 //!    into a failure where it crosses the process boundary), moves the
 //!    request to the next tier by the engine's rule
@@ -24,6 +27,8 @@
 //!    own 5xx never does
 //! 6. the rescue: a failure becomes its synthetic response (a gRPC status
 //!    for a gRPC call)
+//! 7. metrics by tier and destination; the answer says which tier served
+//!    it (`x-mesh-tier`)
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -24,9 +24,14 @@ use meshgate_config::model::{now_ms, Node, NodeKind};
 use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
+use meshgate_gateway::http::body::RequestBody;
 use meshgate_gateway::http::h2::{build, Clients, Wire};
+use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
+use meshgate_gateway::node::ops::OpsState;
+use meshgate_gateway::node::{bind, status_json, Process};
 use meshgate_gateway::proxy::{Proxy, ProxyOptions};
+use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 use meshgate_gateway::upstream::health::HealthChecks;
@@ -67,12 +72,8 @@ fn main() {
 }
 
 async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", cfg.listen))?;
-    let ops_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("admin_listen: cannot bind {}: {e}", cfg.admin_listen))?;
+    let listener = bind(cfg.listen, "listen").await?;
+    let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
     let store = cfg.store.open().await?;
     let metrics = Arc::new(Metrics::new("sidecar"));
 
@@ -148,12 +149,11 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         ),
     });
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let mut node = Process::new(Duration::from_millis(cfg.shutdown_grace_ms));
     let f = fwd.clone();
     let st = status.clone();
     let pol = policy.clone();
-    let ops_state = meshgate_gateway::node::ops::OpsState {
+    let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
             let s = st.borrow().clone();
@@ -161,7 +161,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let p = pol.load();
             // Serving is possible with a policy, or with a central tier to fall back to.
             let ready = fresh != Freshness::Unavailable || !p.central_tier.members.is_empty();
-            let mut v = meshgate_gateway::node::gateway::status_json(&s, false);
+            let mut v = status_json(&s, false);
             v["ready"] = ready.into();
             v["policy"] = fresh.as_str().into();
             if fresh != Freshness::Fresh && s.last_sync_ms > 0 {
@@ -172,68 +172,37 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         status: status.clone(),
         explain: None,
+        extra: None,
     };
-    let ops = tokio::spawn(meshgate_gateway::node::ops::serve(
-        ops_listener,
-        meshgate_gateway::node::ops::router(ops_state),
-        shutdown_rx.clone(),
-    ));
+    node.serve_ops(ops_listener, ops_state);
     let f = fwd.clone();
-    let handler = move |_peer, req| {
+    node.serve("app", listener, move |_peer, req| {
         let f = f.clone();
         async move { f.handle(req).await }
-    };
-    let server = tokio::spawn(meshgate_gateway::server::serve(
-        "app",
-        listener,
-        handler,
-        shutdown_rx.clone(),
-        grace,
-    ));
-    let mut port_tasks = Vec::new();
+    });
     for lp in &cfg.local_ports {
-        let l = tokio::net::TcpListener::bind(lp.listen)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "local_ports: cannot bind {} ({}): {e}",
-                    lp.listen,
-                    lp.service
-                )
-            })?;
+        let l = bind(lp.listen, &format!("local_ports ({})", lp.service)).await?;
         tracing::info!(listen = %lp.listen, service = %lp.service, protocol = ?lp.protocol, "local port");
         let f = fwd.clone();
-        let task = match lp.protocol {
+        match lp.protocol {
             PortProtocol::Http => {
                 let dest = HeaderValue::from_str(&lp.service)?;
-                let handler = move |_peer,
-                                    mut req: http::Request<
-                    meshgate_gateway::http::body::RequestBody,
-                >| {
-                    let f = f.clone();
-                    req.headers_mut().insert(
-                        meshgate_gateway::http::headers::X_MESH_SERVICE,
-                        dest.clone(),
-                    );
-                    async move { f.handle(req).await }
-                };
-                tokio::spawn(meshgate_gateway::server::serve(
+                node.serve(
                     "app",
                     l,
-                    handler,
-                    shutdown_rx.clone(),
-                    grace,
-                ))
+                    move |_peer, mut req: http::Request<RequestBody>| {
+                        let f = f.clone();
+                        req.headers_mut()
+                            .insert(headers::X_MESH_SERVICE, dest.clone());
+                        async move { f.handle(req).await }
+                    },
+                );
             }
-            PortProtocol::Tcp => tokio::spawn(tcp_port(
-                l,
-                lp.service.clone(),
-                f,
-                metrics.clone(),
-                shutdown_rx.clone(),
-            )),
-        };
-        port_tasks.push(task);
+            PortProtocol::Tcp => {
+                let port = tcp_port(l, lp.service.clone(), f, metrics.clone(), node.shutdown());
+                node.spawn(port);
+            }
+        }
     }
     tracing::info!(id = %cfg.id, service = %cfg.service, group = %cfg.group, listen = %cfg.listen, "sidecar started");
 
@@ -289,54 +258,42 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     )?;
     metrics.register(Box::new(policy_state.clone()));
     metrics.register(Box::new(policy_synced.clone()));
-    let follow = {
+    let follow = async {
         let mut status = status.clone();
-        let fwd = fwd.clone();
-        let metrics = metrics.clone();
-        let registration = &registration;
-        async move {
-            let mut last = None;
-            // Staleness grows with time alone: look again every second.
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                let s = status.borrow_and_update().clone();
-                metrics.store_connected.set(i64::from(s.connected));
-                metrics.config_revision.set(s.revision);
-                policy_synced.set((s.last_sync_ms / 1000) as i64);
-                let fresh = fwd.freshness();
-                for f in [Freshness::Fresh, Freshness::Stale, Freshness::Unavailable] {
-                    policy_state
-                        .with_label_values(&[f.as_str()])
-                        .set(i64::from(f == fresh));
-                }
-                if last != Some((s.revision, fresh)) {
-                    last = Some((s.revision, fresh));
-                    registration.update(record(s.revision, fresh));
-                }
-                tokio::select! {
-                    r = status.changed() => if r.is_err() { return },
-                    _ = tick.tick() => {}
-                }
+        let mut last = None;
+        // Staleness grows with time alone: look again every second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let s = status.borrow_and_update().clone();
+            metrics.store_connected.set(i64::from(s.connected));
+            metrics.config_revision.set(s.revision);
+            policy_synced.set((s.last_sync_ms / 1000) as i64);
+            let fresh = fwd.freshness();
+            for f in [Freshness::Fresh, Freshness::Stale, Freshness::Unavailable] {
+                policy_state
+                    .with_label_values(&[f.as_str()])
+                    .set(i64::from(f == fresh));
+            }
+            if last != Some((s.revision, fresh)) {
+                last = Some((s.revision, fresh));
+                registration.update(record(s.revision, fresh));
+            }
+            tokio::select! {
+                r = status.changed() => if r.is_err() { return },
+                _ = tick.tick() => {}
             }
         }
     };
-    tokio::select! {
-        _ = follow => {}
-        _ = node::shutdown_signal() => {}
-    }
-    tracing::info!("shutdown: deregistering, then draining");
-    // The instance first, so gateways stop sending before the drain.
-    let _ = app_stop.send(true);
-    if let Some(t) = app_task {
-        let _ = t.await;
-    }
-    registration.deregister().await;
-    let _ = shutdown_tx.send(true);
-    let _ = server.await;
-    for t in port_tasks {
-        let _ = t.await;
-    }
-    let _ = ops.await;
+    let stopping = async {
+        tracing::info!("shutdown: deregistering, then draining");
+        // The instance first, so gateways stop sending before the drain.
+        let _ = app_stop.send(true);
+        if let Some(t) = app_task {
+            let _ = t.await;
+        }
+        registration.deregister().await;
+    };
+    node.run(follow, stopping).await;
     Ok(())
 }
 
@@ -347,34 +304,24 @@ async fn tcp_port(
     service: String,
     fwd: Arc<Forwarder>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (fwd, metrics, service) = (fwd.clone(), metrics.clone(), service.clone());
-                    tokio::spawn(async move {
-                        let (tier, class) = match fwd.tcp(&service, stream).await {
-                            Ok(tier) => (tier, "2xx"),
-                            Err(e) => {
-                                tracing::debug!(%service, error = %e, "tcp connection ended");
-                                ("", "5xx")
-                            }
-                        };
-                        metrics
-                            .requests
-                            .with_label_values(&["tcp", tier, &service, class])
-                            .inc();
-                    });
-                }
+    let name = format!("local port ({service})");
+    let conn = move |stream, _peer| {
+        let (fwd, metrics, service) = (fwd.clone(), metrics.clone(), service.clone());
+        async move {
+            let (tier, class) = match fwd.tcp(&service, stream).await {
+                Ok(tier) => (tier, "2xx"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tracing::debug!(%service, error = %e, "tcp connection ended");
+                    ("", "5xx")
                 }
-            },
-            _ = meshgate_gateway::server::wait_true(&mut shutdown) => return,
+            };
+            metrics
+                .requests
+                .with_label_values(&["tcp", tier, &service, class])
+                .inc();
         }
-    }
+    };
+    serve_tcp(&name, listener, conn, shutdown).await
 }

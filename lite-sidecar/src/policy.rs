@@ -27,8 +27,7 @@ use meshgate_config::key::node_prefix;
 use meshgate_config::model::{DestinationMode, Group, HealthCheck, Node, NodeKind, Role, Service};
 use meshgate_config::store::Entry;
 use meshgate_config::sync::{diff, Apply, Change};
-use meshgate_config::validate::decode_json;
-use meshgate_config::{Key, Kind};
+use meshgate_config::{Key, Kind, Object};
 use meshgate_gateway::snapshot::Compiler;
 use meshgate_gateway::upstream::balance::Balancer;
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
@@ -188,8 +187,11 @@ impl Apply for PolicyCompiler {
         for ch in changes {
             match ch {
                 Change::Put(e) => match e.key.kind {
-                    Kind::Nodes => match decode_json::<Node>(&e.key, &e.value) {
-                        Ok(n) if n.kind == NodeKind::Gateway => {
+                    // Decoded and validated as the gateway does: an
+                    // invalid object is rejected alone, the previous
+                    // version stays.
+                    Kind::Nodes => match Object::decode(&e.key, &e.value) {
+                        Ok(Object::Node(n)) if n.kind == NodeKind::Gateway => {
                             self.gateways.insert(e.key.name.clone(), n);
                         }
                         Ok(_) => {
@@ -198,8 +200,9 @@ impl Apply for PolicyCompiler {
                         Err(err) => tracing::warn!(error = %err, "ignoring invalid node record"),
                     },
                     Kind::Groups if e.key.name == self.group_name => {
-                        match decode_json::<Group>(&e.key, &e.value) {
-                            Ok(g) => self.group = Some(g),
+                        match Object::decode(&e.key, &e.value) {
+                            Ok(Object::Group(g)) => self.group = Some(g),
+                            Ok(_) => {}
                             Err(err) => {
                                 tracing::error!(error = %err, "group rejected; previous version kept")
                             }
@@ -207,8 +210,9 @@ impl Apply for PolicyCompiler {
                     }
                     Kind::Services | Kind::Instances => {
                         if e.key.kind == Kind::Services && e.key.name == self.service_name {
-                            match decode_json::<Service>(&e.key, &e.value) {
-                                Ok(s) => self.service = Some(s),
+                            match Object::decode(&e.key, &e.value) {
+                                Ok(Object::Service(s)) => self.service = Some(*s),
+                                Ok(_) => {}
                                 Err(err) => {
                                     tracing::error!(error = %err, "own service rejected; previous version kept")
                                 }
@@ -312,5 +316,66 @@ impl Apply for PolicyCompiler {
         });
         tracing::debug!(revision, group = ?p.group_tier.addresses, central = ?p.central_tier.addresses, "local policy updated");
         self.shared.store(Arc::new(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use meshgate_gateway::http::h2::Clients;
+    use meshgate_gateway::snapshot::{Defaults, Snapshot};
+
+    use super::*;
+
+    fn compiler() -> (PolicyCompiler, SharedPolicy) {
+        let registry = Arc::new(EndpointRegistry::default());
+        let direct = Compiler::new(
+            Default::default(),
+            Defaults {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+                zone: None,
+            },
+            Arc::new(Clients::default()),
+            registry.clone(),
+            Arc::new(HealthChecks::default()),
+            Box::new(|_: &Snapshot, _| {}),
+        );
+        let (c, policy, _) =
+            PolicyCompiler::new("g".into(), "front".into(), vec![], registry, None, direct);
+        (c, policy)
+    }
+
+    fn put(kind: Kind, name: &str, json: serde_json::Value, rev: i64) -> Change {
+        Change::Put(Entry {
+            key: Key::new(kind, name),
+            value: serde_json::to_vec(&json).unwrap(),
+            mod_revision: rev,
+        })
+    }
+
+    #[test]
+    fn an_invalid_own_service_or_group_is_rejected_and_the_previous_kept() {
+        let (mut c, policy) = compiler();
+        let good = json!({"destinations": [{"service": "orders"}]});
+        c.apply(vec![put(Kind::Services, "front", good, 2)], 2);
+        assert!(policy.load().destinations.contains_key("orders"));
+        // Well-typed but invalid: a duplicate destination and a bad name.
+        let bad = json!({"destinations": [{"service": "ledger"}, {"service": "ledger"}, {"service": "Bad Name"}]});
+        c.apply(vec![put(Kind::Services, "front", bad, 3)], 3);
+        let p = policy.load();
+        assert!(
+            p.destinations.contains_key("orders"),
+            "previous version kept"
+        );
+        assert!(!p.destinations.contains_key("ledger"));
+
+        c.apply(vec![put(Kind::Groups, "g", json!({}), 4)], 4);
+        assert!(policy.load().group.is_some());
+        let bad_group = json!({"max_policy_staleness_s": 0});
+        c.apply(vec![put(Kind::Groups, "g", bad_group.clone(), 5)], 5);
+        let kept = policy.load().group.clone().unwrap();
+        assert_eq!(kept, serde_json::from_value::<Group>(json!({})).unwrap());
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Start-up order: bind every port first (so a port conflict fails fast),
 //! start the sync (store, or the snapshot file when the store is down),
-//! serve; register in `nodes/` and keep the record's applied revision
-//! current. On SIGTERM: deregister, mark not ready, stop accepting, drain.
+//! serve on the node skeleton ([`super::Process`]); register in `nodes/` and
+//! keep the record's applied revision current. On SIGTERM: mark not
+//! ready, deregister, stop accepting, drain.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,18 +17,19 @@ use arc_swap::ArcSwap;
 use meshgate_config::model::{now_ms, Node, NodeKind, Role};
 use meshgate_config::node::StoreConfig;
 use meshgate_config::registration::Registration;
+use meshgate_config::store::ConfigStore;
 use meshgate_config::sync::{self, Source, SyncOptions};
 use meshgate_config::Kind;
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::http::h2::Clients;
 use crate::metrics::Metrics;
+use crate::node::ops::{OpsExtra, OpsState};
+use crate::node::{bind, status_json, Process};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
-use crate::snapshot::{Compiler, Defaults, Snapshot};
+use crate::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
 use crate::upstream::endpoint::EndpointRegistry;
 use crate::upstream::health::HealthChecks;
 
@@ -158,13 +160,21 @@ impl GatewayConfig {
     }
 }
 
-/// Runs the gateway until SIGTERM/SIGINT.
-pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
-    let bind = |addr: SocketAddr, field: &'static str| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("{field}: cannot bind {addr}: {e}"))
-    };
+/// What the gateway binary may mount on the ops port (the embedded admin
+/// API): it gets the store and the applied snapshot.
+#[derive(Clone)]
+pub struct EmbedContext {
+    pub store: Arc<dyn ConfigStore>,
+    pub snapshot: SharedSnapshot,
+    pub ops_addr: SocketAddr,
+}
+
+/// Builds the extra ops routes from the running gateway's parts.
+pub type Embed = Box<dyn FnOnce(EmbedContext) -> anyhow::Result<OpsExtra> + Send>;
+
+/// Runs the gateway until SIGTERM/SIGINT. `embed` mounts extra routes on
+/// the ops port (the binary's embedded admin API).
+pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()> {
     let mesh_listener = match cfg.listen {
         Some(a) => Some(bind(a, "listen").await?),
         None => None,
@@ -179,7 +189,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let store = cfg.store.open().await?;
     let metrics = Arc::new(Metrics::new("gateway"));
-    let shared = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
 
@@ -224,16 +234,29 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         },
     ));
 
-    // Ops port (+ embedded admin API).
+    // Ops port (+ what the binary embeds).
+    let extra = match embed {
+        Some(embed) => Some(embed(EmbedContext {
+            store: store.clone(),
+            snapshot: shared.clone(),
+            ops_addr,
+        })?),
+        None => None,
+    };
     let st = status.clone();
     let dr = draining.clone();
-    let ops_state = crate::node::ops::OpsState {
+    let serving = ready.clone();
+    let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
             let s = st.borrow().clone();
             let draining = dr.load(Ordering::Relaxed);
-            let ready = s.ready() && !draining;
-            (ready, status_json(&s, draining))
+            // Ready once the data plane serves the loaded config (the
+            // follow loop below flips it), not merely once it is loaded.
+            let ready = s.ready() && serving.load(Ordering::Acquire) && !draining;
+            let mut v = status_json(&s, draining);
+            v["ready"] = ready.into();
+            (ready, v)
         }),
         config_dump: Arc::new(move || dump.render()),
         status: status.clone(),
@@ -243,39 +266,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 crate::node::explain::explain(&shared.load(), req)
             })
         }),
+        extra,
     };
-    let mut ops_app = crate::node::ops::router(ops_state);
-    if let Some(a) = &cfg.admin_api {
-        let tokens = match &a.token_file {
-            Some(p) => meshgate_admin::Tokens::load(p)?,
-            None => meshgate_admin::Tokens::default(),
-        };
-        meshgate_admin::check_listen(ops_addr, &tokens)?;
-        let mut admin = meshgate_admin::state(store.clone(), tokens);
-        // Explain in process, against this gateway's applied config.
-        let shared = shared.clone();
-        admin.explainer = Some(Arc::new(move |req| {
-            let answer = crate::node::explain::explain(&shared.load(), &req).map_err(|b| {
-                meshgate_admin::error::ApiError::new(
-                    http::StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("{}: {}", b.field, b.message),
-                )
-                .field(b.field)
-            });
-            Box::pin(std::future::ready(answer))
-        }));
-        ops_app = ops_app.merge(meshgate_admin::router(admin));
-    }
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::node::ops::serve(
-        ops_listener,
-        ops_app,
-        shutdown_rx.clone(),
-    )));
+    let mut node = Process::new(Duration::from_millis(cfg.shutdown_grace_ms));
+    node.serve_ops(ops_listener, ops_state);
     for (listener, kind) in [
         (mesh_listener, ListenerKind::Mesh),
         (ingress_listener, ListenerKind::Ingress),
@@ -283,27 +278,21 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let Some(listener) = listener else { continue };
         tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
         let p = proxy.clone();
-        let handler = move |peer, req| {
+        node.serve(kind.as_str(), listener, move |peer, req| {
             let p = p.clone();
             async move { p.handle(kind, peer, req).await }
-        };
-        tasks.push(tokio::spawn(crate::server::serve(
-            kind.as_str(),
-            listener,
-            handler,
-            shutdown_rx.clone(),
-            grace,
-        )));
+        });
     }
     // TCP routes listen on the ingress address.
     if let Some(a) = cfg.ingress_listen {
-        tasks.push(tokio::spawn(crate::proxy::tcp::run_listeners(
+        let listeners = crate::proxy::tcp::run_listeners(
             a.ip(),
             shared.clone(),
             metrics.clone(),
             status.clone(),
-            shutdown_rx.clone(),
-        )));
+            node.shutdown(),
+        );
+        node.spawn(listeners);
     }
     tracing::info!(id = %cfg.id, ops = %ops_addr, store = %store.describe(), "gateway started");
 
@@ -334,59 +323,34 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         record(0),
         Duration::from_secs(cfg.lease_ttl_s),
     );
-    let follow = {
+    let follow = async {
         let mut status = status.clone();
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        let record = record.clone();
-        let registration = &registration;
-        async move {
-            let mut registered_rev = None;
-            loop {
-                let s = status.borrow_and_update().clone();
-                metrics.store_connected.set(i64::from(s.connected));
-                if s.source != Source::None {
-                    ready.store(true, Ordering::Release);
-                    // Rewrite the node record only when the revision moves.
-                    if registered_rev != Some(s.revision) {
-                        registered_rev = Some(s.revision);
-                        registration.update(record(s.revision));
-                    }
+        let mut registered_rev = None;
+        loop {
+            let s = status.borrow_and_update().clone();
+            metrics.store_connected.set(i64::from(s.connected));
+            if s.source != Source::None {
+                ready.store(true, Ordering::Release);
+                // Rewrite the node record only when the revision moves.
+                if registered_rev != Some(s.revision) {
+                    registered_rev = Some(s.revision);
+                    registration.update(record(s.revision));
                 }
-                if status.changed().await.is_err() {
-                    return;
-                }
+            }
+            if status.changed().await.is_err() {
+                return;
             }
         }
     };
-    tokio::select! {
-        _ = follow => {}
-        _ = meshgate_config::node::shutdown_signal() => {}
-    }
-
-    tracing::info!(
-        "shutdown: deregistering, then draining for up to {:?}",
-        grace
-    );
-    draining.store(true, Ordering::Relaxed);
-    registration.deregister().await;
-    let _ = shutdown_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    let stopping = async {
+        tracing::info!(
+            "shutdown: deregistering, then draining for up to {} ms",
+            cfg.shutdown_grace_ms
+        );
+        draining.store(true, Ordering::Relaxed);
+        registration.deregister().await;
+    };
+    node.run(follow, stopping).await;
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-/// The sync status as JSON for `/readyz`.
-pub fn status_json(s: &sync::SyncStatus, draining: bool) -> serde_json::Value {
-    serde_json::json!({
-        "ready": s.ready() && !draining,
-        "draining": draining,
-        "source": match s.source { Source::None => "none", Source::SnapshotFile => "snapshot_file", Source::Store => "store" },
-        "store_connected": s.connected,
-        "revision": s.revision,
-        "last_sync_ms": s.last_sync_ms,
-        "last_error": s.last_error,
-    })
 }

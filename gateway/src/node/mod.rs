@@ -1,10 +1,118 @@
-//! A Meshgate process: node config, the wiring of store, sync, data plane,
-//! listeners, ops port and registration, and ordered shutdown.
+//! A Meshgate process: what the gateway and the sidecar share at their
+//! edges, and the gateway process itself.
 //!
-//! - [`gateway`]: the gateway process
-//! - [`ops`]: the ops port (`/healthz`, `/readyz`, `/metrics`, `/config`)
+//! - [`Process`]: the skeleton both run on: listeners bound first (a port
+//!   conflict fails start-up naming the config field), every listener and
+//!   the ops port served until shutdown, then the ordered stop: the
+//!   process's own steps (readiness down, deregistration), then every
+//!   listener stops accepting and drains within the grace time
+//! - [`gateway`]: the gateway process (node config, store, sync, data
+//!   plane, registration)
+//! - [`ops`]: the ops port (`/healthz`, `/readyz`, `/metrics`, `/config`,
+//!   `/explain`)
 //! - [`explain`]: which route a request would match, and why not the others
 
 pub mod explain;
 pub mod gateway;
 pub mod ops;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use meshgate_config::sync::{Source, SyncStatus};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::http::body::{ProxyBody, RequestBody};
+use crate::server::{self, Peer};
+
+/// Binds `addr` for the node-config field `field`.
+pub async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{field}: cannot bind {addr}: {e}"))
+}
+
+/// The serving tasks of a process and its shutdown signal.
+#[derive(Debug)]
+pub struct Process {
+    shutdown: watch::Sender<bool>,
+    grace: Duration,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Process {
+    /// A node whose listeners drain for at most `grace` on shutdown.
+    pub fn new(grace: Duration) -> Process {
+        Process {
+            shutdown: watch::channel(false).0,
+            grace,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Turns true when the node stops.
+    pub fn shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Serves HTTP on `listener` with `handler` until the node stops, then
+    /// drains it.
+    pub fn serve<H, F>(&mut self, name: &'static str, listener: TcpListener, handler: H)
+    where
+        H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let shutdown = self.shutdown();
+        let grace = self.grace;
+        let task = server::serve(name, listener, handler, shutdown, grace);
+        self.tasks.push(tokio::spawn(task));
+    }
+
+    /// Serves the ops port.
+    pub fn serve_ops(&mut self, listener: TcpListener, state: ops::OpsState) {
+        let state = std::sync::Arc::new(state);
+        self.serve("ops", listener, move |_peer, req| {
+            let state = state.clone();
+            async move { ops::handle(&state, req).await }
+        });
+    }
+
+    /// Runs `task` until it ends; the node waits for it when it stops
+    /// (the task watches [`Process::shutdown`] itself).
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
+    }
+
+    /// Runs `follow` (the process following its config sync) until
+    /// SIGTERM/SIGINT, or until it ends; then `stopping` (the process's own
+    /// steps: readiness down, deregistration), then stops every listener
+    /// and waits for them to drain.
+    pub async fn run(self, follow: impl Future<Output = ()>, stopping: impl Future<Output = ()>) {
+        tokio::select! {
+            _ = follow => {}
+            _ = meshgate_config::node::shutdown_signal() => {}
+        }
+        stopping.await;
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The sync status as JSON for `/readyz`.
+pub fn status_json(s: &SyncStatus, draining: bool) -> serde_json::Value {
+    serde_json::json!({
+        "ready": s.ready() && !draining,
+        "draining": draining,
+        "source": match s.source { Source::None => "none", Source::SnapshotFile => "snapshot_file", Source::Store => "store" },
+        "store_connected": s.connected,
+        "revision": s.revision,
+        "last_sync_ms": s.last_sync_ms,
+        "last_error": s.last_error,
+    })
+}

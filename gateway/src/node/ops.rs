@@ -1,27 +1,32 @@
 //! The ops port of gateways and sidecars: `/healthz` (the process is up),
 //! `/readyz` (config is loaded and the process is not draining), `/metrics`
-//! (Prometheus), `/config` (what the process has applied) and
+//! (Prometheus), `/config` (what the process has applied),
 //! `/config/revision` (the applied store revision; with `?at_least=N` it
 //! waits up to `wait_ms` for that revision to be applied, which is how
-//! benchmarks and operators time propagation without polling). A
-//! standalone gateway also mounts the admin API here.
+//! benchmarks and operators time propagation without polling) and
+//! `POST /explain` (gateways). Anything else goes to the process's extra
+//! routes when it has some (a standalone gateway's admin API, mounted by
+//! the gateway binary), else 404.
+//!
+//! Served by the engine's own listener ([`crate::server`]), so the library
+//! (and the sidecar) needs no web framework.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use meshgate_config::model::ExplainRequest;
 use meshgate_config::sync::SyncStatus;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::http::body::{full, ProxyBody, RequestBody};
 use crate::metrics::Metrics;
 use crate::node::explain::BadField;
-use meshgate_config::model::ExplainRequest;
 
 /// What the ops endpoints read.
 #[derive(Clone)]
@@ -36,123 +41,199 @@ pub struct OpsState {
     /// `POST /explain` (gateways): a request explained against the
     /// applied config.
     pub explain: Option<ExplainFn>,
+    /// Routes served after the ops endpoints (the embedded admin API).
+    pub extra: Option<OpsExtra>,
 }
 
 /// Explains a request against the applied config.
 pub type ExplainFn = Arc<dyn Fn(&ExplainRequest) -> Result<Value, BadField> + Send + Sync>;
 
-pub fn router(state: OpsState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/config", get(config))
-        .route("/config/revision", get(revision))
-        .route("/explain", axum::routing::post(explain))
-        .with_state(state)
-}
+/// A future answer of the extra routes.
+pub type OpsFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 
-async fn explain(State(st): State<OpsState>, body: axum::body::Bytes) -> Response {
-    let Some(f) = &st.explain else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "not_found", "message": "this process does not route"})),
-        )
-            .into_response();
-    };
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: ExplainRequest = match serde_path_to_error::deserialize(de) {
-        Ok(r) => r,
-        Err(e) => {
-            let field = e.path().to_string();
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_request", "message": format!("{field}: {}", e.inner()), "field": field})),
-            )
-                .into_response();
-        }
-    };
-    match f(&req) {
-        Ok(v) => Json(v).into_response(),
-        Err(b) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "invalid_request", "message": format!("{}: {}", b.field, b.message), "field": b.field})),
-        )
-            .into_response(),
-    }
-}
+/// Routes served on the ops port after the ops endpoints.
+pub type OpsExtra = Arc<dyn Fn(Request<RequestBody>) -> OpsFuture + Send + Sync>;
 
-async fn readyz(State(st): State<OpsState>) -> Response {
-    let (ready, details) = (st.readiness)();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(details)).into_response()
-}
-
-async fn metrics(State(st): State<OpsState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
-}
-
-async fn config(State(st): State<OpsState>) -> Json<Value> {
-    Json((st.config_dump)())
-}
-
-#[derive(Debug, Deserialize)]
-struct RevisionQuery {
-    at_least: Option<i64>,
-    #[serde(default)]
-    wait_ms: u64,
-}
-
+/// Largest `POST /explain` body read.
+const MAX_BODY: usize = 1024 * 1024;
 /// Longest wait a `/config/revision` call may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// Answers one ops request.
+pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyBody> {
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    match (req.uri().path(), get) {
+        ("/healthz", true) => text(StatusCode::OK, "ok\n"),
+        ("/readyz", true) => {
+            let (ready, details) = (st.readiness)();
+            let status = match ready {
+                true => StatusCode::OK,
+                false => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            json_response(status, &details)
+        }
+        ("/metrics", true) => {
+            let mut r = text(StatusCode::OK, st.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        ("/config", true) => json_response(StatusCode::OK, &(st.config_dump)()),
+        ("/config/revision", true) => revision(st, req.uri().query().unwrap_or("")).await,
+        ("/explain", false) if req.method() == Method::POST => explain(st, req).await,
+        _ => match &st.extra {
+            Some(extra) => extra(req).await,
+            None => error(StatusCode::NOT_FOUND, "not_found", "no such ops endpoint"),
+        },
+    }
+}
+
+async fn explain(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyBody> {
+    let Some(f) = &st.explain else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this process does not route",
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.to_string()),
+    };
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let invalid = |field: String, message: String| {
+        let body = json!({"error": "invalid_request", "message": format!("{field}: {message}"), "field": field});
+        json_response(StatusCode::BAD_REQUEST, &body)
+    };
+    let req: ExplainRequest = match serde_path_to_error::deserialize(de) {
+        Ok(r) => r,
+        Err(e) => return invalid(e.path().to_string(), e.inner().to_string()),
+    };
+    match f(&req) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(b) => invalid(b.field, b.message),
+    }
+}
+
 /// `{"revision": N}`; with `at_least`, 200 once the applied revision
 /// reaches it, or 408 with the current revision when `wait_ms` runs out.
-async fn revision(State(st): State<OpsState>, Query(q): Query<RevisionQuery>) -> Response {
+async fn revision(st: &OpsState, query: &str) -> Response<ProxyBody> {
+    let mut at_least = None;
+    let mut wait_ms = 0u64;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let bad = |what: &str| {
+            let msg = format!("{k}: {what}");
+            error(StatusCode::BAD_REQUEST, "invalid_query", &msg)
+        };
+        match &*k {
+            "at_least" => match v.parse::<i64>() {
+                Ok(n) => at_least = Some(n),
+                Err(_) => return bad("not a revision number"),
+            },
+            "wait_ms" => match v.parse::<u64>() {
+                Ok(n) => wait_ms = n,
+                Err(_) => return bad("not a number of milliseconds"),
+            },
+            _ => {}
+        }
+    }
     let mut rx = st.status.clone();
-    let Some(want) = q.at_least else {
+    let Some(want) = at_least else {
         let rev = rx.borrow().revision;
-        return Json(json!({ "revision": rev })).into_response();
+        return json_response(StatusCode::OK, &json!({ "revision": rev }));
     };
-    let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    let wait = Duration::from_millis(wait_ms).min(MAX_WAIT);
     let reached = tokio::time::timeout(wait, rx.wait_for(|s| s.revision >= want))
         .await
         .is_ok_and(|r| r.is_ok());
     let rev = rx.borrow().revision;
     match reached {
-        true => Json(json!({ "revision": rev })).into_response(),
-        false => (
+        true => json_response(StatusCode::OK, &json!({ "revision": rev })),
+        false => json_response(
             StatusCode::REQUEST_TIMEOUT,
-            Json(json!({
+            &json!({
                 "error": "not_yet_applied",
                 "message": format!("revision {want} not applied within {} ms", wait.as_millis()),
                 "revision": rev,
-            })),
-        )
-            .into_response(),
+            }),
+        ),
     }
 }
 
-/// Serves an axum router until `shutdown` turns true.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            crate::server::wait_true(&mut shutdown).await;
-        })
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "ops server failed");
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(full(Full::new(body.into())));
+    *r.status_mut() = status;
+    r
+}
+
+/// A JSON answer.
+pub fn json_response(status: StatusCode, v: &Value) -> Response<ProxyBody> {
+    let mut r = text(status, v.to_string());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    json_response(status, &json!({"error": code, "message": message}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (OpsState, watch::Sender<SyncStatus>) {
+        let (tx, rx) = watch::channel(SyncStatus {
+            source: meshgate_config::sync::Source::None,
+            connected: false,
+            revision: 0,
+            last_sync_ms: 0,
+            last_error: None,
+        });
+        let st = OpsState {
+            metrics: Arc::new(Metrics::new("test")),
+            readiness: Arc::new(|| (false, json!({"ready": false}))),
+            config_dump: Arc::new(|| json!({"x": 1})),
+            status: rx,
+            explain: None,
+            extra: None,
+        };
+        (st, tx)
+    }
+
+    fn get(path: &str) -> Request<RequestBody> {
+        let mut r = Request::new(RequestBody::empty());
+        *r.uri_mut() = path.parse().unwrap();
+        r
+    }
+
+    async fn body(r: Response<ProxyBody>) -> String {
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_answer_and_revision_waits() {
+        let (st, tx) = state();
+        assert_eq!(body(handle(&st, get("/healthz")).await).await, "ok\n");
+        assert_eq!(handle(&st, get("/readyz")).await.status(), 503);
+        assert_eq!(handle(&st, get("/nope")).await.status(), 404);
+        let r = handle(&st, get("/config/revision?at_least=x")).await;
+        assert_eq!(r.status(), 400);
+        // Not applied within the wait: 408 with the current revision.
+        let r = handle(&st, get("/config/revision?at_least=5&wait_ms=100")).await;
+        assert_eq!(r.status(), 408);
+        // Applied while waiting: 200.
+        let waiting = handle(&st, get("/config/revision?at_least=5&wait_ms=1000"));
+        let apply = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send_modify(|s| s.revision = 7);
+        };
+        let (r, ()) = tokio::join!(waiting, apply);
+        assert_eq!(r.status(), 200);
+        assert_eq!(body(r).await, r#"{"revision":7}"#);
     }
 }

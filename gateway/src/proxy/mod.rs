@@ -1,6 +1,6 @@
 //! The request path of a gateway listener. In order, for every request
-//! (ARCHITECTURE.md lists the same steps, and a unit test keeps the two
-//! lists equal):
+//! (ARCHITECTURE.md lists the same steps; `scripts/check-docs.sh` keeps
+//! the two lists equal):
 //!
 //! 1. ready? no config loaded yet → 503 `not_ready`
 //! 2. prelude ([`prelude`]): `x-mesh-hops` + 1 (508 `loop_detected` over

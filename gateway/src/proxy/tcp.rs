@@ -111,28 +111,18 @@ async fn accept_loop(
     listener: TcpListener,
     snapshot: SharedSnapshot,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((client, peer)) => {
-                    let _ = client.set_nodelay(true);
-                    let (route, snapshot, metrics) = (route.clone(), snapshot.clone(), metrics.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = proxy_connection(&route, client, &snapshot, &metrics).await {
-                            tracing::debug!(route = %route, %peer, error = %e, "tcp connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(route = %route, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = crate::server::wait_true(&mut stop) => return,
+    let name = route.clone();
+    let conn = move |client, peer| {
+        let (route, snapshot, metrics) = (route.clone(), snapshot.clone(), metrics.clone());
+        async move {
+            if let Err(e) = proxy_connection(&route, client, &snapshot, &metrics).await {
+                tracing::debug!(route = %route, %peer, error = %e, "tcp connection ended");
+            }
         }
-    }
+    };
+    crate::server::serve_tcp(&name, listener, conn, stop).await
 }
 
 /// Connects `client` to an endpoint of the route's service and tunnels.

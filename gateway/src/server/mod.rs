@@ -94,17 +94,7 @@ pub async fn serve_with<H, F>(
     let connections = TaskTracker::new();
     loop {
         tokio::select! {
-            res = listener.accept() => {
-                let (mut stream, remote) = match res {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(listener = name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            (mut stream, remote) = accept(name, &listener) => {
                 let handler = handler.clone();
                 let builder = builder.clone();
                 let mut shutdown = shutdown.clone();
@@ -137,6 +127,45 @@ pub async fn serve_with<H, F>(
             listener = name,
             "drain deadline reached; closing remaining connections"
         );
+    }
+}
+
+/// Accepts plain TCP connections on `listener` until `stop` turns true,
+/// each handled by `conn` in a task of its own (open connections carry on
+/// after the listener stops).
+pub async fn serve_tcp<H, F>(
+    name: &str,
+    listener: TcpListener,
+    conn: H,
+    mut stop: watch::Receiver<bool>,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            (stream, remote) = accept(name, &listener) => {
+                tokio::spawn(conn(stream, remote));
+            }
+            _ = wait_true(&mut stop) => return,
+        }
+    }
+}
+
+/// The next connection, with `TCP_NODELAY` set. Accept errors (EMFILE and
+/// friends) are logged and backed off from instead of spinning.
+async fn accept(name: &str, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, remote);
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

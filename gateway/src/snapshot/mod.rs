@@ -151,6 +151,9 @@ pub struct Compiler {
     endpoints: Arc<EndpointRegistry>,
     service_shared: SharedRegistry,
     health: Arc<HealthChecks>,
+    /// Services whose health checks follow the next publish (probers
+    /// start or stop once the snapshot that has the service is out).
+    checks_due: std::collections::BTreeSet<Arc<str>>,
     /// Accepted service specs (to recompile when their instances change).
     specs: std::collections::HashMap<String, (i64, Service)>,
     /// Registered instances by service, then instance id.
@@ -227,6 +230,7 @@ impl Compiler {
             endpoints,
             service_shared: SharedRegistry::default(),
             health,
+            checks_due: Default::default(),
             specs: Default::default(),
             instances: Default::default(),
             services: Default::default(),
@@ -269,19 +273,28 @@ impl Compiler {
         }
     }
 
-    /// Compiles `name` from its accepted spec and its registered instances,
-    /// and (re)starts its health checks.
+    /// Compiles `name` from its accepted spec and its registered instances;
+    /// its health checks are (re)started after the next publish.
     fn rebuild_service(&mut self, name: &str) {
         let Some((version, spec)) = self.specs.get(name).cloned() else {
             return;
         };
         let rt = self.compile_service(name, version, spec);
-        let checked = rt.spec.health_check.as_ref().map(|hc| {
-            let eps: Vec<_> = rt.balancer.endpoints().cloned().collect();
-            (hc, eps)
-        });
-        self.health.set(name, checked);
+        self.checks_due.insert(rt.name.clone());
         self.services.insert(rt.name.clone(), Arc::new(rt));
+    }
+
+    /// Starts, changes or stops the health checks of the services changed
+    /// since the last publish, as the published snapshot has them.
+    fn follow_checks(&mut self) {
+        for name in std::mem::take(&mut self.checks_due) {
+            let rt = self.services.get(&name);
+            let checked = rt.and_then(|rt| {
+                let hc = rt.spec.health_check.as_ref()?;
+                Some((hc, rt.balancer.endpoints().cloned().collect()))
+            });
+            self.health.set(&name, checked);
+        }
     }
 
     fn compile_service(&self, name: &str, version: i64, mut spec: Service) -> ServiceRt {
@@ -383,6 +396,7 @@ impl Compiler {
             .len();
         (self.on_apply)(&snap, rejected);
         self.shared.store(Arc::new(snap));
+        self.follow_checks();
         self.dump.view.store(Arc::new(DumpView {
             revision,
             accepted: self.accepted.clone(),
@@ -406,7 +420,7 @@ impl Apply for Compiler {
                         Kind::Services => {
                             self.services.remove(key.name.as_str());
                             self.specs.remove(&key.name);
-                            self.health.set(&key.name, None);
+                            self.checks_due.insert(key.name.as_str().into());
                         }
                         Kind::Instances => {
                             if let Some((svc, id)) = key.name.split_once('/') {
