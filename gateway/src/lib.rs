@@ -18,11 +18,13 @@
 
 // Unsafe code is refused everywhere but in the allocator shim.
 #![deny(unsafe_code)]
+// `pub` only where another crate is meant to use it.
+#![warn(unreachable_pub)]
 
 #[allow(unsafe_code)]
 pub mod alloc;
-pub mod clock;
-pub mod maps;
+pub(crate) mod clock;
+pub(crate) mod maps;
 pub mod metrics;
 
 pub mod http;

@@ -61,7 +61,7 @@ const READ_CHUNK: usize = 8 * 1024;
 const COALESCE: usize = 64 * 1024;
 
 /// One upstream HTTP/1.1 connection.
-pub struct Conn {
+pub(crate) struct Conn {
     io: TcpStream,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
@@ -82,11 +82,11 @@ pub struct Conn {
 /// response head did not arrive by its deadline.
 #[derive(Debug, thiserror::Error)]
 #[error("no response head by the deadline")]
-pub struct DeadlinePassed;
+pub(crate) struct DeadlinePassed;
 
 impl DeadlinePassed {
     /// Whether `e` is this.
-    pub fn is(e: &io::Error) -> bool {
+    pub(crate) fn is(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|i| i.is::<DeadlinePassed>())
     }
 }
@@ -96,11 +96,11 @@ impl DeadlinePassed {
 /// upload, not the upstream's fault.
 #[derive(Debug, thiserror::Error)]
 #[error("request body: {0}")]
-pub struct RequestBodyFailed(pub String);
+pub(crate) struct RequestBodyFailed(pub String);
 
 impl RequestBodyFailed {
     /// Whether `e` is this.
-    pub fn is(e: &io::Error) -> bool {
+    pub(crate) fn is(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|i| i.is::<RequestBodyFailed>())
     }
 }
@@ -185,7 +185,7 @@ fn closed_early(what: &str) -> io::Error {
 
 impl Conn {
     /// Connects to `address` (`host:port`) within `timeout`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         address: &str,
         timeout: Duration,
         slot: Option<ConnSlot>,
@@ -213,7 +213,7 @@ impl Conn {
     /// Whether an idle connection can carry another request: the peer has
     /// not closed it and sent nothing unasked. Costs a syscall only when
     /// the socket has signalled something since the last read.
-    pub fn usable_when_idle(&mut self) -> bool {
+    pub(crate) fn usable_when_idle(&mut self) -> bool {
         if !self.rbuf.is_empty() {
             return false;
         }
@@ -237,7 +237,7 @@ impl Conn {
     /// Sends `req` (origin-form target, `Host` set) and reads the response
     /// head, which must arrive by `deadline` (else a [`DeadlinePassed`]
     /// error). The returned [`Exchange`] reads the body.
-    pub async fn send(
+    pub(crate) async fn send(
         mut self,
         req: Request<ProxyBody>,
         deadline: Instant,
@@ -579,7 +579,7 @@ fn framing(
 /// body is complete and the connection reusable, [`Exchange::take_idle`]
 /// hands the connection back.
 #[derive(Debug)]
-pub struct Exchange {
+pub(crate) struct Exchange {
     conn: Option<Conn>,
     framing: Framing,
     reusable: bool,
@@ -587,12 +587,12 @@ pub struct Exchange {
 
 impl Exchange {
     /// Whether the body has been read to its end.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         matches!(self.framing, Framing::Done)
     }
 
     /// The exact number of body bytes left, when known.
-    pub fn remaining(&self) -> Option<u64> {
+    pub(crate) fn remaining(&self) -> Option<u64> {
         match self.framing {
             Framing::Length(n) => Some(n),
             Framing::Done => Some(0),
@@ -602,7 +602,7 @@ impl Exchange {
 
     /// The connection, once the body is complete and nothing forbids
     /// reusing it.
-    pub fn take_idle(&mut self) -> Option<Conn> {
+    pub(crate) fn take_idle(&mut self) -> Option<Conn> {
         if self.is_done() && self.reusable {
             self.conn.take()
         } else {
@@ -624,7 +624,10 @@ impl Exchange {
     }
 
     /// The next frame of the body.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         loop {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);

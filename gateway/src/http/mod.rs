@@ -15,7 +15,7 @@
 
 pub mod body;
 pub mod error;
-pub mod h1;
+pub(crate) mod h1;
 pub mod h2;
 pub mod headers;
 pub mod limit;

@@ -388,7 +388,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_per_try_timeout_is_resent_under_the_budget_then_final() {
+    async fn a_reset_before_anything_was_written_moves_on_like_a_refusal() {
+        let b = balancer(2);
+        let unsent_reset = reset().sent(false);
+        let s = Script::new(vec![(1, Step::Failed(unsent_reset)), (1, Step::Done("ok"))]);
+        // No resend is allowed, and none is needed: nothing was sent.
+        assert_eq!(s.go(members(&b), 0).await.unwrap(), "ok");
+        assert_eq!(*s.resends_asked.lock().unwrap(), 0);
+        assert_eq!(s.blamed.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_be_sent_again_stops_after_the_first_send() {
+        // A streamed (non-replayable) body or a POST: the caller's resend
+        // check says no, whatever failed after sending.
+        let b = balancer(3);
+        for f in [reset(), timeout()] {
+            let s = Script::new(vec![(1, Step::Failed(f))]);
+            let err = s.go(members(&b), 0).await.unwrap_err();
+            assert!(err.sent);
+            assert_eq!(s.members.lock().unwrap().len(), 1, "sent once");
+            assert_eq!(*s.resends_asked.lock().unwrap(), 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_try_timeout_is_resent_until_the_budget_is_exhausted() {
         let b = balancer(2);
         // Budget for one resend: the second timeout is final. With one
         // member left untried, the second resend would go back to a

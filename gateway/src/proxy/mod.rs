@@ -31,7 +31,7 @@
 pub mod attempts;
 pub mod forward;
 pub mod prelude;
-pub mod tcp;
+pub(crate) mod tcp;
 pub mod tunnel;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -37,7 +37,7 @@ struct Running {
 
 /// Keeps one listener per TCP route in step with the applied config until
 /// `shutdown` turns true. `changed` ticks after every config apply.
-pub async fn run_listeners<T>(
+pub(crate) async fn run_listeners<T>(
     ip: IpAddr,
     snapshot: SharedSnapshot,
     metrics: Arc<Metrics>,

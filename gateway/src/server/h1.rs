@@ -65,13 +65,13 @@ use crate::server::{wait_true, Peer};
 
 /// Most request headers parsed here; a request with more goes to hyper
 /// (which takes 100).
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 /// Largest request head parsed here; a larger one goes to hyper (431).
 const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies with a `content-length` up to this size are read whole
 /// here (the proxy buffers them for replay anyway); larger ones stream
 /// through hyper.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 /// Headers the proxy adds to a request on its way (`x-mesh-hops`,
 /// `x-request-id`, `traceparent`, `x-forwarded-for`, and a few more).
 const ADDED_HEADERS: usize = 6;
@@ -106,7 +106,7 @@ impl Default for Limits {
 
 /// How a connection's fast path ended.
 #[derive(Debug)]
-pub enum End {
+pub(crate) enum End {
     /// Closed, or to be closed.
     Closed,
     /// The rest of the connection is hyper's: these bytes were read and not
@@ -116,7 +116,7 @@ pub enum End {
 
 /// Serves requests on `io` with `handler` until the connection ends,
 /// shutdown is signalled while it is idle, or a request needs hyper.
-pub async fn serve<H, F>(
+pub(crate) async fn serve<H, F>(
     io: &mut TcpStream,
     peer: &Peer,
     handler: &H,

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::http::body::{ProxyBody, RequestBody};
-pub mod h1;
+pub(crate) mod h1;
 
 use h1::End;
 pub use h1::Limits;
