@@ -52,7 +52,7 @@ pub struct Dest<'a> {
 /// A request on its way to a service's endpoints: what every attempt
 /// needs, and what the attempts change.
 struct Sending<'a> {
-    parts: http::request::Parts,
+    parts: &'a mut http::request::Parts,
     body: &'a mut ReplayBody,
     /// HTTP/1.1: the request itself, handed back unsent by a refused
     /// connect.
@@ -127,7 +127,7 @@ impl Proxy {
         let key = key_of(primary);
         let fallback_key = fallback.as_deref().and_then(key_of);
         let mut s = Sending {
-            parts,
+            parts: &mut parts,
             body,
             unsent: None,
             pq,
@@ -148,7 +148,7 @@ impl Proxy {
             {
                 tracing::debug!(service = %svc.name, fallback = %fb.name, "no endpoint took the request; using the fallback service");
                 svc = fb;
-                sent = self.send(svc, fallback_key, false, &mut s).await;
+                sent = Box::pin(self.send(svc, fallback_key, false, &mut s)).await;
             }
         }
         let (mut rp, rb) = sent?.into_parts();
