@@ -147,7 +147,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -189,7 +189,7 @@ impl RouteStats {
 
     /// Counts a request served by backend `backend` (0 for routes without
     /// backends) with `status`.
-    pub fn count(&self, backend: usize, status: u16) {
+    pub(crate) fn count(&self, backend: usize, status: u16) {
         if let Some(row) = self.requests.get(backend) {
             row[class_index(status)].inc();
         }
@@ -199,7 +199,7 @@ impl RouteStats {
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Index of a status's class in [`CLASSES`].
-pub fn class_index(status: u16) -> usize {
+pub(crate) fn class_index(status: u16) -> usize {
     match status {
         100..=199 => 0,
         200..=299 => 1,

@@ -29,7 +29,7 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// An empty body.
-    pub fn empty() -> RequestBody {
+    pub(crate) fn empty() -> RequestBody {
         RequestBody::Whole(None)
     }
 
@@ -87,7 +87,7 @@ pub enum ProxyBody {
 }
 
 /// The error of a body on the proxy path.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for ProxyBody {
     type Data = Bytes;
@@ -145,11 +145,11 @@ impl std::fmt::Debug for Guarded {
 /// A body stream idle for longer than its timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("no data for {0:?}: idle timeout")]
-pub struct IdleTimeout(pub Duration);
+pub(crate) struct IdleTimeout(pub Duration);
 
 impl Guarded {
     /// Wraps `inner`; returns it as is when there is nothing to guard.
-    pub fn wrap(
+    pub(crate) fn wrap(
         inner: ProxyBody,
         idle: Option<Duration>,
         hold: Option<crate::http::limit::Held>,
@@ -204,7 +204,7 @@ pub fn full(b: Full<Bytes>) -> ProxyBody {
 }
 
 /// An empty body.
-pub fn empty() -> ProxyBody {
+pub(crate) fn empty() -> ProxyBody {
     ProxyBody::Full(Full::new(Bytes::new()))
 }
 

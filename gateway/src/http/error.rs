@@ -91,7 +91,7 @@ impl MeshError {
     }
 
     /// Whose fault this error usually is.
-    pub fn side(self) -> Side {
+    pub(crate) fn side(self) -> Side {
         match self {
             MeshError::UpstreamConnectFailed
             | MeshError::UpstreamReset
@@ -109,7 +109,7 @@ impl MeshError {
     }
 
     /// The gRPC status code a gRPC caller gets for this error.
-    pub fn grpc_status(self) -> u8 {
+    pub(crate) fn grpc_status(self) -> u8 {
         match self {
             // UNIMPLEMENTED: nothing serves this method here.
             MeshError::NoRoute => 12,
@@ -127,7 +127,7 @@ impl MeshError {
     }
 
     /// Every error, for reverse lookups.
-    pub const ALL: [MeshError; 12] = [
+    pub(crate) const ALL: [MeshError; 12] = [
         MeshError::NoRoute,
         MeshError::NoHealthyEndpoint,
         MeshError::UpstreamConnectFailed,
@@ -143,7 +143,7 @@ impl MeshError {
     ];
 
     /// The reason code named in an `x-mesh-error` header value.
-    pub fn from_code(code: &[u8]) -> Option<MeshError> {
+    pub(crate) fn from_code(code: &[u8]) -> Option<MeshError> {
         MeshError::ALL
             .into_iter()
             .find(|e| e.code().as_bytes() == code)
@@ -152,7 +152,7 @@ impl MeshError {
     /// The synthetic error as a gRPC "trailers-only" response: HTTP 200,
     /// `grpc-status` and `grpc-message` in the headers, no body; still
     /// marked with `x-mesh-error`.
-    pub fn grpc_response(self, message: &str) -> Response<ProxyBody> {
+    pub(crate) fn grpc_response(self, message: &str) -> Response<ProxyBody> {
         let mut resp = Response::new(crate::http::body::empty());
         let h = resp.headers_mut();
         h.insert(
@@ -186,7 +186,7 @@ impl MeshError {
 }
 
 /// The innermost error message (hyper wraps io errors several levels deep).
-pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;

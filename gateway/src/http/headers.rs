@@ -9,14 +9,14 @@ use rand::Rng;
 
 pub const X_MESH_SERVICE: HeaderName = HeaderName::from_static("x-mesh-service");
 pub const X_MESH_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
-pub const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Which tier answered (set by the sidecar on responses, for operators).
 pub const X_MESH_TIER: HeaderName = HeaderName::from_static("x-mesh-tier");
 
 /// Marks a non-idempotent request as safe to send again.
-pub const X_MESH_RETRYABLE: HeaderName = HeaderName::from_static("x-mesh-retryable");
+pub(crate) const X_MESH_RETRYABLE: HeaderName = HeaderName::from_static("x-mesh-retryable");
 
 /// Whether the request is marked `x-mesh-retryable: true`.
 pub fn marked_retryable(h: &HeaderMap) -> bool {
@@ -133,7 +133,7 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 
 /// What a `Connection` value says (RFC 9110 §7.6.1), read in one pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionTokens {
+pub(crate) struct ConnectionTokens {
     pub close: bool,
     pub keep_alive: bool,
     pub upgrade: bool,
@@ -142,7 +142,7 @@ pub struct ConnectionTokens {
 }
 
 impl ConnectionTokens {
-    pub fn of(value: &[u8]) -> ConnectionTokens {
+    pub(crate) fn of(value: &[u8]) -> ConnectionTokens {
         let mut t = ConnectionTokens::default();
         for token in value.split(|&b| b == b',') {
             let token = token.trim_ascii();
@@ -162,7 +162,7 @@ impl ConnectionTokens {
     /// Whether the header says only `close` / `keep-alive`: a parser that
     /// has read that has no reason to keep the header (it is hop-by-hop
     /// and would be stripped again).
-    pub fn only_persistence(&self) -> bool {
+    pub(crate) fn only_persistence(&self) -> bool {
         !self.upgrade && !self.others
     }
 }
@@ -196,7 +196,7 @@ pub fn grpc_timeout(h: &HeaderMap) -> Option<std::time::Duration> {
 
 /// Increments `x-mesh-hops`; returns the new count, or `None` when the
 /// header is not a number.
-pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
+pub(crate) fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
     let hops = match h.get(&X_MESH_HOPS) {
         None => 0,
         Some(v) => v.to_str().ok()?.trim().parse::<u32>().ok()?,
@@ -234,7 +234,7 @@ pub fn bump_hops(h: &mut HeaderMap) -> Option<u32> {
 /// (through `rand`'s thread generator): ids must be unique and
 /// unpredictable enough to not collide, not secret, and ChaCha costs more
 /// than the rest of this function.
-pub fn ensure_ids(h: &mut HeaderMap) {
+pub(crate) fn ensure_ids(h: &mut HeaderMap) {
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
     thread_local! {
@@ -295,7 +295,10 @@ pub fn destination<'a>(h: &'a HeaderMap, uri_host: Option<&'a str>) -> Option<Co
 
 /// The request's host without port, lower-cased. Borrowed from the
 /// request unless it had to be lowered.
-pub fn request_host<'a>(h: &'a HeaderMap, uri_host: Option<&'a str>) -> Option<Cow<'a, str>> {
+pub(crate) fn request_host<'a>(
+    h: &'a HeaderMap,
+    uri_host: Option<&'a str>,
+) -> Option<Cow<'a, str>> {
     let raw = match h.get(header::HOST).and_then(|v| v.to_str().ok()) {
         Some(v) => v,
         None => uri_host?,
@@ -328,7 +331,7 @@ fn strip_port(h: &str) -> &str {
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())

@@ -61,7 +61,7 @@ pub struct InFlightCount(AtomicU32);
 
 impl InFlightCount {
     /// One more in flight, if under `max` (no limit: always).
-    pub fn hold(self: &Arc<Self>, max: Option<u32>) -> Option<Held> {
+    pub(crate) fn hold(self: &Arc<Self>, max: Option<u32>) -> Option<Held> {
         acquire(&self.0, max).then(|| Held(self.clone()))
     }
 
@@ -72,7 +72,7 @@ impl InFlightCount {
 
 /// One unit held on an [`InFlightCount`]; leaves when dropped.
 #[derive(Debug)]
-pub struct Held(Arc<InFlightCount>);
+pub(crate) struct Held(Arc<InFlightCount>);
 
 impl Drop for Held {
     fn drop(&mut self) {
@@ -96,7 +96,7 @@ fn acquire(counter: &AtomicU32, max: Option<u32>) -> bool {
 }
 
 /// Takes a connection slot if one is free.
-pub fn try_open(limit: &ConnLimit<'_>) -> Option<ConnSlot> {
+pub(crate) fn try_open(limit: &ConnLimit<'_>) -> Option<ConnSlot> {
     acquire(&limit.counter.open, Some(limit.max_connections))
         .then(|| ConnSlot(limit.counter.clone()))
 }
@@ -112,6 +112,6 @@ impl Drop for Pending<'_> {
 }
 
 /// Joins the requests waiting for a connection, under `max_pending`.
-pub fn wait_slot<'a>(limit: &ConnLimit<'a>) -> Option<Pending<'a>> {
+pub(crate) fn wait_slot<'a>(limit: &ConnLimit<'a>) -> Option<Pending<'a>> {
     acquire(&limit.counter.pending, Some(limit.max_pending)).then(|| Pending(limit.counter))
 }

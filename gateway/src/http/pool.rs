@@ -50,12 +50,12 @@ impl std::fmt::Debug for H1Pool {
 
 /// Why a send failed.
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No connection could be made: nothing was sent, and here is the
     /// request back, to try elsewhere.
     Connect(std::io::Error, Box<Request<ProxyBody>>),
     /// The service's connection limit refused it: nothing was sent.
-    Overflow(Overflow, Box<Request<ProxyBody>>),
+    Overflow(Overflow),
     /// The request's own body failed while it was sent (the client's
     /// fault); part of the request may have been sent.
     RequestBody(std::io::Error),
@@ -70,7 +70,7 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e, _) => write!(f, "connect: {e}"),
-            SendError::Overflow(o, _) => write!(f, "{} reached", o.as_str()),
+            SendError::Overflow(o) => write!(f, "{} reached", o.as_str()),
             SendError::RequestBody(e) | SendError::Exchange(e) => write!(f, "{e}"),
             SendError::Timeout => f.write_str("no response head by the deadline"),
         }
@@ -78,7 +78,7 @@ impl std::fmt::Display for SendError {
 }
 
 impl H1Pool {
-    pub fn idle_count(&self) -> usize {
+    pub(crate) fn idle_count(&self) -> usize {
         self.lock().len()
     }
 
@@ -155,7 +155,7 @@ impl H1Pool {
     /// reusing an idle connection when there is one. Under a connection
     /// `limit`, a new connection is opened only while the service is under
     /// it; otherwise the request waits (see [`ConnLimit`]).
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         address: &str,
         connect_timeout: Duration,
@@ -175,9 +175,7 @@ impl H1Pool {
                 match opened.await {
                     Ok(Ok(conn)) => conn,
                     Ok(Err(Opened::Failed(e))) => return Err(SendError::Connect(e, Box::new(req))),
-                    Ok(Err(Opened::Overflow(o))) => {
-                        return Err(SendError::Overflow(o, Box::new(req)))
-                    }
+                    Ok(Err(Opened::Overflow(o))) => return Err(SendError::Overflow(o)),
                     Err(_) => return Err(SendError::Timeout),
                 }
             }

@@ -46,10 +46,10 @@ pub struct OpsState {
 }
 
 /// Explains a request against the applied config.
-pub type ExplainFn = Arc<dyn Fn(&ExplainRequest) -> Result<Value, BadField> + Send + Sync>;
+pub(crate) type ExplainFn = Arc<dyn Fn(&ExplainRequest) -> Result<Value, BadField> + Send + Sync>;
 
 /// A future answer of the extra routes.
-pub type OpsFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+pub(crate) type OpsFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 
 /// Routes served on the ops port after the ops endpoints.
 pub type OpsExtra = Arc<dyn Fn(Request<RequestBody>) -> OpsFuture + Send + Sync>;
@@ -169,7 +169,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
 }
 
 /// A JSON answer.
-pub fn json_response(status: StatusCode, v: &Value) -> Response<ProxyBody> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<ProxyBody> {
     let mut r = text(status, v.to_string());
     r.headers_mut().insert(
         header::CONTENT_TYPE,

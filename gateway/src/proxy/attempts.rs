@@ -25,7 +25,7 @@ use crate::upstream::endpoint::EndpointState;
 
 /// What follows a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Nothing was sent: try another member.
     Member,
     /// The request may have been sent and may be sent again: another
@@ -43,7 +43,7 @@ pub enum Next {
 /// - the request may have been sent (a reset, a timeout, a broken
 ///   answer): only when `may_resend` says it may be sent again (its
 ///   method, its replayable body, the retry policy, budget and deadline).
-pub fn after_attempt(f: &Failure, may_resend: impl FnOnce() -> bool) -> Next {
+pub(crate) fn after_attempt(f: &Failure, may_resend: impl FnOnce() -> bool) -> Next {
     match (f.side, f.sent) {
         (Side::Downstream | Side::Mesh, _) => Next::Stop,
         (Side::Upstream, false) => Next::Member,
@@ -81,7 +81,7 @@ pub fn next_tier(f: &Failure, resend: Resend) -> bool {
 
 /// The rule from a service to its fallback service (one level, so chains
 /// cannot loop): when none of its endpoints could take the request.
-pub fn use_fallback(f: &Failure) -> bool {
+pub(crate) fn use_fallback(f: &Failure) -> bool {
     matches!(
         f.reason,
         MeshError::NoHealthyEndpoint | MeshError::UpstreamConnectFailed

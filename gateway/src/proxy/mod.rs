@@ -281,5 +281,5 @@ impl Proxy {
 }
 
 /// Default timeouts of the proxy path.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

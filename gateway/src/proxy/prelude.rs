@@ -52,7 +52,7 @@ pub fn target(uri: &Uri) -> PathAndQuery {
 }
 
 /// Appends the client's address to `x-forwarded-for`.
-pub fn forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
+pub(crate) fn forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
     const XFF: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
     match h.entry(XFF) {
         header::Entry::Vacant(e) => {

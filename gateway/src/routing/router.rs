@@ -257,14 +257,14 @@ impl CompiledRewrite {
     }
 
     /// Applies the request header edits and the host.
-    pub fn request_headers(&self, h: &mut HeaderMap) {
+    pub(crate) fn request_headers(&self, h: &mut HeaderMap) {
         self.request.apply(h);
         if let Some(host) = &self.host {
             h.insert(http::header::HOST, host.clone());
         }
     }
 
-    pub fn response_headers(&self, h: &mut HeaderMap) {
+    pub(crate) fn response_headers(&self, h: &mut HeaderMap) {
         self.response.apply(h);
     }
 }
@@ -388,7 +388,7 @@ impl CompiledRoute {
 
     /// A route to one service with no conditions: the mesh's implicit
     /// route for a request naming a service that no route matches.
-    pub fn implicit(service: &str) -> CompiledRoute {
+    pub(crate) fn implicit(service: &str) -> CompiledRoute {
         let r = Route {
             scope: Scope::Mesh,
             matches: Default::default(),
@@ -414,7 +414,7 @@ impl CompiledRoute {
     /// backend rule whose conditions hold, else the default backends; by a
     /// hash of the sticky key when the request carries it, else in
     /// weighted round robin.
-    pub fn pick_backend(&self, req: &RequestView<'_>) -> Option<(usize, &Arc<str>)> {
+    pub(crate) fn pick_backend(&self, req: &RequestView<'_>) -> Option<(usize, &Arc<str>)> {
         let choice = self
             .rules
             .iter()
@@ -429,7 +429,7 @@ impl CompiledRoute {
     /// Why this route does not match a request for `host` (empty: it
     /// matches). For the admin API's `explain`; the request path uses
     /// [`Router::find`].
-    pub fn mismatches(&self, host: &str, req: &RequestView<'_>) -> Vec<String> {
+    pub(crate) fn mismatches(&self, host: &str, req: &RequestView<'_>) -> Vec<String> {
         let mut why = Vec::new();
         let host_ok = self.hosts.is_empty()
             || self.hosts.iter().any(|h| match h.strip_prefix('*') {
@@ -474,7 +474,10 @@ impl CompiledRoute {
     /// Which backends a matching request would be split over: the index
     /// of the first backend rule whose conditions hold (`None`: the
     /// default backends), and the services with their weights.
-    pub fn backend_choice(&self, req: &RequestView<'_>) -> (Option<usize>, Vec<(Arc<str>, u32)>) {
+    pub(crate) fn backend_choice(
+        &self,
+        req: &RequestView<'_>,
+    ) -> (Option<usize>, Vec<(Arc<str>, u32)>) {
         let (rule, choice) = match self.rules.iter().position(|(c, _)| c.hold(req)) {
             Some(i) => (Some(i), &self.rules[i].1),
             None => (None, &self.default),
@@ -489,7 +492,7 @@ impl CompiledRoute {
     }
 
     /// Priority, then specificity: how the router orders matching routes.
-    pub fn rank(&self) -> i32 {
+    pub(crate) fn rank(&self) -> i32 {
         self.priority
     }
 

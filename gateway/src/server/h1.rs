@@ -85,7 +85,7 @@ const TIMER_SLACK: Duration = Duration::from_secs(1);
 
 /// The connection timeouts.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// A request's head (and a body read here) must arrive whole within
     /// this, counted from when its first byte is in.
     pub request_read: Duration,

@@ -33,7 +33,7 @@ use crate::http::body::{ProxyBody, RequestBody};
 pub(crate) mod h1;
 
 use h1::End;
-pub use h1::Limits;
+pub(crate) use h1::Limits;
 
 /// The client end of a connection, resolved once per connection.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ pub async fn serve<H, F>(
 }
 
 /// [`serve`] with the given connection timeouts.
-pub async fn serve_with<H, F>(
+pub(crate) async fn serve_with<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,

@@ -120,7 +120,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The service's fallback service, when it names one other than itself.
-    pub fn fallback_of(&self, svc: &ServiceRt) -> Option<Arc<ServiceRt>> {
+    pub(crate) fn fallback_of(&self, svc: &ServiceRt) -> Option<Arc<ServiceRt>> {
         let name = svc.spec.fallback.as_deref()?;
         self.services
             .get(name)
@@ -131,14 +131,14 @@ impl Snapshot {
 
 /// What was rejected and why, for `/config` and logs.
 #[derive(Debug, Clone, Serialize)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     pub object: String,
     pub version: i64,
     pub error: String,
 }
 
 /// Called after each publish with the snapshot and the count of rejected objects.
-pub type OnApply = Box<dyn Fn(&Snapshot, usize) + Send>;
+pub(crate) type OnApply = Box<dyn Fn(&Snapshot, usize) + Send>;
 
 /// The shared handle the data plane reads from.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -193,7 +193,7 @@ impl std::fmt::Debug for ConfigDump {
 
 impl ConfigDump {
     /// `{revision, objects: {kind: {name: {version, spec}}}, rejected: [...]}`.
-    pub fn render(&self) -> serde_json::Value {
+    pub(crate) fn render(&self) -> serde_json::Value {
         let view = self.view.load();
         let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
         for (k, (v, obj)) in view.accepted.iter() {

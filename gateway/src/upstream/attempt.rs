@@ -134,7 +134,7 @@ pub async fn attempt(
                 Err(SendError::Connect(e, back)) => {
                     Err(AttemptError::Connect(e.to_string(), Some(back)))
                 }
-                Err(SendError::Overflow(o, _)) => Err(AttemptError::Overflow(o)),
+                Err(SendError::Overflow(o)) => Err(AttemptError::Overflow(o)),
                 Err(SendError::RequestBody(e)) => Err(AttemptError::RequestBody(e.to_string())),
                 Err(SendError::Exchange(e)) => Err(AttemptError::Exchange(e.to_string())),
                 Err(SendError::Timeout) => Err(AttemptError::Timeout(opts.timeout)),
@@ -248,7 +248,7 @@ fn user_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// A TCP connection to `ep` within `connect_timeout` (a TCP route, a
 /// `CONNECT` tunnel), marking the endpoint's success.
-pub async fn connect_tcp(
+pub(crate) async fn connect_tcp(
     ep: &EndpointState,
     connect_timeout: Duration,
 ) -> Result<tokio::net::TcpStream, AttemptError> {

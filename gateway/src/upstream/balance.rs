@@ -19,13 +19,13 @@ const MAX_SCHEDULE: u64 = 4096;
 /// A weighted round-robin order, precomputed with nginx's smooth algorithm
 /// so that heavy endpoints are interleaved, not bunched.
 #[derive(Debug)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     order: Box<[u32]>,
     next: AtomicUsize,
 }
 
 impl Schedule {
-    pub fn new(weights: &[u32]) -> Schedule {
+    pub(crate) fn new(weights: &[u32]) -> Schedule {
         let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
         let mut w: Vec<i64> = weights.iter().map(|w| i64::from(*w)).collect();
         if total > MAX_SCHEDULE {
@@ -65,7 +65,7 @@ impl Schedule {
     }
 
     /// The next index in the schedule, or `None` if all weights are 0.
-    pub fn next(&self) -> Option<usize> {
+    pub(crate) fn next(&self) -> Option<usize> {
         if self.order.is_empty() {
             return None;
         }
@@ -73,12 +73,8 @@ impl Schedule {
         Some(self.order[n % self.order.len()] as usize)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.order.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
     }
 }
 
@@ -138,7 +134,10 @@ impl Balancer {
     }
 
     /// `members`: (state, weight, priority).
-    pub fn with_policy(members: Vec<(Arc<EndpointState>, u32, u32)>, policy: Policy) -> Balancer {
+    pub(crate) fn with_policy(
+        members: Vec<(Arc<EndpointState>, u32, u32)>,
+        policy: Policy,
+    ) -> Balancer {
         let mut prios: Vec<u32> = members.iter().map(|m| m.2).collect();
         prios.sort_unstable();
         prios.dedup();
@@ -180,13 +179,13 @@ impl Balancer {
 
     /// Whether the policy uses requests in flight and latency (only then
     /// are they tracked per request).
-    pub fn tracks_load(&self) -> bool {
+    pub(crate) fn tracks_load(&self) -> bool {
         matches!(self.policy, Policy::LeastRequest | Policy::PeakEwma)
     }
 
     /// Whether one more endpoint may be ejected without going over
     /// `max_percent` of the endpoints ejected at once (one always may).
-    pub fn may_eject(&self, max_percent: u32) -> bool {
+    pub(crate) fn may_eject(&self, max_percent: u32) -> bool {
         let total = self.len();
         let ejected = self
             .endpoints()
@@ -196,14 +195,15 @@ impl Balancer {
     }
 
     /// Whether any endpoint is currently not ejected.
-    pub fn any_available(&self) -> bool {
+    pub(crate) fn any_available(&self) -> bool {
         let now = mono_ms();
         self.endpoints().any(|e| e.available(now))
     }
 
     /// The next endpoint not in `tried` (round robin for a hash-ring
     /// service without a key). See [`Balancer::pick_keyed`].
-    pub fn pick(&self, tried: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
+    #[cfg(test)]
+    pub(crate) fn pick(&self, tried: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
         self.pick_keyed(tried, None)
     }
 
@@ -211,7 +211,7 @@ impl Balancer {
     /// hash for a consistent-hash service). Prefers available endpoints;
     /// when every untried one is ejected, returns one anyway (better to try
     /// than to fail without trying).
-    pub fn pick_keyed(
+    pub(crate) fn pick_keyed(
         &self,
         tried: &[Arc<EndpointState>],
         key: Option<u64>,
@@ -349,7 +349,7 @@ impl RequestKey {
     }
 
     /// The stable hash of the request's value, if it carries one.
-    pub fn hash(
+    pub(crate) fn hash(
         &self,
         headers: &http::HeaderMap,
         client_ip: Option<&http::HeaderValue>,
@@ -365,7 +365,7 @@ impl RequestKey {
 
 /// A hash that is the same in every process and version (FNV-1a 64 with a
 /// final avalanche), for rings and request keys.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

@@ -95,12 +95,12 @@ impl EndpointState {
         }
     }
 
-    pub fn set_health(&self, h: Health) {
+    pub(crate) fn set_health(&self, h: Health) {
         self.health.store(h as u8, Ordering::Relaxed);
     }
 
     /// Until when (mono ms) the endpoint is ejected; 0 when it is not.
-    pub fn ejected_until_ms(&self) -> u64 {
+    pub(crate) fn ejected_until_ms(&self) -> u64 {
         let t = self.ejected_until_ms.load(Ordering::Relaxed);
         if t > mono_ms() {
             t
@@ -113,7 +113,7 @@ impl EndpointState {
     /// `true` when this outcome crossed a threshold and the endpoint should
     /// be ejected (the caller checks the ejection cap, then calls
     /// [`EndpointState::eject_outlier`]).
-    pub fn record_outcome(&self, outcome: Outcome, cfg: &Outlier) -> bool {
+    pub(crate) fn record_outcome(&self, outcome: Outcome, cfg: &Outlier) -> bool {
         let (is_5xx, is_gw) = match outcome {
             Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
             Outcome::GatewayFailure => (true, true),
@@ -136,7 +136,7 @@ impl EndpointState {
 
     /// Ejects for `base` × the number of outlier ejections so far (at most
     /// `max`) and starts counting afresh.
-    pub fn eject_outlier(&self, cfg: &Outlier) {
+    pub(crate) fn eject_outlier(&self, cfg: &Outlier) {
         let n = u64::from(self.outlier_ejections.fetch_add(1, Ordering::Relaxed)) + 1;
         let ms = (cfg.base_ejection.as_millis() as u64)
             .saturating_mul(n)
@@ -157,7 +157,7 @@ impl EndpointState {
             .store(mono_ms() + ms, Ordering::Relaxed);
     }
 
-    pub fn on_success(&self) {
+    pub(crate) fn on_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
@@ -165,7 +165,7 @@ impl EndpointState {
         }
     }
 
-    pub fn is_ejected(&self) -> bool {
+    pub(crate) fn is_ejected(&self) -> bool {
         !self.available(mono_ms())
     }
 
@@ -175,13 +175,13 @@ impl EndpointState {
         InFlight(self.clone())
     }
 
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Records the time to response headers: peak-EWMA, so a slow answer
     /// counts at once and good ones pull the estimate down over `EWMA_DECAY`.
-    pub fn observe_rtt(&self, rtt: Duration) {
+    pub(crate) fn observe_rtt(&self, rtt: Duration) {
         let ns = rtt.as_nanos().min(u128::from(u64::MAX)) as u64;
         let now = mono_ms();
         let last = self.ewma_at_ms.swap(now, Ordering::Relaxed);
@@ -196,7 +196,7 @@ impl EndpointState {
     }
 
     /// Peak-EWMA latency in ns (`EWMA_DEFAULT` before the first sample).
-    pub fn ewma_ns(&self) -> u64 {
+    pub(crate) fn ewma_ns(&self) -> u64 {
         match self.ewma_ns.load(Ordering::Relaxed) {
             0 => EWMA_DEFAULT.as_nanos() as u64,
             v => v,

@@ -140,8 +140,9 @@ impl HealthChecks {
         }
     }
 
-    /// Addresses being probed (for tests and `/config`).
-    pub fn probing(&self) -> Vec<String> {
+    /// Addresses being probed.
+    #[cfg(test)]
+    pub(crate) fn probing(&self) -> Vec<String> {
         let mut v: Vec<String> = self.lock().running.keys().cloned().collect();
         v.sort();
         v

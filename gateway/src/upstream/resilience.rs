@@ -32,13 +32,13 @@ pub struct ServiceShared {
 
 /// `ServiceShared` by service name, reused across config changes.
 #[derive(Debug, Default)]
-pub struct SharedRegistry {
+pub(crate) struct SharedRegistry {
     by_name: Mutex<HashMap<String, Weak<ServiceShared>>>,
 }
 
 impl SharedRegistry {
     /// Called on config changes only.
-    pub fn get(&self, name: &str) -> Arc<ServiceShared> {
+    pub(crate) fn get(&self, name: &str) -> Arc<ServiceShared> {
         let mut map = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(name).and_then(Weak::upgrade) {
             return s;
@@ -53,13 +53,16 @@ impl SharedRegistry {
 }
 
 /// A request admitted by the breaker; leaves when dropped.
-pub type Admitted = Held;
+pub(crate) type Admitted = Held;
 
 /// A retry in flight; leaves when dropped.
-pub type RetryPermit = Held;
+pub(crate) type RetryPermit = Held;
 
 /// Admits a request under `max_requests`.
-pub fn admit(shared: &Arc<ServiceShared>, limits: &CircuitBreaker) -> Result<Admitted, Overflow> {
+pub(crate) fn admit(
+    shared: &Arc<ServiceShared>,
+    limits: &CircuitBreaker,
+) -> Result<Admitted, Overflow> {
     shared
         .requests
         .hold(limits.max_requests)
@@ -67,7 +70,10 @@ pub fn admit(shared: &Arc<ServiceShared>, limits: &CircuitBreaker) -> Result<Adm
 }
 
 /// A retry slot under `max_retries`, or `None` (the retry is not made).
-pub fn retry_permit(shared: &Arc<ServiceShared>, limits: &CircuitBreaker) -> Option<RetryPermit> {
+pub(crate) fn retry_permit(
+    shared: &Arc<ServiceShared>,
+    limits: &CircuitBreaker,
+) -> Option<RetryPermit> {
     shared.retries.hold(limits.max_retries)
 }
 
@@ -106,7 +112,7 @@ impl BudgetWindow {
     }
 
     /// Counts one request (first attempts only).
-    pub fn record_request(&self) {
+    pub(crate) fn record_request(&self) {
         self.slot(mono_ms() / SLOT_MS)
             .requests
             .fetch_add(1, Ordering::Relaxed);
@@ -127,7 +133,7 @@ impl BudgetWindow {
 
     /// Takes one retry from the budget: allowed while the retries in the
     /// window stay under `min_per_s` × 10 s + `percent` % of the requests.
-    pub fn try_withdraw(&self, budget: &RetryBudget) -> bool {
+    pub(crate) fn try_withdraw(&self, budget: &RetryBudget) -> bool {
         let now_s = mono_ms() / SLOT_MS;
         let (req, ret) = self.totals(now_s);
         let allowed = u64::from(budget.min_per_s) * WINDOW_SLOTS as u64
@@ -171,13 +177,13 @@ impl Retry {
         }
     }
 
-    pub fn on_status(&self, status: u16) -> bool {
+    pub(crate) fn on_status(&self, status: u16) -> bool {
         (500..628).contains(&status) && self.statuses & (1u128 << (status - 500)) != 0
     }
 
     /// Whether a request with this method (and `x-mesh-retryable`) may be
     /// sent again after it was sent once.
-    pub fn method_allowed(&self, method: &Method, marked_retryable: bool) -> bool {
+    pub(crate) fn method_allowed(&self, method: &Method, marked_retryable: bool) -> bool {
         self.non_idempotent || marked_retryable || crate::http::headers::idempotent(method)
     }
 }
