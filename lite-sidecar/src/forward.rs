@@ -132,8 +132,13 @@ impl Forwarder {
         let start = std::time::Instant::now();
         let grpc = headers::is_grpc(req.headers());
         let (result, dest, tier) = self.forward(req).await;
-        // The rescue: a failure becomes its synthetic response here.
-        let resp = result.unwrap_or_else(|f| f.into_response(grpc));
+        // The rescue: a failure becomes its synthetic response here (the
+        // direct tier's marked with its tier, as gateways mark theirs).
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(f) if tier == "direct" => tag_tier(f.into_response(grpc), tier),
+            Err(f) => f.into_response(grpc),
+        };
         self.metrics
             .requests
             .with_label_values(&["app", tier, &dest, status_class(resp.status().as_u16())])
@@ -230,47 +235,75 @@ impl Forwarder {
         };
         let policy = self.policy.load_full();
         let (mode, tiers) = self.tiers(&policy, &dest);
-        let mut last: Option<(Failure, &'static str)> = None;
+        // The last error a tier answered (the direct tier's, or a
+        // gateway's own), which the app gets when no tier serves it.
+        let mut answered: Option<(Failure, &'static str)> = None;
+        let mut tried_any = false;
         if mode == Some(DestinationMode::Direct) {
             if let Some(result) = self.direct(&dest, &mut s).await {
+                tried_any = true;
                 match result {
                     Ok(resp) => return (Ok(resp), dest, "direct"),
-                    Err(f) if !attempts::next_tier(&f, s.resend()) => {
+                    Err(Broken(f)) => {
+                        tracing::debug!(service = %dest, error = %f, "endpoint broke off its answer; next tier")
+                    }
+                    Err(Answered(f)) if !attempts::next_tier(&f, s.resend()) => {
                         return (Err(f), dest, "direct")
                     }
-                    Err(f) => {
+                    Err(Answered(f)) => {
                         tracing::debug!(service = %dest, error = %f, "direct tier failed; next tier");
-                        last = Some((f, "direct"));
+                        answered = Some((f, "direct"));
                     }
                 }
             }
         }
         for tier in tiers {
+            tried_any = true;
             let mut member = MemberAttempt {
                 fwd: self,
                 tier,
                 s: &mut s,
             };
-            let members = Members::all(tier.name, &tier.members);
+            let members = Members::all("tier", tier.name, &tier.members);
             // A gateway's own mesh error is a failure of its tier.
             let result = attempts::run(members, &mut member)
                 .await
                 .and_then(Failure::from_answer);
-            match result {
+            let f = match result {
                 Ok(resp) => return (Ok(resp), dest, tier.name),
-                Err(f) if !attempts::next_tier(&f, s.resend()) => return (Err(f), dest, tier.name),
-                Err(f) => {
-                    tracing::debug!(tier = tier.name, error = %f, "tier failed; next tier");
-                    last = Some((f, tier.name));
-                }
+                Err(f) => f,
+            };
+            // Each member is given the whole request timeout: a member that
+            // timed out spent the request's time.
+            let spent = f.reason == MeshError::UpstreamTimeout && f.answer.is_none();
+            if spent || !attempts::next_tier(&f, s.resend()) {
+                return match (f.answer.is_some() || spent, answered) {
+                    (false, Some((last, tier))) if f.side == Side::Mesh => (Err(last), dest, tier),
+                    _ => (Err(f), dest, tier.name),
+                };
+            }
+            tracing::debug!(tier = tier.name, error = %f, "tier failed; next tier");
+            if f.answer.is_some() {
+                answered = Some((f, tier.name));
             }
         }
-        match last {
+        match answered {
             Some((f, tier)) => (Err(f), dest, tier),
+            None if tried_any => {
+                let msg = "no gateway tier could be reached";
+                (
+                    Err(Failure::new(MeshError::UpstreamConnectFailed, msg)),
+                    dest,
+                    "",
+                )
+            }
             None => {
                 let msg = "no gateway tier is known (no policy and no central bootstrap)";
-                let f = Failure::new(MeshError::UpstreamConnectFailed, msg);
-                (Err(f), dest, "")
+                (
+                    Err(Failure::new(MeshError::UpstreamConnectFailed, msg)),
+                    dest,
+                    "",
+                )
             }
         }
     }
@@ -281,7 +314,7 @@ impl Forwarder {
         &self,
         dest: &str,
         s: &mut Sending,
-    ) -> Option<Result<Response<ProxyBody>, Failure>> {
+    ) -> Option<Result<Response<ProxyBody>, DirectFailure>> {
         let snap = self.direct.snapshot().load_full();
         let svc = snap.services.get(dest).cloned()?;
         let mut copy = Request::new(());
@@ -307,9 +340,10 @@ impl Forwarder {
         Some(match sent {
             Ok(resp) => {
                 let may_resend = s.method_ok && s.body.replayable();
-                self.settle(tag_tier(resp, "direct"), may_resend).await
+                let settled = self.settle(tag_tier(resp, "direct"), may_resend).await;
+                settled.map_err(Broken)
             }
-            Err(f) => Err(f),
+            Err(f) => Err(Answered(f)),
         })
     }
 
@@ -341,7 +375,8 @@ impl Forwarder {
                 tier,
                 target: SwitchTo::Upgrade(&pq, &parts),
             };
-            let result = attempts::run(Members::all(tier.name, &tier.members), &mut member).await;
+            let result =
+                attempts::run(Members::all("tier", tier.name, &tier.members), &mut member).await;
             let f = match result {
                 Ok((resp, Some(up))) => {
                     let idle = DEFAULT_TUNNEL_IDLE;
@@ -354,10 +389,14 @@ impl Forwarder {
                 },
                 Err(f) => f,
             };
-            if !attempts::next_tier(&f, anything) {
+            let spent = f.reason == MeshError::UpstreamTimeout && f.answer.is_none();
+            if spent || !attempts::next_tier(&f, anything) {
                 return (Err(f), dest, tier.name);
             }
-            last = Some((f, tier.name));
+            // Only an answered error is kept for the app; refusals are not.
+            if f.answer.is_some() {
+                last = Some((f, tier.name));
+            }
         }
         match last {
             Some((f, tier)) => (Err(f), dest, tier),
@@ -415,7 +454,8 @@ impl Forwarder {
                 tier,
                 target: SwitchTo::Connect(&authority, &h),
             };
-            let result = attempts::run(Members::all(tier.name, &tier.members), &mut member).await;
+            let result =
+                attempts::run(Members::all("tier", tier.name, &tier.members), &mut member).await;
             match result {
                 Ok((_, Some(up))) => {
                     let mut up = TokioIo::new(up);
@@ -500,6 +540,17 @@ impl Forwarder {
         }
     }
 }
+
+/// How the direct tier failed.
+enum DirectFailure {
+    /// Its forwarding path failed: the tier's answer.
+    Answered(Failure),
+    /// An endpoint broke off an answer that was being read whole (only
+    /// for a request that may be sent again).
+    Broken(Failure),
+}
+
+use DirectFailure::{Answered, Broken};
 
 /// An HTTP request on its way through the tiers: what every attempt
 /// needs, and what the attempts change.
@@ -588,8 +639,11 @@ impl Attempt for MemberAttempt<'_> {
         !timed_out && self.s.method_ok && self.s.body.replayable()
     }
 
+    /// A slow member is not ejected: its timeout ends the request.
     fn blame(&mut self, member: &EndpointState, f: &Failure) {
-        self.fwd.member_failed(self.tier, member, f);
+        if f.reason != MeshError::UpstreamTimeout {
+            self.fwd.member_failed(self.tier, member, f);
+        }
     }
 }
 
@@ -603,11 +657,19 @@ enum SwitchTo<'a> {
 
 /// One try at a tunnel through a member of a gateway tier, on a fresh
 /// connection: nothing of the app's has been sent before it stands, so
-/// any failure but a timeout may move on.
+/// any failure may move on; but an upgrade's timeout ends the request (it
+/// spent the request's time) and does not eject the member.
 struct Switch<'a> {
     fwd: &'a Forwarder,
     tier: &'a Tier,
     target: SwitchTo<'a>,
+}
+
+impl Switch<'_> {
+    fn upgrade_timeout(&self, why: Why<'_>) -> bool {
+        matches!(self.target, SwitchTo::Upgrade(..))
+            && matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout)
+    }
 }
 
 impl Attempt for Switch<'_> {
@@ -630,11 +692,13 @@ impl Attempt for Switch<'_> {
     }
 
     fn may_resend(&mut self, why: Why<'_>) -> bool {
-        !matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout)
+        !self.upgrade_timeout(why)
     }
 
     fn blame(&mut self, member: &EndpointState, f: &Failure) {
-        self.fwd.member_failed(self.tier, member, f);
+        if !self.upgrade_timeout(Why::Failed(f)) {
+            self.fwd.member_failed(self.tier, member, f);
+        }
     }
 }
 

@@ -287,7 +287,10 @@ impl Failure {
             }
         }
         if grpc {
-            self.reason.grpc_response(&self.message)
+            // `grpc-message` names the reason and the HTTP status it
+            // stands for; the human message is in the log above.
+            let message = format!("{} ({})", self.reason.code(), self.reason.status());
+            self.reason.grpc_response(&message)
         } else {
             self.reason.response(&self.message)
         }

@@ -54,8 +54,8 @@ pub(crate) type OpsFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + S
 /// Routes served on the ops port after the ops endpoints.
 pub type OpsExtra = Arc<dyn Fn(Request<RequestBody>) -> OpsFuture + Send + Sync>;
 
-/// Largest `POST /explain` body read.
-const MAX_BODY: usize = 1024 * 1024;
+/// Largest `POST /explain` body read (the admin API's limit).
+const MAX_BODY: usize = 2 * 1024 * 1024;
 /// Longest wait a `/config/revision` call may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -63,7 +63,14 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyBody> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     match (req.uri().path(), get) {
-        ("/healthz", true) => text(StatusCode::OK, "ok\n"),
+        ("/healthz", true) => {
+            let mut r = text(StatusCode::OK, "ok\n");
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
         ("/readyz", true) => {
             let (ready, details) = (st.readiness)();
             let status = match ready {
@@ -83,6 +90,13 @@ pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyB
         ("/config", true) => json_response(StatusCode::OK, &(st.config_dump)()),
         ("/config/revision", true) => revision(st, req.uri().query().unwrap_or("")).await,
         ("/explain", false) if req.method() == Method::POST => explain(st, req).await,
+        ("/healthz" | "/readyz" | "/metrics" | "/config" | "/config/revision" | "/explain", _) => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this ops endpoint does not take that method",
+            )
+        }
         _ => match &st.extra {
             Some(extra) => extra(req).await,
             None => error(StatusCode::NOT_FOUND, "not_found", "no such ops endpoint"),
@@ -100,6 +114,10 @@ async fn explain(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyBody
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!("the body is larger than {MAX_BODY} bytes");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg);
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.to_string()),
     };
     let de = &mut serde_json::Deserializer::from_slice(&body);
@@ -221,6 +239,10 @@ mod tests {
         assert_eq!(body(handle(&st, get("/healthz")).await).await, "ok\n");
         assert_eq!(handle(&st, get("/readyz")).await.status(), 503);
         assert_eq!(handle(&st, get("/nope")).await.status(), 404);
+        let mut post = get("/readyz");
+        *post.method_mut() = Method::POST;
+        assert_eq!(handle(&st, post).await.status(), 405);
+        assert_eq!(handle(&st, get("/explain")).await.status(), 405);
         let r = handle(&st, get("/config/revision?at_least=x")).await;
         assert_eq!(r.status(), 400);
         // Not applied within the wait: 408 with the current revision.

@@ -66,14 +66,11 @@ pub struct Resend {
 /// with a mesh error: never for the client's own fault, nor without a copy
 /// of the request to send; any request when nothing was sent on (no
 /// endpoint, refused, no route, not ready, a breaker limit); a request
-/// that may have been sent only when its method allows it. A timeout of
-/// our own ends the request: its time is spent (a timeout answered by the
-/// next hop is a mesh error like the others).
+/// that may have been sent only when its method allows it. (Whether a
+/// timeout left time for another tier is the caller's to know: the sidecar
+/// gives each gateway member the whole request time.)
 pub fn next_tier(f: &Failure, resend: Resend) -> bool {
     if f.side == Side::Downstream || !resend.body {
-        return false;
-    }
-    if f.reason == MeshError::UpstreamTimeout && f.answer.is_none() {
         return false;
     }
     !f.sent || resend.method
@@ -91,7 +88,8 @@ pub(crate) fn use_fallback(f: &Failure) -> bool {
 /// A set of members and how to walk it.
 #[derive(Debug, Clone, Copy)]
 pub struct Members<'a> {
-    /// For messages: a service, or a tier.
+    /// For messages: what the set is (`service`, `tier`) and its name.
+    pub what: &'static str,
     pub name: &'a str,
     pub balancer: &'a Balancer,
     /// The request's consistent-hash key.
@@ -107,9 +105,11 @@ pub struct Members<'a> {
 }
 
 impl<'a> Members<'a> {
-    /// Every member of `balancer`, each tried at most once.
-    pub fn all(name: &'a str, balancer: &'a Balancer) -> Members<'a> {
+    /// Every member of `balancer` (the `what` named `name`), each tried
+    /// at most once.
+    pub fn all(what: &'static str, name: &'a str, balancer: &'a Balancer) -> Members<'a> {
         Members {
+            what,
             name,
             balancer,
             key: None,
@@ -165,7 +165,7 @@ pub trait Attempt {
 /// Tries members of `m` with `a` until one answers or the rules stop it.
 pub async fn run<A: Attempt>(m: Members<'_>, a: &mut A) -> Result<A::Answer, Failure> {
     if m.skip_when_none_available && !m.balancer.any_available() {
-        return Err(no_member(m.name));
+        return Err(no_member(m.what, m.name));
     }
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut connects = 0usize;
@@ -182,7 +182,7 @@ pub async fn run<A: Attempt>(m: Members<'_>, a: &mut A) -> Result<A::Answer, Fai
             })
         };
         let Some(ep) = picked else {
-            return Err(exhausted(m.name, tried.len(), last));
+            return Err(exhausted(m.what, m.name, tried.len(), last));
         };
         let f = match a.attempt(ep.clone()).await {
             Step::Done(t) => return Ok(t),
@@ -209,21 +209,21 @@ pub async fn run<A: Attempt>(m: Members<'_>, a: &mut A) -> Result<A::Answer, Fai
     }
 }
 
-fn no_member(name: &str) -> Failure {
+fn no_member(what: &str, name: &str) -> Failure {
     Failure::new(
         MeshError::NoHealthyEndpoint,
-        format!("{name} has no endpoints"),
+        format!("{what} {name} has no endpoints"),
     )
 }
 
 /// The failure of a set with nothing left to try.
-fn exhausted(name: &str, tried: usize, last: Option<Failure>) -> Failure {
+fn exhausted(what: &str, name: &str, tried: usize, last: Option<Failure>) -> Failure {
     match last {
-        None => no_member(name),
+        None => no_member(what, name),
         Some(f) if f.reason == MeshError::UpstreamConnectFailed && !f.sent => Failure::new(
             MeshError::UpstreamConnectFailed,
             format!(
-                "cannot connect to {name} ({tried} attempt(s)); last: {}",
+                "cannot connect to {what} {name} ({tried} attempt(s)); last: {}",
                 f.message
             ),
         ),
@@ -331,7 +331,7 @@ mod tests {
     fn members(b: &Balancer) -> Members<'_> {
         Members {
             max_connects: 3,
-            ..Members::all("svc", b)
+            ..Members::all("service", "svc", b)
         }
     }
 
@@ -531,8 +531,9 @@ mod tests {
         assert!(next_tier(&reset(), idempotent));
         // Without a copy of the request nothing moves.
         assert!(!next_tier(&refused(), spent));
-        // Our own timeout spent the request's time.
-        assert!(!next_tier(&timeout(), idempotent));
+        // A timeout may have been sent on: like a reset.
+        assert!(next_tier(&timeout(), idempotent));
+        assert!(!next_tier(&timeout(), any));
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Proxy {
         s: &mut Sending<'_>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let members = Members {
+            what: "service",
             name: &svc.name,
             balancer: &svc.balancer,
             key,

@@ -135,7 +135,16 @@ impl Proxy {
         let start = Instant::now();
         let grpc = headers::is_grpc(req.headers());
         let (result, route) = self.route_and_forward(kind, &peer, grpc, req).await;
-        let resp = result.unwrap_or_else(|f| f.into_response(grpc));
+        // The rescue. A gRPC caller also gets an upstream mesh process's
+        // own error (`x-mesh-error` crossing the process boundary) as a
+        // gRPC status.
+        let resp = match result {
+            Ok(resp) if grpc => {
+                Failure::from_answer(resp).unwrap_or_else(|f| f.into_response(true))
+            }
+            Ok(resp) => resp,
+            Err(f) => f.into_response(grpc),
+        };
         let status = resp.status().as_u16();
         let elapsed = start.elapsed().as_secs_f64();
         match route {

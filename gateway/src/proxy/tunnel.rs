@@ -57,7 +57,7 @@ pub async fn connect_service(
     };
     let members = Members {
         max_connects: MAX_CONNECT_ATTEMPTS,
-        ..Members::all(&svc.name, &svc.balancer)
+        ..Members::all("service", &svc.name, &svc.balancer)
     };
     let stream = attempts::run(members, &mut TcpConnect { svc, metrics }).await?;
     Ok((stream, slot))
@@ -74,7 +74,10 @@ impl Attempt for TcpConnect<'_> {
 
     async fn attempt(&mut self, ep: Arc<EndpointState>) -> Step<TcpStream> {
         match connect_tcp(&ep, self.svc.connect_timeout).await {
-            Ok(s) => Step::Done(s),
+            Ok(s) => {
+                ep.on_success();
+                Step::Done(s)
+            }
             Err(e) => Step::Failed(e.into_failure(&self.svc.name, &ep)),
         }
     }
@@ -105,8 +108,13 @@ impl Attempt for Upgrade<'_> {
         }
     }
 
+    /// Only a refused connect counts against the endpoint: an upgrade's
+    /// answer is the start of a long-lived connection, not a sample for
+    /// outlier detection.
     fn blame(&mut self, ep: &EndpointState, f: &Failure) {
-        blame(self.metrics, self.svc, ep, f);
+        if f.reason == MeshError::UpstreamConnectFailed {
+            blame(self.metrics, self.svc, ep, f);
+        }
     }
 }
 
@@ -187,7 +195,7 @@ impl Proxy {
         let pq = super::forward::upstream_target(route, &mut parts);
         let members = Members {
             max_connects: self.opts.max_connect_attempts,
-            ..Members::all(&svc.name, &svc.balancer)
+            ..Members::all("service", &svc.name, &svc.balancer)
         };
         let mut upgrade = Upgrade {
             svc: &svc,

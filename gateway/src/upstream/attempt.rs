@@ -144,9 +144,6 @@ pub async fn attempt(
             match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
-                Ok(Err(e)) if user_body_failed(&e) => {
-                    Err(AttemptError::RequestBody(root_cause(&e)))
-                }
                 Ok(Err(e)) => Err(AttemptError::Exchange(root_cause(&e))),
                 Err(_) => Err(AttemptError::Timeout(opts.timeout)),
             }
@@ -225,6 +222,7 @@ async fn switch(
         Ok(Err(e)) => return Err(AttemptError::Exchange(root_cause(&e))),
         Err(_) => return Err(AttemptError::Timeout(timeout)),
     };
+    ep.on_success();
     if !switched(resp.status()) {
         return Ok((resp.map(ProxyBody::Incoming), None));
     }
@@ -234,20 +232,9 @@ async fn switch(
     Ok((resp.map(|_| crate::http::body::empty()), Some(upgraded)))
 }
 
-/// Whether an HTTP/2 client error came from the request's own body.
-fn user_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return h.is_user();
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// A TCP connection to `ep` within `connect_timeout` (a TCP route, a
-/// `CONNECT` tunnel), marking the endpoint's success.
+/// `CONNECT` tunnel, an upgrade). The caller marks the endpoint's success
+/// when what it needed of the connection worked.
 pub(crate) async fn connect_tcp(
     ep: &EndpointState,
     connect_timeout: Duration,
@@ -255,7 +242,6 @@ pub(crate) async fn connect_tcp(
     let connect = tokio::net::TcpStream::connect(ep.address.as_str());
     match tokio::time::timeout(connect_timeout, connect).await {
         Ok(Ok(s)) => {
-            ep.on_success();
             let _ = s.set_nodelay(true);
             Ok(s)
         }
