@@ -84,6 +84,8 @@ pub enum ProxyBody {
     Full(Full<Bytes>),
     /// Another body with a breaker slot and/or an idle timeout.
     Guarded(Box<Guarded>),
+    /// A request body that notes when it fails (see [`Watched`]).
+    Watched(Box<Watched>),
 }
 
 /// The error of a body on the proxy path.
@@ -104,6 +106,13 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| Ok(r.unwrap_or_else(|never| match never {})))),
             ProxyBody::Guarded(g) => g.poll(cx),
+            ProxyBody::Watched(w) => {
+                let polled = Pin::new(&mut w.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &polled {
+                    w.failed.store(true, std::sync::atomic::Ordering::Release);
+                }
+                polled
+            }
         }
     }
 
@@ -113,6 +122,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_end_stream(),
             ProxyBody::Guarded(g) => g.inner.is_end_stream(),
+            ProxyBody::Watched(w) => w.inner.is_end_stream(),
         }
     }
 
@@ -122,7 +132,39 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Guarded(g) => g.inner.size_hint(),
+            ProxyBody::Watched(w) => w.inner.size_hint(),
         }
+    }
+}
+
+/// A request body sent by a client that another task streams on (the
+/// HTTP/2 client's): when it fails, `failed` is set, so the sender can
+/// tell the client's broken upload from the upstream's reset (hyper
+/// reports both as a reset stream).
+#[derive(Debug)]
+pub struct Watched {
+    inner: ProxyBody,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watched {
+    /// Wraps a streamed body; returns it as is when it is already whole
+    /// (nothing to fail), with the flag to read afterwards.
+    pub fn wrap(
+        inner: ProxyBody,
+    ) -> (
+        ProxyBody,
+        Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) {
+        if !matches!(inner, ProxyBody::Incoming(_)) {
+            return (inner, None);
+        }
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = ProxyBody::Watched(Box::new(Watched {
+            inner,
+            failed: failed.clone(),
+        }));
+        (body, Some(failed))
     }
 }
 

@@ -4,6 +4,7 @@
 //! connect. Each returns a typed [`AttemptError`] saying how far the
 //! request got, for the attempt loop ([`crate::proxy`]) to judge.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use http::{Request, Response, Uri, Version};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, Watched};
 use crate::http::error::{root_cause, Failure, MeshError, Side};
 use crate::http::h2::{HttpClient, Wire};
 use crate::http::limit::{ConnLimit, Overflow};
@@ -141,9 +142,20 @@ pub async fn attempt(
             }
         }
         Wire::Http2 => {
+            // The body streams on the client's own task: watch it, so a
+            // client's broken upload is not taken for the upstream's reset.
+            let (parts, body) = req.into_parts();
+            let (body, body_failed) = Watched::wrap(body);
+            let req = Request::from_parts(parts, body);
+            let client_body = || {
+                body_failed
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Acquire))
+            };
             match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
+                Ok(Err(e)) if client_body() => Err(AttemptError::RequestBody(root_cause(&e))),
                 Ok(Err(e)) => Err(AttemptError::Exchange(root_cause(&e))),
                 Err(_) => Err(AttemptError::Timeout(opts.timeout)),
             }
@@ -247,5 +259,98 @@ pub(crate) async fn connect_tcp(
         }
         Ok(Err(e)) => Err(AttemptError::Connect(e.to_string(), None)),
         Err(_) => Err(AttemptError::Connect("connect timed out".into(), None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::h2::build;
+
+    /// An HTTP/2 upstream that reads each request body whole, then answers.
+    async fn h2_upstream() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::new())))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A client that abandons its upload mid-body, through an HTTP/1.1
+    /// front whose handler sends the request on to an HTTP/2 upstream:
+    /// the attempt fails on the client's side, not the upstream's.
+    #[tokio::test]
+    async fn a_clients_abandoned_upload_to_an_h2_upstream_is_the_clients_failure() {
+        let upstream = h2_upstream().await;
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let tx = Arc::new(tx);
+        tokio::spawn(async move {
+            let (s, _) = front.accept().await.unwrap();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (upstream, tx) = (upstream.clone(), tx.clone());
+                async move {
+                    let ep = Arc::new(EndpointState::new(upstream));
+                    let h2 = build(Wire::Http2, Duration::from_secs(1));
+                    let opts = AttemptOpts {
+                        wire: Wire::Http2,
+                        h2: &h2,
+                        connect_timeout: Duration::from_secs(1),
+                        timeout: Duration::from_secs(5),
+                        track_load: false,
+                        conn_limit: None,
+                    };
+                    let pq = PathAndQuery::from_static("/up");
+                    let sent = attempt(&ep, opts, &pq, req.map(ProxyBody::Incoming)).await;
+                    let verdict = match sent {
+                        Ok(_) => "answered".to_string(),
+                        Err(e) => format!("{e:?}"),
+                    };
+                    if let Some(tx) = tx.lock().unwrap().take() {
+                        let _ = tx.send(verdict);
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::new())))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+        let mut client = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+        client
+            .write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial")
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        // Let the upload start before the client walks away.
+        tokio::task::yield_now().await;
+        drop(client);
+        let verdict = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the attempt ended")
+            .unwrap();
+        assert!(verdict.starts_with("RequestBody("), "{verdict}");
     }
 }
