@@ -1,6 +1,9 @@
 //! The sidecar's request path and fail-over chain.
 //!
-//! 1. destination: `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400 `no_destination`
+//! 1. the engine's `Host` rule (400 and a closed connection for a missing,
+//!    doubled, invalid or disagreeing `Host`); destination:
+//!    `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400
+//!    `no_destination`
 //! 2. the engine's prelude (`x-mesh-hops` + 1, 508 over the limit; ids),
 //!    `x-mesh-source` = own service
 //! 3. tiers: local policy available and the destination covered by it →
@@ -154,6 +157,10 @@ impl Forwarder {
     /// prelude (hops, ids), then `x-mesh-service`, `x-mesh-source` and
     /// `host`. A failure comes with the destination named, if any.
     fn prelude(&self, req: &mut Request<RequestBody>) -> Result<String, (Failure, String)> {
+        let (method, version) = (req.method(), req.version());
+        if let Err(f) = prelude::check_host(method, version, req.uri(), req.headers()) {
+            return Err((f, String::new()));
+        }
         let Some(dest) =
             headers::destination(req.headers(), req.uri().host()).map(|d| d.into_owned())
         else {

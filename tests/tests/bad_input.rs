@@ -202,3 +202,72 @@ async fn malformed_http_gets_400_and_the_gateway_keeps_serving() {
         (404, Some("no_route"))
     );
 }
+
+/// Requests whose `Host` is missing (HTTP/1.1), doubled, invalid, or
+/// disagrees with an absolute-form target, in raw bytes.
+const AMBIGUOUS_HOSTS: [&[u8]; 6] = [
+    b"GET /h HTTP/1.1\r\n\r\n",
+    b"GET /h HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    b"GET /h HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n",
+    b"GET /h HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET /h HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
+    b"GET http://a.example/h HTTP/1.1\r\nHost: b.example\r\n\r\n",
+];
+
+/// Each ambiguous request gets 400 `bad_request` and a closed connection
+/// on `port`, and reaches no backend.
+async fn refuses_ambiguous_hosts(port: u16, extra: &str, backends: &[&Backend]) {
+    let before: u64 = backends.iter().map(|b| b.hits()).sum();
+    for raw in AMBIGUOUS_HOSTS {
+        // The extra header (a destination for the mesh listeners) goes
+        // right after the request line.
+        let text = String::from_utf8_lossy(raw);
+        let (line, rest) = text.split_once("\r\n").unwrap();
+        let req = format!("{line}\r\n{extra}{rest}");
+        let out = raw_exchange(port, req.as_bytes()).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400") && out.contains("x-mesh-error: bad_request"),
+            "{req:?} -> {out:?}"
+        );
+    }
+    let after: u64 = backends.iter().map(|b| b.hits()).sum();
+    assert_eq!(after, before, "an ambiguous request reached a backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_doubled_invalid_or_disagreeing_host_is_refused_on_every_listener() {
+    // Gateway listeners: ingress and mesh.
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start("b").await;
+    let yaml = format!(
+        "services:\n  orders:\n    endpoints: [{{address: {}}}]\nroutes:\n  orders:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: orders}}]\n",
+        b.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    refuses_ambiguous_hosts(ports.ingress, "", &[&b]).await;
+    refuses_ambiguous_hosts(ports.mesh, "x-mesh-service: orders\r\n", &[&b]).await;
+    // The rules let good requests through: one Host, an absolute-form
+    // target that agrees with it, HTTP/1.0 without one.
+    for ok in [
+        &b"GET /h HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"[..],
+        b"GET http://a.example/h HTTP/1.1\r\nHost: A.example\r\nConnection: close\r\n\r\n",
+        b"GET /h HTTP/1.0\r\n\r\n",
+    ] {
+        let out = raw_exchange(ports.ingress, ok).await;
+        // (hyper answers an HTTP/1.0 request in HTTP/1.0.)
+        assert!(
+            out.starts_with("HTTP/1.") && out[8..].starts_with(" 200"),
+            "{ok:?} -> {out:?}"
+        );
+    }
+    assert_eq!(b.hits(), 3);
+
+    // The sidecar's app listener.
+    let mesh = Mesh::start().await;
+    refuses_ambiguous_hosts(
+        mesh.sidecar.1.app,
+        "x-mesh-service: orders\r\n",
+        &[&mesh.b1, &mesh.b2],
+    )
+    .await;
+}

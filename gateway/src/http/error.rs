@@ -286,14 +286,22 @@ impl Failure {
                 tracing::debug!(reason = self.reason.code(), message = %self.message, "request failed")
             }
         }
-        if grpc {
+        let mut resp = if grpc {
             // `grpc-message` names the reason and the HTTP status it
             // stands for; the human message is in the log above.
             let message = format!("{} ({})", self.reason.code(), self.reason.status());
             self.reason.grpc_response(&message)
         } else {
             self.reason.response(&self.message)
+        };
+        if self.reason == MeshError::BadRequest && self.side == Side::Downstream {
+            // Malformed or ambiguous: nothing more is read from this
+            // client connection (HTTP/2 drops the header; its stream is
+            // answered alone).
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        resp
     }
 }
 

@@ -3,8 +3,10 @@
 //! the two lists equal):
 //!
 //! 1. ready? no config loaded yet → 503 `not_ready`
-//! 2. prelude ([`prelude`]): `x-mesh-hops` + 1 (508 `loop_detected` over
-//!    the limit), `x-request-id` and `traceparent` created when missing;
+//! 2. prelude ([`prelude`]): the `Host` rule (none on HTTP/1.1, two, an
+//!    invalid one, or one that disagrees with the target → 400 and a
+//!    closed connection), `x-mesh-hops` + 1 (508 `loop_detected` over the
+//!    limit), `x-request-id` and `traceparent` created when missing;
 //!    on ingress listeners `x-mesh-source` removed (never trusted from
 //!    outside); `x-forwarded-for` appended
 //! 3. `CONNECT` (a sidecar's plain-TCP local port, mesh listeners only) →
@@ -189,6 +191,9 @@ impl Proxy {
         }
         let snap = self.snapshot.load_full();
         // 2. prelude
+        if let Err(f) = prelude::check_host(req.method(), req.version(), req.uri(), req.headers()) {
+            return (Err(f), None);
+        }
         let h = req.headers_mut();
         if let Err(f) = prelude::stamp(h, self.opts.max_hops) {
             return (Err(f), None);

@@ -4,7 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
-use http::Uri;
+use http::{Method, Uri, Version};
 
 use crate::http::error::{Failure, MeshError};
 use crate::http::headers;
@@ -30,6 +30,50 @@ pub fn stamp(h: &mut HeaderMap, max_hops: u32) -> Result<(), Failure> {
     }
     headers::ensure_ids(h);
     Ok(())
+}
+
+/// The `Host` rule of RFC 9112 §3.2 (and RFC 9113 §8.3.1 for HTTP/2), as
+/// strictly as HAProxy applies it: an HTTP/1.1 request needs exactly one
+/// `Host`; none may carry two (equal or not); a `Host` must be a valid
+/// authority (host and optional numeric port, no user info, not empty);
+/// and when the target carries an authority too (absolute form, or
+/// HTTP/2's `:authority`) the two must agree. Anything else is ambiguous
+/// about where the request goes: 400, and the connection is closed.
+/// (A `CONNECT`'s authority-form target names a port the `Host` need not
+/// repeat: only one `Host`, and a valid one, is required of it.)
+pub fn check_host(
+    method: &Method,
+    version: Version,
+    uri: &Uri,
+    h: &HeaderMap,
+) -> Result<(), Failure> {
+    let bad = |why: &str| Err(Failure::new(MeshError::BadRequest, why.to_string()));
+    let mut hosts = h.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return bad("more than one Host header"),
+        (Some(v), None) => v,
+        (None, None) if version == Version::HTTP_11 && uri.authority().is_none() => {
+            return bad("an HTTP/1.1 request needs a Host header")
+        }
+        (None, None) => return Ok(()),
+    };
+    let valid = !host.is_empty()
+        && !host.as_bytes().contains(&b'@')
+        && Authority::try_from(host.as_bytes()).is_ok_and(|a| {
+            // A port, when there is one, is a number.
+            let after_host = a.as_str().rsplit_once(']').map_or(a.as_str(), |(_, r)| r);
+            !after_host.contains(':') || a.port_u16().is_some()
+        });
+    if !valid {
+        return bad("invalid Host header");
+    }
+    match uri.authority() {
+        _ if method == Method::CONNECT => Ok(()),
+        Some(a) if !a.as_str().eq_ignore_ascii_case(host.to_str().unwrap_or("")) => {
+            bad("the Host header and the request target name different hosts")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Keeps the caller's host for the upstream: an HTTP/2 request carries it
@@ -84,6 +128,38 @@ mod tests {
         assert_eq!(f.reason, MeshError::LoopDetected);
         h.insert(&headers::X_MESH_HOPS, HeaderValue::from_static("x"));
         assert_eq!(stamp(&mut h, 2).unwrap_err().reason, MeshError::BadRequest);
+    }
+
+    #[test]
+    fn host_rules() {
+        let check = |version, uri: &str, hosts: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(header::HOST, HeaderValue::from_str(v).unwrap());
+            }
+            check_host(&Method::GET, version, &uri.parse().unwrap(), &h).is_ok()
+        };
+        let v11 = Version::HTTP_11;
+        assert!(check(v11, "/a", &["example.com"]));
+        assert!(check(v11, "/a", &["Example.com:8080"]));
+        assert!(check(v11, "/a", &["[::1]:80"]));
+        assert!(!check(v11, "/a", &[]), "HTTP/1.1 without Host");
+        assert!(check(Version::HTTP_10, "/a", &[]), "HTTP/1.0 may omit it");
+        assert!(!check(v11, "/a", &["a", "a"]), "two equal Hosts");
+        assert!(!check(v11, "/a", &["a", "b"]), "two different Hosts");
+        for invalid in ["", "a b", "user@a", "a:1:2", "a:port", "a/b"] {
+            assert!(!check(v11, "/a", &[invalid]), "{invalid:?}");
+        }
+        // Absolute form (or HTTP/2's :authority): the two must agree.
+        assert!(check(v11, "http://a.example:81/x", &["A.example:81"]));
+        assert!(!check(v11, "http://a.example/x", &["b.example"]));
+        assert!(check(v11, "http://a.example/x", &[]));
+        assert!(check(Version::HTTP_2, "http://a.example/x", &[]));
+        // CONNECT: one valid Host, whatever port the target names.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("orders"));
+        let target = "orders:0".parse().unwrap();
+        assert!(check_host(&Method::CONNECT, v11, &target, &h).is_ok());
     }
 
     #[test]

@@ -185,7 +185,12 @@ where
         };
         let head_only = parts.method == Method::HEAD;
         let resp = handler(peer.clone(), Request::from_parts(parts, body)).await;
-        let keep_alive = !close && !stopping;
+        // The handler may close the connection (a malformed request).
+        let closes = resp
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| ConnectionTokens::of(v.as_bytes()).close);
+        let keep_alive = !close && !stopping && !closes;
         match write_response(io, &mut wbuf, resp, head_only, !keep_alive).await {
             Ok(()) if keep_alive => {}
             Ok(()) => return End::Closed,
