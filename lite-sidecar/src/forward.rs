@@ -1,7 +1,8 @@
 //! The sidecar's request path and fail-over chain.
 //!
 //! 1. the engine's `Host` rule (400 and a closed connection for a missing,
-//!    doubled, invalid or disagreeing `Host`); destination:
+//!    doubled, invalid or disagreeing `Host`) and transfer-coding rule
+//!    (501 for a coding other than `chunked`); destination:
 //!    `x-mesh-service`, else `Host` (`svc` or `svc.mesh`) → 400
 //!    `no_destination`
 //! 2. the engine's prelude (`x-mesh-hops` + 1, 508 over the limit; ids),
@@ -158,7 +159,9 @@ impl Forwarder {
     /// `host`. A failure comes with the destination named, if any.
     fn prelude(&self, req: &mut Request<RequestBody>) -> Result<String, (Failure, String)> {
         let (method, version) = (req.method(), req.version());
-        if let Err(f) = prelude::check_host(method, version, req.uri(), req.headers()) {
+        let checked = prelude::check_host(method, version, req.uri(), req.headers())
+            .and_then(|()| prelude::check_codings(req.headers()));
+        if let Err(f) = checked {
             return Err((f, String::new()));
         }
         let Some(dest) =

@@ -271,3 +271,56 @@ async fn a_missing_doubled_invalid_or_disagreeing_host_is_refused_on_every_liste
     )
     .await;
 }
+
+/// A transfer coding other than `chunked` is never forwarded re-framed
+/// (which would drop the coding and change what the body means): a
+/// request gets 501, an upstream answer 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_are_refused_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start("b").await;
+    // An upstream that answers in `gzip, chunked`.
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = raw.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let yaml = format!(
+        "services:\n  b:\n    endpoints: [{{address: {}}}]\n  coded:\n    endpoints: [{{address: '{raw_addr}'}}]\nroutes:\n  coded:\n    scope: ingress\n    match: {{path: {{prefix: /coded}}}}\n    backends: [{{service: coded}}]\n  b:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: b}}]\n",
+        b.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    for coding in ["gzip, chunked", "chunked, chunked"] {
+        let req = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        let out = raw_exchange(ports.ingress, req.as_bytes()).await;
+        let refused_501 =
+            out.starts_with("HTTP/1.1 501") && out.contains("x-mesh-error: not_implemented");
+        // hyper itself refuses a doubled chunked with 400.
+        let refused_400 = coding == "chunked, chunked" && out.starts_with("HTTP/1.1 400");
+        assert!(refused_501 || refused_400, "{coding}: {out:?}");
+    }
+    assert_eq!(b.hits(), 0, "a coded body reached the backend");
+    // Plain chunked still goes through.
+    let ok = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let out = raw_exchange(ports.ingress, ok).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    // An upstream answer in `gzip, chunked` is not passed on as chunked.
+    let r = http_get(&format!("http://127.0.0.1:{}/coded", ports.ingress), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-mesh-error")),
+        (502, Some("upstream_reset")),
+        "{r:?}"
+    );
+}

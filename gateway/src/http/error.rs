@@ -48,6 +48,9 @@ pub enum MeshError {
     ShuttingDown,
     /// A circuit-breaker limit of the service is reached (503).
     CircuitOpen,
+    /// The request uses something the mesh does not forward faithfully:
+    /// a transfer coding other than `chunked` (501).
+    NotImplemented,
 }
 
 impl MeshError {
@@ -65,6 +68,7 @@ impl MeshError {
             MeshError::PayloadTooLarge => "payload_too_large",
             MeshError::ShuttingDown => "shutting_down",
             MeshError::CircuitOpen => "circuit_open",
+            MeshError::NotImplemented => "not_implemented",
         }
     }
 
@@ -80,6 +84,7 @@ impl MeshError {
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
             MeshError::NoDestination | MeshError::BadRequest => StatusCode::BAD_REQUEST,
             MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            MeshError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -99,7 +104,8 @@ impl MeshError {
             MeshError::LoopDetected
             | MeshError::NoDestination
             | MeshError::BadRequest
-            | MeshError::PayloadTooLarge => Side::Downstream,
+            | MeshError::PayloadTooLarge
+            | MeshError::NotImplemented => Side::Downstream,
             MeshError::NoRoute
             | MeshError::NoHealthyEndpoint
             | MeshError::NotReady
@@ -112,7 +118,7 @@ impl MeshError {
     pub(crate) fn grpc_status(self) -> u8 {
         match self {
             // UNIMPLEMENTED: nothing serves this method here.
-            MeshError::NoRoute => 12,
+            MeshError::NoRoute | MeshError::NotImplemented => 12,
             MeshError::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
             MeshError::LoopDetected => 10,   // ABORTED
             MeshError::NoDestination | MeshError::BadRequest => 3, // INVALID_ARGUMENT
@@ -127,7 +133,7 @@ impl MeshError {
     }
 
     /// Every error, for reverse lookups.
-    pub(crate) const ALL: [MeshError; 12] = [
+    pub(crate) const ALL: [MeshError; 13] = [
         MeshError::NoRoute,
         MeshError::NoHealthyEndpoint,
         MeshError::UpstreamConnectFailed,
@@ -140,6 +146,7 @@ impl MeshError {
         MeshError::PayloadTooLarge,
         MeshError::ShuttingDown,
         MeshError::CircuitOpen,
+        MeshError::NotImplemented,
     ];
 
     /// The reason code named in an `x-mesh-error` header value.

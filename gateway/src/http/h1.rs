@@ -537,21 +537,16 @@ fn framing(
         return Ok((Framing::Done, true));
     }
     if seen.transfer_encoding {
-        let chunked_last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        if !crate::http::headers::only_chunked(h) {
+            // Re-framed, the body would lose its coding.
+            return Err(invalid(
+                "a transfer coding other than chunked in the response",
+            ));
+        }
         // With a content-length too, the message is suspect: decode by
         // transfer-encoding and do not reuse the connection.
         let alone = !seen.content_length;
-        return Ok(if chunked_last {
-            (Framing::Chunked(Chunk::Size), alone)
-        } else {
-            (Framing::Eof, false)
-        });
+        return Ok((Framing::Chunked(Chunk::Size), alone));
     }
     if !seen.content_length {
         return Ok((Framing::Eof, false));

@@ -167,6 +167,24 @@ impl ConnectionTokens {
     }
 }
 
+/// Whether the message's transfer coding is nothing or `chunked` alone:
+/// the only one the mesh forwards. Any other (`gzip, chunked`, `chunked,
+/// chunked`...) would be undone by re-framing and change what the body
+/// means.
+pub(crate) fn only_chunked(h: &HeaderMap) -> bool {
+    let mut codings = 0;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let Ok(v) = v.to_str() else { return false };
+        for c in v.split(',') {
+            codings += 1;
+            if !c.trim().eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+        }
+    }
+    codings <= 1
+}
+
 /// Whether a request is a gRPC call (`content-type: application/grpc...`).
 pub fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
@@ -358,6 +376,25 @@ pub fn idempotent(m: &http::Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunked_is_forwarded() {
+        let te = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            only_chunked(&h)
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["gzip", "chunked"]));
+        assert!(!te(&["chunked, chunked"]));
+        assert!(!te(&["identity"]));
+        assert!(!te(&[""]));
+    }
 
     #[test]
     fn connection_tokens_are_read_in_one_pass() {

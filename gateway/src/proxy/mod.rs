@@ -5,7 +5,8 @@
 //! 1. ready? no config loaded yet → 503 `not_ready`
 //! 2. prelude ([`prelude`]): the `Host` rule (none on HTTP/1.1, two, an
 //!    invalid one, or one that disagrees with the target → 400 and a
-//!    closed connection), `x-mesh-hops` + 1 (508 `loop_detected` over the
+//!    closed connection), a transfer coding other than `chunked` → 501
+//!    `not_implemented`, `x-mesh-hops` + 1 (508 `loop_detected` over the
 //!    limit), `x-request-id` and `traceparent` created when missing;
 //!    on ingress listeners `x-mesh-source` removed (never trusted from
 //!    outside); `x-forwarded-for` appended
@@ -191,7 +192,9 @@ impl Proxy {
         }
         let snap = self.snapshot.load_full();
         // 2. prelude
-        if let Err(f) = prelude::check_host(req.method(), req.version(), req.uri(), req.headers()) {
+        if let Err(f) = prelude::check_host(req.method(), req.version(), req.uri(), req.headers())
+            .and_then(|()| prelude::check_codings(req.headers()))
+        {
             return (Err(f), None);
         }
         let h = req.headers_mut();

@@ -76,6 +76,20 @@ pub fn check_host(
     }
 }
 
+/// A request body in a transfer coding other than `chunked` (`gzip,
+/// chunked`) cannot be forwarded without changing what it means (the
+/// re-framed body would lose the coding): 501, as RFC 9112 §6.1 allows
+/// and nginx and Envoy answer.
+pub fn check_codings(h: &HeaderMap) -> Result<(), Failure> {
+    if headers::only_chunked(h) {
+        return Ok(());
+    }
+    Err(Failure::new(
+        MeshError::NotImplemented,
+        "transfer codings other than chunked are not forwarded",
+    ))
+}
+
 /// Keeps the caller's host for the upstream: an HTTP/2 request carries it
 /// in the URI's authority, an HTTP/1.1 upstream needs a `Host` header.
 pub fn keep_host(h: &mut HeaderMap, authority: Option<&Authority>) {
