@@ -4,8 +4,8 @@
 //!
 //! 1. ready? no config loaded yet → 503 `not_ready`
 //! 2. prelude ([`prelude`]): the `Host` rule (none on HTTP/1.1, two, an
-//!    invalid one, or one that disagrees with the target → 400 and a
-//!    closed connection), a transfer coding other than `chunked` → 501
+//!    invalid one, or one that disagrees with an HTTP/1 absolute-form
+//!    target → 400 and a closed connection), a transfer coding other than `chunked` → 501
 //!    `not_implemented`, `x-mesh-hops` + 1 (508 `loop_detected` over the
 //!    limit), `x-request-id` and `traceparent` created when missing;
 //!    on ingress listeners `x-mesh-source` removed (never trusted from

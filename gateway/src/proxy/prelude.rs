@@ -32,13 +32,16 @@ pub fn stamp(h: &mut HeaderMap, max_hops: u32) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The `Host` rule of RFC 9112 §3.2 (and RFC 9113 §8.3.1 for HTTP/2), as
-/// strictly as HAProxy applies it: an HTTP/1.1 request needs exactly one
-/// `Host`; none may carry two (equal or not); a `Host` must be a valid
-/// authority (host and optional numeric port, no user info, not empty);
-/// and when the target carries an authority too (absolute form, or
-/// HTTP/2's `:authority`) the two must agree. Anything else is ambiguous
-/// about where the request goes: 400, and the connection is closed.
+/// The `Host` rule of RFC 9112 §3.2, as strictly as HAProxy applies it:
+/// an HTTP/1.1 request needs exactly one `Host`; none may carry two
+/// (equal or not); a `Host` must be a valid authority (host and optional
+/// numeric port, no user info, not empty); and an HTTP/1 absolute-form
+/// target must name the same authority as the `Host`. Anything else is
+/// ambiguous about where the request goes: 400, and the connection is
+/// closed. (HTTP/2's `:authority` is not held to the `Host`: RFC 9113
+/// §8.3.1 makes that a SHOULD, and the mesh's own HTTP/2 hops carry the
+/// endpoint's address there and the caller's host in `Host`, because
+/// the HTTP/2 client connects to the URI's authority.)
 /// (A `CONNECT`'s authority-form target names a port the `Host` need not
 /// repeat: only one `Host`, and a valid one, is required of it.)
 pub fn check_host(
@@ -68,7 +71,7 @@ pub fn check_host(
         return bad("invalid Host header");
     }
     match uri.authority() {
-        _ if method == Method::CONNECT => Ok(()),
+        _ if method == Method::CONNECT || version == Version::HTTP_2 => Ok(()),
         Some(a) if !a.as_str().eq_ignore_ascii_case(host.to_str().unwrap_or("")) => {
             bad("the Host header and the request target name different hosts")
         }
@@ -164,11 +167,14 @@ mod tests {
         for invalid in ["", "a b", "user@a", "a:1:2", "a:port", "a/b"] {
             assert!(!check(v11, "/a", &[invalid]), "{invalid:?}");
         }
-        // Absolute form (or HTTP/2's :authority): the two must agree.
+        // Absolute form: the two must agree.
         assert!(check(v11, "http://a.example:81/x", &["A.example:81"]));
         assert!(!check(v11, "http://a.example/x", &["b.example"]));
         assert!(check(v11, "http://a.example/x", &[]));
         assert!(check(Version::HTTP_2, "http://a.example/x", &[]));
+        // HTTP/2: a mesh hop's :authority is the endpoint's address.
+        assert!(check(Version::HTTP_2, "http://10.0.0.1:80/x", &["orders"]));
+        assert!(!check(Version::HTTP_2, "http://10.0.0.1:80/x", &["a", "b"]));
         // CONNECT: one valid Host, whatever port the target names.
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("orders"));
