@@ -358,6 +358,23 @@ pub async fn http(
     })
 }
 
+/// Sends `bytes` as they are on a new connection to `port` and returns
+/// everything the server writes; the server must close the connection
+/// within 10 s (a test of malformed input wants it closed).
+pub async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("server closed the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<Resp, String> {
     http("GET", url, headers, "").await
 }

@@ -2,8 +2,6 @@
 //! the field and leave etcd as it was; malformed HTTP gets 400 and a closed
 //! connection, and the gateway keeps serving.
 
-use std::time::Duration;
-
 use meshgate_tests::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -135,21 +133,6 @@ async fn invalid_config_is_refused_with_the_field_and_changes_nothing() {
         admin.get("routes").await.json()["items"].clone(),
     );
     assert_eq!(before, after, "the store changed");
-}
-
-/// Sends raw bytes, returns everything the server wrote until it closed.
-async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    // The server must close the connection: read_to_end returns.
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("server closed the connection")
-        .ok();
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
