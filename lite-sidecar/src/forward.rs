@@ -158,10 +158,7 @@ impl Forwarder {
     /// prelude (hops, ids), then `x-mesh-service`, `x-mesh-source` and
     /// `host`. A failure comes with the destination named, if any.
     fn prelude(&self, req: &mut Request<RequestBody>) -> Result<String, (Failure, String)> {
-        let (method, version) = (req.method(), req.version());
-        let checked = prelude::check_host(method, version, req.uri(), req.headers())
-            .and_then(|()| prelude::check_codings(req.headers()));
-        if let Err(f) = checked {
+        if let Err(f) = prelude::check(req) {
             return Err((f, String::new()));
         }
         let Some(dest) =
@@ -283,9 +280,7 @@ impl Forwarder {
                 Ok(resp) => return (Ok(resp), dest, tier.name),
                 Err(f) => f,
             };
-            // Each member is given the whole request timeout: a member that
-            // timed out spent the request's time.
-            let spent = f.reason == MeshError::UpstreamTimeout && f.answer.is_none();
+            let spent = own_timeout(&f);
             if spent || !attempts::next_tier(&f, s.resend()) {
                 return match (f.answer.is_some() || spent, answered) {
                     (false, Some((last, tier))) if f.side == Side::Mesh => (Err(last), dest, tier),
@@ -399,7 +394,7 @@ impl Forwarder {
                 },
                 Err(f) => f,
             };
-            let spent = f.reason == MeshError::UpstreamTimeout && f.answer.is_none();
+            let spent = own_timeout(&f);
             if spent || !attempts::next_tier(&f, anything) {
                 return (Err(f), dest, tier.name);
             }
@@ -645,13 +640,13 @@ impl Attempt for MemberAttempt<'_> {
     /// A member's timeout spent the request's time; anything else may be
     /// resent when the request allows it.
     fn may_resend(&mut self, why: Why<'_>) -> bool {
-        let timed_out = matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout);
+        let timed_out = matches!(why, Why::Failed(f) if own_timeout(f));
         !timed_out && self.s.method_ok && self.s.body.replayable()
     }
 
     /// A slow member is not ejected: its timeout ends the request.
     fn blame(&mut self, member: &EndpointState, f: &Failure) {
-        if f.reason != MeshError::UpstreamTimeout {
+        if !own_timeout(f) {
             self.fwd.member_failed(self.tier, member, f);
         }
     }
@@ -678,7 +673,7 @@ struct Switch<'a> {
 impl Switch<'_> {
     fn upgrade_timeout(&self, why: Why<'_>) -> bool {
         matches!(self.target, SwitchTo::Upgrade(..))
-            && matches!(why, Why::Failed(f) if f.reason == MeshError::UpstreamTimeout)
+            && matches!(why, Why::Failed(f) if own_timeout(f))
     }
 }
 
@@ -710,6 +705,15 @@ impl Attempt for Switch<'_> {
             self.fwd.member_failed(self.tier, member, f);
         }
     }
+}
+
+/// A gateway member that gave no answer within the request timeout: each
+/// member is given the whole of it, so the request's time is spent (it is
+/// not resent, nor moved to another tier, and the slow member is not
+/// ejected for it). A timeout a gateway answered is a mesh error like the
+/// others.
+fn own_timeout(f: &Failure) -> bool {
+    f.reason == MeshError::UpstreamTimeout && f.answer.is_none()
 }
 
 fn tag_tier(mut resp: Response<ProxyBody>, tier: &'static str) -> Response<ProxyBody> {

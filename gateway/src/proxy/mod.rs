@@ -192,9 +192,7 @@ impl Proxy {
         }
         let snap = self.snapshot.load_full();
         // 2. prelude
-        if let Err(f) = prelude::check_host(req.method(), req.version(), req.uri(), req.headers())
-            .and_then(|()| prelude::check_codings(req.headers()))
-        {
+        if let Err(f) = prelude::check(&req) {
             return (Err(f), None);
         }
         let h = req.headers_mut();

@@ -32,6 +32,14 @@ pub fn stamp(h: &mut HeaderMap, max_hops: u32) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What every hop refuses before anything else: an ambiguous `Host`
+/// ([`check_host`]) and a transfer coding it cannot forward faithfully
+/// ([`check_codings`]).
+pub fn check<B>(req: &http::Request<B>) -> Result<(), Failure> {
+    check_host(req.method(), req.version(), req.uri(), req.headers())?;
+    check_codings(req.headers())
+}
+
 /// The `Host` rule of RFC 9112 §3.2, as strictly as HAProxy applies it:
 /// an HTTP/1.1 request needs exactly one `Host`; none may carry two
 /// (equal or not); a `Host` must be a valid authority (host and optional
