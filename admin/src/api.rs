@@ -244,6 +244,20 @@ async fn plan_put(
     expect: Option<IfMatch>,
     overlay: &Overlay,
 ) -> Result<Plan, ApiError> {
+    let before = st.store.get(&key).await?;
+    plan_put_over(st, key, spec, expect, before, overlay).await
+}
+
+/// [`plan_put`] over the version of the object the caller has read
+/// (`before`): the transaction commits only if it is still that version.
+async fn plan_put_over(
+    st: &AdminState,
+    key: Key,
+    spec: &[u8],
+    expect: Option<IfMatch>,
+    before: Option<Entry>,
+    overlay: &Overlay,
+) -> Result<Plan, ApiError> {
     let obj = Object::decode(&key, spec).map_err(ApiError::invalid)?;
     let value = obj.to_json();
     let mut conds = Vec::new();
@@ -259,7 +273,6 @@ async fn plan_put(
             }
         }
     }
-    let before = st.store.get(&key).await?;
     let current_version = before.as_ref().map(|e| e.mod_revision).unwrap_or(0);
     match expect {
         Some(IfMatch::Version(v)) if v != current_version => {
@@ -715,7 +728,8 @@ pub async fn put(
 /// JSON merge patch (RFC 7396) of an object's spec. The patch applies to
 /// the version read; when another write lands in between, it is applied
 /// again to the new version (or, with `If-Match`, refused with 412), so no
-/// update is lost.
+/// update is lost. Under contention the retries back off with jitter, for
+/// at most [`PATCH_RETRY_FOR`].
 pub async fn patch(
     State(st): State<AdminState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -734,7 +748,8 @@ pub async fn patch(
             format!("request body is not valid JSON: {e}"),
         )
     })?;
-    for _ in 0..8 {
+    let deadline = tokio::time::Instant::now() + PATCH_RETRY_FOR;
+    for round in 0u32.. {
         let current = st
             .store
             .get(&key)
@@ -748,20 +763,42 @@ pub async fn patch(
         let mut doc: Value = serde_json::from_slice(&current.value).unwrap_or(Value::Null);
         merge_patch(&mut doc, &patch);
         let spec = serde_json::to_vec(&doc).expect("json encodes");
-        let pin = Some(IfMatch::Version(current.mod_revision));
-        let plan = plan_put(&st, key.clone(), &spec, pin, &Overlay::new()).await?;
+        // Planned over the version just read (not re-read), so a write in
+        // between fails the commit and this loop patches the new version.
+        let plan = plan_put_over(
+            &st,
+            key.clone(),
+            &spec,
+            None,
+            Some(current),
+            &Overlay::new(),
+        )
+        .await?;
         match commit(&st, &caller, std::slice::from_ref(&plan)).await? {
             Some(revision) => return Ok(written(&st, &plan, revision, wait).await),
             None if expect.is_some() => return Err(conflict(&st, &plan, expect).await),
-            None => continue, // changed meanwhile: patch the new version
+            None if tokio::time::Instant::now() >= deadline => break,
+            // Changed meanwhile: back off (1 ms doubling to 64 ms, with
+            // jitter, so colliding writers spread out) and patch anew.
+            None => {
+                let cap = 1u64 << round.min(6);
+                let ms = 1 + u64::from(rand_u32()) % cap;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
         }
     }
     Err(ApiError::new(
         StatusCode::CONFLICT,
         "conflict",
-        format!("{key} keeps changing concurrently; nothing was changed, retry"),
+        format!(
+            "{key} kept changing concurrently for {PATCH_RETRY_FOR:?}; nothing was changed, retry"
+        ),
     ))
 }
+
+/// How long an unconditional patch keeps re-applying itself while other
+/// writers win the race.
+pub const PATCH_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// RFC 7396: objects merge member by member, `null` removes a member, and
 /// anything else replaces the target.
