@@ -152,6 +152,40 @@ async fn meshctl_applies_the_example_mesh_and_waits_for_every_gateway() {
     .unwrap();
     let (ok, _, err) = ctl.run(&["apply", "-f", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("endpoints[0].address"), "{err}");
+    // Every invalid object of a file is listed, each with its path.
+    std::fs::write(
+        &bad,
+        "services:\n  broken:\n    endpoints: [{address: nowhere}]\n  \
+         worse:\n    endpoints: [{address: '127.0.0.1:1', weight: 0}]\n    timeouts: {request_ms: -1}\n\
+         routes:\n  lost:\n    backends: []\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ctl.run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    for path in [
+        "services/broken: endpoints[0].address",
+        "services/worse: timeouts.request_ms",
+        "routes/lost: ",
+    ] {
+        assert!(err.contains(path), "{path} missing from:\n{err}");
+    }
+    // Objects valid on their own but refused by the server (each refers to
+    // a service that does not exist): every one is named, not `items[i]`.
+    std::fs::write(
+        &bad,
+        "routes:\n  ghost-a:\n    match: {hosts: [a]}\n    backends: [{service: nobody}]\n  \
+         ghost-b:\n    match: {hosts: [b]}\n    backends: [{service: no-one}]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ctl.run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    for path in [
+        "routes/ghost-a: backends[0].service",
+        "routes/ghost-b: backends[0].service",
+    ] {
+        assert!(err.contains(path), "{path} missing from:\n{err}");
+    }
+    assert!(!err.contains("items["), "{err}");
     let (ok, _, err) = ctl.run(&["delete", "services", "orders-v2"]);
     assert!(
         !ok && err.contains("still referenced by routes/orders"),

@@ -255,7 +255,19 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             };
             let v = api
                 .call(Method::POST, &path, Some(json!({ "items": items })))
-                .await?;
+                .await
+                .map_err(|Failure(msg, fields)| {
+                    if fields.is_empty() {
+                        return Failure(msg, fields);
+                    }
+                    // Every problem is listed below, named by object (the
+                    // server's paths start `items[i]`).
+                    let status = msg.rsplit_once(" (").map_or("", |(_, s)| s);
+                    Failure(
+                        format!("the batch was refused, nothing was applied ({status}"),
+                        fields.iter().map(|f| name_item(f, &items)).collect(),
+                    )
+                })?;
             print(cli, &v, |v| {
                 let mut out = table(
                     &["KIND", "NAME", "RESULT", "VERSION"],
@@ -441,13 +453,35 @@ fn load(files: &[PathBuf]) -> Result<BTreeMap<Key, Value>, Failure> {
             paths.push(f.clone());
         }
     }
+    // Every problem of every file, then every invalid object: all listed,
+    // none sent.
     let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
     for p in paths {
-        for (key, spec) in load_file(&p)? {
-            if out.insert(key.clone(), spec).is_some() {
-                return Err(format!("{}: {key} is defined twice", p.display()).into());
+        match load_file(&p) {
+            Ok(objects) => {
+                for (key, spec) in objects {
+                    if out.insert(key.clone(), spec).is_some() {
+                        problems.push(format!("{}: {key} is defined twice", p.display()));
+                    }
+                }
             }
+            Err(Failure(msg, _)) => problems.push(msg),
         }
+    }
+    for (key, spec) in &out {
+        if let Err(Failure(_, fields)) = normalise(key, spec) {
+            problems.extend(fields.into_iter().map(|f| format!("{key}: {f}")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure(
+            format!(
+                "{} problem(s) in the files; nothing was applied",
+                problems.len()
+            ),
+            problems,
+        ));
     }
     Ok(out)
 }
@@ -543,6 +577,26 @@ async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Plann
         });
     }
     Ok(out)
+}
+
+/// `items[3].endpoints[0]: …` from a batch answer as
+/// `services/orders: endpoints[0]: …` (or as the message alone when it
+/// already names the object).
+fn name_item(line: &str, items: &[Value]) -> String {
+    let named = || {
+        let (path, message) = line.split_once(": ")?;
+        let (i, sub) = path.strip_prefix("items[")?.split_once(']')?;
+        let item = items.get(i.parse::<usize>().ok()?)?;
+        let key = format!("{}/{}", s(&item["kind"]), s(&item["name"]));
+        if message.starts_with(&format!("{key}: ")) {
+            return Some(message.to_string());
+        }
+        Some(match sub.trim_start_matches('.') {
+            "" => format!("{key}: {message}"),
+            sub => format!("{key}: {sub}: {message}"),
+        })
+    };
+    named().unwrap_or_else(|| line.to_string())
 }
 
 fn normalise(key: &Key, spec: &Value) -> Result<Value, Failure> {
