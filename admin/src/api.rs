@@ -68,15 +68,28 @@ fn object_key(kind: &str, name: &str) -> Result<Key, ApiError> {
     Ok(Key::new(kind, name))
 }
 
-/// The representation of a stored object.
+/// The representation of a stored object. An object that does not pass
+/// validation (written into the store directly) says so: `invalid` lists
+/// its problems with their field paths (every gateway refuses it and keeps
+/// its previous version), and a value that is not JSON at all is shown as
+/// `raw` text, with `spec` null.
 fn render(e: &Entry) -> Value {
-    let spec: Value = serde_json::from_slice(&e.value).unwrap_or(Value::Null);
-    json!({
+    let spec: Option<Value> = serde_json::from_slice(&e.value).ok();
+    let mut v = json!({
         "kind": e.key.kind.as_str(),
         "name": e.key.name,
         "version": e.mod_revision,
         "spec": spec,
-    })
+    });
+    if spec.is_none() {
+        v["raw"] = String::from_utf8_lossy(&e.value).into();
+    }
+    if e.key.kind.is_config() {
+        if let Err(problems) = Object::decode(&e.key, &e.value) {
+            v["invalid"] = json!(problems.errors);
+        }
+    }
+    v
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -1049,7 +1062,10 @@ pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiErro
         .filter_map(|e| {
             let n: Node = decode_json(&e.key, &e.value).ok()?;
             let id = e.key.node_id();
-            let in_sync = n.kind != NodeKind::Gateway || n.applied_revision >= config_revision;
+            // In sync: has applied the newest config (gateways; a sidecar
+            // applies only its slice) and refuses none of it.
+            let in_sync = (n.kind != NodeKind::Gateway || n.applied_revision >= config_revision)
+                && n.rejected.is_empty();
             Some(json!({
                 "id": id,
                 "kind": n.kind.as_str(),
@@ -1059,6 +1075,7 @@ pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiErro
                 "lag_revisions": (config_revision - n.applied_revision).max(0),
                 "in_sync": in_sync,
                 "policy": n.policy,
+                "rejected": n.rejected,
                 "updated_ms_ago": now.saturating_sub(n.updated_at_ms),
             }))
         })

@@ -89,6 +89,12 @@ fn envelope(kind: &str, spec: &str) -> Value {
             "version": {"type": "integer", "format": "int64"},
             "spec": {"$ref": format!("#/components/schemas/{spec}")},
             "propagation": {"$ref": "#/components/schemas/Propagation"},
+            "invalid": {
+                "description": "present when the stored object does not pass validation (written into the store directly): its problems; every process refuses it and keeps the previous version",
+                "type": "array",
+                "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}},
+            },
+            "raw": {"type": "string", "description": "the stored value as text, when it is not JSON (then spec is null)"},
         },
     })
 }
@@ -253,7 +259,7 @@ pub fn paths() -> Value {
             "result": any_object(), "candidates": items}}))],
     )}));
     p.insert("/api/v1/status".into(), json!({"get": op(
-        "every live node's applied revision, lag and freshness",
+        "every live node's applied revision, lag, freshness and refused objects (a node that refuses an object is not in sync)",
         vec![],
         None,
         &[(200, json!({"type": "object", "required": ["config_revision", "nodes", "in_sync"], "properties": {

@@ -3,7 +3,8 @@
 //! [`store::ConfigStore`] trait with its etcd and standalone-file stores, the
 //! sync engine that keeps a process's view current through outages
 //! ([`sync`]), lease-based registration ([`registration`]) and the
-//! last-known-good snapshot file ([`snapshot_file`]).
+//! last-known-good snapshot file ([`snapshot_file`]), and the bearer tokens
+//! of the admin API and the ops port ([`tokens`]).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod registration;
 pub mod snapshot_file;
 pub mod store;
 pub mod sync;
+pub mod tokens;
 pub mod validate;
 
 pub use key::{Key, Kind};

@@ -596,9 +596,10 @@ pub enum Role {
 }
 
 /// A live process, registered by itself under a lease
-/// (`nodes/<kind>/<id>`).
+/// (`nodes/<kind>/<id>`). Unknown fields are ignored (not refused): the
+/// record is written by processes, and during a rolling upgrade a newer
+/// one may add a field an older reader does not know.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Node {
     pub kind: NodeKind,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -623,6 +624,23 @@ pub struct Node {
     /// `fresh`, `stale` or `unavailable` (sidecars: their local policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// What this process refused of the config it follows (the previous
+    /// good version of each stays in force).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<Rejection>,
+}
+
+/// A config object (or the standalone file itself) a process refused, and
+/// why. Shown in `/config`, `/readyz`, the node record, and the admin's
+/// `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Rejection {
+    /// `kind/name`, or the store's source (`file <path>`).
+    pub object: String,
+    /// The refused version (the store revision it was written at; 0 for
+    /// the store's own source).
+    pub version: i64,
+    pub error: String,
 }
 
 /// An app instance registered by its sidecar (`instances/<service>/<id>`).

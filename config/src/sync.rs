@@ -18,7 +18,7 @@ use futures::stream::{select_all, StreamExt};
 use tokio::sync::watch;
 
 use crate::key::Key;
-use crate::model::now_ms;
+use crate::model::{now_ms, Rejection};
 use crate::snapshot_file;
 use crate::store::{ConfigStore, Entry, Event, StoreError};
 
@@ -60,6 +60,10 @@ pub struct SyncStatus {
     pub last_sync_ms: u64,
     /// A short description of the last store error, if disconnected.
     pub last_error: Option<String>,
+    /// What the store refused of its own source
+    /// ([`crate::store::ConfigStore::source_errors`]), refreshed every
+    /// second.
+    pub source_errors: Vec<Rejection>,
 }
 
 impl SyncStatus {
@@ -110,6 +114,7 @@ pub fn spawn(
         revision: 0,
         last_sync_ms: 0,
         last_error: None,
+        source_errors: Vec::new(),
     });
     tokio::spawn(Syncer::new(store, opts, applier, tx).run());
     rx
@@ -221,12 +226,14 @@ impl<A: Apply> Syncer<A> {
         self.applier.apply(changes, revision);
         self.dirty = true;
         self.flush_snapshot().await;
+        let source_errors = self.source_errors();
         self.status.send_modify(|s| {
             s.source = Source::Store;
             s.connected = true;
             s.revision = revision;
             s.last_sync_ms = now_ms();
             s.last_error = None;
+            s.source_errors = source_errors;
         });
         Ok(())
     }
@@ -281,13 +288,33 @@ impl<A: Apply> Syncer<A> {
                     None => return WatchEnd::Error(StoreError::Unavailable("watch ended".into())),
                 },
                 _ = flush.tick() => self.flush_snapshot().await,
-                _ = heartbeat.tick() => self.status.send_modify(|s| s.last_sync_ms = now_ms()),
+                _ = heartbeat.tick() => {
+                    let source_errors = self.source_errors();
+                    self.status.send_modify(|s| {
+                        s.last_sync_ms = now_ms();
+                        s.source_errors = source_errors;
+                    });
+                }
                 Some(()) = prefixes_changed(rescope) => {
                     tracing::debug!("watched prefixes changed; re-reading the store");
                     return WatchEnd::Rescoped;
                 }
             }
         }
+    }
+
+    /// The store's refusals of its own source, as rejections of the
+    /// source (version 0: it has none).
+    fn source_errors(&self) -> Vec<Rejection> {
+        self.store
+            .source_errors()
+            .into_iter()
+            .map(|error| Rejection {
+                object: self.store.describe(),
+                version: 0,
+                error,
+            })
+            .collect()
     }
 
     fn on_batch(&mut self, prefix: usize, revision: i64, events: Vec<Event>) {

@@ -98,6 +98,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             admin_api: Some(EmbeddedAdmin {
                 token_file: args.token_file.clone(),
             }),
+            ops_token_file: None,
         });
     }
     let path = args.config.as_ref().expect("clap requires --config");

@@ -24,6 +24,10 @@ pub struct SidecarConfig {
     #[serde(default)]
     pub central: Vec<String>,
     pub store: StoreConfig,
+    /// Bearer tokens (the admin API's token file format) that may read
+    /// the ops port's config endpoints; without, only loopback clients may.
+    #[serde(default)]
+    pub ops_token_file: Option<PathBuf>,
     /// Last-known-good local-policy file.
     #[serde(default)]
     pub snapshot_file: Option<PathBuf>,

@@ -733,6 +733,7 @@ mod tests {
             revision: 1,
             last_sync_ms: now_ms() - age_ms,
             last_error: None,
+            source_errors: Vec::new(),
         }
     }
 

@@ -20,7 +20,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::MeshAlloc;
 use http::HeaderValue;
-use meshgate_config::model::{now_ms, Node, NodeKind};
+use meshgate_config::model::{now_ms, Node, NodeKind, Rejection};
 use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
@@ -29,7 +29,7 @@ use meshgate_gateway::http::h2::{build, Clients, Wire};
 use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
-use meshgate_gateway::node::{bind, status_json, Process};
+use meshgate_gateway::node::{bind, rejected, status_json, Process};
 use meshgate_gateway::proxy::{Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
@@ -105,7 +105,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         Arc::new(Clients::default()),
         registry.clone(),
         Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
-        Box::new(|_: &Snapshot, _| {}),
+        Box::new(|_: &Snapshot| {}),
     );
     let (compiler, policy, scope) = PolicyCompiler::new(
         cfg.group.clone(),
@@ -116,6 +116,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         direct_compiler,
     );
     let dump = compiler.dump_handle();
+    let refused = compiler.rejections();
     let mut opts = SyncOptions::new(scope.borrow().clone());
     opts.rescope = Some(scope);
     if let Some(p) = &cfg.snapshot_file {
@@ -153,6 +154,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let f = fwd.clone();
     let st = status.clone();
     let pol = policy.clone();
+    let refused_now = refused.clone();
     let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
@@ -161,7 +163,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let p = pol.load();
             // Serving is possible with a policy, or with a central tier to fall back to.
             let ready = fresh != Freshness::Unavailable || !p.central_tier.members.is_empty();
-            let mut v = status_json(&s, false);
+            let mut v = status_json(&s, false, &rejected(&refused_now, &s));
             v["ready"] = ready.into();
             v["policy"] = fresh.as_str().into();
             if fresh != Freshness::Fresh && s.last_sync_ms > 0 {
@@ -169,10 +171,22 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             }
             (ready, v)
         }),
-        config_dump: Arc::new(move || dump.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        config_dump: Arc::new({
+            let status = status.clone();
+            let refused = refused.clone();
+            move || {
+                let mut v = dump.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                v["rejected"] = serde_json::json!(rejected(&refused, &status.borrow()));
+                v
+            }
+        }),
         status: status.clone(),
         explain: None,
         extra: None,
+        tokens: Arc::new(match &cfg.ops_token_file {
+            Some(p) => meshgate_config::tokens::Tokens::load(p)?,
+            None => Default::default(),
+        }),
     };
     node.serve_ops(ops_listener, ops_state);
     let f = fwd.clone();
@@ -208,7 +222,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
     let record = {
         let cfg = cfg.clone();
-        move |revision: i64, fresh: Freshness| -> Vec<u8> {
+        move |revision: i64, fresh: Freshness, rejected: Vec<Rejection>| -> Vec<u8> {
             let n = Node {
                 kind: NodeKind::Sidecar,
                 roles: vec![],
@@ -220,6 +234,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                 applied_revision: revision,
                 updated_at_ms: now_ms(),
                 policy: Some(fresh.as_str().to_string()),
+                rejected,
             };
             serde_json::to_vec(&n).expect("node encodes")
         }
@@ -227,7 +242,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let registration = Registration::spawn(
         store.clone(),
         meshgate_config::key::node_key(NodeKind::Sidecar, &cfg.id),
-        record(0, Freshness::Unavailable),
+        record(0, Freshness::Unavailable, Vec::new()),
         Duration::from_secs(cfg.lease_ttl_s),
     );
     // The app as an instance of its service, registered while healthy.
@@ -268,15 +283,18 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             metrics.store_connected.set(i64::from(s.connected));
             metrics.config_revision.set(s.revision);
             policy_synced.set((s.last_sync_ms / 1000) as i64);
+            let refusals = rejected(&refused, &s);
+            metrics.config_rejected.set(refusals.len() as i64);
             let fresh = fwd.freshness();
             for f in [Freshness::Fresh, Freshness::Stale, Freshness::Unavailable] {
                 policy_state
                     .with_label_values(&[f.as_str()])
                     .set(i64::from(f == fresh));
             }
-            if last != Some((s.revision, fresh)) {
-                last = Some((s.revision, fresh));
-                registration.update(record(s.revision, fresh));
+            let now = (s.revision, fresh, refusals);
+            if last.as_ref() != Some(&now) {
+                registration.update(record(now.0, now.1, now.2.clone()));
+                last = Some(now);
             }
             tokio::select! {
                 r = status.changed() => if r.is_err() { return },

@@ -28,7 +28,7 @@ use meshgate_config::model::{DestinationMode, Group, HealthCheck, Node, NodeKind
 use meshgate_config::store::Entry;
 use meshgate_config::sync::{diff, Apply, Change};
 use meshgate_config::{Key, Kind, Object};
-use meshgate_gateway::snapshot::Compiler;
+use meshgate_gateway::snapshot::{Compiler, Rejections};
 use meshgate_gateway::upstream::balance::Balancer;
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 use meshgate_gateway::upstream::health::HealthChecks;
@@ -88,6 +88,9 @@ pub struct PolicyCompiler {
     /// The prefixes to watch; the sync follows this channel.
     scope: watch::Sender<Vec<String>>,
     dump: Arc<std::sync::Mutex<serde_json::Value>>,
+    /// Refused objects: the group and own service refused here, and the
+    /// direct tier's (one handle, shared with its compiler).
+    rejected: Rejections,
 }
 
 impl PolicyCompiler {
@@ -120,6 +123,7 @@ impl PolicyCompiler {
             service: None,
             services: BTreeMap::new(),
             fed: BTreeMap::new(),
+            rejected: direct.rejections(),
             direct,
             scope,
             dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
@@ -130,6 +134,11 @@ impl PolicyCompiler {
 
     pub fn dump_handle(&self) -> Arc<std::sync::Mutex<serde_json::Value>> {
         self.dump.clone()
+    }
+
+    /// What this sidecar refused of its config.
+    pub fn rejections(&self) -> Rejections {
+        self.rejected.clone()
     }
 
     fn destinations(&self) -> impl Iterator<Item = (&str, DestinationMode)> {
@@ -201,20 +210,28 @@ impl Apply for PolicyCompiler {
                     },
                     Kind::Groups if e.key.name == self.group_name => {
                         match Object::decode(&e.key, &e.value) {
-                            Ok(Object::Group(g)) => self.group = Some(g),
+                            Ok(Object::Group(g)) => {
+                                self.rejected.clear(&e.key);
+                                self.group = Some(g);
+                            }
                             Ok(_) => {}
                             Err(err) => {
-                                tracing::error!(error = %err, "group rejected; previous version kept")
+                                self.rejected
+                                    .reject(&e.key, e.mod_revision, err.to_string())
                             }
                         }
                     }
                     Kind::Services | Kind::Instances => {
                         if e.key.kind == Kind::Services && e.key.name == self.service_name {
                             match Object::decode(&e.key, &e.value) {
-                                Ok(Object::Service(s)) => self.service = Some(*s),
+                                Ok(Object::Service(s)) => {
+                                    self.rejected.clear(&e.key);
+                                    self.service = Some(*s);
+                                }
                                 Ok(_) => {}
                                 Err(err) => {
-                                    tracing::error!(error = %err, "own service rejected; previous version kept")
+                                    self.rejected
+                                        .reject(&e.key, e.mod_revision, err.to_string())
                                 }
                             }
                         }
@@ -226,9 +243,13 @@ impl Apply for PolicyCompiler {
                     Kind::Nodes => {
                         self.gateways.remove(&key.name);
                     }
-                    Kind::Groups if key.name == self.group_name => self.group = None,
+                    Kind::Groups if key.name == self.group_name => {
+                        self.rejected.clear(&key);
+                        self.group = None;
+                    }
                     Kind::Services | Kind::Instances => {
                         if key.kind == Kind::Services && key.name == self.service_name {
+                            self.rejected.clear(&key);
                             self.service = None;
                         }
                         self.services.remove(&key);
@@ -340,7 +361,7 @@ mod tests {
             Arc::new(Clients::default()),
             registry.clone(),
             Arc::new(HealthChecks::default()),
-            Box::new(|_: &Snapshot, _| {}),
+            Box::new(|_: &Snapshot| {}),
         );
         let (c, policy, _) =
             PolicyCompiler::new("g".into(), "front".into(), vec![], registry, None, direct);
@@ -377,5 +398,25 @@ mod tests {
         c.apply(vec![put(Kind::Groups, "g", bad_group.clone(), 5)], 5);
         let kept = policy.load().group.clone().unwrap();
         assert_eq!(kept, serde_json::from_value::<Group>(json!({})).unwrap());
+
+        // Both refusals are reported (for /config, /readyz, the metric and
+        // the node record), with their versions, until fixed.
+        let refused = |c: &PolicyCompiler| -> Vec<(String, i64)> {
+            c.rejections()
+                .list()
+                .into_iter()
+                .map(|r| (r.object, r.version))
+                .collect()
+        };
+        assert_eq!(
+            refused(&c),
+            [
+                ("services/front".to_string(), 3),
+                ("groups/g".to_string(), 5)
+            ]
+        );
+        c.apply(vec![put(Kind::Groups, "g", json!({}), 6)], 6);
+        c.apply(vec![Change::Delete(Key::new(Kind::Services, "front"))], 7);
+        assert_eq!(refused(&c), []);
     }
 }

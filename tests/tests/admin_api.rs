@@ -356,6 +356,128 @@ async fn concurrent_unconditional_patches_all_land() {
     assert_eq!(h["items"].as_array().unwrap().len(), writers + 1, "{h}");
 }
 
+/// An invalid object written straight into etcd is refused by the gateway
+/// and the refusal shows wherever an operator looks: the gateway's
+/// `/config`, `/readyz` and metric, the admin's `/status` (the node is not
+/// in sync, with the object and the reason), `meshctl status`, and `GET`
+/// of the object. Fixing the object clears all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_show_in_status_readyz_config_metric_and_get() {
+    let c = cluster().await;
+    let (_gw, ports) = start_gateway(
+        c.dir.path(),
+        "gw-r",
+        &["egress"],
+        &["shop"],
+        &c.etcd.endpoint(),
+    );
+    wait_ready(ports.ops).await;
+    let a = &c.admin;
+    a.wait_nodes(1).await;
+    let mut etcd = c.etcd.client().await;
+    // Not JSON, and JSON that is not a valid service.
+    etcd.put("/meshgate/v1/services/garbled", "{not json", None)
+        .await
+        .unwrap();
+    etcd.put(
+        "/meshgate/v1/services/bad-port",
+        r#"{"endpoints": [{"address": "127.0.0.1:0"}]}"#,
+        None,
+    )
+    .await
+    .unwrap();
+
+    let refused = |v: &Value| -> BTreeSet<String> {
+        v["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["object"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let both: BTreeSet<String> = ["services/bad-port", "services/garbled"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let status = || async { a.get("status").await.json() };
+    wait_until(
+        "the admin's /status shows both refusals",
+        Duration::from_secs(10),
+        || async { refused(&status().await["nodes"][0]) == both },
+    )
+    .await;
+    let st = status().await;
+    assert_eq!(
+        (st["in_sync"].clone(), st["nodes"][0]["in_sync"].clone()),
+        (json!(false), json!(false)),
+        "{st}"
+    );
+    let reasons = st["nodes"][0]["rejected"].to_string();
+    assert!(reasons.contains("endpoints[0].address"), "{reasons}");
+    let ops = |path: &'static str| async move {
+        get_json(&format!("http://127.0.0.1:{}{path}", ports.ops))
+            .await
+            .unwrap()
+    };
+    assert_eq!(refused(&ops("/config").await), both);
+    let ready = ops("/readyz").await;
+    assert_eq!(refused(&ready), both, "{ready}");
+    assert_eq!(
+        metric(ports.ops, "meshgate_config_rejected_objects").await,
+        2.0
+    );
+    // GET says what is wrong with each.
+    let g = a.get("services/bad-port").await.json();
+    assert_eq!(g["invalid"][0]["field"], "endpoints[0].address", "{g}");
+    let g = a.get("services/garbled").await.json();
+    assert_eq!(
+        (g["spec"].clone(), g["raw"].clone()),
+        (Value::Null, json!("{not json")),
+        "{g}"
+    );
+    assert!(
+        g["invalid"].as_array().is_some_and(|e| !e.is_empty()),
+        "{g}"
+    );
+    // meshctl status names the node, the object and the reason.
+    let out = std::process::Command::new(bin("meshctl"))
+        .args(["--server", &a.base, "--token", &a.token, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gw-r rejects services/bad-port (version "),
+        "{text}"
+    );
+    assert!(
+        text.contains("gw-r rejects services/garbled (version "),
+        "{text}"
+    );
+
+    // Fixed (one replaced, one deleted): every view is clear again.
+    assert_eq!(
+        a.put("services/bad-port", &svc(9001, json!({})))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        a.call("DELETE", "services/garbled", "", &[]).await.status,
+        200
+    );
+    wait_until("refusals cleared", Duration::from_secs(10), || async {
+        let st = status().await;
+        st["in_sync"] == true && refused(&st["nodes"][0]).is_empty()
+    })
+    .await;
+    assert!(refused(&ops("/config").await).is_empty());
+    assert!(refused(&ops("/readyz").await).is_empty());
+    assert_eq!(
+        metric(ports.ops, "meshgate_config_rejected_objects").await,
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_for_gateways_and_status_shows_propagation() {
     let mut c = cluster().await;

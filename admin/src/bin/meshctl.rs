@@ -758,12 +758,13 @@ fn status_table(v: &Value) -> String {
         s(&v["config_revision"]),
         s(&v["in_sync"])
     );
+    let nodes = v["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
     out.push_str(&table(
-        &["NODE", "KIND", "APPLIED", "LAG", "IN SYNC", "POLICY"],
-        v["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        &[
+            "NODE", "KIND", "APPLIED", "LAG", "IN SYNC", "POLICY", "REJECTED",
+        ],
+        nodes
+            .iter()
             .map(|n| {
                 vec![
                     s(&n["id"]),
@@ -772,11 +773,32 @@ fn status_table(v: &Value) -> String {
                     s(&n["lag_revisions"]),
                     s(&n["in_sync"]),
                     s(&n["policy"]),
+                    node_rejections(n).len().to_string(),
                 ]
             })
             .collect(),
     ));
+    // Each refusal, with the node, the object and the reason.
+    for n in nodes {
+        for r in node_rejections(n) {
+            out.push_str(&format!(
+                "{} rejects {} (version {}): {}\n",
+                s(&n["id"]),
+                s(&r["object"]),
+                s(&r["version"]),
+                s(&r["error"])
+            ));
+        }
+    }
     out
+}
+
+/// The refusals a node reports in `/status`.
+fn node_rejections(n: &Value) -> &[Value] {
+    n["rejected"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 fn propagation_line(p: &Value) -> String {

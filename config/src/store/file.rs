@@ -31,6 +31,9 @@ pub struct FileStore {
     path: PathBuf,
     state: Mutex<State>,
     tx: broadcast::Sender<Arc<WatchBatch>>,
+    /// What the last read of the file refused (see
+    /// [`ConfigStore::source_errors`]).
+    refused: std::sync::Mutex<Vec<String>>,
 }
 
 struct State {
@@ -90,7 +93,8 @@ impl FileStore {
         let doc = parse_doc(&path, &bytes)?;
         let revision = doc.revision.unwrap_or(0) + 1;
         let mut entries = BTreeMap::new();
-        for (key, value) in doc_entries(&path, &doc) {
+        let (objects, refused) = doc_entries(&path, &doc);
+        for (key, value) in objects {
             entries.insert(
                 key.clone(),
                 Entry {
@@ -114,6 +118,7 @@ impl FileStore {
             }),
             path,
             tx,
+            refused: std::sync::Mutex::new(refused),
         });
         tokio::spawn(poll_loop(Arc::downgrade(&store)));
         Ok(store)
@@ -135,6 +140,9 @@ impl FileStore {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(file = %self.path.display(), error = %e, "cannot read config file; keeping the current config");
+                self.refuse(vec![format!("{}: {e}", self.path.display())]);
+                // Read again in full once it is readable, even unchanged.
+                st.file_hash = [0; 32];
                 return;
             }
         };
@@ -147,10 +155,13 @@ impl FileStore {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "config file rejected; keeping the current config");
+                self.refuse(vec![e.to_string()]);
                 return;
             }
         };
-        let new: BTreeMap<Key, Vec<u8>> = doc_entries(&self.path, &doc).into_iter().collect();
+        let (objects, refused) = doc_entries(&self.path, &doc);
+        self.refuse(refused);
+        let new: BTreeMap<Key, Vec<u8>> = objects.into_iter().collect();
         let revision = st.revision + 1;
         let mut events = Vec::new();
         for (key, value) in &new {
@@ -179,6 +190,10 @@ impl FileStore {
         }
         tracing::info!(file = %self.path.display(), changes = events.len(), revision, "config file changed");
         self.commit(&mut st, revision, events);
+    }
+
+    fn refuse(&self, problems: Vec<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = problems;
     }
 
     /// Applies events at `revision` to the state and publishes them.
@@ -303,24 +318,29 @@ fn parse_doc(path: &Path, bytes: &[u8]) -> Result<FileDoc, StoreError> {
     crate::node::parse_yaml(path, bytes).map_err(StoreError::Invalid)
 }
 
-/// The objects of a document as (key, JSON). Objects with invalid names are
-/// skipped with an error log (like an invalid object from etcd).
-fn doc_entries(path: &Path, doc: &FileDoc) -> Vec<(Key, Vec<u8>)> {
+/// The objects of a document as (key, JSON), and the problems of the ones
+/// skipped for an invalid name (logged, and reported as refused).
+fn doc_entries(path: &Path, doc: &FileDoc) -> (Vec<(Key, Vec<u8>)>, Vec<String>) {
     let mut out = Vec::new();
+    let mut refused = Vec::new();
     for (kind, map) in doc.kinds() {
         for (name, value) in map {
             match Key::parse(&format!("{kind}/{name}")) {
                 Some(key) => {
                     out.push((key, serde_json::to_vec(value).expect("json value encodes")))
                 }
-                None => tracing::error!(
-                    file = %path.display(),
-                    "{kind}.{name}: invalid name (use a-z, 0-9, '-', '_', '.'); object ignored"
-                ),
+                None => {
+                    let problem = format!(
+                        "{}: {kind}.{name}: invalid name (use a-z, 0-9, '-', '_', '.'); object ignored",
+                        path.display()
+                    );
+                    tracing::error!("{problem}");
+                    refused.push(problem);
+                }
             }
         }
     }
-    out
+    (out, refused)
 }
 
 fn same_json(a: &[u8], b: &[u8]) -> bool {
@@ -349,6 +369,13 @@ fn check(st: &State, cond: &Cond) -> bool {
 impl ConfigStore for FileStore {
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
+    }
+
+    fn source_errors(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {

@@ -148,6 +148,14 @@ pub trait ConfigStore: Send + Sync + 'static {
 
     /// Revokes a lease, deleting its objects.
     async fn revoke(&self, lease: i64) -> Result<(), StoreError>;
+
+    /// What the store refused of its own source, while the previous config
+    /// stays in force: the standalone file that does not parse, an object
+    /// name in it that is not valid. Empty for etcd (whose objects are
+    /// checked one by one by the processes that apply them).
+    fn source_errors(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl fmt::Debug for dyn ConfigStore {

@@ -14,18 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshgate_config::model::{now_ms, Node, NodeKind, Role};
+use meshgate_config::model::{now_ms, Node, NodeKind, Rejection, Role};
 use meshgate_config::node::StoreConfig;
 use meshgate_config::registration::Registration;
 use meshgate_config::store::ConfigStore;
 use meshgate_config::sync::{self, Source, SyncOptions};
+use meshgate_config::tokens::Tokens;
 use meshgate_config::Kind;
 use serde::Deserialize;
 
 use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::node::ops::{OpsExtra, OpsState};
-use crate::node::{bind, status_json, Process};
+use crate::node::{bind, rejected, status_json, Process};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
@@ -70,6 +71,11 @@ pub struct GatewayConfig {
     /// Embed the admin API on the ops port.
     #[serde(default)]
     pub admin_api: Option<EmbeddedAdmin>,
+    /// Bearer tokens (the admin API's token file format) that may read the
+    /// ops port's config endpoints; default: the embedded admin API's
+    /// token file, if any. Without tokens only loopback clients may.
+    #[serde(default)]
+    pub ops_token_file: Option<PathBuf>,
     /// Worker threads of the data plane (0 = one per CPU; 1 = a
     /// single-threaded runtime).
     #[serde(default)]
@@ -184,6 +190,14 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         None => None,
     };
     let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
+    let ops_token_file = cfg
+        .ops_token_file
+        .as_ref()
+        .or(cfg.admin_api.as_ref().and_then(|a| a.token_file.as_ref()));
+    let ops_tokens = match ops_token_file {
+        Some(p) => Tokens::load(p)?,
+        None => Tokens::default(),
+    };
     let mesh_addr = mesh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let ops_addr = ops_listener.local_addr()?;
 
@@ -204,12 +218,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
         Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
-        Box::new(move |snap: &Snapshot, rejected| {
-            m.config_revision.set(snap.revision);
-            m.config_rejected.set(rejected as i64);
-        }),
+        Box::new(move |snap: &Snapshot| m.config_revision.set(snap.revision)),
     );
     let dump = compiler.dump_handle();
+    let refused = compiler.rejections();
     // Config, and the instances registered by sidecars (they join their
     // service's endpoints).
     let prefixes = Kind::CONFIG
@@ -246,6 +258,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let st = status.clone();
     let dr = draining.clone();
     let serving = ready.clone();
+    let refused_now = refused.clone();
     let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
@@ -254,11 +267,15 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             // Ready once the data plane serves the loaded config (the
             // follow loop below flips it), not merely once it is loaded.
             let ready = s.ready() && serving.load(Ordering::Acquire) && !draining;
-            let mut v = status_json(&s, draining);
+            let mut v = status_json(&s, draining, &rejected(&refused_now, &s));
             v["ready"] = ready.into();
             (ready, v)
         }),
-        config_dump: Arc::new(move || dump.render()),
+        config_dump: Arc::new({
+            let status = status.clone();
+            let refused = refused.clone();
+            move || dump.render(&rejected(&refused, &status.borrow()))
+        }),
         status: status.clone(),
         explain: Some({
             let shared = shared.clone();
@@ -267,6 +284,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             })
         }),
         extra,
+        tokens: Arc::new(ops_tokens),
     };
 
     let mut node = Process::new(Duration::from_millis(cfg.shutdown_grace_ms));
@@ -301,7 +319,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let advertise = cfg.advertise.clone().or(mesh_addr.map(|a| a.to_string()));
     let record = {
         let cfg = cfg.clone();
-        move |revision: i64| -> Vec<u8> {
+        move |revision: i64, rejected: Vec<Rejection>| -> Vec<u8> {
             let n = Node {
                 kind: NodeKind::Gateway,
                 roles: cfg.roles.clone(),
@@ -313,6 +331,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
                 applied_revision: revision,
                 updated_at_ms: now_ms(),
                 policy: None,
+                rejected,
             };
             serde_json::to_vec(&n).expect("node encodes")
         }
@@ -320,21 +339,25 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let registration = Registration::spawn(
         store.clone(),
         node_key,
-        record(0),
+        record(0, Vec::new()),
         Duration::from_secs(cfg.lease_ttl_s),
     );
     let follow = async {
         let mut status = status.clone();
-        let mut registered_rev = None;
+        let mut registered = None;
         loop {
             let s = status.borrow_and_update().clone();
             metrics.store_connected.set(i64::from(s.connected));
+            let refusals = rejected(&refused, &s);
+            metrics.config_rejected.set(refusals.len() as i64);
             if s.source != Source::None {
                 ready.store(true, Ordering::Release);
-                // Rewrite the node record only when the revision moves.
-                if registered_rev != Some(s.revision) {
-                    registered_rev = Some(s.revision);
-                    registration.update(record(s.revision));
+                // Rewrite the node record only when the revision or the
+                // refusals change.
+                let now = (s.revision, refusals);
+                if registered.as_ref() != Some(&now) {
+                    registration.update(record(now.0, now.1.clone()));
+                    registered = Some(now);
                 }
             }
             if status.changed().await.is_err() {

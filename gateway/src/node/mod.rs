@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Request, Response};
+use meshgate_config::model::Rejection;
 use meshgate_config::sync::{Source, SyncStatus};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::server::{self, Peer};
+use crate::snapshot::Rejections;
 
 /// Binds `addr` for the node-config field `field`.
 pub async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
@@ -75,9 +77,9 @@ impl Process {
     /// Serves the ops port.
     pub fn serve_ops(&mut self, listener: TcpListener, state: ops::OpsState) {
         let state = std::sync::Arc::new(state);
-        self.serve("ops", listener, move |_peer, req| {
+        self.serve("ops", listener, move |peer, req| {
             let state = state.clone();
-            async move { ops::handle(&state, req).await }
+            async move { ops::handle(&state, &peer, req).await }
         });
     }
 
@@ -104,8 +106,23 @@ impl Process {
     }
 }
 
-/// The sync status as JSON for `/readyz`.
-pub fn status_json(s: &SyncStatus, draining: bool) -> serde_json::Value {
+/// Everything a process refuses of the config it follows: the objects
+/// its compilers refused, then what the store refused of its own source
+/// (the standalone file). What `/config`, `/readyz`, the
+/// `config_rejected_objects` metric and the node record show.
+pub fn rejected(objects: &Rejections, s: &SyncStatus) -> Vec<Rejection> {
+    let mut all = objects.list();
+    all.extend(s.source_errors.iter().cloned());
+    all
+}
+
+/// The sync status as JSON for `/readyz`. `last_error` is the store's
+/// error while disconnected, else the first refusal of its source.
+pub fn status_json(s: &SyncStatus, draining: bool, rejected: &[Rejection]) -> serde_json::Value {
+    let last_error = s
+        .last_error
+        .clone()
+        .or_else(|| s.source_errors.first().map(|r| r.error.clone()));
     serde_json::json!({
         "ready": s.ready() && !draining,
         "draining": draining,
@@ -113,6 +130,7 @@ pub fn status_json(s: &SyncStatus, draining: bool) -> serde_json::Value {
         "store_connected": s.connected,
         "revision": s.revision,
         "last_sync_ms": s.last_sync_ms,
-        "last_error": s.last_error,
+        "last_error": last_error,
+        "rejected": rejected,
     })
 }

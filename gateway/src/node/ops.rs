@@ -8,6 +8,15 @@
 //! routes when it has some (a standalone gateway's admin API, mounted by
 //! the gateway binary), else 404.
 //!
+//! **Who may read config.** `/config`, `POST /explain` and the list of
+//! refused objects in `/readyz` reveal the config. Without a token file
+//! they answer loopback clients only (403 for others, as Envoy's admin
+//! port is meant to be reached); with one (`ops_token_file`, or a
+//! standalone gateway's admin tokens) every caller needs a viewer or admin
+//! `Bearer` token (401 without one). `/healthz`, `/readyz` (with a count
+//! of refusals instead of the list), `/metrics` and `/config/revision`
+//! stay open to probes and scrapers: they carry no config.
+//!
 //! Served by the engine's own listener ([`crate::server`]), so the library
 //! (and the sidecar) needs no web framework.
 
@@ -21,12 +30,14 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use meshgate_config::model::ExplainRequest;
 use meshgate_config::sync::SyncStatus;
+use meshgate_config::tokens::Tokens;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::http::body::{full, ProxyBody, RequestBody};
 use crate::metrics::Metrics;
 use crate::node::explain::BadField;
+use crate::server::Peer;
 
 /// What the ops endpoints read.
 #[derive(Clone)]
@@ -43,6 +54,9 @@ pub struct OpsState {
     pub explain: Option<ExplainFn>,
     /// Routes served after the ops endpoints (the embedded admin API).
     pub extra: Option<OpsExtra>,
+    /// Who may read config here (see the module docs); empty: loopback
+    /// clients only.
+    pub tokens: Arc<Tokens>,
 }
 
 /// Explains a request against the applied config.
@@ -60,8 +74,14 @@ const MAX_BODY: usize = 2 * 1024 * 1024;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// Answers one ops request.
-pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyBody> {
+pub async fn handle(st: &OpsState, peer: &Peer, req: Request<RequestBody>) -> Response<ProxyBody> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    let reveals_config = matches!(req.uri().path(), "/config" | "/explain");
+    if reveals_config {
+        if let Some(refused) = config_read_refused(st, peer, &req) {
+            return refused;
+        }
+    }
     match (req.uri().path(), get) {
         ("/healthz", true) => {
             let mut r = text(StatusCode::OK, "ok\n");
@@ -72,7 +92,16 @@ pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyB
             r
         }
         ("/readyz", true) => {
-            let (ready, details) = (st.readiness)();
+            let (ready, mut details) = (st.readiness)();
+            // The refusals name config objects: their count for anyone,
+            // the list for those who may read config.
+            let refused = details["rejected"].as_array().map_or(0, Vec::len);
+            details["rejected_count"] = refused.into();
+            if config_read_refused(st, peer, &req).is_some() {
+                if let Some(d) = details.as_object_mut() {
+                    d.remove("rejected");
+                }
+            }
             let status = match ready {
                 true => StatusCode::OK,
                 false => StatusCode::SERVICE_UNAVAILABLE,
@@ -101,6 +130,42 @@ pub async fn handle(st: &OpsState, req: Request<RequestBody>) -> Response<ProxyB
             Some(extra) => extra(req).await,
             None => error(StatusCode::NOT_FOUND, "not_found", "no such ops endpoint"),
         },
+    }
+}
+
+/// The ops port's access rule for what reveals config (see the module
+/// docs): the answer to send instead when this caller may not read it.
+fn config_read_refused(
+    st: &OpsState,
+    peer: &Peer,
+    req: &Request<RequestBody>,
+) -> Option<Response<ProxyBody>> {
+    if st.tokens.is_empty() {
+        if peer.addr.ip().to_canonical().is_loopback() {
+            return None;
+        }
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this ops endpoint reveals the config: it answers loopback clients only, unless ops_token_file is set (then any client with a viewer token)",
+        ));
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match st.tokens.check(authorization) {
+        Some(_) => None,
+        None => {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this ops endpoint reveals the config: it needs a viewer or admin bearer token",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Some(r)
+        }
     }
 }
 
@@ -211,6 +276,7 @@ mod tests {
             revision: 0,
             last_sync_ms: 0,
             last_error: None,
+            source_errors: Vec::new(),
         });
         let st = OpsState {
             metrics: Arc::new(Metrics::new("test")),
@@ -219,8 +285,13 @@ mod tests {
             status: rx,
             explain: None,
             extra: None,
+            tokens: Arc::new(Tokens::default()),
         };
         (st, tx)
+    }
+
+    fn local() -> Peer {
+        Peer::new("127.0.0.1:40000".parse().unwrap())
     }
 
     fn get(path: &str) -> Request<RequestBody> {
@@ -236,20 +307,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn endpoints_answer_and_revision_waits() {
         let (st, tx) = state();
-        assert_eq!(body(handle(&st, get("/healthz")).await).await, "ok\n");
-        assert_eq!(handle(&st, get("/readyz")).await.status(), 503);
-        assert_eq!(handle(&st, get("/nope")).await.status(), 404);
+        assert_eq!(
+            body(handle(&st, &local(), get("/healthz")).await).await,
+            "ok\n"
+        );
+        assert_eq!(handle(&st, &local(), get("/readyz")).await.status(), 503);
+        assert_eq!(handle(&st, &local(), get("/nope")).await.status(), 404);
         let mut post = get("/readyz");
         *post.method_mut() = Method::POST;
-        assert_eq!(handle(&st, post).await.status(), 405);
-        assert_eq!(handle(&st, get("/explain")).await.status(), 405);
-        let r = handle(&st, get("/config/revision?at_least=x")).await;
+        assert_eq!(handle(&st, &local(), post).await.status(), 405);
+        assert_eq!(handle(&st, &local(), get("/explain")).await.status(), 405);
+        let r = handle(&st, &local(), get("/config/revision?at_least=x")).await;
         assert_eq!(r.status(), 400);
         // Not applied within the wait: 408 with the current revision.
-        let r = handle(&st, get("/config/revision?at_least=5&wait_ms=100")).await;
+        let r = handle(
+            &st,
+            &local(),
+            get("/config/revision?at_least=5&wait_ms=100"),
+        )
+        .await;
         assert_eq!(r.status(), 408);
         // Applied while waiting: 200.
-        let waiting = handle(&st, get("/config/revision?at_least=5&wait_ms=1000"));
+        let peer = local();
+        let waiting = handle(&st, &peer, get("/config/revision?at_least=5&wait_ms=1000"));
         let apply = async {
             tokio::time::sleep(Duration::from_millis(10)).await;
             tx.send_modify(|s| s.revision = 7);
@@ -257,5 +337,87 @@ mod tests {
         let (r, ()) = tokio::join!(waiting, apply);
         assert_eq!(r.status(), 200);
         assert_eq!(body(r).await, r#"{"revision":7}"#);
+    }
+
+    /// `/config`, `/explain` and the refusals in `/readyz` reveal config:
+    /// loopback clients only without tokens, a viewer token with them. The
+    /// probes and the scrape stay open.
+    #[tokio::test]
+    async fn config_is_read_by_loopback_or_a_token_only() {
+        let (mut st, _tx) = state();
+        st.readiness = Arc::new(|| {
+            let rejected = json!([{"object": "services/x", "version": 3, "error": "bad"}]);
+            (true, json!({"ready": true, "rejected": rejected}))
+        });
+        let remote = Peer::new("192.0.2.7:40000".parse().unwrap());
+        let mapped = Peer::new("[::ffff:127.0.0.1]:40000".parse().unwrap());
+        let with = |path: &str, auth: &str| {
+            let mut r = get(path);
+            r.headers_mut()
+                .insert(header::AUTHORIZATION, auth.parse().unwrap());
+            r
+        };
+        let readyz = |r: Response<ProxyBody>| async {
+            serde_json::from_str::<Value>(&body(r).await).unwrap()
+        };
+
+        // No tokens: loopback (also IPv4-mapped) reads, others get 403.
+        assert_eq!(handle(&st, &local(), get("/config")).await.status(), 200);
+        assert_eq!(handle(&st, &mapped, get("/config")).await.status(), 200);
+        assert_eq!(handle(&st, &remote, get("/config")).await.status(), 403);
+        let mut explain = get("/explain");
+        *explain.method_mut() = Method::POST;
+        assert_eq!(handle(&st, &remote, explain).await.status(), 403);
+        let v = readyz(handle(&st, &remote, get("/readyz")).await).await;
+        assert_eq!(
+            (v.get("rejected"), &v["rejected_count"]),
+            (None, &json!(1)),
+            "{v}"
+        );
+        let v = readyz(handle(&st, &local(), get("/readyz")).await).await;
+        assert_eq!(v["rejected"][0]["object"], "services/x", "{v}");
+        for open in ["/healthz", "/metrics", "/config/revision"] {
+            assert_eq!(
+                handle(&st, &remote, get(open)).await.status(),
+                200,
+                "{open}"
+            );
+        }
+
+        // Tokens: every caller needs one, loopback too; a viewer's will do.
+        let mut tokens = Tokens::default();
+        tokens.add(
+            "dash".into(),
+            "viewer-token-0123456789",
+            meshgate_config::tokens::Role::Viewer,
+        );
+        st.tokens = Arc::new(tokens);
+        let r = handle(&st, &local(), get("/config")).await;
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let r = handle(
+            &st,
+            &remote,
+            with("/config", "Bearer wrong-token-0123456789"),
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+        let r = handle(
+            &st,
+            &remote,
+            with("/config", "bearer viewer-token-0123456789"),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let v = readyz(handle(&st, &local(), get("/readyz")).await).await;
+        assert_eq!(v.get("rejected"), None, "{v}");
+        let r = handle(
+            &st,
+            &remote,
+            with("/readyz", "Bearer viewer-token-0123456789"),
+        )
+        .await;
+        assert_eq!(readyz(r).await["rejected_count"], 1);
+        assert_eq!(handle(&st, &remote, get("/metrics")).await.status(), 200);
     }
 }

@@ -18,11 +18,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshgate_config::model::{
-    CircuitBreaker, Endpoint, Group, Instance, Protocol, Service, TcpRoute, Timeouts,
+    CircuitBreaker, Endpoint, Group, Instance, Protocol, Rejection, Service, TcpRoute, Timeouts,
 };
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
-use serde::Serialize;
 
 use crate::http::h2::{Clients, HttpClient, Wire};
 use crate::http::limit::ConnLimit;
@@ -129,16 +128,45 @@ impl Snapshot {
     }
 }
 
-/// What was rejected and why, for `/config` and logs.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Rejected {
-    pub object: String,
-    pub version: i64,
-    pub error: String,
+/// The config objects refused as invalid, by key, each with its reason
+/// (its previous good version stays in force). One handle is shared by
+/// whatever applies config in a process (the compiler, a sidecar's policy)
+/// and read by `/config`, `/readyz`, the metric and the node record.
+#[derive(Debug, Clone, Default)]
+pub struct Rejections(Arc<std::sync::Mutex<BTreeMap<Key, Rejection>>>);
+
+impl Rejections {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Rejection>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `key` at `version` as refused, and logs it.
+    pub fn reject(&self, key: &Key, version: i64, error: String) {
+        tracing::error!(object = %key, version, %error, "config object rejected; previous version kept");
+        let object = key.to_string();
+        self.map().insert(
+            key.clone(),
+            Rejection {
+                object,
+                version,
+                error,
+            },
+        );
+    }
+
+    /// `key` was accepted or deleted: no longer refused.
+    pub fn clear(&self, key: &Key) {
+        self.map().remove(key);
+    }
+
+    /// Every refusal, in key order.
+    pub fn list(&self) -> Vec<Rejection> {
+        self.map().values().cloned().collect()
+    }
 }
 
-/// Called after each publish with the snapshot and the count of rejected objects.
-pub(crate) type OnApply = Box<dyn Fn(&Snapshot, usize) + Send>;
+/// Called after each publish with the snapshot.
+pub(crate) type OnApply = Box<dyn Fn(&Snapshot) + Send>;
 
 /// The shared handle the data plane reads from.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -166,7 +194,7 @@ pub struct Compiler {
     groups: FastMap<String, Group>,
     /// Raw accepted objects (for the `/config` dump).
     accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
-    rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
+    rejected: Rejections,
     on_apply: OnApply,
     dump: ConfigDump,
 }
@@ -176,7 +204,6 @@ pub struct Compiler {
 #[derive(Clone, Default)]
 pub struct ConfigDump {
     view: Arc<ArcSwap<DumpView>>,
-    rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>>,
 }
 
 #[derive(Default)]
@@ -193,7 +220,7 @@ impl std::fmt::Debug for ConfigDump {
 
 impl ConfigDump {
     /// `{revision, objects: {kind: {name: {version, spec}}}, rejected: [...]}`.
-    pub(crate) fn render(&self) -> serde_json::Value {
+    pub(crate) fn render(&self, rejected: &[Rejection]) -> serde_json::Value {
         let view = self.view.load();
         let mut kinds: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
         for (k, (v, obj)) in view.accepted.iter() {
@@ -202,13 +229,6 @@ impl ConfigDump {
                 .or_default()
                 .insert(&k.name, serde_json::json!({ "version": v, "spec": &**obj }));
         }
-        let rejected: Vec<Rejected> = self
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
         serde_json::json!({ "revision": view.revision, "objects": kinds, "rejected": rejected })
     }
 }
@@ -222,7 +242,6 @@ impl Compiler {
         health: Arc<HealthChecks>,
         on_apply: OnApply,
     ) -> Compiler {
-        let rejected: Arc<std::sync::Mutex<BTreeMap<Key, Rejected>>> = Default::default();
         Compiler {
             shared,
             defaults,
@@ -240,12 +259,9 @@ impl Compiler {
             tcp_routes: Default::default(),
             groups: Default::default(),
             accepted: Default::default(),
-            rejected: rejected.clone(),
+            rejected: Rejections::default(),
             on_apply,
-            dump: ConfigDump {
-                view: Default::default(),
-                rejected,
-            },
+            dump: ConfigDump::default(),
         }
     }
 
@@ -253,6 +269,11 @@ impl Compiler {
     /// updated after every change.
     pub fn dump_handle(&self) -> ConfigDump {
         self.dump.clone()
+    }
+
+    /// The objects this compiler refused, updated as it applies changes.
+    pub fn rejections(&self) -> Rejections {
+        self.rejected.clone()
     }
 
     fn router_mut(&mut self, scope: meshgate_config::model::Scope) -> &mut Router {
@@ -364,21 +385,6 @@ impl Compiler {
         }
     }
 
-    fn reject(&mut self, key: &Key, version: i64, error: String) {
-        tracing::error!(object = %key, version, %error, "config object rejected; previous version kept");
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                key.clone(),
-                Rejected {
-                    object: key.to_string(),
-                    version,
-                    error,
-                },
-            );
-    }
-
     fn publish(&mut self, revision: i64) {
         let snap = Snapshot {
             revision,
@@ -389,12 +395,7 @@ impl Compiler {
             tcp_routes: self.tcp_routes.clone(),
             routes: self.routes.clone(),
         };
-        let rejected = self
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
-        (self.on_apply)(&snap, rejected);
+        (self.on_apply)(&snap);
         self.shared.store(Arc::new(snap));
         self.follow_checks();
         self.dump.view.store(Arc::new(DumpView {
@@ -411,10 +412,7 @@ impl Apply for Compiler {
             touched = true;
             match change {
                 Change::Delete(key) => {
-                    self.rejected
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&key);
+                    self.rejected.clear(&key);
                     self.accepted.remove(&key);
                     match key.kind {
                         Kind::Services => {
@@ -451,14 +449,12 @@ impl Apply for Compiler {
                     let obj = match Object::decode(&key, &entry.value) {
                         Ok(o) => o,
                         Err(e) => {
-                            self.reject(&key, entry.mod_revision, e.to_string());
+                            self.rejected
+                                .reject(&key, entry.mod_revision, e.to_string());
                             continue;
                         }
                     };
-                    self.rejected
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&key);
+                    self.rejected.clear(&key);
                     if let Ok(v) = serde_json::from_slice(&entry.value) {
                         self.accepted
                             .insert(key.clone(), (entry.mod_revision, Arc::new(v)));
@@ -524,7 +520,7 @@ mod tests {
             Default::default(),
             Default::default(),
             Default::default(),
-            Box::new(|_, _| {}),
+            Box::new(|_| {}),
         );
         (c, shared)
     }

@@ -79,7 +79,7 @@ fn main() {
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
         Default::default(),
-        Box::new(|_, _| {}),
+        Box::new(|_| {}),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
