@@ -42,6 +42,29 @@ pub struct AdminState {
     pub explainer: Option<Explainer>,
     /// Change-log entries kept (default [`HISTORY_LIMIT`]).
     pub history_limit: usize,
+    pub limits: Limits,
+}
+
+/// The admin API's request limits (see docs/operations.md).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most items in a batch.
+    pub max_batch_items: usize,
+    /// Most operations, and most conditions, in one store transaction:
+    /// etcd's `--max-txn-ops`.
+    pub max_txn_ops: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_batch_items: 100,
+            max_txn_ops: 128,
+        }
+    }
 }
 
 fn config_kind(kind: &str) -> Result<Kind, ApiError> {
@@ -387,10 +410,29 @@ async fn plan_delete(
 /// Commits plans in one transaction. `Ok(None)`: a condition failed
 /// (something changed meanwhile); nothing was written.
 async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Option<i64>, ApiError> {
-    let conds = plans.iter().flat_map(|p| p.conds.iter().cloned()).collect();
+    // Each condition once (many routes may check the same service).
+    let mut conds: Vec<Cond> = Vec::new();
+    for c in plans.iter().flat_map(|p| p.conds.iter()) {
+        if !conds.contains(c) {
+            conds.push(c.clone());
+        }
+    }
     let mut ops: Vec<Op> = plans.iter().map(|p| p.op.clone()).collect();
     // The change log entry commits with the change, or not at all.
     ops.push(history_record(caller, plans));
+    let most = st.limits.max_txn_ops;
+    if ops.len() > most || conds.len() > most {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!(
+                "this write is one transaction of {} operations and {} conditions; the store allows {most} of each (etcd's --max-txn-ops, max_txn_ops here): split it",
+                ops.len(),
+                conds.len()
+            ),
+        )
+        .field("items"));
+    }
     match st.store.txn(conds, ops).await? {
         TxnOutcome::Committed { revision } => {
             for p in plans {
@@ -892,11 +934,15 @@ async fn plan_batch(st: &AdminState, body: &[u8]) -> Result<Vec<Plan>, ApiError>
         )
         .field(e.path().to_string())
     })?;
-    if batch.items.is_empty() || batch.items.len() > MAX_BATCH {
+    let most = st.limits.max_batch_items;
+    if batch.items.is_empty() || batch.items.len() > most {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_batch",
-            format!("a batch holds 1 to {MAX_BATCH} items"),
+            format!(
+                "a batch holds 1 to {most} items, this one {} (max_batch_items)",
+                batch.items.len()
+            ),
         )
         .field("items"));
     }
@@ -982,8 +1028,6 @@ async fn plan_batch(st: &AdminState, body: &[u8]) -> Result<Vec<Plan>, ApiError>
     }
     Ok(plans)
 }
-
-const MAX_BATCH: usize = 1000;
 
 fn batch_results(plans: &[Plan], revision: Option<i64>) -> Vec<Value> {
     plans

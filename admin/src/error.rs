@@ -126,8 +126,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromR
     }
 }
 
-/// The request body as bytes, whose rejection (larger than the 2 MiB
-/// limit, unreadable) is the API's JSON error rather than axum's text.
+/// The request body as bytes, whose rejection (larger than the
+/// `max_body_bytes` limit, unreadable) is the API's JSON error rather than
+/// axum's text.
 #[derive(Debug)]
 pub struct Body(pub axum::body::Bytes);
 

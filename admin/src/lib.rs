@@ -64,6 +64,9 @@ pub fn router(state: AdminState) -> Router {
             state.clone(),
             authenticate,
         ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.limits.max_body_bytes,
+        ))
         .with_state(state)
 }
 
@@ -112,5 +115,6 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
         tokens: Arc::new(tokens),
         explainer: None,
         history_limit: api::HISTORY_LIMIT,
+        limits: api::Limits::default(),
     }
 }

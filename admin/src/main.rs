@@ -31,6 +31,28 @@ struct AdminConfig {
     /// Change-log entries kept (default 1000).
     #[serde(default = "default_history_limit")]
     history_limit: usize,
+    /// Largest request body, bytes (default 1 MiB).
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    /// Most items in a batch (default 100).
+    #[serde(default = "default_max_batch")]
+    max_batch_items: usize,
+    /// Most operations or conditions per etcd transaction: set it to
+    /// etcd's `--max-txn-ops` (default 128).
+    #[serde(default = "default_max_txn_ops")]
+    max_txn_ops: usize,
+}
+
+fn default_max_body() -> usize {
+    meshgate_admin::api::Limits::default().max_body_bytes
+}
+
+fn default_max_batch() -> usize {
+    meshgate_admin::api::Limits::default().max_batch_items
+}
+
+fn default_max_txn_ops() -> usize {
+    meshgate_admin::api::Limits::default().max_txn_ops
 }
 
 fn default_history_limit() -> usize {
@@ -50,6 +72,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if !(1..=100_000).contains(&c.history_limit) {
             p.push(("history_limit".into(), "must be from 1 to 100000".into()));
         }
+        if !(1024..=64 << 20).contains(&c.max_body_bytes) {
+            p.push((
+                "max_body_bytes".into(),
+                "must be from 1024 to 67108864".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&c.max_batch_items) {
+            p.push(("max_batch_items".into(), "must be from 1 to 10000".into()));
+        }
+        if c.max_txn_ops < 2 {
+            p.push(("max_txn_ops".into(), "must be at least 2".into()));
+        }
         p
     })?;
     let tokens = match &cfg.token_file {
@@ -60,6 +94,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = cfg.store.open().await?;
     let mut state = meshgate_admin::state(store, tokens);
     state.history_limit = cfg.history_limit;
+    state.limits = meshgate_admin::api::Limits {
+        max_body_bytes: cfg.max_body_bytes,
+        max_batch_items: cfg.max_batch_items,
+        max_txn_ops: cfg.max_txn_ops,
+    };
     let app =
         meshgate_admin::router(state).route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -99,6 +99,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
                 token_file: args.token_file.clone(),
             }),
             ops_token_file: None,
+            client: Default::default(),
         });
     }
     let path = args.config.as_ref().expect("clap requires --config");

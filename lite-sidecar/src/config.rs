@@ -28,6 +28,9 @@ pub struct SidecarConfig {
     /// the ops port's config endpoints; without, only loopback clients may.
     #[serde(default)]
     pub ops_token_file: Option<PathBuf>,
+    /// Limits of client connections on every listener.
+    #[serde(default)]
+    pub client: meshgate_gateway::node::ClientSettings,
     /// Last-known-good local-policy file.
     #[serde(default)]
     pub snapshot_file: Option<PathBuf>,
@@ -227,6 +230,7 @@ impl SidecarConfig {
                 p.push((format!("app.{}", e.field), e.message));
             }
         }
+        p.extend(self.client.problems());
         p
     }
 }

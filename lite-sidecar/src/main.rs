@@ -150,7 +150,10 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         ),
     });
 
-    let mut node = Process::new(Duration::from_millis(cfg.shutdown_grace_ms));
+    let mut node = Process::new(
+        Duration::from_millis(cfg.shutdown_grace_ms),
+        cfg.client.limits(),
+    );
     let f = fwd.clone();
     let st = status.clone();
     let pol = policy.clone();

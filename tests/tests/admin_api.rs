@@ -478,6 +478,68 @@ async fn refusals_show_in_status_readyz_config_metric_and_get() {
     );
 }
 
+/// The admin API's limits, both sides of each, against an etcd with its
+/// default flags: a body of exactly `max_body_bytes` (1 MiB) is read, one
+/// byte more gets 413; a batch of `max_batch_items` (100) commits, one
+/// item more gets 400; and a batch that would exceed etcd's
+/// `--max-txn-ops` (128) when the item limit is raised is refused by the
+/// admin with the count, not by etcd, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_batch_and_transaction_limits() {
+    let c = cluster().await;
+    let a = &c.admin;
+    let spec = svc(9001, json!({})).to_string();
+    let padded = |len: usize| format!("{spec}{}", " ".repeat(len - spec.len()));
+    let r = a.put_raw("services/big", &padded(1024 * 1024), &[]).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = a
+        .put_raw("services/big", &padded(1024 * 1024 + 1), &[])
+        .await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (413, json!("body_too_large")),
+        "{r:?}"
+    );
+
+    let batch = |n: usize, prefix: &str| {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"op": "put", "kind": "services", "name": format!("{prefix}{i}"), "spec": svc(9001, json!({}))}))
+            .collect();
+        json!({ "items": items }).to_string()
+    };
+    let r = a.call("POST", "batch", &batch(101, "over-"), &[]).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_batch_items"),
+        "{r:?}"
+    );
+    let r = a.call("POST", "batch", &batch(100, "fits-"), &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(a.get("services/fits-99").await.status, 200);
+
+    // Items raised beyond what one etcd transaction takes.
+    let wide_dir = c.dir.path().join("wide");
+    std::fs::create_dir(&wide_dir).unwrap();
+    let (_wide, base, token) = start_admin_with(
+        &wide_dir,
+        &c.etcd.endpoint(),
+        json!({"max_batch_items": 1000}),
+    );
+    let wide = Admin { base, token };
+    wide.wait_up().await;
+    let r = wide.call("POST", "batch", &batch(150, "wide-"), &[]).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let msg = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("151 operations") && msg.contains("--max-txn-ops"),
+        "{msg}"
+    );
+    assert_eq!(a.get("services/wide-0").await.status, 404);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_for_gateways_and_status_shows_propagation() {
     let mut c = cluster().await;

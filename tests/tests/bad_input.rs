@@ -307,3 +307,54 @@ async fn transfer_codings_other_than_chunked_are_refused_not_dropped() {
         "{r:?}"
     );
 }
+
+/// The largest request head is 32 KiB by default on every listener a
+/// client reaches (nginx's total; Envoy allows 60 KiB): a head of exactly
+/// that size is served, one byte more gets 431 and a closed connection and
+/// reaches no backend. The mesh listener, whose clients are mesh hops,
+/// allows 4 KiB more for the headers the hops add: a head at the limit
+/// through the sidecar and a gateway is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_32_kib_gets_431_on_every_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start("b").await;
+    let yaml = format!(
+        "services:\n  orders:\n    endpoints: [{{address: {}}}]\nroutes:\n  orders:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: orders}}]\n",
+        b.addr
+    );
+    let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
+    let mesh = Mesh::start().await;
+    let limit = 32 * 1024;
+    for (port, extra, limit, hits) in [
+        (ports.ingress, "", limit, &[&b][..]),
+        (
+            ports.mesh,
+            "x-mesh-service: orders\r\n",
+            limit + 4096,
+            &[&b][..],
+        ),
+        (
+            mesh.sidecar.1.app,
+            "x-mesh-service: orders\r\n",
+            limit,
+            &[&mesh.b1, &mesh.b2][..],
+        ),
+    ] {
+        let head = |len: usize| {
+            let start =
+                format!("GET /h HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n{extra}x-pad: ");
+            format!("{start}{}\r\n\r\n", "p".repeat(len - start.len() - 4))
+        };
+        let before: u64 = hits.iter().map(|b| b.hits()).sum();
+        let out = raw_exchange(port, head(limit).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{port}: {out}");
+        let out = raw_exchange(port, head(limit + 1).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 431"), "{port}: {out}");
+        let after: u64 = hits.iter().map(|b| b.hits()).sum();
+        assert_eq!(
+            after,
+            before + 1,
+            "{port}: only the head that fits was forwarded"
+        );
+    }
+}

@@ -129,7 +129,10 @@ async fn yaml_edits_and_admin_puts_both_apply() {
         ready["last_error"].as_str().is_some_and(|e| !e.is_empty()),
         "{ready}"
     );
-    assert_eq!(objects(&ops_json("/config").await), std::slice::from_ref(&source));
+    assert_eq!(
+        objects(&ops_json("/config").await),
+        std::slice::from_ref(&source)
+    );
     assert_eq!(metric(ops, "meshgate_config_rejected_objects").await, 1.0);
     wait_until(
         "refusal in the admin's /status",

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::node::ops::{OpsExtra, OpsState};
-use crate::node::{bind, rejected, status_json, Process};
+use crate::node::{bind, rejected, status_json, ClientSettings, Process};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
@@ -76,6 +76,9 @@ pub struct GatewayConfig {
     /// token file, if any. Without tokens only loopback clients may.
     #[serde(default)]
     pub ops_token_file: Option<PathBuf>,
+    /// Limits of client connections on every listener.
+    #[serde(default)]
+    pub client: ClientSettings,
     /// Worker threads of the data plane (0 = one per CPU; 1 = a
     /// single-threaded runtime).
     #[serde(default)]
@@ -162,6 +165,7 @@ impl GatewayConfig {
         if self.lease_ttl_s < 2 {
             p.push(("lease_ttl_s".into(), "must be at least 2".into()));
         }
+        p.extend(self.client.problems());
         p
     }
 }
@@ -287,7 +291,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         tokens: Arc::new(ops_tokens),
     };
 
-    let mut node = Process::new(Duration::from_millis(cfg.shutdown_grace_ms));
+    let mut node = Process::new(
+        Duration::from_millis(cfg.shutdown_grace_ms),
+        cfg.client.limits(),
+    );
     node.serve_ops(ops_listener, ops_state);
     for (listener, kind) in [
         (mesh_listener, ListenerKind::Mesh),
@@ -296,10 +303,14 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         let Some(listener) = listener else { continue };
         tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
         let p = proxy.clone();
-        node.serve(kind.as_str(), listener, move |peer, req| {
-            let p = p.clone();
+        let handler = move |peer, req| {
+            let p: Arc<Proxy> = p.clone();
             async move { p.handle(kind, peer, req).await }
-        });
+        };
+        match kind {
+            ListenerKind::Mesh => node.serve_mesh(kind.as_str(), listener, handler),
+            _ => node.serve(kind.as_str(), listener, handler),
+        }
     }
     // TCP routes listen on the ingress address.
     if let Some(a) = cfg.ingress_listen {

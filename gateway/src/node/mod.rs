@@ -38,20 +38,80 @@ pub async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<TcpListener> 
         .map_err(|e| anyhow::anyhow!("{field}: cannot bind {addr}: {e}"))
 }
 
+/// The limits of client connections in a gateway's or sidecar's node
+/// config (`client:`), for every listener of the process.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSettings {
+    /// Largest request head, bytes (431 beyond).
+    pub max_request_head_bytes: usize,
+    /// A client that takes no byte of an answer for this long is cut off.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            max_request_head_bytes: server::DEFAULT_MAX_HEAD,
+            write_timeout_ms: server::DEFAULT_WRITE_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl ClientSettings {
+    /// Largest `max_request_head_bytes` accepted.
+    pub const MAX_HEAD_CEILING: usize = 1024 * 1024;
+
+    /// The problems of these settings, with their field paths.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let head = server::MIN_MAX_HEAD..=Self::MAX_HEAD_CEILING;
+        if !head.contains(&self.max_request_head_bytes) {
+            p.push((
+                "client.max_request_head_bytes".into(),
+                format!("must be from {} to {}", head.start(), head.end()),
+            ));
+        }
+        if self.write_timeout_ms == 0 {
+            p.push((
+                "client.write_timeout_ms".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        p
+    }
+
+    pub fn limits(&self) -> server::Limits {
+        server::Limits {
+            max_head: self.max_request_head_bytes,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            ..server::Limits::default()
+        }
+    }
+}
+
+/// What the mesh's hops may add to a request head (`x-mesh-*`,
+/// `x-forwarded-for`, `x-request-id`, `traceparent`), beyond the client
+/// limit, on the mesh listener.
+pub const HOP_HEADROOM: usize = 4 * 1024;
+
 /// The serving tasks of a process and its shutdown signal.
 #[derive(Debug)]
 pub struct Process {
     shutdown: watch::Sender<bool>,
     grace: Duration,
+    limits: server::Limits,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Process {
-    /// A node whose listeners drain for at most `grace` on shutdown.
-    pub fn new(grace: Duration) -> Process {
+    /// A node whose listeners hold clients to `limits` and drain for at
+    /// most `grace` on shutdown.
+    pub fn new(grace: Duration, limits: server::Limits) -> Process {
         Process {
             shutdown: watch::channel(false).0,
             grace,
+            limits,
             tasks: Vec::new(),
         }
     }
@@ -68,9 +128,36 @@ impl Process {
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
+        self.serve_with(name, listener, self.limits, handler);
+    }
+
+    /// [`Process::serve`] for the mesh listener, whose clients are other
+    /// mesh processes: a request's head may exceed the limit by what the
+    /// hops before added ([`HOP_HEADROOM`]), since the edge that took it
+    /// from a client held it to the limit.
+    pub fn serve_mesh<H, F>(&mut self, name: &'static str, listener: TcpListener, handler: H)
+    where
+        H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let mut limits = self.limits;
+        limits.max_head += HOP_HEADROOM;
+        self.serve_with(name, listener, limits, handler);
+    }
+
+    fn serve_with<H, F>(
+        &mut self,
+        name: &'static str,
+        listener: TcpListener,
+        limits: server::Limits,
+        handler: H,
+    ) where
+        H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
         let shutdown = self.shutdown();
         let grace = self.grace;
-        let task = server::serve(name, listener, handler, shutdown, grace);
+        let task = server::serve(name, listener, handler, shutdown, grace, limits);
         self.tasks.push(tokio::spawn(task));
     }
 

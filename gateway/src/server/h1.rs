@@ -54,20 +54,18 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Body;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::headers::ConnectionTokens;
 use crate::http::wire::{write_field, write_last_chunk, ChunkSize, Span};
+use crate::server::client_io::ClientIo;
 use crate::server::{wait_true, Peer};
 
 /// Most request headers parsed here; a request with more goes to hyper
 /// (which takes 100).
 pub(crate) const MAX_HEADERS: usize = 64;
-/// Largest request head parsed here; a larger one goes to hyper (431).
-const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies with a `content-length` up to this size are read whole
 /// here (the proxy buffers them for replay anyway); larger ones stream
 /// through hyper.
@@ -83,9 +81,10 @@ const COALESCE: usize = 64 * 1024;
 /// once per this much time instead of once per request.
 const TIMER_SLACK: Duration = Duration::from_secs(1);
 
-/// The connection timeouts.
+/// The limits of client connections (every listener: the fast path,
+/// hyper's HTTP/1.1 and HTTP/2).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// A request's head (and a body read here) must arrive whole within
     /// this, counted from when its first byte is in.
     pub request_read: Duration,
@@ -93,13 +92,30 @@ pub(crate) struct Limits {
     /// the upstream pool's idle time (60 s), so a pooled client closes
     /// first.
     pub keep_alive_idle: Duration,
+    /// Largest request head (request line, headers and the blank line);
+    /// a larger one gets 431 and a closed connection. HTTP/2: the largest
+    /// header list (RFC 9113's size: names, values and 32 per field).
+    pub max_head: usize,
+    /// A client that takes no byte of an answer for this long is cut off
+    /// ([`crate::server::client_io`]).
+    pub write_timeout: Duration,
 }
+
+/// [`Limits::max_head`] by default: nginx's total (4 buffers of 8 KiB),
+/// below Envoy's 60 KiB.
+pub const DEFAULT_MAX_HEAD: usize = 32 * 1024;
+/// Smallest [`Limits::max_head`] (hyper's smallest read buffer).
+pub const MIN_MAX_HEAD: usize = 8 * 1024;
+/// [`Limits::write_timeout`] by default (nginx's `send_timeout`).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             request_read: Duration::from_secs(10),
             keep_alive_idle: Duration::from_secs(75),
+            max_head: DEFAULT_MAX_HEAD,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -117,7 +133,7 @@ pub(crate) enum End {
 /// Serves requests on `io` with `handler` until the connection ends,
 /// shutdown is signalled while it is idle, or a request needs hyper.
 pub(crate) async fn serve<H, F>(
-    io: &mut TcpStream,
+    io: &mut ClientIo,
     peer: &Peer,
     handler: &H,
     shutdown: &mut watch::Receiver<bool>,
@@ -137,10 +153,17 @@ where
         let mut head_deadline = None;
         let head = loop {
             if !rbuf.is_empty() {
+                let before = rbuf.len();
                 match parse(&mut rbuf) {
+                    // The head's length is what parsing consumed.
+                    Parse::Head(_) if before - rbuf.len() > limits.max_head => {
+                        return head_too_large(io, &mut wbuf).await
+                    }
                     Parse::Head(h) => break h,
                     Parse::HandOff => return End::HandOff(rbuf),
-                    Parse::Partial if rbuf.len() >= MAX_HEAD => return End::HandOff(rbuf),
+                    Parse::Partial if rbuf.len() > limits.max_head => {
+                        return head_too_large(io, &mut wbuf).await
+                    }
                     Parse::Partial => {}
                 }
             } else if stopping {
@@ -202,6 +225,19 @@ where
     }
 }
 
+/// The answer to a request head over [`Limits::max_head`]: 431 and a
+/// closed connection, as hyper gives it on the paths it serves.
+async fn head_too_large(io: &mut ClientIo, wbuf: &mut Vec<u8>) -> End {
+    wbuf.clear();
+    wbuf.extend_from_slice(
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n",
+    );
+    write_date(wbuf);
+    wbuf.extend_from_slice(b"\r\n");
+    let _ = io.write_all(wbuf).await;
+    End::Closed
+}
+
 /// What waiting for bytes ended with.
 enum Fill {
     Data,
@@ -216,7 +252,7 @@ enum Fill {
 /// `shut` completes. The timer is moved only when the deadline is earlier
 /// or more than [`TIMER_SLACK`] later than where it stands.
 async fn fill<S: Future<Output = ()>>(
-    io: &mut TcpStream,
+    io: &mut ClientIo,
     rbuf: &mut BytesMut,
     mut timer: Pin<&mut Sleep>,
     deadline: Instant,
@@ -254,19 +290,19 @@ const SKIP: Span = Span::EMPTY;
 
 /// A request head served here.
 #[derive(Debug)]
-struct Head {
-    parts: http::request::Parts,
+pub(crate) struct Head {
+    pub(crate) parts: http::request::Parts,
     /// The body's `content-length` (at most [`MAX_BODY`]).
-    body_len: usize,
+    pub(crate) body_len: usize,
     /// `connection: close`.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 // Not boxed: a head is parsed for every request, and a box would be an
 // allocation per request.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-enum Parse {
+pub(crate) enum Parse {
     Head(Head),
     /// More bytes are needed.
     Partial,
@@ -276,7 +312,7 @@ enum Parse {
 
 /// Parses one request head from the start of `rbuf` and consumes it when
 /// it is served here.
-fn parse(rbuf: &mut BytesMut) -> Parse {
+pub(crate) fn parse(rbuf: &mut BytesMut) -> Parse {
     // (name start, name end, value start, value end) in the head.
     let mut spans = [Span::EMPTY; MAX_HEADERS];
     let (len, method, path, count, body_len, close) = {
@@ -384,7 +420,7 @@ fn parse(rbuf: &mut BytesMut) -> Parse {
 }
 
 /// A `content-length` value of digits only (no sign, no list).
-fn content_length(v: &[u8]) -> Option<usize> {
+pub(crate) fn content_length(v: &[u8]) -> Option<usize> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -393,7 +429,7 @@ fn content_length(v: &[u8]) -> Option<usize> {
 
 /// How a response body goes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// No body is sent (`HEAD`, 1xx, 204, 304).
     None,
     Length(u64),
@@ -403,7 +439,7 @@ enum Framing {
 /// The framing of a response, and whether a `content-length` header it
 /// carries is written as it is (else it is left out, and the framing
 /// writes its own).
-fn framing(
+pub(crate) fn framing(
     status: StatusCode,
     head_only: bool,
     h: &HeaderMap,
@@ -477,7 +513,7 @@ fn encode_head(
 /// Writes a response: head and body, gathered into as few writes as the
 /// body's pace allows (a frame that is not ready flushes what is waiting).
 async fn write_response(
-    io: &mut TcpStream,
+    io: &mut ClientIo,
     wbuf: &mut Vec<u8>,
     resp: Response<ProxyBody>,
     head_only: bool,
@@ -592,7 +628,7 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::Notify;
 
     use super::*;
@@ -601,11 +637,15 @@ mod tests {
 
     /// Answers `METHOD target body` (the body it received), with the
     /// number of request headers in `x-headers`; `/204` answers 204,
-    /// `/wait` signals `entered` and waits for `release` first.
+    /// `/wait` signals `entered` and waits for `release` first, `/big`
+    /// answers [`BIG`] bytes.
     async fn echo(req: Request<RequestBody>, gate: Arc<(Notify, Notify)>) -> Response<ProxyBody> {
         if req.uri().path() == "/wait" {
             gate.0.notify_one();
             gate.1.notified().await;
+        }
+        if req.uri().path() == "/big" {
+            return Response::new(full(Full::new(Bytes::from(vec![b'x'; BIG]))));
         }
         let (parts, body) = req.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
@@ -624,6 +664,9 @@ mod tests {
         resp
     }
 
+    /// More than the socket buffers on both sides hold.
+    const BIG: usize = 64 << 20;
+
     struct Server {
         port: u16,
         stop: watch::Sender<bool>,
@@ -639,7 +682,7 @@ mod tests {
         let gate = Arc::new((Notify::new(), Notify::new()));
         let r = gate.clone();
         let handler = move |_peer, req| echo(req, r.clone());
-        let task = tokio::spawn(crate::server::serve_with(
+        let task = tokio::spawn(crate::server::serve(
             "test",
             l,
             handler,
@@ -830,6 +873,7 @@ mod tests {
         let srv = server(Limits {
             request_read: Duration::from_millis(200),
             keep_alive_idle: Duration::from_millis(300),
+            ..Limits::default()
         })
         .await;
         // Half a head, never finished: closed without an answer.
@@ -946,6 +990,119 @@ mod tests {
                 framing(status, head, h, hint),
                 want,
                 "{status} head={head} {h:?} {hint:?}"
+            );
+        }
+    }
+
+    /// The largest request head is `max_head` bytes, on the fast path and
+    /// on hyper's (an HTTP/1.0 request goes there): one byte more gets 431
+    /// and a closed connection.
+    #[tokio::test]
+    async fn a_head_over_the_limit_gets_431() {
+        let srv = server(Limits::default()).await;
+        for version in ["HTTP/1.1", "HTTP/1.0"] {
+            let head = |len: usize| {
+                let start = format!("GET / {version}\r\nhost: a\r\nconnection: close\r\nx-pad: ");
+                let pad = len - start.len() - 4;
+                format!("{start}{}\r\n\r\n", "p".repeat(pad))
+            };
+            let fits = head(DEFAULT_MAX_HEAD);
+            assert_eq!(fits.len(), DEFAULT_MAX_HEAD);
+            let mut s = connect(srv.port).await;
+            s.write_all(fits.as_bytes()).await.unwrap();
+            let answer = read_to_close(&mut s).await;
+            assert!(
+                answer.starts_with(&format!("{version} 200")) || answer.starts_with("HTTP/1.1 200"),
+                "{version}: {answer}"
+            );
+            let mut s = connect(srv.port).await;
+            s.write_all(head(DEFAULT_MAX_HEAD + 1).as_bytes())
+                .await
+                .unwrap();
+            let answer = read_to_close(&mut s).await;
+            assert!(answer.starts_with("HTTP/1.1 431"), "{version}: {answer}");
+        }
+        // Sent in small pieces, a head over the limit is refused once the
+        // limit is passed, without waiting for its end.
+        let mut s = connect(srv.port).await;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+        for _ in 0..=DEFAULT_MAX_HEAD / 1024 {
+            if s.write_all(&[b'x'; 1024]).await.is_err() {
+                break;
+            }
+        }
+        assert!(read_to_close(&mut s).await.starts_with("HTTP/1.1 431"));
+    }
+
+    /// A client that stops reading an answer is cut off after the write
+    /// timeout, on the fast path and on hyper's.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        let srv = server(Limits {
+            write_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        })
+        .await;
+        for version in ["HTTP/1.1", "HTTP/1.0"] {
+            let mut s = connect(srv.port).await;
+            s.write_all(format!("GET /big {version}\r\nhost: a\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            // Not reading: the server's writes stall, then it gives up.
+            // Reading now finds the end (or a reset) well before all of it.
+            let mut got = 0usize;
+            let mut chunk = vec![0u8; 1 << 16];
+            let ended = tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "{version}: the connection stays open");
+            assert!(
+                got < BIG,
+                "{version}: the whole answer arrived ({got} bytes)"
+            );
+        }
+    }
+
+    /// After an answer that closes the connection, bytes the client
+    /// pipelined behind its request are drained rather than left unread:
+    /// closing with unread bytes makes the kernel reset the connection,
+    /// and a reset discards what is still in the send buffer (the tail of
+    /// a large answer). The client reads the whole answer.
+    #[tokio::test]
+    async fn a_closing_answer_survives_pipelined_bytes() {
+        let srv = server(Limits::default()).await;
+        for _ in 0..5 {
+            let mut s = connect(srv.port).await;
+            let mut req = b"GET /big HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n".to_vec();
+            // Pipelined after it: more than the server reads with the head.
+            req.extend(std::iter::repeat_n(b'z', 256 * 1024));
+            let (mut rd, mut wr) = s.split();
+            let write = async {
+                let _ = wr.write_all(&req).await;
+            };
+            let read = async {
+                let mut out = Vec::new();
+                let r = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut out))
+                    .await
+                    .expect("closed in time");
+                (r.map_err(|e| e.to_string()), out)
+            };
+            let ((), (r, answer)) = tokio::join!(write, read);
+            let head_end = answer
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |p| p + 4);
+            assert_eq!(
+                (r.map(|_| ()), answer.len() - head_end),
+                (Ok(()), BIG),
+                "the whole answer, then the end"
             );
         }
     }

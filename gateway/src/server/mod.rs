@@ -4,10 +4,12 @@
 //! HTTP/2 preface, malformed input) hands the connection, with the bytes
 //! already read, to hyper's auto builder for the rest of its life
 //! (HTTP/1.1 with keep-alive and upgrades, or HTTP/2 cleartext by prior
-//! knowledge). Both enforce a request-read timeout against slow clients;
-//! malformed HTTP/1 gets hyper's `400 Bad Request` and a closed
-//! connection. On shutdown the loop stops accepting, idle connections
-//! close, and in-flight requests are drained up to a deadline.
+//! knowledge). Both enforce the same [`Limits`]: a request-read timeout
+//! against slow senders, a largest request head (431), and, through
+//! [`client_io`], a write timeout against clients that stop reading and a
+//! lingering close. Malformed HTTP/1 gets hyper's `400 Bad Request` and a
+//! closed connection. On shutdown the loop stops accepting, idle
+//! connections close, and in-flight requests are drained up to a deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,10 +32,12 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::http::body::{ProxyBody, RequestBody};
+pub(crate) mod client_io;
 pub(crate) mod h1;
 
+use client_io::ClientIo;
 use h1::End;
-pub(crate) use h1::Limits;
+pub use h1::{Limits, DEFAULT_MAX_HEAD, DEFAULT_WRITE_TIMEOUT, MIN_MAX_HEAD};
 
 /// The client end of a connection, resolved once per connection.
 #[derive(Debug, Clone)]
@@ -58,20 +62,6 @@ pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) where
-    H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    serve_with(name, listener, handler, shutdown, grace, Limits::default()).await
-}
-
-/// [`serve`] with the given connection timeouts.
-pub(crate) async fn serve_with<H, F>(
-    name: &'static str,
-    listener: TcpListener,
-    handler: H,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     limits: Limits,
@@ -84,21 +74,24 @@ pub(crate) async fn serve_with<H, F>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.request_read)
+        .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let connections = TaskTracker::new();
     loop {
         tokio::select! {
-            (mut stream, remote) = accept(name, &listener) => {
+            (stream, remote) = accept(name, &listener) => {
                 let handler = handler.clone();
                 let builder = builder.clone();
                 let mut shutdown = shutdown.clone();
                 connections.spawn(async move {
+                    let mut stream = ClientIo::new(stream, limits.write_timeout);
                     let peer = Peer::new(remote);
                     match h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await {
                         End::Closed => {
@@ -202,7 +195,7 @@ where
 /// again first.
 struct Rewind {
     read: Bytes,
-    io: TcpStream,
+    io: ClientIo,
 }
 
 impl AsyncRead for Rewind {

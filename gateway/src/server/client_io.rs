@@ -1,0 +1,162 @@
+//! A client connection's socket, as every server path uses it (the fast
+//! path, hyper, upgrades and tunnels): with a write timeout, and a
+//! lingering close.
+//!
+//! **Write timeout.** A client that takes no byte of what we write for
+//! [`Limits::write_timeout`](crate::server::Limits) is cut off: the write
+//! fails with `TimedOut`, and the connection and its task end. Without it,
+//! a client that stops reading would hold its connection (and the
+//! upstream's answer) forever. The timer exists only while a write is
+//! stalled, so a client that reads keeps no timer.
+//!
+//! **Lingering close** (RFC 9112 §9.6). Closing a socket whose receive
+//! buffer still holds unread bytes (pipelined requests after a
+//! `connection: close` answer or a 400) makes the kernel send a reset,
+//! which can destroy the answer before the client reads it. So when the
+//! connection is dropped, its write side is shut (the client sees the end
+//! of the answer), and what the client still sends is read and discarded
+//! until it closes, for at most [`LINGER`]; then the socket is closed. A
+//! client that has already closed costs nothing more.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+/// Longest a closed connection lingers to drain what the client still
+/// sends (nginx's `lingering_timeout` default).
+pub(crate) const LINGER: Duration = Duration::from_secs(5);
+
+/// See the module docs.
+pub(crate) struct ClientIo {
+    /// `None` once handed to the lingering close.
+    stream: Option<TcpStream>,
+    write_timeout: Duration,
+    /// Armed while a write is stalled.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl ClientIo {
+    pub(crate) fn new(stream: TcpStream, write_timeout: Duration) -> ClientIo {
+        ClientIo {
+            stream: Some(stream),
+            write_timeout,
+            stalled: None,
+        }
+    }
+
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("open until dropped"))
+    }
+
+    /// A write made progress (or failed): the stall, if any, is over.
+    fn progressed<T>(&mut self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        self.stalled = None;
+        r
+    }
+
+    /// A write is stalled: pending until the write timeout, then an error.
+    fn stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.write_timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took no bytes for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream().poll_write(cx, buf) {
+            Poll::Pending => self.stall(cx),
+            done => self.progressed(done),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream().poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.stall(cx),
+            done => self.progressed(done),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream().poll_flush(cx) {
+            Poll::Pending => self.stall(cx),
+            done => self.progressed(done),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        // Most clients have closed by now: their end is already read.
+        let mut scratch = [0u8; 512];
+        for _ in 0..8 {
+            match stream.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(linger(stream));
+        }
+    }
+}
+
+/// Shuts the write side, then reads and discards until the client closes
+/// or [`LINGER`] passes.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut scratch = vec![0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
