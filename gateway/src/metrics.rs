@@ -29,6 +29,8 @@ pub struct Metrics {
     pub resilience: IntCounterVec,
     /// TCP route listeners open.
     pub tcp_listeners: IntGauge,
+    /// Requests whose client went away mid-upload (client aborts).
+    pub client_aborts: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +108,11 @@ impl Metrics {
         .expect("metric");
         let tcp_listeners =
             IntGauge::new("tcp_route_listeners", "TCP route listeners open").expect("metric");
+        let client_aborts = IntCounter::new(
+            "client_aborts_total",
+            "Requests whose client went away in the middle of its upload",
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -123,6 +130,7 @@ impl Metrics {
             Box::new(health_checks.clone()),
             Box::new(resilience.clone()),
             Box::new(tcp_listeners.clone()),
+            Box::new(client_aborts.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -139,6 +147,7 @@ impl Metrics {
             health_checks,
             resilience,
             tcp_listeners,
+            client_aborts,
         }
     }
 

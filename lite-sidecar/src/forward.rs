@@ -136,6 +136,9 @@ impl Forwarder {
         let start = std::time::Instant::now();
         let grpc = headers::is_grpc(req.headers());
         let (result, dest, tier) = self.forward(req).await;
+        if matches!(&result, Err(f) if f.reason == MeshError::ClientAborted) {
+            self.metrics.client_aborts.inc();
+        }
         // The rescue: a failure becomes its synthetic response here (the
         // direct tier's marked with its tier, as gateways mark theirs).
         let resp = match result {

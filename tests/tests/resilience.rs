@@ -444,6 +444,23 @@ async fn a_clients_broken_upload_does_not_eject_a_healthy_endpoint() {
         "a healthy endpoint was ejected"
     );
     assert_eq!(metric(ports.ops, client_errors).await, 8.0);
+    // The abandoned ones (and only they) are client aborts: counted, and
+    // logged as such.
+    assert_eq!(metric(ports.ops, "meshgate_client_aborts_total").await, 4.0);
+    let log = dir.path().join("gateway.log");
+    let aborts_logged = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("client abort")
+            .count()
+    };
+    wait_until(
+        "four client aborts logged",
+        Duration::from_secs(10),
+        || async { aborts_logged() >= 4 },
+    )
+    .await;
+    assert_eq!(aborts_logged(), 4);
     let r = http_get(&format!("http://127.0.0.1:{}/after", ports.ingress), &[])
         .await
         .unwrap();

@@ -51,6 +51,9 @@ pub enum MeshError {
     /// The request uses something the mesh does not forward faithfully:
     /// a transfer coding other than `chunked` (501).
     NotImplemented,
+    /// The client went away in the middle of its upload (400, which it
+    /// will not read; nginx logs such a request as 499).
+    ClientAborted,
 }
 
 impl MeshError {
@@ -69,6 +72,7 @@ impl MeshError {
             MeshError::ShuttingDown => "shutting_down",
             MeshError::CircuitOpen => "circuit_open",
             MeshError::NotImplemented => "not_implemented",
+            MeshError::ClientAborted => "client_aborted",
         }
     }
 
@@ -82,7 +86,9 @@ impl MeshError {
             MeshError::UpstreamConnectFailed | MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
-            MeshError::NoDestination | MeshError::BadRequest => StatusCode::BAD_REQUEST,
+            MeshError::NoDestination | MeshError::BadRequest | MeshError::ClientAborted => {
+                StatusCode::BAD_REQUEST
+            }
             MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             MeshError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
@@ -105,7 +111,8 @@ impl MeshError {
             | MeshError::NoDestination
             | MeshError::BadRequest
             | MeshError::PayloadTooLarge
-            | MeshError::NotImplemented => Side::Downstream,
+            | MeshError::NotImplemented
+            | MeshError::ClientAborted => Side::Downstream,
             MeshError::NoRoute
             | MeshError::NoHealthyEndpoint
             | MeshError::NotReady
@@ -121,6 +128,7 @@ impl MeshError {
             MeshError::NoRoute | MeshError::NotImplemented => 12,
             MeshError::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
             MeshError::LoopDetected => 10,   // ABORTED
+            MeshError::ClientAborted => 1,   // CANCELLED
             MeshError::NoDestination | MeshError::BadRequest => 3, // INVALID_ARGUMENT
             MeshError::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
             MeshError::NoHealthyEndpoint
@@ -133,7 +141,7 @@ impl MeshError {
     }
 
     /// Every error, for reverse lookups.
-    pub(crate) const ALL: [MeshError; 13] = [
+    pub(crate) const ALL: [MeshError; 14] = [
         MeshError::NoRoute,
         MeshError::NoHealthyEndpoint,
         MeshError::UpstreamConnectFailed,
@@ -147,6 +155,7 @@ impl MeshError {
         MeshError::ShuttingDown,
         MeshError::CircuitOpen,
         MeshError::NotImplemented,
+        MeshError::ClientAborted,
     ];
 
     /// The reason code named in an `x-mesh-error` header value.
@@ -190,6 +199,28 @@ impl MeshError {
         h.insert(X_MESH_ERROR, HeaderValue::from_static(self.code()));
         resp
     }
+}
+
+/// Whether an error of the client's request body means the client went
+/// away (the connection ended before the body did) rather than sent
+/// something malformed.
+pub(crate) fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The innermost error message (hyper wraps io errors several levels deep).
@@ -286,6 +317,9 @@ impl Failure {
             return *answer;
         }
         match self.side {
+            Side::Downstream if self.reason == MeshError::ClientAborted => {
+                tracing::info!(message = %self.message, "client abort: the client went away mid-upload")
+            }
             Side::Downstream => {
                 tracing::debug!(reason = self.reason.code(), message = %self.message, "request failed on the client side")
             }

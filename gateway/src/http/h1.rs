@@ -95,13 +95,24 @@ impl DeadlinePassed {
 /// failed while it was being sent: the client's malformed or abandoned
 /// upload, not the upstream's fault.
 #[derive(Debug, thiserror::Error)]
-#[error("request body: {0}")]
-pub(crate) struct RequestBodyFailed(pub String);
+#[error("request body: {message}")]
+pub(crate) struct RequestBodyFailed {
+    pub message: String,
+    /// The client went away, rather than sent something malformed.
+    pub went_away: bool,
+}
 
 impl RequestBodyFailed {
-    /// Whether `e` is this.
-    pub(crate) fn is(e: &io::Error) -> bool {
-        e.get_ref().is_some_and(|i| i.is::<RequestBodyFailed>())
+    fn of(e: &(dyn std::error::Error + Send + Sync + 'static)) -> RequestBodyFailed {
+        RequestBodyFailed {
+            message: e.to_string(),
+            went_away: crate::http::error::client_went_away(e),
+        }
+    }
+
+    /// `e` as this, if it is.
+    pub(crate) fn of_io(e: &io::Error) -> Option<&RequestBodyFailed> {
+        e.get_ref()?.downcast_ref::<RequestBodyFailed>()
     }
 }
 
@@ -141,7 +152,7 @@ impl std::fmt::Debug for Conn {
 
 /// How a response body is delimited.
 #[derive(Debug)]
-enum Framing {
+pub(crate) enum Framing {
     /// This many bytes remain.
     Length(u64),
     Chunked(Chunk),
@@ -153,7 +164,7 @@ enum Framing {
 
 /// Where a chunked body's decoder is.
 #[derive(Debug, Clone, Copy)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk's data, this many bytes remaining.
@@ -374,7 +385,7 @@ async fn write_streamed(
     wr.write_all(wbuf).await?;
     let mut trailers = None;
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|e| io::Error::other(RequestBodyFailed(e.to_string())))?;
+        let frame = frame.map_err(|e| io::Error::other(RequestBodyFailed::of(&*e)))?;
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) if chunked => {
@@ -396,10 +407,10 @@ async fn write_streamed(
 }
 
 /// A parsed final response head.
-struct Head {
-    parts: http::response::Parts,
-    framing: Framing,
-    keep_alive: bool,
+pub(crate) struct Head {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) framing: Framing,
+    pub(crate) keep_alive: bool,
 }
 
 /// Reads until a final (non-1xx) response head is complete and parses it.
@@ -429,7 +440,7 @@ async fn read_head(
 
 /// Parses one response head from the start of `rbuf`: `None` when more
 /// bytes are needed. Interim (1xx) heads are consumed and skipped.
-fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> {
+pub(crate) fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> io::Result<Option<Head>> {
     loop {
         // (name start, name end, value start, value end) in the head.
         let mut spans = [Span::EMPTY; MAX_HEADERS];
@@ -673,7 +684,10 @@ impl Exchange {
 
 /// Takes the next frame out of `buf`, or `None` when more bytes are
 /// needed (or the body is done).
-fn decode(framing: &mut Framing, buf: &mut BytesMut) -> io::Result<Option<Frame<Bytes>>> {
+pub(crate) fn decode(
+    framing: &mut Framing,
+    buf: &mut BytesMut,
+) -> io::Result<Option<Frame<Bytes>>> {
     loop {
         match framing {
             Framing::Done => return Ok(None),

@@ -183,7 +183,7 @@ impl H1Pool {
         let (parts, exchange) = conn.send(req, deadline).await.map_err(|e| {
             if DeadlinePassed::is(&e) {
                 SendError::Timeout
-            } else if RequestBodyFailed::is(&e) {
+            } else if RequestBodyFailed::of_io(&e).is_some() {
                 SendError::RequestBody(e)
             } else {
                 SendError::Exchange(e)

@@ -146,7 +146,12 @@ impl Proxy {
                 Failure::from_answer(resp).unwrap_or_else(|f| f.into_response(true))
             }
             Ok(resp) => resp,
-            Err(f) => f.into_response(grpc),
+            Err(f) => {
+                if f.reason == MeshError::ClientAborted {
+                    self.metrics.client_aborts.inc();
+                }
+                f.into_response(grpc)
+            }
         };
         let status = resp.status().as_u16();
         let elapsed = start.elapsed().as_secs_f64();

@@ -99,6 +99,9 @@ pub struct Limits {
     /// A client that takes no byte of an answer for this long is cut off
     /// ([`crate::server::client_io`]).
     pub write_timeout: Duration,
+    /// `false`: every connection goes to hyper (the differential test of
+    /// the fast path against hyper).
+    pub(crate) fast_path: bool,
 }
 
 /// [`Limits::max_head`] by default: nginx's total (4 buffers of 8 KiB),
@@ -116,6 +119,7 @@ impl Default for Limits {
             keep_alive_idle: Duration::from_secs(75),
             max_head: DEFAULT_MAX_HEAD,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            fast_path: true,
         }
     }
 }

@@ -14,7 +14,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::http::body::{ProxyBody, Watched};
-use crate::http::error::{root_cause, Failure, MeshError, Side};
+use crate::http::error::{client_went_away, root_cause, Failure, MeshError, Side};
+use crate::http::h1::RequestBodyFailed;
 use crate::http::h2::{HttpClient, Wire};
 use crate::http::limit::{ConnLimit, Overflow};
 use crate::http::pool::SendError;
@@ -29,8 +30,9 @@ pub enum AttemptError {
     /// The service's connection limit refused it: nothing was sent.
     Overflow(Overflow),
     /// The request's own body failed while it was sent: the client's
-    /// malformed or abandoned upload, not the endpoint's fault.
-    RequestBody(String),
+    /// malformed or abandoned upload, not the endpoint's fault. The flag:
+    /// the client went away (abandoned).
+    RequestBody(String, bool),
     /// Failed after the request was (or may have been) sent.
     Exchange(String),
     /// No response headers within the timeout.
@@ -50,9 +52,13 @@ impl AttemptError {
                 MeshError::CircuitOpen,
                 format!("service {service}: {} reached", o.as_str()),
             ),
-            AttemptError::RequestBody(e) => Failure::new(MeshError::BadRequest, e)
-                .on(Side::Downstream)
-                .sent(true),
+            AttemptError::RequestBody(e, went_away) => {
+                let reason = match went_away {
+                    true => MeshError::ClientAborted,
+                    false => MeshError::BadRequest,
+                };
+                Failure::new(reason, e).on(Side::Downstream).sent(true)
+            }
             AttemptError::Exchange(e) => Failure::new(
                 MeshError::UpstreamReset,
                 format!("upstream {service} failed: {e}"),
@@ -136,7 +142,10 @@ pub async fn attempt(
                     Err(AttemptError::Connect(e.to_string(), Some(back)))
                 }
                 Err(SendError::Overflow(o)) => Err(AttemptError::Overflow(o)),
-                Err(SendError::RequestBody(e)) => Err(AttemptError::RequestBody(e.to_string())),
+                Err(SendError::RequestBody(e)) => {
+                    let went_away = RequestBodyFailed::of_io(&e).is_some_and(|f| f.went_away);
+                    Err(AttemptError::RequestBody(e.to_string(), went_away))
+                }
                 Err(SendError::Exchange(e)) => Err(AttemptError::Exchange(e.to_string())),
                 Err(SendError::Timeout) => Err(AttemptError::Timeout(opts.timeout)),
             }
@@ -155,7 +164,9 @@ pub async fn attempt(
             match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
-                Ok(Err(e)) if client_body() => Err(AttemptError::RequestBody(root_cause(&e))),
+                Ok(Err(e)) if client_body() => {
+                    Err(AttemptError::RequestBody(root_cause(&e), client_went_away(&e)))
+                }
                 Ok(Err(e)) => Err(AttemptError::Exchange(root_cause(&e))),
                 Err(_) => Err(AttemptError::Timeout(opts.timeout)),
             }
