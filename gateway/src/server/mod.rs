@@ -93,7 +93,11 @@ pub async fn serve<H, F>(
                 connections.spawn(async move {
                     let mut stream = ClientIo::new(stream, limits.write_timeout);
                     let peer = Peer::new(remote);
-                    match h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await {
+                    let end = match limits.fast_path {
+                        true => h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await,
+                        false => End::HandOff(Default::default()),
+                    };
+                    match end {
                         End::Closed => {
                             let _ = stream.shutdown().await;
                         }
