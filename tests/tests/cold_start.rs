@@ -126,3 +126,62 @@ async fn sidecars_start_cold_with_etcd_down() {
         assert_eq!(r.header("x-mesh-tier"), Some("central"));
     }
 }
+
+/// A gateway upgraded while etcd is down starts from the snapshot file
+/// its previous release wrote (the fixture was written by 0.1.0's
+/// gateway, see config/fixtures/README.md): ready, from the snapshot file,
+/// with every object of it applied and routing by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starts_from_the_previous_releases_snapshot_with_etcd_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/fixtures/snapshot-0.1.0-gateway.json");
+    std::fs::copy(&fixture, dir.path().join("gw-fixture.snapshot.json")).unwrap();
+    // Nothing listens on this etcd port.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (_gw, ports) = start_gateway(
+        dir.path(),
+        "gw-fixture",
+        &["egress", "ingress"],
+        &["shop"],
+        &nowhere,
+    );
+    wait_ready(ports.ops).await;
+    let ready = readyz(ports.ops).await;
+    assert_eq!(
+        (
+            ready["source"].clone(),
+            ready["store_connected"].clone(),
+            ready["revision"].clone()
+        ),
+        (json!("snapshot_file"), json!(false), json!(5)),
+        "{ready}"
+    );
+    let config = get_json(&format!("http://127.0.0.1:{}/config", ports.ops))
+        .await
+        .unwrap();
+    for (kind, name) in [
+        ("services", "orders"),
+        ("routes", "orders"),
+        ("groups", "shop"),
+    ] {
+        assert!(
+            config["objects"][kind][name].is_object(),
+            "{kind}/{name} missing: {config}"
+        );
+    }
+    assert_eq!(config["rejected"], json!([]), "{config}");
+    // It routes by it: the route's host reaches the service (whose
+    // endpoint is down: the gateway's own 502, not a 404).
+    let r = http_get(
+        &format!("http://127.0.0.1:{}/x", ports.ingress),
+        &[("host", "orders.example")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-mesh-error")),
+        (502, Some("upstream_connect_failed")),
+        "{r:?}"
+    );
+}
