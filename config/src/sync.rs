@@ -224,8 +224,10 @@ impl<A: Apply> Syncer<A> {
         self.mirror = fresh;
         self.revs = revs;
         self.applier.apply(changes, revision);
-        self.dirty = true;
-        self.flush_snapshot().await;
+        // The status follows the applied view at once: writing the
+        // snapshot file awaits, and in between a reader of both (a
+        // sidecar's freshness) would see the store's config with a status
+        // that has none.
         let source_errors = self.source_errors();
         self.status.send_modify(|s| {
             s.source = Source::Store;
@@ -235,6 +237,8 @@ impl<A: Apply> Syncer<A> {
             s.last_error = None;
             s.source_errors = source_errors;
         });
+        self.dirty = true;
+        self.flush_snapshot().await;
         Ok(())
     }
 
