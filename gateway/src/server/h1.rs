@@ -130,8 +130,10 @@ pub(crate) enum End {
     /// Closed, or to be closed.
     Closed,
     /// The rest of the connection is hyper's: these bytes were read and not
-    /// served, and come first.
-    HandOff(BytesMut),
+    /// served, and come first. `served`: a request was served here first,
+    /// so the connection is HTTP/1.1 for good (an HTTP/2 preface now is
+    /// not one).
+    HandOff { read: BytesMut, served: bool },
 }
 
 /// Serves requests on `io` with `handler` until the connection ends,
@@ -153,6 +155,7 @@ where
     let shut = wait_true(shutdown);
     tokio::pin!(timer, shut);
     let mut stopping = false;
+    let mut served = false;
     loop {
         let mut head_deadline = None;
         let head = loop {
@@ -164,7 +167,7 @@ where
                         return head_too_large(io, &mut wbuf).await
                     }
                     Parse::Head(h) => break h,
-                    Parse::HandOff => return End::HandOff(rbuf),
+                    Parse::HandOff => return End::HandOff { read: rbuf, served },
                     Parse::Partial if rbuf.len() > limits.max_head => {
                         return head_too_large(io, &mut wbuf).await
                     }
@@ -219,7 +222,7 @@ where
             .is_some_and(|v| ConnectionTokens::of(v.as_bytes()).close);
         let keep_alive = !close && !stopping && !closes;
         match write_response(io, &mut wbuf, resp, head_only, !keep_alive).await {
-            Ok(()) if keep_alive => {}
+            Ok(()) if keep_alive => served = true,
             Ok(()) => return End::Closed,
             Err(e) => {
                 tracing::debug!(peer = %peer.addr, error = %e, "response not written whole; closing");
@@ -280,8 +283,13 @@ async fn fill<S: Future<Output = ()>>(
                 return Poll::Ready(Fill::Stopping);
             }
         }
-        if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Fill::TimedOut);
+        // The timer may stand up to TIMER_SLACK before the deadline: when
+        // it fires early it is re-aimed, and only the deadline times out.
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(Fill::TimedOut);
+            }
+            timer.as_mut().reset(deadline);
         }
         Poll::Pending
     })
@@ -358,6 +366,14 @@ pub(crate) fn parse(rbuf: &mut BytesMut) -> Parse {
                 6 if name.eq_ignore_ascii_case(b"expect") => return Parse::HandOff,
                 7 if name.eq_ignore_ascii_case(b"upgrade") => return Parse::HandOff,
                 10 if name.eq_ignore_ascii_case(b"connection") => {
+                    // A value hyper reads no token from (not visible
+                    // ASCII) is its to judge, as on every other path.
+                    if !value
+                        .iter()
+                        .all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+                    {
+                        return Parse::HandOff;
+                    }
                     let t = ConnectionTokens::of(value);
                     if t.upgrade {
                         return Parse::HandOff;

@@ -33,6 +33,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::body::{ProxyBody, RequestBody};
 pub(crate) mod client_io;
+#[cfg(test)]
+mod differential;
 pub(crate) mod h1;
 
 use client_io::ClientIo;
@@ -82,28 +84,40 @@ pub async fn serve<H, F>(
         .keep_alive_interval(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
+    // After a request served on the fast path the connection is HTTP/1.1
+    // for good: the rest goes to hyper's HTTP/1 alone.
+    let mut h1_only = hyper::server::conn::http1::Builder::new();
+    h1_only
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_read)
+        .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
+        .keep_alive(true);
+    let hyper = Arc::new((builder, h1_only));
     let connections = TaskTracker::new();
     loop {
         tokio::select! {
             (stream, remote) = accept(name, &listener) => {
                 let handler = handler.clone();
-                let builder = builder.clone();
+                let hyper = hyper.clone();
                 let mut shutdown = shutdown.clone();
                 connections.spawn(async move {
                     let mut stream = ClientIo::new(stream, limits.write_timeout);
                     let peer = Peer::new(remote);
                     let end = match limits.fast_path {
                         true => h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await,
-                        false => End::HandOff(Default::default()),
+                        false => End::HandOff { read: Default::default(), served: false },
                     };
                     match end {
                         End::Closed => {
                             let _ = stream.shutdown().await;
                         }
-                        End::HandOff(read) => {
+                        End::HandOff { read, served } => {
                             let io = Rewind { read: read.freeze(), io: stream };
-                            if let Err(e) = with_hyper(io, peer, handler, &builder, shutdown).await {
+                            let conn = match served {
+                                true => Hyper::Http1(&hyper.1),
+                                false => Hyper::Auto(&hyper.0),
+                            };
+                            if let Err(e) = with_hyper(io, peer, handler, conn, limits, shutdown).await {
                                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
                             }
                         }
@@ -166,14 +180,24 @@ async fn accept(name: &str, listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
-/// Serves the rest of a connection with hyper's auto builder (HTTP/1.1,
-/// or HTTP/2 by prior knowledge), with upgrades; on shutdown it finishes
-/// the requests in flight and closes.
+/// Which of hyper's connections serves the rest of a connection.
+enum Hyper<'a> {
+    /// HTTP/1.1, or HTTP/2 by prior knowledge.
+    Auto(&'a Builder<TokioExecutor>),
+    /// HTTP/1.1 only (the fast path served a request first).
+    Http1(&'a hyper::server::conn::http1::Builder),
+}
+
+/// Serves the rest of a connection with hyper, with upgrades; on shutdown
+/// it finishes the requests in flight and closes. An HTTP/1 head over
+/// [`Limits::max_head`] that hyper read whole (it checks its buffer only
+/// while a head is incomplete) gets 431 here.
 async fn with_hyper<H, F>(
     io: Rewind,
     peer: Peer,
     handler: H,
-    builder: &Builder<TokioExecutor>,
+    conn: Hyper<'_>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -181,18 +205,70 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let svc = service_fn(move |req: Request<Incoming>| {
-        let fut = handler(peer.clone(), req.map(RequestBody::Incoming));
-        async move { Ok::<_, Infallible>(fut.await) }
+        let fut = (h1_head_len(&req) <= limits.max_head)
+            .then(|| handler(peer.clone(), req.map(RequestBody::Incoming)));
+        async move {
+            Ok::<_, Infallible>(match fut {
+                Some(fut) => fut.await,
+                None => head_too_large(),
+            })
+        }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => res,
-        _ = wait_true(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let io = TokioIo::new(io);
+    match conn {
+        Hyper::Auto(b) => {
+            let conn = b.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = wait_true(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Hyper::Http1(b) => {
+            let conn = b.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res.map_err(Into::into),
+                _ = wait_true(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await.map_err(Into::into)
+                }
+            }
         }
     }
+}
+
+/// The size of an HTTP/1 request's head as sent in the usual form
+/// (`name: value` lines); 0 for HTTP/2, whose header list hyper's
+/// `max_header_list_size` bounds.
+fn h1_head_len<B>(req: &Request<B>) -> usize {
+    if req.version() == http::Version::HTTP_2 {
+        return 0;
+    }
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| {
+            a.as_str().len() + uri.scheme_str().map_or(0, |s| s.len() + 3)
+        });
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + fields + 2
+}
+
+/// 431 and the connection closed, as the fast path answers it.
+fn head_too_large() -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::http::body::empty());
+    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// A client connection with bytes already read from it: they are read
