@@ -18,6 +18,8 @@ LAYERS = [
     {"snapshot"},
     {"proxy"},
     {"node"},
+    # Test-only entry points for the fuzz targets (feature `fuzzing`).
+    {"fuzzing"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 

@@ -38,3 +38,7 @@ pub mod snapshot;
 pub mod proxy;
 
 pub mod node;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;

@@ -20,11 +20,14 @@
 //! - upgrades (WebSocket, h2c) and HTTP/1.0;
 //! - the HTTP/2 preface;
 //! - more than [`MAX_HEADERS`] headers;
+//! - a `connection` value that is not visible ASCII (hyper reads no token
+//!   from it);
 //! - any head that hyper would refuse with 400 or 431.
 //!
 //! [`serve`] then returns the bytes it has read and not served, and the
 //! listener ([`crate::server`]) gives the connection to hyper for the rest
-//! of its life, those bytes first. Hyper's behaviour, including its
+//! of its life, those bytes first (to hyper's HTTP/1 alone once a request
+//! was served here). Hyper's behaviour, including its
 //! answers to malformed input, is kept for all of them.
 //!
 //! **Timeouts:** a request's head, and a body read here, must arrive whole
