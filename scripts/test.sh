@@ -11,3 +11,5 @@ scripts/check-docs.sh
 cargo clippy --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+# The gateway fuzz targets' invariants on the seed corpus (stable toolchain).
+cargo test -p meshgate-gateway --features fuzzing --lib fuzzing

@@ -12,6 +12,7 @@
 //! | [`snapshot`] | the compiled config snapshot and the compiler |
 //! | [`proxy`] | the request path: prelude, phases, the attempt loop, the rescue, upgrades, `CONNECT`, TCP routes |
 //! | [`node`] | process wiring, the ops port, explain |
+//! | `fuzzing` (feature `fuzzing` only) | entry points for the fuzz targets in `fuzz/`; no behaviour of its own |
 //!
 //! The lite sidecar is built from the same parts (its crate uses the
 //! `pub` API; everything else is `pub(crate)`).

@@ -164,9 +164,10 @@ pub async fn attempt(
             match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
-                Ok(Err(e)) if client_body() => {
-                    Err(AttemptError::RequestBody(root_cause(&e), client_went_away(&e)))
-                }
+                Ok(Err(e)) if client_body() => Err(AttemptError::RequestBody(
+                    root_cause(&e),
+                    client_went_away(&e),
+                )),
                 Ok(Err(e)) => Err(AttemptError::Exchange(root_cause(&e))),
                 Err(_) => Err(AttemptError::Timeout(opts.timeout)),
             }
