@@ -1079,6 +1079,25 @@ impl Mesh {
 /// `meshgate_resilience_events_total{event="retry",service="orders"}`
 /// (labels in the order the exposition prints them: sorted by name);
 /// 0 when the sample is not there yet.
+/// The objects named in a JSON document's `rejected` list (a process's
+/// `/config` or `/readyz`, a node of the admin's `/status`).
+pub fn rejected_objects(v: &serde_json::Value) -> Vec<String> {
+    v["rejected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["object"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A standalone model: service `orders` on `backend`, routed from every
+/// ingress path.
+pub fn orders_everywhere(backend: std::net::SocketAddr) -> String {
+    format!(
+        "services:\n  orders:\n    endpoints: [{{address: {backend}}}]\nroutes:\n  orders:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: orders}}]\n"
+    )
+}
+
 pub async fn metric(ops_port: u16, sample: &str) -> f64 {
     let Ok(r) = http_get(&format!("http://127.0.0.1:{ops_port}/metrics"), &[]).await else {
         return 0.0;

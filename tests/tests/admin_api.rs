@@ -387,14 +387,7 @@ async fn refusals_show_in_status_readyz_config_metric_and_get() {
     .await
     .unwrap();
 
-    let refused = |v: &Value| -> BTreeSet<String> {
-        v["rejected"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| r["object"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let refused = |v: &Value| -> BTreeSet<String> { rejected_objects(v).into_iter().collect() };
     let both: BTreeSet<String> = ["services/bad-port", "services/garbled"]
         .into_iter()
         .map(String::from)

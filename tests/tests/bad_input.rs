@@ -222,10 +222,7 @@ async fn a_missing_doubled_invalid_or_disagreeing_host_is_refused_on_every_liste
     // Gateway listeners: ingress and mesh.
     let dir = tempfile::tempdir().unwrap();
     let b = Backend::start("b").await;
-    let yaml = format!(
-        "services:\n  orders:\n    endpoints: [{{address: {}}}]\nroutes:\n  orders:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: orders}}]\n",
-        b.addr
-    );
+    let yaml = orders_everywhere(b.addr);
     let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
     refuses_ambiguous_hosts(ports.ingress, "", &[&b]).await;
     refuses_ambiguous_hosts(ports.mesh, "x-mesh-service: orders\r\n", &[&b]).await;
@@ -318,10 +315,7 @@ async fn transfer_codings_other_than_chunked_are_refused_not_dropped() {
 async fn a_request_head_over_32_kib_gets_431_on_every_listener() {
     let dir = tempfile::tempdir().unwrap();
     let b = Backend::start("b").await;
-    let yaml = format!(
-        "services:\n  orders:\n    endpoints: [{{address: {}}}]\nroutes:\n  orders:\n    scope: ingress\n    match: {{path: {{prefix: /}}}}\n    backends: [{{service: orders}}]\n",
-        b.addr
-    );
+    let yaml = orders_everywhere(b.addr);
     let (_gw, ports, _) = start_standalone(dir.path(), &yaml).await;
     let mesh = Mesh::start().await;
     let limit = 32 * 1024;

@@ -111,14 +111,7 @@ async fn yaml_edits_and_admin_puts_both_apply() {
             .await
             .unwrap()
     };
-    let objects = |v: &serde_json::Value| -> Vec<String> {
-        v["rejected"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| r["object"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let objects = rejected_objects;
     let source = format!("file {}", file.display());
     wait_until("refusal in /readyz", Duration::from_secs(10), || async {
         objects(&ops_json("/readyz").await) == [source.clone()]
