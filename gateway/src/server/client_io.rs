@@ -43,6 +43,8 @@ pub(crate) struct ClientIo {
 
 impl ClientIo {
     pub(crate) fn new(stream: TcpStream, write_timeout: Duration) -> ClientIo {
+        #[cfg(test)]
+        tests_only::count(&stream, 1);
         ClientIo {
             stream: Some(stream),
             write_timeout,
@@ -130,6 +132,8 @@ impl Drop for ClientIo {
         let Some(stream) = self.stream.take() else {
             return;
         };
+        #[cfg(test)]
+        tests_only::count(&stream, -1);
         // Most clients have closed by now: their end is already read.
         let mut scratch = [0u8; 512];
         for _ in 0..8 {
@@ -159,4 +163,37 @@ async fn linger(mut stream: TcpStream) {
         }
     })
     .await;
+}
+
+/// Client connections open per listening port, for tests that wait for a
+/// server to give a connection up (tests of different servers run at once,
+/// each on its own port).
+#[cfg(test)]
+pub(crate) fn open(port: u16) -> usize {
+    let open = tests_only::OPEN.lock().unwrap();
+    open.as_ref()
+        .and_then(|m| m.get(&port).copied())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests_only {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tokio::net::TcpStream;
+
+    pub(super) static OPEN: Mutex<Option<HashMap<u16, usize>>> = Mutex::new(None);
+
+    pub(super) fn count(stream: &TcpStream, by: isize) {
+        let Ok(port) = stream.local_addr().map(|a| a.port()) else {
+            return;
+        };
+        let mut open = OPEN.lock().unwrap();
+        let n = open
+            .get_or_insert_with(HashMap::new)
+            .entry(port)
+            .or_default();
+        *n = n.checked_add_signed(by).unwrap_or(0);
+    }
 }
