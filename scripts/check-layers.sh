@@ -11,7 +11,7 @@ import os, re, sys
 SRC = "gateway/src"
 # Lowest first. A module may use modules of lower layers, and itself.
 LAYERS = [
-    {"alloc", "clock", "maps", "metrics"},
+    {"alloc", "clock", "maps", "metrics", "tls"},
     {"http"},
     {"server", "upstream"},
     {"routing"},

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -73,7 +74,10 @@ fn config_kind(kind: &str) -> Result<Kind, ApiError> {
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_kind",
-            format!("unknown config kind {kind:?}; expected one of services, routes, groups"),
+            format!(
+                "unknown config kind {kind:?}; expected one of {}",
+                Kind::CONFIG.map(Kind::as_str).join(", ")
+            ),
         )),
     }
 }
@@ -96,15 +100,25 @@ fn object_key(kind: &str, name: &str) -> Result<Key, ApiError> {
 /// its problems with their field paths (every gateway refuses it and keeps
 /// its previous version), and a value that is not JSON at all is shown as
 /// `raw` text, with `spec` null.
+///
+/// A certificate's private key is never shown: its spec goes out without
+/// it, with `info` describing the leaf (subject, SANs, issuer, validity,
+/// fingerprint).
 fn render(e: &Entry) -> Value {
-    let spec: Option<Value> = serde_json::from_slice(&e.value).ok();
+    let mut spec: Option<Value> = serde_json::from_slice(&e.value).ok();
+    let info = spec
+        .as_mut()
+        .and_then(|s| meshgate_config::validate::public_spec(e.key.kind, s));
     let mut v = json!({
         "kind": e.key.kind.as_str(),
         "name": e.key.name,
         "version": e.mod_revision,
         "spec": spec,
     });
-    if spec.is_none() {
+    if let Some(info) = info {
+        v["info"] = json!(info);
+    }
+    if spec.is_none() && e.key.kind != Kind::Certs {
         v["raw"] = String::from_utf8_lossy(&e.value).into();
     }
     if e.key.kind.is_config() {
@@ -113,6 +127,30 @@ fn render(e: &Entry) -> Value {
         }
     }
     v
+}
+
+/// A certificate written without its `private_key` keeps the stored one
+/// (GET never shows it, so a spec read, edited and put back has none).
+fn keep_stored_key<'a>(key: &Key, spec: &'a [u8], before: Option<&Entry>) -> Cow<'a, [u8]> {
+    let (Kind::Certs, Some(before)) = (key.kind, before) else {
+        return Cow::Borrowed(spec);
+    };
+    let Ok(Value::Object(mut new)) = serde_json::from_slice::<Value>(spec) else {
+        return Cow::Borrowed(spec);
+    };
+    if new.get("private_key").is_some_and(|k| k != "") {
+        return Cow::Borrowed(spec);
+    }
+    let Ok(Value::Object(old)) = serde_json::from_slice::<Value>(&before.value) else {
+        return Cow::Borrowed(spec);
+    };
+    match old.get("private_key") {
+        Some(k) => {
+            new.insert("private_key".into(), k.clone());
+            Cow::Owned(serde_json::to_vec(&new).expect("json encodes"))
+        }
+        None => Cow::Borrowed(spec),
+    }
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -294,7 +332,8 @@ async fn plan_put_over(
     before: Option<Entry>,
     overlay: &Overlay,
 ) -> Result<Plan, ApiError> {
-    let obj = Object::decode(&key, spec).map_err(ApiError::invalid)?;
+    let spec = keep_stored_key(&key, spec, before.as_ref());
+    let obj = Object::decode(&key, &spec).map_err(ApiError::invalid)?;
     let value = obj.to_json();
     let mut conds = Vec::new();
     for (field, r) in obj.references() {
@@ -464,10 +503,14 @@ const TRIM_EVERY: u64 = 50;
 fn history_record(caller: &Caller, plans: &[Plan]) -> Op {
     let now = meshgate_config::model::now_ms();
     let id = format!("{now:013}-{:08x}", rand_u32());
-    let spec = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
     let changes: Vec<Value> = plans
         .iter()
         .map(|p| {
+            let spec = |v: &[u8]| {
+                let mut v = serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
+                meshgate_config::validate::public_spec(p.key.kind, &mut v);
+                v
+            };
             let after = match &p.op {
                 Op::Put { value, .. } => spec(value),
                 Op::Delete { .. } => Value::Null,
@@ -606,7 +649,15 @@ pub async fn rollback(
         Value::Null => plan_delete(&st, key, expect, false, &Overlay::new()).await?,
         spec => {
             let spec = serde_json::to_vec(spec).expect("json encodes");
-            plan_put(&st, key, &spec, expect, &Overlay::new()).await?
+            let certs = key.kind == Kind::Certs;
+            plan_put(&st, key, &spec, expect, &Overlay::new())
+                .await
+                .map_err(|e| match certs {
+                    // The change log keeps no private keys: the stored key
+                    // is used, and must fit the certificate rolled back to.
+                    true => e.hint("the change log keeps no private keys; a certificate rolls back only to a version with the stored key, else PUT it again with its key"),
+                    false => e,
+                })?
         }
     };
     commit_one(&st, &caller, &plan, expect, wait).await
@@ -1159,7 +1210,8 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
 }
 
 /// The object's spec from a request body: either the spec itself, or the
-/// envelope that GET returns (`{"kind", "name", "version", "spec"}`).
+/// envelope that GET returns (`{"kind", "name", "version", "spec"}`, and a
+/// certificate's `info`, which is ignored).
 fn spec_from_body(key: &Key, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -1190,7 +1242,7 @@ fn spec_from_body(key: &Key, body: &[u8]) -> Result<Vec<u8>, ApiError> {
         }
         if let Some(extra) = map
             .keys()
-            .find(|k| !["kind", "name", "version", "spec"].contains(&k.as_str()))
+            .find(|k| !["kind", "name", "version", "spec", "info"].contains(&k.as_str()))
         {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -39,6 +39,12 @@ impl ApiError {
         self
     }
 
+    /// Adds a sentence to the message (what to do about it).
+    pub fn hint(mut self, hint: &str) -> Self {
+        self.message = format!("{} ({hint})", self.message);
+        self
+    }
+
     pub fn not_found(what: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -10,12 +10,13 @@
 use schemars::gen::SchemaSettings;
 use serde_json::{json, Map, Value};
 
-use meshgate_config::model::{ExplainRequest, Group, Route, Service, TcpRoute};
+use meshgate_config::model::{Cert, ExplainRequest, Group, Route, Service, TcpRoute};
 
 use crate::api::{Batch, RollbackRequest};
 
 /// The config kinds and the schema of their specs.
-const KINDS: [(&str, &str); 4] = [
+const KINDS: [(&str, &str); 5] = [
+    ("certs", "Cert"),
     ("groups", "Group"),
     ("services", "Service"),
     ("routes", "Route"),
@@ -26,6 +27,7 @@ const KINDS: [(&str, &str); 4] = [
 pub fn document() -> Value {
     let mut gen = SchemaSettings::openapi3().into_generator();
     // Each top-level type lands in the definitions, with what it uses.
+    gen.subschema_for::<Cert>();
     gen.subschema_for::<Service>();
     gen.subschema_for::<Route>();
     gen.subschema_for::<TcpRoute>();

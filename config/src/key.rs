@@ -5,6 +5,8 @@ use std::fmt;
 /// The kinds of object in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    /// Ingress TLS certificates (`certs/<name>`).
+    Certs,
     Services,
     Routes,
     TcpRoutes,
@@ -18,10 +20,17 @@ pub enum Kind {
 impl Kind {
     /// Config kinds, managed through the admin API, in dependency order
     /// (a route refers to services, a service to a group).
-    pub const CONFIG: [Kind; 4] = [Kind::Groups, Kind::Services, Kind::Routes, Kind::TcpRoutes];
+    pub const CONFIG: [Kind; 5] = [
+        Kind::Certs,
+        Kind::Groups,
+        Kind::Services,
+        Kind::Routes,
+        Kind::TcpRoutes,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Certs => "certs",
             Kind::Services => "services",
             Kind::Routes => "routes",
             Kind::TcpRoutes => "tcp_routes",
@@ -34,6 +43,7 @@ impl Kind {
 
     pub fn parse(s: &str) -> Option<Kind> {
         Some(match s {
+            "certs" => Kind::Certs,
             "services" => Kind::Services,
             "routes" => Kind::Routes,
             "tcp_routes" => Kind::TcpRoutes,
@@ -50,7 +60,7 @@ impl Kind {
     pub fn is_config(self) -> bool {
         matches!(
             self,
-            Kind::Services | Kind::Routes | Kind::TcpRoutes | Kind::Groups
+            Kind::Certs | Kind::Services | Kind::Routes | Kind::TcpRoutes | Kind::Groups
         )
     }
 

@@ -4,7 +4,8 @@
 //! sync engine that keeps a process's view current through outages
 //! ([`sync`]), lease-based registration ([`registration`]) and the
 //! last-known-good snapshot file ([`snapshot_file`]), and the bearer tokens
-//! of the admin API and the ops port ([`tokens`]).
+//! of the admin API and the ops port ([`tokens`]), and TLS material:
+//! certificates and keys parsed, checked and described ([`tls`]).
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod registration;
 pub mod snapshot_file;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod tokens;
 pub mod validate;
 

@@ -1,7 +1,7 @@
 //! The config model: the serde types stored one JSON object per key in etcd
 //! (or together in the standalone YAML file).
 //!
-//! Config kinds: [`Service`], [`Route`], [`Group`]. Runtime kinds, written by
+//! Config kinds: [`Cert`], [`Service`], [`Route`], [`Group`]. Runtime kinds, written by
 //! the processes under leases: [`Node`], [`Instance`]. Every type refuses
 //! unknown fields; [`crate::validate`] checks the semantics and names the
 //! field path of every problem.
@@ -54,6 +54,10 @@ pub struct Service {
     /// Default retry policy of routes to this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// TLS to the endpoints (an HTTPS or gRPC-over-TLS backend); plaintext
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
     /// The services this service calls, and how its sidecars reach each
     /// one. A sidecar's local policy covers exactly these; a call to any
     /// other destination goes to the central tier.
@@ -61,6 +65,23 @@ pub struct Service {
     pub destinations: Vec<Destination>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+}
+
+/// How a gateway reaches a service's endpoints over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// The name sent by SNI and verified in the endpoint's certificate;
+    /// default: the endpoint's host (a name or an IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM certificates of the roots to trust; default: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// Verify the endpoint's certificate (default `true`). `false` accepts
+    /// any certificate: for a lab, never across a network you do not own.
+    #[serde(default = "default_true")]
+    pub verify: bool,
 }
 
 /// A service that a service calls.
@@ -545,6 +566,25 @@ pub struct DirectResponse {
     pub body: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+}
+
+// === certs ===
+
+/// An ingress TLS certificate (`certs/<name>`). Every gateway's TLS
+/// ingress listener serves it to clients whose SNI matches one of the
+/// leaf's DNS names (exact, then wildcard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Cert {
+    /// PEM: the leaf first, then its intermediates.
+    pub certificate: String,
+    /// PEM private key of the leaf (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    /// Write-only: GET and the change log never show it; a PUT without it
+    /// keeps the stored key.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub private_key: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 // === groups ===

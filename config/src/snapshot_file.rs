@@ -147,6 +147,8 @@ pub fn parse(bytes: &[u8], scope: &str) -> Result<Snapshot, SnapshotError> {
 
 /// Writes `bytes` to a temp file beside `path`, syncs it, and renames it
 /// over `path`, so readers see the old or the new file, never a torn one.
+/// The file is readable by its owner only (mode 0600): config files and
+/// snapshots may hold TLS private keys.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -161,7 +163,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::process::id()
     ));
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }

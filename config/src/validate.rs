@@ -48,6 +48,7 @@ impl fmt::Display for Invalid {
 /// A decoded, validated object of any kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
+    Cert(Box<Cert>),
     Service(Box<Service>),
     Route(Box<Route>),
     TcpRoute(TcpRoute),
@@ -60,6 +61,7 @@ impl Object {
     /// Decodes and validates the JSON value stored at `key`.
     pub fn decode(key: &Key, json: &[u8]) -> Result<Object, Invalid> {
         let obj = match key.kind {
+            Kind::Certs => Object::Cert(Box::new(decode_json(key, json)?)),
             Kind::Services => Object::Service(Box::new(decode_json(key, json)?)),
             Kind::Routes => Object::Route(Box::new(decode_json(key, json)?)),
             Kind::TcpRoutes => Object::TcpRoute(decode_json(key, json)?),
@@ -84,6 +86,11 @@ impl Object {
     pub fn validate(&self, key: &Key) -> Result<(), Invalid> {
         let mut v = Errors::default();
         match self {
+            Object::Cert(c) => {
+                for (field, problem) in crate::tls::check_pair(&c.certificate, &c.private_key) {
+                    v.push(field, problem);
+                }
+            }
             Object::Service(s) => validate_service(s, &mut v),
             Object::Route(r) => validate_route(r, &mut v),
             Object::TcpRoute(t) => {
@@ -110,6 +117,7 @@ impl Object {
     /// The encoded form stored in etcd.
     pub fn to_json(&self) -> Vec<u8> {
         let r = match self {
+            Object::Cert(x) => serde_json::to_vec(x),
             Object::Service(x) => serde_json::to_vec(x),
             Object::Route(x) => serde_json::to_vec(x),
             Object::TcpRoute(x) => serde_json::to_vec(x),
@@ -162,6 +170,16 @@ impl Object {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+/// Makes a stored spec fit to show (API answers, the change log, a
+/// process's `/config`): a certificate loses its private key, and its leaf
+/// is described.
+pub fn public_spec(kind: Kind, spec: &mut serde_json::Value) -> Option<crate::tls::CertInfo> {
+    match kind {
+        Kind::Certs => crate::tls::redact_cert(spec),
+        _ => None,
     }
 }
 
@@ -295,6 +313,22 @@ fn validate_service(s: &Service, v: &mut Errors) {
     }
     if let Some(f) = &s.fallback {
         v.check("fallback", valid_name(f), NAME_MSG);
+    }
+    if let Some(t) = &s.tls {
+        if let Some(sni) = &t.sni {
+            v.check("tls.sni", valid_hostname(sni), "must be a DNS name");
+        }
+        if let Some(ca) = &t.ca {
+            if let Err(e) = crate::tls::parse_chain(ca) {
+                v.push("tls.ca", e);
+            }
+        }
+        if s.protocol == Protocol::Tcp {
+            v.push(
+                "tls",
+                "not available for protocol tcp (TCP routes pass bytes through)",
+            );
+        }
     }
     let mut dests = std::collections::HashSet::new();
     for (i, d) in s.destinations.iter().enumerate() {

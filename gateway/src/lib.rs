@@ -5,7 +5,7 @@
 //!
 //! | layer | owns |
 //! |---|---|
-//! | [`alloc`], [`clock`], [`maps`], [`metrics`] | leaves: the allocator, the monotonic clock, the config-table map type, Prometheus handles |
+//! | [`alloc`], [`clock`], [`maps`], [`metrics`], [`tls`] | leaves: the allocator, the monotonic clock, the config-table map type, Prometheus handles, TLS configs and the certificates served by SNI |
 //! | [`http`] | bodies, headers, the synthetic error vocabulary, HTTP/1 wire primitives, the h1 client codec and pool, connection limits, the h2 client, the byte tunnel |
 //! | [`server`], [`upstream`] | accepting and serving client connections; endpoints, balancing, health, breakers, one attempt |
 //! | [`routing`] | compiled routes and their tables |
@@ -27,6 +27,7 @@ pub mod alloc;
 pub(crate) mod clock;
 pub(crate) mod maps;
 pub mod metrics;
+pub mod tls;
 
 pub mod http;
 pub mod server;

@@ -10,7 +10,7 @@ use clap::Parser;
 static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::MeshAlloc;
 use meshgate_config::model::Role;
 use meshgate_config::node::{exit_on_error, StoreConfig};
-use meshgate_gateway::node::gateway::{EmbeddedAdmin, GatewayConfig};
+use meshgate_gateway::node::gateway::{EmbeddedAdmin, GatewayConfig, IngressTls};
 
 /// Meshgate gateway: ingress, per-group egress and central routing.
 ///
@@ -32,6 +32,14 @@ struct Args {
     /// Standalone: ingress listener.
     #[arg(long, default_value = "127.0.0.1:8000", requires = "standalone")]
     ingress_listen: SocketAddr,
+    /// Standalone: a TLS ingress listener (the same routes, over TLS with the
+    /// file's `certs`). Off unless given.
+    #[arg(long, requires = "standalone")]
+    ingress_tls_listen: Option<SocketAddr>,
+    /// Standalone: the certificate (a `certs` name) served when no SNI
+    /// matches.
+    #[arg(long, requires = "ingress_tls_listen")]
+    default_cert: Option<String>,
     /// Standalone: ops port (/healthz, /readyz, /metrics, /config, /api/v1).
     #[arg(long, default_value = "127.0.0.1:9901", requires = "standalone")]
     admin_listen: SocketAddr,
@@ -83,6 +91,12 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             groups: vec![],
             listen: Some(args.listen),
             ingress_listen: Some(args.ingress_listen),
+            ingress_tls: args.ingress_tls_listen.map(|listen| IngressTls {
+                listen,
+                default_cert: args.default_cert.clone(),
+                handshake_timeout_ms: meshgate_gateway::tls::DEFAULT_HANDSHAKE_TIMEOUT.as_millis()
+                    as u64,
+            }),
             admin_listen: args.admin_listen,
             advertise: None,
             store: StoreConfig {

@@ -2,8 +2,8 @@
 //! port at `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The process's metrics.
@@ -31,6 +31,10 @@ pub struct Metrics {
     pub tcp_listeners: IntGauge,
     /// Requests whose client went away mid-upload (client aborts).
     pub client_aborts: IntCounter,
+    /// TLS handshakes by listener and result (`ok`, `failed`, `timeout`).
+    pub tls_handshakes: IntCounterVec,
+    /// When each served certificate (`certs/<name>`) expires.
+    pub cert_expiry: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,6 +117,22 @@ impl Metrics {
             "Requests whose client went away in the middle of its upload",
         )
         .expect("metric");
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "tls_handshakes_total",
+                "TLS handshakes on client listeners, by listener and result (ok, failed, timeout)",
+            ),
+            &["listener", "result"],
+        )
+        .expect("metric");
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "tls_cert_expiry_timestamp_seconds",
+                "When each certificate served by the TLS ingress expires (Unix time)",
+            ),
+            &["cert"],
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -131,6 +151,8 @@ impl Metrics {
             Box::new(resilience.clone()),
             Box::new(tcp_listeners.clone()),
             Box::new(client_aborts.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(cert_expiry.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -148,6 +170,8 @@ impl Metrics {
             resilience,
             tcp_listeners,
             client_aborts,
+            tls_handshakes,
+            cert_expiry,
         }
     }
 

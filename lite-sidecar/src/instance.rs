@@ -52,7 +52,7 @@ pub async fn run(
         let ok = matches!(
             tokio::time::timeout(
                 timeout,
-                meshgate_gateway::upstream::health::probe(check, &app.address)
+                meshgate_gateway::upstream::health::probe(check, &app.address, None)
             )
             .await,
             Ok(Ok(()))

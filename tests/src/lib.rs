@@ -141,6 +141,8 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
+            // The test's own directory (beside its log), never the repo.
+            .current_dir(self.log.parent().expect("the log is in a directory"))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.program.display()));
         self.child = Some(child);
@@ -710,12 +712,24 @@ pub fn start_gateway(
     groups: &[&str],
     etcd: &str,
 ) -> (Proc, GatewayPorts) {
+    start_gateway_with(dir, id, roles, groups, etcd, serde_json::json!({}))
+}
+
+/// [`start_gateway`] with more node-config fields (`extra`, an object).
+pub fn start_gateway_with(
+    dir: &Path,
+    id: &str,
+    roles: &[&str],
+    groups: &[&str],
+    etcd: &str,
+    extra: serde_json::Value,
+) -> (Proc, GatewayPorts) {
     let ports = GatewayPorts {
         mesh: free_port(),
         ingress: free_port(),
         ops: free_port(),
     };
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "id": id,
         "roles": roles,
         "groups": groups,
@@ -727,6 +741,7 @@ pub fn start_gateway(
         "lease_ttl_s": 5,
         "shutdown_grace_ms": 3000,
     });
+    overlay(&mut cfg, extra);
     let p = spawn_with_config(dir, id, "meshgate-gateway", &cfg);
     (p, ports)
 }
@@ -1112,4 +1127,166 @@ pub async fn metric(ops_port: u16, sample: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
+}
+
+// === test peers (tests/peers) ===
+
+/// A test peer script in `tests/peers/`.
+pub fn peer(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("peers")
+        .join(script)
+}
+
+/// Runs a peer script's client mode and parses its JSON line.
+pub async fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    py_env(script, args, &[]).await
+}
+
+/// [`py`] with environment variables set.
+pub async fn py_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = tokio::process::Command::new("python3")
+        .arg(peer(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "{script} {args:?}: no JSON ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Starts a peer script's server mode on a free port; returns once it
+/// accepts connections.
+pub async fn py_server(dir: &Path, script: &str, name: &str) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc::spawn(
+        name,
+        Path::new("python3"),
+        &[
+            peer(script).to_string_lossy().into(),
+            "server".into(),
+            port.to_string(),
+            name.into(),
+        ],
+        dir,
+    );
+    wait_until(
+        &format!("{name} listening"),
+        Duration::from_secs(20),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    (p, port)
+}
+
+// === TLS ===
+
+/// A test certificate authority: signs leaf certificates for names.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The CA certificate, PEM (what clients trust).
+    pub pem: String,
+}
+
+/// A leaf certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub cert: String,
+    pub key: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf for `names` (DNS names, or `spiffe://` URIs), valid for a day.
+    pub fn leaf(&self, names: &[&str]) -> Leaf {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for n in names {
+            params.subject_alt_names.push(if n.contains("://") {
+                rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*n).unwrap())
+            } else {
+                rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*n).unwrap())
+            });
+        }
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("leaf"),
+        );
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// A rustls client config trusting `ca_pem`, offering ALPN `alpn`.
+pub fn tls_client(ca_pem: &str, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in meshgate_config::tls::parse_chain(ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(meshgate_config::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// Opens a TLS connection to 127.0.0.1:`port` asking for `sni`.
+pub async fn tls_connect(
+    cfg: Arc<rustls::ClientConfig>,
+    port: u16,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+/// The SHA-256 fingerprint (as `CertInfo` shows it) of the certificate a
+/// TLS connection's server presented.
+pub fn peer_fingerprint(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let certs = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a server certificate");
+    meshgate_config::tls::fingerprint(&certs[0])
 }

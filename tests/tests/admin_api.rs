@@ -913,8 +913,13 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
             "--seed",
             "1",
             "--generation-deterministic",
+            // One worker: hypothesis parses source with `ast` to describe
+            // its strategies, and CPython 3.11 before 3.11.8 keeps the AST
+            // recursion depth in a global (gh-106905), so two threads
+            // parsing at once fail with "AST constructor recursion depth
+            // mismatch" now and then.
             "--workers",
-            "2",
+            "1",
             "--no-color",
         ])
         .current_dir(c.dir.path())

@@ -13,58 +13,6 @@ use std::time::Duration;
 use meshgate_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn peer(script: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("peers")
-        .join(script)
-}
-
-/// Runs a peer script's client mode and parses its JSON line.
-async fn py(script: &str, args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new("python3")
-        .arg(peer(script))
-        .args(args)
-        .output()
-        .await
-        .expect("python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "{script} {args:?}: no JSON ({e}); stdout: {stdout}; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-/// Starts a peer script's server mode on a free port; returns once it
-/// accepts connections.
-async fn py_server(dir: &Path, script: &str, name: &str) -> (Proc, u16) {
-    let port = free_port();
-    let p = Proc::spawn(
-        name,
-        Path::new("python3"),
-        &[
-            peer(script).to_string_lossy().into(),
-            "server".into(),
-            port.to_string(),
-            name.into(),
-        ],
-        dir,
-    );
-    wait_until(
-        &format!("{name} listening"),
-        Duration::from_secs(20),
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
-    (p, port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_keep_their_streams_trailers_and_statuses() {
     let dir = tempfile::tempdir().unwrap();

@@ -550,8 +550,11 @@ async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Plann
     let mut out = Vec::new();
     for key in apply_order(objects) {
         let spec = &objects[&key];
-        // Compare normalised forms (defaults filled in), as the server stores.
-        let local = normalise(&key, spec)?;
+        // Compare normalised forms (defaults filled in), as the server stores,
+        // and as GET shows them (a certificate without its private key: a
+        // new key comes with a new certificate).
+        let mut local = normalise(&key, spec)?;
+        meshgate_config::validate::public_spec(key.kind, &mut local);
         let remote = match api.call(Method::GET, &key.to_string(), None).await {
             Ok(v) => Some(v["spec"].clone()),
             Err(Failure(msg, _)) if msg.ends_with("(404)") => None,

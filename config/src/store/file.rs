@@ -63,6 +63,8 @@ struct FileDoc {
     /// Maintained by the store; monotonically increasing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     revision: Option<i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    certs: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     groups: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
@@ -74,8 +76,9 @@ struct FileDoc {
 }
 
 impl FileDoc {
-    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 4] {
+    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 5] {
         [
+            (Kind::Certs, &self.certs),
             (Kind::Groups, &self.groups),
             (Kind::Services, &self.services),
             (Kind::Routes, &self.routes),
@@ -231,6 +234,7 @@ impl FileStore {
         };
         for e in entries.values() {
             let map = match e.key.kind {
+                Kind::Certs => &mut doc.certs,
                 Kind::Groups => &mut doc.groups,
                 Kind::Services => &mut doc.services,
                 Kind::Routes => &mut doc.routes,

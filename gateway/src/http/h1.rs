@@ -26,6 +26,9 @@
 //!   without keep-alive, a close-delimited body or bytes past the body's
 //!   end make the connection single-use.
 //!
+//! Over TLS (a service's `tls`, [`ClientTls`]) the same exchange runs on
+//! the TLS stream; plaintext stays on the bare socket.
+//!
 //! Upgrades and `CONNECT` tunnels still use hyper's client (one exchange
 //! per connection, see [`crate::upstream::attempt::upgrade`]).
 
@@ -40,7 +43,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 use hyper::body::{Body, Frame};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -48,6 +51,7 @@ use crate::http::body::ProxyBody;
 use crate::http::headers::ConnectionTokens;
 use crate::http::limit::ConnSlot;
 use crate::http::wire::{write_field, write_last_chunk, ChunkSize, Span};
+use crate::tls::ClientTls;
 
 /// Most response headers accepted (as hyper's client).
 const MAX_HEADERS: usize = 100;
@@ -60,9 +64,37 @@ const READ_CHUNK: usize = 8 * 1024;
 /// In-memory request bodies up to this size go out in the head's write.
 const COALESCE: usize = 64 * 1024;
 
+/// An upstream socket, plain or TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
 /// One upstream HTTP/1.1 connection.
 pub(crate) struct Conn {
-    io: TcpStream,
+    io: Io,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
     /// The request head (and small bodies) being written; kept for reuse.
@@ -145,7 +177,7 @@ async fn within<F: Future<Output = io::Result<T>>, T>(
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("peer", &self.io.peer_addr().ok())
+            .field("peer", &self.io.tcp().peer_addr().ok())
             .finish()
     }
 }
@@ -195,21 +227,28 @@ fn closed_early(what: &str) -> io::Error {
 }
 
 impl Conn {
-    /// Connects to `address` (`host:port`) within `timeout`.
+    /// Connects to `address` (`host:port`) within `timeout`, and runs the
+    /// TLS handshake within it too when `tls` is given.
     pub(crate) async fn connect(
         address: &str,
         timeout: Duration,
         slot: Option<ConnSlot>,
+        tls: Option<&ClientTls>,
     ) -> io::Result<Conn> {
-        let io = tokio::time::timeout(timeout, TcpStream::connect(address))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {} ms", timeout.as_millis()),
-                )
-            })??;
-        io.set_nodelay(true)?;
+        let connect = async {
+            let tcp = TcpStream::connect(address).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, io::Error>(match tls {
+                None => Io::Plain(tcp),
+                Some(tls) => Io::Tls(Box::new(tls.connect(tcp, address).await?)),
+            })
+        };
+        let io = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {} ms", timeout.as_millis()),
+            )
+        })??;
         // Not registered until first polled.
         let idle = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         Ok(Conn {
@@ -229,13 +268,24 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        match self.io.tcp().poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+            Poll::Ready(Ok(())) => match &mut self.io {
+                Io::Plain(tcp) => {
+                    let mut probe = [0u8; 1];
+                    matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                }
+                // TLS records may come unasked (TLS 1.3 session tickets):
+                // usable while they hold no data and no close.
+                Io::Tls(tls) => {
+                    let mut probe = [0u8; 1];
+                    let mut buf = ReadBuf::new(&mut probe);
+                    Pin::new(&mut **tls)
+                        .poll_read(&mut cx, &mut buf)
+                        .is_pending()
+                }
+            },
         }
     }
 
@@ -278,24 +328,20 @@ impl Conn {
             timer,
             ..
         } = &mut self;
-        let (mut rd, mut wr) = io.split();
-        let exchange = async {
-            match rest {
-                None => {
-                    wr.write_all(wbuf).await?;
-                    Ok((read_head(&mut rd, rbuf, head_only).await?, true))
-                }
-                // Boxed: streaming is the rare path, and its future would
-                // otherwise widen every exchange's.
-                Some(body) => {
-                    Box::pin(stream_body(
-                        &mut rd, &mut wr, rbuf, wbuf, body, chunked, head_only,
-                    ))
-                    .await
-                }
+        let (head, body_sent) = match io {
+            Io::Plain(tcp) => {
+                let (rd, wr) = tcp.split();
+                let exchange = exchange(rd, wr, rbuf, wbuf, rest, chunked, head_only);
+                within(timer.as_mut(), deadline, exchange).await?
+            }
+            // Boxed: the TLS exchange's future would otherwise widen the
+            // plaintext one's.
+            Io::Tls(tls) => {
+                let (rd, wr) = tokio::io::split(&mut **tls);
+                let exchange = exchange(rd, wr, rbuf, wbuf, rest, chunked, head_only);
+                within(timer.as_mut(), deadline, Box::pin(exchange)).await?
             }
         };
-        let (head, body_sent) = within(timer.as_mut(), deadline, exchange).await?;
         let Head {
             parts,
             framing,
@@ -320,11 +366,39 @@ fn full_data(mut full: http_body_util::Full<Bytes>) -> Option<Bytes> {
     }
 }
 
+/// Writes the request (the head in `wbuf`, with a small body, or `rest`
+/// streamed) and reads the answer's head. Returns it, and whether the
+/// whole body was sent.
+async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
+    mut wr: W,
+    rbuf: &mut BytesMut,
+    wbuf: &[u8],
+    rest: Option<ProxyBody>,
+    chunked: bool,
+    head_only: bool,
+) -> io::Result<(Head, bool)> {
+    match rest {
+        None => {
+            wr.write_all(wbuf).await?;
+            Ok((read_head(&mut rd, rbuf, head_only).await?, true))
+        }
+        // Boxed: streaming is the rare path, and its future would
+        // otherwise widen every exchange's.
+        Some(body) => {
+            Box::pin(stream_body(
+                &mut rd, &mut wr, rbuf, wbuf, body, chunked, head_only,
+            ))
+            .await
+        }
+    }
+}
+
 /// Writes the head and streams `body` while watching for an early answer.
 /// Returns the answer's head, and whether the whole body was sent.
-async fn stream_body(
-    rd: &mut tokio::net::tcp::ReadHalf<'_>,
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+async fn stream_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
     rbuf: &mut BytesMut,
     wbuf: &[u8],
     body: ProxyBody,
@@ -376,8 +450,8 @@ fn encode_head(
 }
 
 /// Writes the head in `wbuf`, then the body frame by frame.
-async fn write_streamed(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+async fn write_streamed<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     wbuf: &[u8],
     mut body: ProxyBody,
     chunked: bool,
@@ -414,8 +488,8 @@ pub(crate) struct Head {
 }
 
 /// Reads until a final (non-1xx) response head is complete and parses it.
-async fn read_head(
-    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+async fn read_head<R: AsyncRead + Unpin>(
+    rd: &mut R,
     rbuf: &mut BytesMut,
     head_only: bool,
 ) -> io::Result<Head> {
@@ -897,7 +971,7 @@ mod tests {
     }
 
     async fn connect(addr: &str) -> Conn {
-        Conn::connect(addr, Duration::from_secs(2), None)
+        Conn::connect(addr, Duration::from_secs(2), None, None)
             .await
             .unwrap()
     }
@@ -1117,7 +1191,7 @@ mod tests {
         let mut conn = idle.expect("looked reusable when the answer ended");
         // The peer's close makes the socket readable: wait for that event,
         // then the idle check must see the end.
-        tokio::time::timeout(Duration::from_secs(5), conn.io.readable())
+        tokio::time::timeout(Duration::from_secs(5), conn.io.tcp().readable())
             .await
             .expect("the close never arrived")
             .unwrap();

@@ -25,6 +25,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::http::body::ProxyBody;
 use crate::http::h1::{Conn, DeadlinePassed, Exchange, RequestBodyFailed};
 use crate::http::limit::{self, ConnLimit, ConnSlot, Overflow};
+use crate::tls::ClientTls;
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -158,6 +159,7 @@ impl H1Pool {
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: &str,
+        tls: Option<&ClientTls>,
         connect_timeout: Duration,
         limit: Option<ConnLimit<'_>>,
         req: Request<ProxyBody>,
@@ -170,7 +172,7 @@ impl H1Pool {
             None => {
                 let opened = tokio::time::timeout_at(
                     deadline,
-                    Box::pin(self.open(address, connect_timeout, limit)),
+                    Box::pin(self.open(address, tls, connect_timeout, limit)),
                 );
                 match opened.await {
                     Ok(Ok(conn)) => conn,
@@ -202,6 +204,7 @@ impl H1Pool {
     async fn open(
         &self,
         address: &str,
+        tls: Option<&ClientTls>,
         connect_timeout: Duration,
         limit: Option<ConnLimit<'_>>,
     ) -> Result<Conn, Opened> {
@@ -213,7 +216,7 @@ impl H1Pool {
                 Err(o) => return Err(Opened::Overflow(o)),
             },
         };
-        Conn::connect(address, connect_timeout, slot)
+        Conn::connect(address, connect_timeout, slot, tls)
             .await
             .map_err(Opened::Failed)
     }
@@ -333,7 +336,7 @@ mod tests {
 
     async fn exchange(pool: &Arc<H1Pool>, addr: &str) -> Bytes {
         let resp = pool
-            .send(addr, Duration::from_secs(1), None, get(addr), far())
+            .send(addr, None, Duration::from_secs(1), None, get(addr), far())
             .await
             .unwrap();
         resp.into_body().collect().await.unwrap().to_bytes()
@@ -370,7 +373,7 @@ mod tests {
         req.headers_mut()
             .insert("x-marker", http::HeaderValue::from_static("kept"));
         match pool
-            .send(&addr, Duration::from_secs(1), None, req, far())
+            .send(&addr, None, Duration::from_secs(1), None, req, far())
             .await
         {
             Err(SendError::Connect(_, back)) => assert_eq!(back.headers()["x-marker"], "kept"),

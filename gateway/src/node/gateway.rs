@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     /// Ingress listener (ingress role).
     #[serde(default)]
     pub ingress_listen: Option<SocketAddr>,
+    /// The TLS ingress listener (ingress role): the same routes as
+    /// `ingress_listen`, over TLS with the `certs/` objects.
+    #[serde(default)]
+    pub ingress_tls: Option<IngressTls>,
     /// Ops port: /healthz, /readyz, /metrics, /config (+ admin API if embedded).
     pub admin_listen: SocketAddr,
     /// Mesh address registered for sidecars (default: `listen`).
@@ -87,6 +91,24 @@ pub struct GatewayConfig {
     /// the same zone are used first, others when none of those is healthy.
     #[serde(default)]
     pub zone: Option<String>,
+}
+
+/// The TLS ingress listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressTls {
+    pub listen: SocketAddr,
+    /// The `certs/` object served to a client whose SNI (or lack of one)
+    /// matches no certificate; without it such a handshake fails.
+    #[serde(default)]
+    pub default_cert: Option<String>,
+    /// A handshake not done in this time is dropped, ms (default 10 s).
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_handshake_timeout() -> u64 {
+    crate::tls::DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as u64
 }
 
 /// Proxy tunables in the node config.
@@ -145,8 +167,35 @@ impl GatewayConfig {
         if mesh && self.listen.is_none() {
             push("listen", "required for the egress and central roles");
         }
-        if self.roles.contains(&Role::Ingress) && self.ingress_listen.is_none() {
-            push("ingress_listen", "required for the ingress role");
+        let ingress = self.roles.contains(&Role::Ingress);
+        if ingress && self.ingress_listen.is_none() && self.ingress_tls.is_none() {
+            push(
+                "ingress_listen",
+                "the ingress role needs ingress_listen, ingress_tls or both",
+            );
+        }
+        if let Some(t) = &self.ingress_tls {
+            if !ingress {
+                push(
+                    "ingress_tls",
+                    "only the ingress role has an ingress listener",
+                );
+            }
+            if t.default_cert
+                .as_deref()
+                .is_some_and(|c| !meshgate_config::key::valid_name(c))
+            {
+                push(
+                    "ingress_tls.default_cert",
+                    "must be the name of a certs/ object",
+                );
+            }
+            if t.handshake_timeout_ms == 0 {
+                push("ingress_tls.handshake_timeout_ms", "must be greater than 0");
+            }
+            if Some(t.listen) == self.ingress_listen || Some(t.listen) == self.listen {
+                push("ingress_tls.listen", "must differ from the other listeners");
+            }
         }
         if self.roles.contains(&Role::Egress) && self.groups.is_empty() {
             push("groups", "the egress role needs the groups it serves");
@@ -193,6 +242,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         Some(a) => Some(bind(a, "ingress_listen").await?),
         None => None,
     };
+    let tls_listener = match &cfg.ingress_tls {
+        Some(t) => Some(bind(t.listen, "ingress_tls.listen").await?),
+        None => None,
+    };
     let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
     let ops_token_file = cfg
         .ops_token_file
@@ -222,9 +275,18 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         Arc::new(Clients::default()),
         Arc::new(EndpointRegistry::default()),
         Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
-        Box::new(move |snap: &Snapshot| m.config_revision.set(snap.revision)),
+        Box::new(move |snap: &Snapshot| {
+            m.config_revision.set(snap.revision);
+            m.cert_expiry.reset();
+            for c in snap.certs.iter() {
+                m.cert_expiry
+                    .with_label_values(&[&c.name])
+                    .set(c.info.not_after_unix);
+            }
+        }),
     );
     let dump = compiler.dump_handle();
+    let certs = compiler.certs_handle();
     let refused = compiler.rejections();
     // Config, and the instances registered by sidecars (they join their
     // service's endpoints).
@@ -312,8 +374,29 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             _ => node.serve(kind.as_str(), listener, handler),
         }
     }
+    if let (Some(listener), Some(t)) = (tls_listener, &cfg.ingress_tls) {
+        tracing::info!(listener = "ingress_tls", addr = %listener.local_addr()?, "listening");
+        let resolver = crate::tls::CertResolver {
+            certs: certs.clone(),
+            default: t.default_cert.clone(),
+        };
+        let tls = crate::tls::TlsListener {
+            acceptor: crate::tls::server_config(Arc::new(resolver)).into(),
+            handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
+            handshakes: metrics.tls_handshakes.clone(),
+        };
+        let p = proxy.clone();
+        let handler = move |peer, req| {
+            let p: Arc<Proxy> = p.clone();
+            async move { p.handle(ListenerKind::Ingress, peer, req).await }
+        };
+        node.serve_tls("ingress_tls", listener, tls, handler);
+    }
     // TCP routes listen on the ingress address.
-    if let Some(a) = cfg.ingress_listen {
+    if let Some(a) = cfg
+        .ingress_listen
+        .or(cfg.ingress_tls.as_ref().map(|t| t.listen))
+    {
         let listeners = crate::proxy::tcp::run_listeners(
             a.ip(),
             shared.clone(),

@@ -128,7 +128,21 @@ impl Process {
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
-        self.serve_with(name, listener, self.limits, handler);
+        self.serve_with(name, listener, self.limits, None, handler);
+    }
+
+    /// [`Process::serve`] over TLS: each connection's handshake first.
+    pub fn serve_tls<H, F>(
+        &mut self,
+        name: &'static str,
+        listener: TcpListener,
+        tls: crate::tls::TlsListener,
+        handler: H,
+    ) where
+        H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        self.serve_with(name, listener, self.limits, Some(tls), handler);
     }
 
     /// [`Process::serve`] for the mesh listener, whose clients are other
@@ -142,7 +156,7 @@ impl Process {
     {
         let mut limits = self.limits;
         limits.max_head += HOP_HEADROOM;
-        self.serve_with(name, listener, limits, handler);
+        self.serve_with(name, listener, limits, None, handler);
     }
 
     fn serve_with<H, F>(
@@ -150,6 +164,7 @@ impl Process {
         name: &'static str,
         listener: TcpListener,
         limits: server::Limits,
+        tls: Option<crate::tls::TlsListener>,
         handler: H,
     ) where
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
@@ -157,7 +172,7 @@ impl Process {
     {
         let shutdown = self.shutdown();
         let grace = self.grace;
-        let task = server::serve(name, listener, handler, shutdown, grace, limits);
+        let task = server::serve(name, listener, handler, shutdown, grace, limits, tls);
         self.tasks.push(tokio::spawn(task));
     }
 

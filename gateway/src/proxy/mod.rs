@@ -9,7 +9,8 @@
 //!    `not_implemented`, `x-mesh-hops` + 1 (508 `loop_detected` over the
 //!    limit), `x-request-id` and `traceparent` created when missing;
 //!    on ingress listeners `x-mesh-source` removed (never trusted from
-//!    outside); `x-forwarded-for` appended
+//!    outside) and `x-forwarded-proto` set (`https` on the TLS ingress);
+//!    `x-forwarded-for` appended
 //! 3. `CONNECT` (a sidecar's plain-TCP local port, mesh listeners only) →
 //!    a TCP tunnel to the named service ([`tunnel`])
 //! 4. route match on the listener's table (mesh: by `x-mesh-service` or
@@ -206,6 +207,7 @@ impl Proxy {
         }
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
+            prelude::forwarded_proto(h, peer.tls.is_some());
         }
         prelude::forwarded_for(h, &peer.ip);
 

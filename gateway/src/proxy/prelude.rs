@@ -154,6 +154,14 @@ pub fn target(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
+/// Sets `x-forwarded-proto` to the scheme the client used (on ingress
+/// listeners, the edge: what a client sent is replaced).
+pub(crate) fn forwarded_proto(h: &mut HeaderMap, tls: bool) {
+    const XFP: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+    let proto = if tls { "https" } else { "http" };
+    h.insert(XFP, HeaderValue::from_static(proto));
+}
+
 /// Appends the client's address to `x-forwarded-for`.
 pub(crate) fn forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
     const XFF: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");

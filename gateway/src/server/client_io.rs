@@ -1,6 +1,6 @@
 //! A client connection's socket, as every server path uses it (the fast
-//! path, hyper, upgrades and tunnels): with a write timeout, and a
-//! lingering close.
+//! path, hyper, upgrades and tunnels), plain or TLS: with a write timeout,
+//! and a lingering close.
 //!
 //! **Write timeout.** A client that takes no byte of what we write for
 //! [`Limits::write_timeout`](crate::server::Limits) is cut off: the write
@@ -16,7 +16,9 @@
 //! connection is dropped, its write side is shut (the client sees the end
 //! of the answer), and what the client still sends is read and discarded
 //! until it closes, for at most [`LINGER`]; then the socket is closed. A
-//! client that has already closed costs nothing more.
+//! client that has already closed costs nothing more. (A TLS connection
+//! that ends cleanly has sent its `close_notify` by then, through
+//! `shutdown`; the lingering reads the TCP socket under it.)
 
 use std::future::Future;
 use std::io;
@@ -27,24 +29,107 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
 
 /// Longest a closed connection lingers to drain what the client still
 /// sends (nginx's `lingering_timeout` default).
 pub(crate) const LINGER: Duration = Duration::from_secs(5);
 
+/// A client socket, plain or TLS.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    #[cfg(test)]
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    fn into_tcp(self) -> TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.into_inner().0,
+        }
+    }
+}
+
+/// Forwards each call to the plain or the TLS stream.
+macro_rules! either {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 /// See the module docs.
 pub(crate) struct ClientIo {
     /// `None` once handed to the lingering close.
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     write_timeout: Duration,
     /// Armed while a write is stalled.
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl ClientIo {
-    pub(crate) fn new(stream: TcpStream, write_timeout: Duration) -> ClientIo {
+    pub(crate) fn new(stream: Stream, write_timeout: Duration) -> ClientIo {
         #[cfg(test)]
-        tests_only::count(&stream, 1);
+        tests_only::count(stream.tcp(), 1);
         ClientIo {
             stream: Some(stream),
             write_timeout,
@@ -52,7 +137,7 @@ impl ClientIo {
         }
     }
 
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
+    fn stream(&mut self) -> Pin<&mut Stream> {
         Pin::new(self.stream.as_mut().expect("open until dropped"))
     }
 
@@ -133,7 +218,8 @@ impl Drop for ClientIo {
             return;
         };
         #[cfg(test)]
-        tests_only::count(&stream, -1);
+        tests_only::count(stream.tcp(), -1);
+        let stream = stream.into_tcp();
         // Most clients have closed by now: their end is already read.
         let mut scratch = [0u8; 512];
         for _ in 0..8 {

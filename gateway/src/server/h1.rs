@@ -712,6 +712,7 @@ mod tests {
             rx,
             Duration::from_secs(10),
             limits,
+            None,
         ));
         Server {
             port,

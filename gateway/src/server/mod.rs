@@ -8,7 +8,9 @@
 //! against slow senders, a largest request head (431), and, through
 //! [`client_io`], a write timeout against clients that stop reading and a
 //! lingering close. Malformed HTTP/1 gets hyper's `400 Bad Request` and a
-//! closed connection. On shutdown the loop stops accepting, idle
+//! closed connection. A TLS listener ([`crate::tls::TlsListener`]) runs
+//! each connection's handshake first, in the connection's task, bounded by
+//! its handshake timeout; a failed handshake costs only its connection. On shutdown the loop stops accepting, idle
 //! connections close, and in-flight requests are drained up to a deadline.
 
 use std::convert::Infallible;
@@ -32,12 +34,13 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::http::body::{ProxyBody, RequestBody};
+use crate::tls::{TlsInfo, TlsListener};
 pub(crate) mod client_io;
 #[cfg(test)]
 mod differential;
 pub(crate) mod h1;
 
-use client_io::ClientIo;
+use client_io::{ClientIo, Stream};
 use h1::End;
 pub use h1::{Limits, DEFAULT_MAX_HEAD, DEFAULT_WRITE_TIMEOUT, MIN_MAX_HEAD};
 
@@ -47,6 +50,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The client's IP as a header value (for `x-forwarded-for`).
     pub ip: HeaderValue,
+    /// What the TLS handshake settled; `None` on a plaintext listener.
+    pub tls: Option<Arc<TlsInfo>>,
 }
 
 impl Peer {
@@ -54,6 +59,7 @@ impl Peer {
         Peer {
             addr,
             ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a valid header"),
+            tls: None,
         }
     }
 }
@@ -67,6 +73,7 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     limits: Limits,
+    tls: Option<TlsListener>,
 ) where
     H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -100,9 +107,20 @@ pub async fn serve<H, F>(
                 let handler = handler.clone();
                 let hyper = hyper.clone();
                 let mut shutdown = shutdown.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
+                    let mut peer = Peer::new(remote);
+                    let stream = match tls {
+                        None => Stream::Plain(stream),
+                        Some(tls) => match handshake(name, &tls, stream, &mut shutdown).await {
+                            Some((s, info)) => {
+                                peer.tls = Some(Arc::new(info));
+                                Stream::Tls(Box::new(s))
+                            }
+                            None => return,
+                        },
+                    };
                     let mut stream = ClientIo::new(stream, limits.write_timeout);
-                    let peer = Peer::new(remote);
                     let end = match limits.fast_path {
                         true => h1::serve(&mut stream, &peer, &handler, &mut shutdown, limits).await,
                         false => End::HandOff { read: Default::default(), served: false },
@@ -139,6 +157,40 @@ pub async fn serve<H, F>(
             "drain deadline reached; closing remaining connections"
         );
     }
+}
+
+/// The server side of a TLS handshake, bounded by the listener's handshake
+/// timeout (and given up on shutdown). A failure is logged at debug level
+/// (clients probing with garbage are common) and counted.
+async fn handshake(
+    name: &str,
+    tls: &TlsListener,
+    stream: TcpStream,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsInfo)> {
+    let remote = stream.peer_addr().ok();
+    let accept = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream));
+    let result = tokio::select! {
+        r = accept => r,
+        _ = wait_true(shutdown) => return None,
+    };
+    let outcome = match result {
+        Ok(Ok(s)) => {
+            let info = TlsInfo::of(s.get_ref().1);
+            tls.handshakes.with_label_values(&[name, "ok"]).inc();
+            return Some((s, info));
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(listener = name, remote = ?remote, error = %e, "TLS handshake failed");
+            "failed"
+        }
+        Err(_) => {
+            tracing::debug!(listener = name, remote = ?remote, "TLS handshake timed out");
+            "timeout"
+        }
+    };
+    tls.handshakes.with_label_values(&[name, outcome]).inc();
+    None
 }
 
 /// Accepts plain TCP connections on `listener` until `stop` turns true,

@@ -27,6 +27,7 @@ use crate::http::h2::{Clients, HttpClient, Wire};
 use crate::http::limit::ConnLimit;
 use crate::maps::FastMap;
 use crate::routing::{CompiledRoute, Router};
+use crate::tls::{CertTable, ClientTls, ServedCert, SharedCerts};
 use crate::upstream::balance::{Balancer, RequestKey};
 use crate::upstream::endpoint::EndpointRegistry;
 use crate::upstream::health::HealthChecks;
@@ -115,6 +116,9 @@ pub struct Snapshot {
     pub tcp_routes: FastMap<String, Arc<TcpRoute>>,
     /// Every compiled route by name (both scopes), for `explain`.
     pub routes: FastMap<String, Arc<CompiledRoute>>,
+    /// The ingress certificates (TLS listeners read them through
+    /// [`Compiler::certs_handle`], at each handshake).
+    pub certs: Arc<CertTable>,
 }
 
 impl Snapshot {
@@ -165,6 +169,19 @@ impl Rejections {
     }
 }
 
+/// A service's `tls` as a client config, offering by ALPN the protocol
+/// the service speaks.
+fn upstream_tls(svc: &Service) -> Result<Option<Arc<ClientTls>>, String> {
+    let Some(spec) = &svc.tls else {
+        return Ok(None);
+    };
+    let alpn: &[&[u8]] = match svc.protocol {
+        Protocol::Http2 | Protocol::Grpc => &[b"h2"],
+        Protocol::Http1 | Protocol::Tcp => &[b"http/1.1"],
+    };
+    ClientTls::new(spec, alpn).map(|t| Some(Arc::new(t)))
+}
+
 /// Called after each publish with the snapshot.
 pub(crate) type OnApply = Box<dyn Fn(&Snapshot) + Send>;
 
@@ -182,8 +199,9 @@ pub struct Compiler {
     /// Services whose health checks follow the next publish (probers
     /// start or stop once the snapshot that has the service is out).
     checks_due: std::collections::BTreeSet<Arc<str>>,
-    /// Accepted service specs (to recompile when their instances change).
-    specs: std::collections::HashMap<String, (i64, Service)>,
+    /// Accepted service specs (to recompile when their instances change),
+    /// with their upstream TLS made ready.
+    specs: std::collections::HashMap<String, (i64, Service, Option<Arc<ClientTls>>)>,
     /// Registered instances by service, then instance id.
     instances: std::collections::HashMap<String, BTreeMap<String, Instance>>,
     services: FastMap<Arc<str>, Arc<ServiceRt>>,
@@ -192,6 +210,9 @@ pub struct Compiler {
     ingress: Router,
     tcp_routes: FastMap<String, Arc<TcpRoute>>,
     groups: FastMap<String, Group>,
+    certs: Arc<CertTable>,
+    /// The certificates TLS listeners serve, updated at each publish.
+    shared_certs: SharedCerts,
     /// Raw accepted objects (for the `/config` dump).
     accepted: imbl::OrdMap<Key, (i64, Arc<serde_json::Value>)>,
     rejected: Rejections,
@@ -258,6 +279,8 @@ impl Compiler {
             ingress: Router::default(),
             tcp_routes: Default::default(),
             groups: Default::default(),
+            certs: Default::default(),
+            shared_certs: Default::default(),
             accepted: Default::default(),
             rejected: Rejections::default(),
             on_apply,
@@ -269,6 +292,11 @@ impl Compiler {
     /// updated after every change.
     pub fn dump_handle(&self) -> ConfigDump {
         self.dump.clone()
+    }
+
+    /// The applied certificates, for TLS listeners' certificate resolvers.
+    pub fn certs_handle(&self) -> SharedCerts {
+        self.shared_certs.clone()
     }
 
     /// The objects this compiler refused, updated as it applies changes.
@@ -297,10 +325,10 @@ impl Compiler {
     /// Compiles `name` from its accepted spec and its registered instances;
     /// its health checks are (re)started after the next publish.
     fn rebuild_service(&mut self, name: &str) {
-        let Some((version, spec)) = self.specs.get(name).cloned() else {
+        let Some((version, spec, tls)) = self.specs.get(name).cloned() else {
             return;
         };
-        let rt = self.compile_service(name, version, spec);
+        let rt = self.compile_service(name, version, spec, tls);
         self.checks_due.insert(rt.name.clone());
         self.services.insert(rt.name.clone(), Arc::new(rt));
     }
@@ -318,7 +346,13 @@ impl Compiler {
         }
     }
 
-    fn compile_service(&self, name: &str, version: i64, mut spec: Service) -> ServiceRt {
+    fn compile_service(
+        &self,
+        name: &str,
+        version: i64,
+        mut spec: Service,
+        tls: Option<Arc<ClientTls>>,
+    ) -> ServiceRt {
         // Registered instances join the static endpoints (a static
         // endpoint with the same address wins).
         if let Some(inst) = self.instances.get(name) {
@@ -360,7 +394,11 @@ impl Compiler {
                     (None, _) => 0,
                 };
                 let level = e.priority.saturating_mul(2).saturating_add(remote);
-                (self.endpoints.get(&e.address), e.weight, level)
+                (
+                    self.endpoints.get_tls(&e.address, tls.clone()),
+                    e.weight,
+                    level,
+                )
             })
             .collect();
         ServiceRt {
@@ -370,7 +408,7 @@ impl Compiler {
             hash_on: spec.hash_on.as_ref().and_then(|h| {
                 RequestKey::new(h.header.as_deref(), h.cookie.as_deref(), h.source_ip)
             }),
-            client: self.clients.get(wire, connect),
+            client: self.clients.get(wire, connect, tls),
             wire,
             connect_timeout: connect,
             request_timeout,
@@ -394,7 +432,11 @@ impl Compiler {
             ingress: self.ingress.clone(),
             tcp_routes: self.tcp_routes.clone(),
             routes: self.routes.clone(),
+            certs: self.certs.clone(),
         };
+        if !Arc::ptr_eq(&self.shared_certs.load(), &self.certs) {
+            self.shared_certs.store(self.certs.clone());
+        }
         (self.on_apply)(&snap);
         self.shared.store(Arc::new(snap));
         self.follow_checks();
@@ -441,6 +483,9 @@ impl Apply for Compiler {
                         Kind::Groups => {
                             self.groups.remove(&key.name);
                         }
+                        Kind::Certs => {
+                            self.certs = Arc::new(self.certs.with(&key.name, None));
+                        }
                         _ => {}
                     }
                 }
@@ -454,15 +499,56 @@ impl Apply for Compiler {
                             continue;
                         }
                     };
+                    // A certificate is loaded before it is accepted (its
+                    // key made ready to sign).
+                    let cert = match &obj {
+                        Object::Cert(c) => {
+                            match ServedCert::new(&key.name, &c.certificate, &c.private_key) {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    self.rejected.reject(
+                                        &key,
+                                        entry.mod_revision,
+                                        format!("{key}: {e}"),
+                                    );
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    // A service's upstream TLS is made ready before it is
+                    // accepted (its CA loaded).
+                    let tls = match &obj {
+                        Object::Service(svc) => match upstream_tls(svc) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                self.rejected.reject(
+                                    &key,
+                                    entry.mod_revision,
+                                    format!("{key}: tls: {e}"),
+                                );
+                                continue;
+                            }
+                        },
+                        _ => None,
+                    };
                     self.rejected.clear(&key);
-                    if let Ok(v) = serde_json::from_slice(&entry.value) {
+                    if let Ok(mut v) = serde_json::from_slice(&entry.value) {
+                        if let Some(info) = meshgate_config::validate::public_spec(key.kind, &mut v)
+                        {
+                            v["info"] = serde_json::json!(info);
+                        }
                         self.accepted
                             .insert(key.clone(), (entry.mod_revision, Arc::new(v)));
                     }
                     match obj {
+                        Object::Cert(_) => {
+                            self.certs = Arc::new(self.certs.with(&key.name, cert));
+                        }
                         Object::Service(s) => {
                             self.specs
-                                .insert(key.name.clone(), (entry.mod_revision, *s));
+                                .insert(key.name.clone(), (entry.mod_revision, *s, tls));
                             self.rebuild_service(&key.name);
                         }
                         Object::Instance(i) => {

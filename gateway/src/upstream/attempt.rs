@@ -113,8 +113,12 @@ pub async fn attempt(
                     Some(Box::new(req)),
                 ));
             };
+            let scheme = match ep.tls {
+                Some(_) => Scheme::HTTPS,
+                None => Scheme::HTTP,
+            };
             *req.uri_mut() = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(scheme)
                 .authority(auth.clone())
                 .path_and_query(pq.clone())
                 .build()
@@ -131,6 +135,7 @@ pub async fn attempt(
             let deadline = tokio::time::Instant::from_std(sent_at) + opts.timeout;
             let sent = ep.h1.send(
                 &ep.address,
+                ep.tls.as_deref(),
                 opts.connect_timeout,
                 opts.conn_limit,
                 req,
@@ -232,6 +237,22 @@ async fn switch(
     switched: impl Fn(http::StatusCode) -> bool,
 ) -> Result<Switched, AttemptError> {
     let stream = connect_tcp(ep, connect_timeout).await?;
+    let stream = match &ep.tls {
+        None => tokio_util::either::Either::Left(stream),
+        Some(tls) => {
+            let handshake = tls.connect(stream, &ep.address);
+            match tokio::time::timeout(connect_timeout, handshake).await {
+                Ok(Ok(s)) => tokio_util::either::Either::Right(s),
+                Ok(Err(e)) => return Err(AttemptError::Connect(format!("TLS: {e}"), None)),
+                Err(_) => {
+                    return Err(AttemptError::Connect(
+                        "TLS handshake timed out".into(),
+                        None,
+                    ))
+                }
+            }
+        }
+    };
     let (mut tx, conn) = http1::Builder::new()
         .handshake::<_, ProxyBody>(TokioIo::new(stream))
         .await

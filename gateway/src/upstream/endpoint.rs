@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::clock::mono_ms;
 use crate::http::pool::H1Pool;
+use crate::tls::ClientTls;
 use crate::upstream::resilience::Outlier;
 
 /// The live state of one endpoint (or gateway member).
@@ -21,6 +22,8 @@ pub struct EndpointState {
     pub authority: Option<http::uri::Authority>,
     /// Idle HTTP/1.1 connections to this endpoint.
     pub h1: Arc<H1Pool>,
+    /// TLS to the endpoint (its service's `tls`); plaintext when `None`.
+    pub tls: Option<Arc<ClientTls>>,
     /// Requests sent and not yet answered (response headers).
     in_flight: AtomicU32,
     /// Peak-EWMA of the time to response headers, in ns (0: no sample yet).
@@ -63,11 +66,17 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 
 impl EndpointState {
     pub fn new(address: impl Into<String>) -> Self {
+        Self::with_tls(address, None)
+    }
+
+    /// An endpoint reached over TLS with `tls` (plaintext when `None`).
+    pub fn with_tls(address: impl Into<String>, tls: Option<Arc<ClientTls>>) -> Self {
         let address = address.into();
         EndpointState {
             authority: address.parse().ok(),
             address,
             h1: Default::default(),
+            tls,
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(0),
             ewma_at_ms: AtomicU64::new(0),
@@ -229,12 +238,23 @@ impl EndpointRegistry {
     /// The state for `address`, reused if any live balancer still holds it.
     /// Called on config changes only, never per request.
     pub fn get(&self, address: &str) -> Arc<EndpointState> {
+        self.get_tls(address, None)
+    }
+
+    /// [`EndpointRegistry::get`] for an endpoint reached over `tls`: kept
+    /// apart from the plaintext one and from other TLS settings (its pool
+    /// holds connections made with these settings only).
+    pub fn get_tls(&self, address: &str, tls: Option<Arc<ClientTls>>) -> Arc<EndpointState> {
+        let key = match &tls {
+            None => address.to_string(),
+            Some(t) => format!("{address}#tls:{:x}", t.id),
+        };
         let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(address).and_then(|w| w.upgrade()) {
+        if let Some(s) = map.get(&key).and_then(|w| w.upgrade()) {
             return s;
         }
-        let s = Arc::new(EndpointState::new(address));
-        map.insert(address.to_string(), Arc::downgrade(&s));
+        let s = Arc::new(EndpointState::with_tls(address, tls));
+        map.insert(key, Arc::downgrade(&s));
         if map.len() > 1024 && map.len().is_power_of_two() {
             map.retain(|_, w| w.strong_count() > 0);
         }

@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use meshgate_config::model::HealthCheck;
 use prometheus::IntCounterVec;
 
+use crate::tls::ClientTls;
 use crate::upstream::endpoint::{EndpointState, Health};
 
 /// The process's health checks.
@@ -185,7 +186,8 @@ async fn probe_loop(spec: HealthCheck, ep: Arc<EndpointState>, counter: Option<I
     let timeout = Duration::from_millis(spec.timeout_ms);
     let mut verdict = Verdict::default();
     loop {
-        let result = tokio::time::timeout(timeout, probe(&spec, &ep.address)).await;
+        let result =
+            tokio::time::timeout(timeout, probe(&spec, &ep.address, ep.tls.as_deref())).await;
         let ok = match result {
             Ok(Ok(())) => true,
             Ok(Err(why)) => {
@@ -219,15 +221,30 @@ async fn probe_loop(spec: HealthCheck, ep: Arc<EndpointState>, counter: Option<I
     }
 }
 
-/// One check of `address` (no timeout of its own: the caller bounds it).
-pub async fn probe(spec: &HealthCheck, address: &str) -> Result<(), String> {
+/// One check of `address`, over `tls` when given (no timeout of its own:
+/// the caller bounds it).
+pub async fn probe(
+    spec: &HealthCheck,
+    address: &str,
+    tls: Option<&ClientTls>,
+) -> Result<(), String> {
     let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    let stream = match tls {
+        None => tokio_util::either::Either::Left(stream),
+        Some(tls) => tokio_util::either::Either::Right(
+            tls.connect(stream, address)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?,
+        ),
+    };
     let Some(http) = &spec.http else {
         return Ok(());
     };
-    let _ = stream.set_nodelay(true);
+    if let tokio_util::either::Either::Left(s) = &stream {
+        let _ = s.set_nodelay(true);
+    }
     let (mut tx, conn) = http1::Builder::new()
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
