@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import ssl
 import socket
 import statistics
 import subprocess
@@ -86,6 +87,18 @@ def http(method, url, body=None, headers=None, timeout=10.0):
 def http_ok(url):
     try:
         return http("GET", url, timeout=1.0)[0] == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def https_ok(url):
+    """A 200 over TLS, the certificate not checked (the bench's own)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=1.0, context=ctx) as r:
+            return r.status == 200
     except (OSError, urllib.error.URLError):
         return False
 
@@ -201,9 +214,10 @@ http {{
                                         cpu=self.proxy_cpu)
         wait_until("nginx backend", lambda: http_ok(f"http://127.0.0.1:{self.backend_port}/"))
 
-    def nginx_proxy(self, name, listens, upstream_port):
+    def nginx_proxy(self, name, listens, upstream_port, server_extra="", ready=None):
         """An nginx reverse proxy (one worker, pinned) to 127.0.0.1:upstream_port."""
         listen = "\n".join(f"    listen 127.0.0.1:{x};" for x in listens)
+        listen += server_extra
         conf = self.write(f"{name}.conf", f"""
 worker_processes 1;
 daemon off;
@@ -229,7 +243,7 @@ http {{
 }}
 """)
         p = self.procs.start(name, ["nginx", "-p", self.workdir, "-c", conf], cpu=self.proxy_cpu)
-        wait_until(name, lambda: http_ok(f"http://127.0.0.1:{listens[0].split()[0]}/"))
+        wait_until(name, ready or (lambda: http_ok(f"http://127.0.0.1:{listens[0].split()[0]}/")))
         return lambda: children(p.pid)
 
     def start_nginx(self):
@@ -267,26 +281,95 @@ backend be
         wait_until("haproxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
         return {"name": "haproxy", "port": port, "h2_port": h2, "pids": lambda: [p.pid]}
 
-    def start_meshgate(self):
-        """A standalone gateway on the demo config plus the bench route."""
+    def start_meshgate(self, extra_model="", tls=False):
+        """A standalone gateway on the demo config plus the bench route (and
+        a TLS ingress listener serving `extra_model`'s certificate)."""
         with open(os.path.join(ROOT, "config", "examples", "demo.yaml")) as f:
             demo = f.read()
         bench_service = f"  bench-backend:\n    endpoints:\n      - address: 127.0.0.1:{self.backend_port}\n"
         bench_route = ("  bench:\n    scope: ingress\n    match:\n      path:\n        prefix: /\n"
                        "    priority: -1\n    backends:\n      - service: bench-backend\n")
         model = demo.replace("services:\n", "services:\n" + bench_service, 1)
-        model = model.replace("routes:\n", "routes:\n" + bench_route, 1)
+        model = model.replace("routes:\n", "routes:\n" + bench_route, 1) + extra_model
         # The demo's exact "/" status route would answer the bench's GET /.
         path = "/bench"
         mesh_yaml = self.write("mesh.yaml", model)
-        port, mesh_port, ops = free_port(), free_port(), free_port()
-        p = self.procs.start("meshgate", [
-            os.path.join(BIN, "meshgate-gateway"), "--standalone", mesh_yaml, "--workers", "1",
-            "--listen", f"127.0.0.1:{mesh_port}", "--ingress-listen", f"127.0.0.1:{port}",
-            "--admin-listen", f"127.0.0.1:{ops}"], cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
-        wait_until("meshgate", lambda: http_ok(f"http://127.0.0.1:{port}{path}"))
+        port, mesh_port, ops, tls_port = free_port(), free_port(), free_port(), free_port()
+        cmd = [os.path.join(BIN, "meshgate-gateway"), "--standalone", mesh_yaml, "--workers", "1",
+               "--listen", f"127.0.0.1:{mesh_port}", "--ingress-listen", f"127.0.0.1:{port}",
+               "--admin-listen", f"127.0.0.1:{ops}"]
+        if tls:
+            cmd += ["--ingress-tls-listen", f"127.0.0.1:{tls_port}", "--default-cert", "bench"]
+        name = "meshgate-tls" if tls else "meshgate"
+        p = self.procs.start(name, cmd, cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
+        wait_until(name, lambda: http_ok(f"http://127.0.0.1:{port}{path}"))
+        if tls:
+            wait_until(f"{name} TLS", lambda: https_ok(f"https://127.0.0.1:{tls_port}{path}"))
         return {"name": "meshgate", "port": port, "h2_port": port, "pids": lambda: [p.pid],
-                "path": path, "proc": p}
+                "path": path, "proc": p, "tls_port": tls_port}
+
+    # ---------------------------------------------------------- TLS targets
+
+    # TLS 1.3 with the suite an OpenSSL client (wrk, s_time) prefers, which
+    # rustls, following the client's order, picks too; nginx and HAProxy
+    # are held to it, so all three do the same cipher work.
+    TLS_SUITE = "TLS_AES_256_GCM_SHA384"
+
+    def make_cert(self):
+        """An ECDSA P-256 certificate for bench.test: (cert, key, both)."""
+        key, crt = os.path.join(self.workdir, "tls.key"), os.path.join(self.workdir, "tls.crt")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=bench.test",
+                        "-addext", "subjectAltName=DNS:bench.test"], check=True, capture_output=True)
+        with open(crt) as c, open(key) as k:
+            cert_pem, key_pem = c.read(), k.read()
+        both = self.write("tls.pem", cert_pem + key_pem)
+        return {"crt": crt, "key": key, "pem": both, "cert_pem": cert_pem, "key_pem": key_pem}
+
+    def start_tls_targets(self):
+        cert = self.make_cert()
+        targets = []
+        port = free_port()
+        extra = (f"\n    ssl_certificate {cert['crt']};\n    ssl_certificate_key {cert['key']};"
+                 f"\n    ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites {self.TLS_SUITE};"
+                 f"\n    ssl_session_cache shared:SSL:10m;")
+        pids = self.nginx_proxy("nginx-tls", [f"{port} ssl"], self.backend_port, extra,
+                                ready=lambda: https_ok(f"https://127.0.0.1:{port}/"))
+        targets.append({"name": "nginx", "port": port, "pids": pids, "scheme": "https"})
+        port = free_port()
+        conf = self.write("haproxy-tls.cfg", f"""
+global
+  nbthread 1
+  maxconn 4000
+  tune.ssl.default-dh-param 2048
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port} ssl crt {cert['pem']} alpn http/1.1 ssl-min-ver TLSv1.3 ciphersuites {self.TLS_SUITE}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{self.backend_port}
+""")
+        p = self.procs.start("haproxy-tls", ["haproxy", "-f", conf], cpu=self.proxy_cpu)
+        wait_until("haproxy-tls", lambda: https_ok(f"https://127.0.0.1:{port}/"))
+        targets.append({"name": "haproxy", "port": port, "pids": lambda: [p.pid], "scheme": "https"})
+        certs = json.dumps({"bench": {"certificate": cert["cert_pem"], "private_key": cert["key_pem"]}})
+        mg = self.start_meshgate(extra_model=f"certs: {certs}\n", tls=True)
+        targets.append(dict(mg, port=mg["tls_port"], scheme="https"))
+        for t in targets:
+            t["cipher"] = self.negotiated(t["port"])
+        return targets
+
+    def negotiated(self, port):
+        """The protocol and suite an OpenSSL client gets from the target."""
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "bench.test"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        m = re.search(r"New, (\S+), Cipher is (\S+)", r.stdout)
+        return f"{m.group(1)} {m.group(2)}" if m else "unknown"
 
     # ---------------------------------------------------------- tools
 
@@ -353,7 +436,7 @@ backend be
         return out
 
     def url(self, t, port_key="port"):
-        return f"http://127.0.0.1:{t[port_key]}{t.get('path', '/')}"
+        return f"{t.get('scheme', 'http')}://127.0.0.1:{t[port_key]}{t.get('path', '/')}"
 
     def throughput(self, targets):
         d = self.args.duration
@@ -381,6 +464,33 @@ backend be
         res = self.interleaved(targets, lambda t: self.measured(
             t, lambda: self.h2load(self.url(t, "h2_port"), 10, 10, d)))
         self.results["http2"] = res
+
+    def s_time(self, port, duration):
+        """Full TLS handshakes, one after another (`openssl s_time -new`)."""
+        cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(duration)]
+        out = subprocess.run(self.pinned(cmd), capture_output=True, text=True, check=True).stdout
+        m = re.search(r"(\d+) connections in ([\d.]+)s;", out) or re.search(r"(\d+) connections in (\d+) real", out)
+        n = int(m.group(1))
+        return {"requests": n, "rps": n / float(m.group(2)), "errors": 0}
+
+    def tls(self):
+        """TLS termination at the ingress: keep-alive throughput and full
+        handshakes, against nginx and HAProxy with the same certificate and
+        suite."""
+        if not hasattr(self, "backend_port"):
+            self.start_backend()
+        targets = self.start_tls_targets()
+        d = self.args.duration
+        out = {"ciphers": {t["name"]: t["cipher"] for t in targets}}
+        log("TLS keep-alive, 50 connections (wrk over TLS)")
+        self.note_cmd(f"taskset -c {self.load_cpu} wrk -t1 -c50 -d{d}s https://127.0.0.1:<port>/")
+        out["keepalive"] = self.interleaved(
+            targets, lambda t: self.measured(t, lambda: self.wrk(self.url(t), 50, d)))
+        log("TLS full handshakes (openssl s_time -new)")
+        self.note_cmd(f"taskset -c {self.load_cpu} openssl s_time -connect 127.0.0.1:<port> -new -time {d}")
+        out["handshakes"] = self.interleaved(
+            targets, lambda t: self.measured(t, lambda: self.s_time(t["port"], d)))
+        self.results["tls"] = out
 
     def rss_sample(self, pid):
         return {"rss_kb": mem_kb(pid, "VmRSS"), "hwm_kb": mem_kb(pid, "VmHWM")}
@@ -659,6 +769,7 @@ backend be
             self.latency([nginx, haproxy, mg])
             self.http2([nginx, haproxy, mg])
             self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
+            self.tls()
             self.cluster(direct, nginx)
             self.sidecar_scale()
             self.failover()
@@ -768,6 +879,15 @@ def report(res, machine, args, commands):
     L.append("")
 
     tp_table("http2", "HTTP/2 cleartext, 10 connections × 10 streams (h2load; upstream HTTP/1.1)")
+
+    if "tls" in res:
+        tls = res["tls"]
+        res["tls_keepalive"] = tls["keepalive"]
+        suites = "; ".join(f"{n}: {c}" for n, c in tls["ciphers"].items())
+        tp_table("tls_keepalive", f"TLS termination, keep-alive, 50 connections (wrk over TLS; {suites})")
+        res["tls_handshakes"] = tls["handshakes"]
+        tp_table("tls_handshakes", "TLS termination, full handshakes one after another "
+                 "(openssl s_time -new; req/s = handshakes/s, CPU per handshake)")
 
     th = res["two_hop"]
     L.append(f"### Two-hop mesh path: app → lite-sidecar → gateway → backend\n")
