@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod openapi;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

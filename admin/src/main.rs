@@ -41,6 +41,16 @@ struct AdminConfig {
     /// etcd's `--max-txn-ops` (default 128).
     #[serde(default = "default_max_txn_ops")]
     max_txn_ops: usize,
+    /// Serve the API over TLS with this certificate and key (PEM files).
+    #[serde(default)]
+    tls: Option<ServeTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 fn default_max_body() -> usize {
@@ -110,12 +120,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cfg.listen
             )
         })?;
-    tracing::info!(listen = %cfg.listen, "admin API listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            node::shutdown_signal().await;
-            tracing::info!("shutting down");
-        })
-        .await?;
+    let shutdown = async {
+        node::shutdown_signal().await;
+        tracing::info!("shutting down");
+    };
+    match &cfg.tls {
+        None => {
+            tracing::info!(listen = %cfg.listen, "admin API listening");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+        Some(t) => {
+            let tls = meshgate_admin::tls::server_config(&t.cert_file, &t.key_file)?;
+            tracing::info!(listen = %cfg.listen, "admin API listening (TLS)");
+            meshgate_admin::tls::serve(listener, app, tls, shutdown).await?;
+        }
+    }
     Ok(())
 }

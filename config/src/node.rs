@@ -34,6 +34,33 @@ pub struct EtcdConfig {
     /// Bound on every etcd call, in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// TLS to etcd (`https://` endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTls>,
+    /// etcd user (etcd's authentication); its password is read from
+    /// `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// TLS to etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// PEM roots that etcd's certificate must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// A client certificate and its key (PEM), for etcd's
+    /// `--client-cert-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name etcd's certificate is checked for (default: the endpoint's
+    /// host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -70,6 +97,35 @@ impl StoreConfig {
                         ));
                     }
                 }
+                let https = e.endpoints.iter().any(|ep| ep.starts_with("https://"));
+                if https != e.tls.is_some() {
+                    out.push((
+                        "store.etcd.tls".into(),
+                        "give `tls` exactly when the endpoints are https:// URLs".into(),
+                    ));
+                }
+                if e.endpoints.iter().any(|ep| ep.starts_with("https://"))
+                    && e.endpoints.iter().any(|ep| ep.starts_with("http://"))
+                {
+                    out.push((
+                        "store.etcd.endpoints".into(),
+                        "mixes http:// and https:// endpoints".into(),
+                    ));
+                }
+                if let Some(t) = &e.tls {
+                    if t.cert_file.is_some() != t.key_file.is_some() {
+                        out.push((
+                            "store.etcd.tls".into(),
+                            "give both cert_file and key_file, or neither".into(),
+                        ));
+                    }
+                }
+                if e.user.is_some() != e.password_file.is_some() {
+                    out.push((
+                        "store.etcd.user".into(),
+                        "give both user and password_file, or neither".into(),
+                    ));
+                }
                 if !e.prefix.starts_with('/') {
                     out.push(("store.etcd.prefix".into(), "must start with '/'".into()));
                 }
@@ -97,6 +153,13 @@ impl StoreConfig {
                     endpoints: e.endpoints.clone(),
                     prefix: e.prefix.clone(),
                     timeout: Duration::from_millis(e.timeout_ms),
+                    tls: e.tls.as_ref().map(etcd_tls).transpose()?,
+                    user: match (&e.user, &e.password_file) {
+                        (Some(u), Some(f)) => {
+                            Some((u.clone(), read_secret(f, "store.etcd.password_file")?))
+                        }
+                        _ => None,
+                    },
                 })
                 .await?,
             ),
@@ -104,6 +167,39 @@ impl StoreConfig {
             (None, None) => anyhow::bail!("store: give exactly one of `etcd` and `file`"),
         })
     }
+}
+
+/// The etcd client's TLS settings from their files (each error names its
+/// field).
+fn etcd_tls(t: &EtcdTls) -> anyhow::Result<etcd_client::TlsOptions> {
+    let read = |p: &Path, field: &str| {
+        std::fs::read(p)
+            .map_err(|e| anyhow::anyhow!("store.etcd.tls.{field}: {}: {e}", p.display()))
+    };
+    let mut o = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(
+        read(&t.ca_file, "ca_file")?,
+    ));
+    if let (Some(c), Some(k)) = (&t.cert_file, &t.key_file) {
+        o = o.identity(etcd_client::Identity::from_pem(
+            read(c, "cert_file")?,
+            read(k, "key_file")?,
+        ));
+    }
+    if let Some(n) = &t.server_name {
+        o = o.domain_name(n.clone());
+    }
+    Ok(o)
+}
+
+/// A secret from a file (its first line, trimmed): a password, a token.
+pub fn read_secret(path: &Path, field: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        anyhow::bail!("{field}: {} is empty", path.display());
+    }
+    Ok(secret)
 }
 
 /// Reads a YAML file into `T`. The error names the file and the field path,
@@ -231,5 +327,56 @@ mod tests {
         assert_eq!(doc.store.problems(), vec![]);
         let doc: Doc = parse_yaml(p, b"roles: [egress]\nstore: {}\n").unwrap();
         assert_eq!(doc.store.problems()[0].0, "store");
+    }
+
+    #[test]
+    fn etcd_tls_and_credentials_come_whole() {
+        let problems = |etcd: &str| {
+            let doc: Doc = parse_yaml(
+                Path::new("gw.yaml"),
+                format!("roles: []\nstore: {{etcd: {etcd}}}\n").as_bytes(),
+            )
+            .unwrap();
+            doc.store
+                .problems()
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(problems("{endpoints: ['https://e:2379'], tls: {ca_file: ca.pem}, user: u, password_file: p}"), Vec::<String>::new());
+        assert_eq!(
+            problems("{endpoints: ['https://e:2379']}"),
+            ["store.etcd.tls"]
+        );
+        assert_eq!(
+            problems("{endpoints: ['http://e:2379'], tls: {ca_file: ca.pem}}"),
+            ["store.etcd.tls"]
+        );
+        assert_eq!(
+            problems("{endpoints: ['https://e:2379', 'http://f:2379'], tls: {ca_file: ca.pem}}"),
+            ["store.etcd.endpoints"]
+        );
+        assert_eq!(
+            problems("{endpoints: ['https://e:2379'], tls: {ca_file: ca.pem, cert_file: c.pem}}"),
+            ["store.etcd.tls"]
+        );
+        assert_eq!(
+            problems("{endpoints: ['http://e:2379'], user: u}"),
+            ["store.etcd.user"]
+        );
+    }
+
+    #[test]
+    fn a_secret_is_the_first_line_of_its_file_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "  s3cret \nignored\n").unwrap();
+        assert_eq!(read_secret(&f, "password_file").unwrap(), "s3cret");
+        std::fs::write(&f, "\n").unwrap();
+        let e = read_secret(&f, "password_file").unwrap_err().to_string();
+        assert!(
+            e.starts_with("password_file: ") && e.ends_with("is empty"),
+            "{e}"
+        );
     }
 }

@@ -221,10 +221,34 @@ impl Drop for Proc {
 pub struct Etcd {
     pub proc: Proc,
     pub client_port: u16,
+    /// Served over TLS: the CA its certificate chains to (PEM).
+    pub tls_ca: Option<String>,
 }
 
 impl Etcd {
     pub async fn start(dir: &Path) -> Etcd {
+        Self::start_with(dir, None, &[]).await
+    }
+
+    /// etcd serving its clients over TLS with `cert` (for 127.0.0.1),
+    /// signed by `ca`; `extra` flags are passed on (e.g.
+    /// `--auth-token-ttl`).
+    pub async fn start_tls(dir: &Path, ca: &TestCa, extra: &[&str]) -> Etcd {
+        let leaf = ca.leaf(&["127.0.0.1", "localhost"]);
+        std::fs::write(dir.join("etcd.crt"), &leaf.cert).unwrap();
+        std::fs::write(dir.join("etcd.key"), &leaf.key).unwrap();
+        let mut args = vec![
+            "--cert-file".to_string(),
+            dir.join("etcd.crt").to_string_lossy().into(),
+            "--key-file".into(),
+            dir.join("etcd.key").to_string_lossy().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(dir, Some(ca.pem.clone()), &args).await
+    }
+
+    async fn start_with(dir: &Path, tls_ca: Option<String>, extra: &[String]) -> Etcd {
+        let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let client_port = free_port();
         let peer_port = free_port();
         let data = dir.join("etcd-data");
@@ -234,9 +258,9 @@ impl Etcd {
             "--data-dir",
             data.to_str().unwrap(),
             "--listen-client-urls",
-            &format!("http://127.0.0.1:{client_port}"),
+            &format!("{scheme}://127.0.0.1:{client_port}"),
             "--advertise-client-urls",
-            &format!("http://127.0.0.1:{client_port}"),
+            &format!("{scheme}://127.0.0.1:{client_port}"),
             "--listen-peer-urls",
             &format!("http://127.0.0.1:{peer_port}"),
             "--initial-advertise-peer-urls",
@@ -248,22 +272,39 @@ impl Etcd {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(extra.iter().cloned())
         .collect();
         let etcd = which("etcd")
             .expect("etcd not installed: run scripts/test.sh (it installs etcd-server)");
         let e = Etcd {
             proc: Proc::spawn("etcd", &etcd, &args, dir),
             client_port,
+            tls_ca,
         };
         e.wait_healthy().await;
         e
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub async fn wait_healthy(&self) {
+        if self.tls_ca.is_some() {
+            wait_until("etcd healthy (TLS)", Duration::from_secs(20), || async {
+                let Ok(mut c) = self.client_as(None).await else {
+                    return false;
+                };
+                c.status().await.is_ok()
+            })
+            .await;
+            return;
+        }
         let url = format!("{}/health", self.endpoint());
         wait_until("etcd healthy", Duration::from_secs(20), || async {
             matches!(http_get(&url, &[]).await, Ok(r) if r.status == 200 && r.body.contains("true"))
@@ -283,9 +324,28 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
-            .await
-            .expect("etcd client")
+        self.client_as(None).await.expect("etcd client")
+    }
+
+    /// A client over TLS when etcd serves it, as `user` (name, password)
+    /// when given.
+    pub async fn client_as(
+        &self,
+        user: Option<(&str, &str)>,
+    ) -> Result<etcd_client::Client, etcd_client::Error> {
+        let mut opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(ca.as_bytes())),
+            );
+        }
+        if let Some((name, password)) = user {
+            opts = opts.with_user(name, password);
+        }
+        etcd_client::Client::connect([self.endpoint()], Some(opts)).await
     }
 }
 
@@ -1225,15 +1285,20 @@ impl TestCa {
         }
     }
 
-    /// A leaf for `names` (DNS names, or `spiffe://` URIs), valid for a day.
+    /// A leaf for `names` (DNS names, IP addresses, or `spiffe://` URIs),
+    /// valid for a day.
     pub fn leaf(&self, names: &[&str]) -> Leaf {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         for n in names {
-            params.subject_alt_names.push(if n.contains("://") {
-                rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*n).unwrap())
-            } else {
-                rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*n).unwrap())
-            });
+            params
+                .subject_alt_names
+                .push(if let Ok(ip) = n.parse::<std::net::IpAddr>() {
+                    rcgen::SanType::IpAddress(ip)
+                } else if n.contains("://") {
+                    rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*n).unwrap())
+                } else {
+                    rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*n).unwrap())
+                });
         }
         params.distinguished_name.push(
             rcgen::DnType::CommonName,

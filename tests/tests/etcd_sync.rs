@@ -127,6 +127,8 @@ async fn watch_resumes_after_disconnect_and_resyncs_after_compaction() {
         endpoints: vec![format!("http://127.0.0.1:{}", relay.port)],
         prefix: "/meshgate/v1".into(),
         timeout: Duration::from_millis(500),
+        tls: None,
+        user: None,
     })
     .await
     .unwrap();

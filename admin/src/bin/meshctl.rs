@@ -26,6 +26,10 @@ struct Cli {
     /// Admin API base URL.
     #[arg(long, env = "MESHCTL_SERVER", default_value = "http://127.0.0.1:9901")]
     server: String,
+    /// PEM roots the admin API's certificate must chain to, for an
+    /// `https://` server (default: the system's roots).
+    #[arg(long, env = "MESHCTL_CACERT")]
+    cacert: Option<PathBuf>,
     /// Bearer token (or MESHCTL_TOKEN).
     #[arg(long, env = "MESHCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -163,7 +167,8 @@ impl Api<'_> {
             headers.push(("authorization", format!("Bearer {t}")));
         }
         let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let (status, bytes) = client::request(method, &url, &headers, body).await?;
+        let tls = meshgate_admin::tls::client_config(self.cli.cacert.as_deref())?;
+        let (status, bytes) = client::request(Some(&tls), method, &url, &headers, body).await?;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(v);

@@ -4,6 +4,14 @@
 //! The client connects lazily and reconnects by itself; every call is bounded
 //! by a timeout so a dead etcd never blocks a caller for long. Watches report
 //! compaction as [`StoreError::Compacted`] so that [`crate::sync`] re-reads.
+//!
+//! **TLS and authentication.** `https://` endpoints with the roots (and,
+//! for etcd's client-certificate auth, a client certificate) of
+//! [`EtcdOptions::tls`]; a user and password ([`EtcdOptions::user`]). With a
+//! user, making a client authenticates, which needs etcd to answer: the
+//! client is made at the first call that needs it, not at start-up (a
+//! process started while etcd is down starts from its snapshot as
+//! always), and made again when etcd refuses its token (tokens expire).
 
 use std::time::Duration;
 
@@ -23,36 +31,87 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// Bound on each call (and on connecting).
     pub timeout: Duration,
+    /// TLS to etcd (needs `https://` endpoints).
+    pub tls: Option<etcd_client::TlsOptions>,
+    /// User and password, for etcd's authentication.
+    pub user: Option<(String, String)>,
 }
 
 /// The etcd-backed [`ConfigStore`].
 pub struct EtcdStore {
-    client: Client,
+    /// The client, once made (see the module docs); `None` again after
+    /// etcd refused its token.
+    client: tokio::sync::Mutex<Option<Client>>,
+    options: EtcdOptions,
     prefix: String,
-    endpoints: Vec<String>,
-    timeout: Duration,
 }
 
 impl EtcdStore {
     /// Creates the store. Does not contact etcd (the connection is made on
-    /// first use and re-made whenever it breaks).
+    /// first use and re-made whenever it breaks). Without a user the
+    /// client is made here, so bad endpoints are reported at once.
     pub async fn connect(opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(opts.timeout)
-            .with_timeout(opts.timeout)
-            .with_keep_alive(Duration::from_secs(5), opts.timeout)
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(&opts.endpoints, Some(connect))
-            .await
-            .map_err(|e| StoreError::Invalid(format!("etcd endpoints: {e}")))?;
         let mut prefix = opts.prefix.trim_end_matches('/').to_string();
         prefix.push('/');
-        Ok(EtcdStore {
-            client,
+        let store = EtcdStore {
+            client: tokio::sync::Mutex::new(None),
+            options: opts,
             prefix,
-            endpoints: opts.endpoints,
-            timeout: opts.timeout,
-        })
+        };
+        if store.options.user.is_none() {
+            let client = store.make_client().await.map_err(|e| match e {
+                StoreError::Unavailable(m) => StoreError::Invalid(m),
+                e => e,
+            })?;
+            *store.client.lock().await = Some(client);
+        }
+        Ok(store)
+    }
+
+    async fn make_client(&self) -> Result<Client, StoreError> {
+        let o = &self.options;
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(o.timeout)
+            .with_timeout(o.timeout)
+            .with_keep_alive(Duration::from_secs(5), o.timeout)
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &o.tls {
+            connect = connect.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &o.user {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        match tokio::time::timeout(o.timeout, Client::connect(&o.endpoints, Some(connect))).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd connect: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd connect: no answer within {:?}",
+                o.timeout
+            ))),
+        }
+    }
+
+    /// The client, made first if there is none.
+    async fn client(&self) -> Result<Client, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &*slot {
+            return Ok(c.clone());
+        }
+        let c = self.make_client().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Whether etcd refused the client's auth token (it expired, or the
+    /// user's password changed); if so, the client is dropped so that the
+    /// next call authenticates again.
+    async fn token_refused(&self, e: &etcd_client::Error) -> bool {
+        if self.options.user.is_none() || !refused_token(e) {
+            return false;
+        }
+        tracing::info!(error = %e, "etcd refused the auth token; authenticating again");
+        self.client.lock().await.take();
+        true
     }
 
     fn abs(&self, rel: &str) -> String {
@@ -77,37 +136,55 @@ impl EtcdStore {
         key
     }
 
-    async fn bounded<T, F>(&self, what: &str, fut: F) -> Result<T, StoreError>
+    /// Runs `call` on the client within the timeout; when etcd refused the
+    /// auth token, once more with a client that authenticated again.
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, StoreError>
     where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd {what}: {e}"))),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd {what}: no answer within {:?}",
-                self.timeout
-            ))),
+        let mut retried = false;
+        loop {
+            let client = self.client().await?;
+            match tokio::time::timeout(self.options.timeout, call(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if !retried && self.token_refused(&e).await => retried = true,
+                Ok(Err(e)) => return Err(StoreError::Unavailable(format!("etcd {what}: {e}"))),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "etcd {what}: no answer within {:?}",
+                        self.options.timeout
+                    )))
+                }
+            }
         }
+    }
+}
+
+/// Whether etcd refused the request's auth token.
+fn refused_token(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.message().contains("auth token") || format!("{:?}", s.code()) == "Unauthenticated"
+        }
+        _ => false,
     }
 }
 
 #[async_trait]
 impl ConfigStore for EtcdStore {
     fn describe(&self) -> String {
-        format!("etcd {} {}", self.endpoints.join(","), self.prefix)
+        format!("etcd {} {}", self.options.endpoints.join(","), self.prefix)
     }
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
-        let mut kv = self.client.kv_client();
+        let key = self.abs(prefix);
+        let opts = super::is_prefix(prefix).then(|| GetOptions::new().with_prefix());
         let resp = self
-            .bounded(
-                "range",
-                kv.get(
-                    self.abs(prefix),
-                    super::is_prefix(prefix).then(|| GetOptions::new().with_prefix()),
-                ),
-            )
+            .call("range", |c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.kv_client().get(key, opts).await }
+            })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let entries = resp.kvs().iter().filter_map(|kv| self.entry(kv)).collect();
@@ -115,23 +192,29 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let key = self.abs(&key.to_string());
         let resp = self
-            .bounded("get", kv.get(self.abs(&key.to_string()), None))
+            .call("get", |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
             .await?;
         Ok(resp.kvs().first().and_then(|kv| self.entry(kv)))
     }
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
-        let mut wc = self.client.watch_client();
         let mut opts = WatchOptions::new()
             .with_start_revision(from_revision)
             .with_progress_notify();
         if super::is_prefix(prefix) {
             opts = opts.with_prefix();
         }
+        let key = self.abs(prefix);
         let (watcher, stream) = self
-            .bounded("watch", wc.watch(self.abs(prefix), Some(opts)))
+            .call("watch", |c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.watch_client().watch(key, Some(opts)).await }
+            })
             .await?;
         let prefix = self.prefix.clone();
         let rel = move |raw: &[u8]| -> Option<Key> {
@@ -212,9 +295,11 @@ impl ConfigStore for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(self.abs(&key.to_string()), None),
             })
             .collect();
-        let mut kv = self.client.kv_client();
         let resp = self
-            .bounded("txn", kv.txn(Txn::new().when(compares).and_then(txn_ops)))
+            .call("txn", |c| {
+                let txn = Txn::new().when(compares.clone()).and_then(txn_ops.clone());
+                async move { c.kv_client().txn(txn).await }
+            })
             .await?;
         if resp.succeeded() {
             Ok(TxnOutcome::Committed {
@@ -226,24 +311,32 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl_s: i64) -> Result<i64, StoreError> {
-        let mut lc = self.client.lease_client();
-        let resp = self.bounded("lease grant", lc.grant(ttl_s, None)).await?;
+        let resp = self
+            .call("lease grant", |c| async move {
+                c.lease_client().grant(ttl_s, None).await
+            })
+            .await?;
         Ok(resp.id())
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
-        let mut lc = self.client.lease_client();
-        match tokio::time::timeout(self.timeout, lc.keep_alive(lease)).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => Ok(false),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd keep-alive: {e}"))),
-            Err(_) => Err(StoreError::Unavailable("etcd keep-alive: timed out".into())),
-        }
+        let kept = self
+            .call("keep-alive", |c| async move {
+                match c.lease_client().keep_alive(lease).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(kept)
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        let mut lc = self.client.lease_client();
-        self.bounded("lease revoke", lc.revoke(lease)).await?;
+        self.call("lease revoke", |c| async move {
+            c.lease_client().revoke(lease).await
+        })
+        .await?;
         Ok(())
     }
 }
