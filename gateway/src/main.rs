@@ -114,6 +114,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             }),
             ops_token_file: None,
             client: Default::default(),
+            mesh_tls: None,
         });
     }
     let path = args.config.as_ref().expect("clap requires --config");

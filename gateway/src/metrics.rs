@@ -35,6 +35,8 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     /// When each served certificate (`certs/<name>`) expires.
     pub cert_expiry: IntGaugeVec,
+    /// When the process's mesh identity certificate expires (0: none).
+    pub identity_expiry: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,6 +135,11 @@ impl Metrics {
             &["cert"],
         )
         .expect("metric");
+        let identity_expiry = IntGauge::new(
+            "identity_cert_expiry_timestamp_seconds",
+            "When this process's mesh identity certificate expires (Unix time; 0 without one)",
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -153,6 +160,7 @@ impl Metrics {
             Box::new(client_aborts.clone()),
             Box::new(tls_handshakes.clone()),
             Box::new(cert_expiry.clone()),
+            Box::new(identity_expiry.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -172,6 +180,7 @@ impl Metrics {
             client_aborts,
             tls_handshakes,
             cert_expiry,
+            identity_expiry,
         }
     }
 

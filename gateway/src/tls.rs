@@ -8,6 +8,15 @@
 //! service's `tls` settings made into a rustls client config, and the
 //! handshake over a connected socket).
 //!
+//! **Mesh identity** ([`MeshIdentity`]): a process's own certificate, a
+//! SPIFFE ID in its URI SAN (`spiffe://<trust domain>/...`), and the
+//! trust bundle of the mesh. Mesh hops are mutual TLS with it: a mesh
+//! listener asks every client for a certificate that chains to the bundle
+//! ([`MeshIdentity::server_config`]), and a client checks the server's
+//! certificate the same way ([`MeshIdentity::client_tls`]). Mesh
+//! certificates name workloads by URI, not by DNS names, so the check is
+//! the chain and the trust domain, not a host name ([`SpiffeVerifier`]).
+//!
 //! **Choosing a certificate.** By the client's SNI: a leaf whose DNS names
 //! include it exactly, else one with the wildcard of its parent domain
 //! (`*.example.com` covers `a.example.com`, not `a.b.example.com`), else
@@ -183,8 +192,12 @@ pub struct TlsListener {
     pub acceptor: tokio_rustls::TlsAcceptor,
     /// A handshake not done in this time is dropped.
     pub handshake_timeout: Duration,
-    /// Handshakes by listener and result (`ok`, `failed`, `timeout`).
+    /// Handshakes by listener and result (`ok`, `failed`, `timeout`, and
+    /// `plaintext` for a plaintext client a permissive listener took).
     pub handshakes: prometheus::IntCounterVec,
+    /// Take plaintext clients too (a connection that does not start with
+    /// a TLS handshake record is served as it is).
+    pub plaintext_too: bool,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -205,6 +218,9 @@ pub struct TlsInfo {
     pub sni: Option<String>,
     /// The protocol agreed by ALPN.
     pub alpn: Option<Vec<u8>>,
+    /// The SPIFFE ID of the client's certificate (mesh listeners, which
+    /// verified it).
+    pub peer_identity: Option<SpiffeId>,
 }
 
 impl TlsInfo {
@@ -212,7 +228,259 @@ impl TlsInfo {
         TlsInfo {
             sni: conn.server_name().map(str::to_string),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            peer_identity: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| SpiffeId::of_cert(leaf)),
         }
+    }
+}
+
+/// A workload's identity: `spiffe://<trust domain>/<path>`. Meshgate's
+/// paths: `group/<g>/service/<svc>` for a sidecar, `gateway/<id>` for a
+/// gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffeId {
+    pub uri: String,
+    /// Where the path starts in `uri`.
+    path_at: usize,
+}
+
+impl SpiffeId {
+    pub fn parse(uri: &str) -> Option<SpiffeId> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (domain, _) = rest.split_once('/')?;
+        if domain.is_empty() {
+            return None;
+        }
+        Some(SpiffeId {
+            uri: uri.to_string(),
+            path_at: "spiffe://".len() + domain.len() + 1,
+        })
+    }
+
+    /// The first SPIFFE URI SAN of a certificate.
+    pub fn of_cert(der: &[u8]) -> Option<SpiffeId> {
+        let info = meshgate_config::tls::describe(der).ok()?;
+        let id = info.uris().find_map(SpiffeId::parse);
+        id
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri["spiffe://".len()..self.path_at - 1]
+    }
+
+    pub fn path(&self) -> &str {
+        &self.uri[self.path_at..]
+    }
+
+    /// The service of a sidecar identity (`group/<g>/service/<svc>`).
+    pub fn service(&self) -> Option<&str> {
+        let mut parts = self.path().split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("group"), Some(_), Some("service"), Some(svc), None) => Some(svc),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a gateway's identity (`gateway/<id>`).
+    pub fn is_gateway(&self) -> bool {
+        self.path().starts_with("gateway/")
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+/// A process's mesh identity and the mesh's trust bundle.
+pub struct MeshIdentity {
+    key: Arc<CertifiedKey>,
+    pub id: SpiffeId,
+    roots: Arc<rustls::RootCertStore>,
+    /// When the certificate expires (Unix seconds).
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for MeshIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshIdentity")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl MeshIdentity {
+    /// From PEM texts: the process's chain and key, and the trust bundle
+    /// (the roots of the mesh). The leaf must carry a SPIFFE ID.
+    pub fn new(chain: &str, key: &str, bundle: &str) -> Result<MeshIdentity, String> {
+        use meshgate_config::tls::{certified_key, describe, parse_chain, parse_key};
+        let chain = parse_chain(chain).map_err(|e| format!("certificate: {e}"))?;
+        let info = describe(&chain[0]).map_err(|e| format!("certificate: {e}"))?;
+        let id = info
+            .uris()
+            .find_map(SpiffeId::parse)
+            .ok_or("certificate: no spiffe:// URI SAN (the mesh identity)")?;
+        let key = certified_key(chain, &parse_key(key).map_err(|e| format!("key: {e}"))?)
+            .map_err(|e| format!("key: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in
+            meshgate_config::tls::parse_chain(bundle).map_err(|e| format!("trust bundle: {e}"))?
+        {
+            roots.add(c).map_err(|e| format!("trust bundle: {e}"))?;
+        }
+        Ok(MeshIdentity {
+            key: Arc::new(key),
+            id,
+            roots: Arc::new(roots),
+            not_after: info.not_after_unix,
+        })
+    }
+
+    /// A mesh listener's config: this identity's certificate, every client
+    /// asked for one that chains to the bundle (`optional`: a client may
+    /// also come without, for `permissive` listeners), ALPN `h2` and
+    /// `http/1.1`.
+    pub fn server_config(&self, optional: bool) -> Result<Arc<ServerConfig>, String> {
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            meshgate_config::tls::provider(),
+        );
+        if optional {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier.build().map_err(|e| e.to_string())?;
+        let mut cfg = ServerConfig::builder_with_provider(meshgate_config::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                (*self.key).clone(),
+            )));
+        cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// The client side of a mesh hop: this identity's certificate offered,
+    /// the server's checked by [`SpiffeVerifier`] (chain to the bundle, a
+    /// SPIFFE ID in the trust domain), `alpn` offered.
+    pub fn client_tls(&self, alpn: &[&[u8]]) -> Result<ClientTls, String> {
+        let verifier = SpiffeVerifier::new(self.roots.clone(), self.id.trust_domain())?;
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(meshgate_config::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                    (*self.key).clone(),
+                )));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ("mesh", &self.id.uri, self.not_after, alpn).hash(&mut h);
+        Ok(ClientTls {
+            config: Arc::new(config),
+            // Mesh certificates carry no host names: the verifier ignores
+            // the name, so any valid one does.
+            server_name: Some(ServerName::try_from("mesh.invalid").expect("a valid name")),
+            id: h.finish(),
+        })
+    }
+}
+
+/// Checks a mesh server's certificate: it chains to the trust bundle (as
+/// a client certificate would: no host name in mesh certificates) and
+/// names a SPIFFE ID in the trust domain.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    chain: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trust_domain: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl SpiffeVerifier {
+    pub fn new(
+        roots: Arc<rustls::RootCertStore>,
+        trust_domain: &str,
+    ) -> Result<SpiffeVerifier, String> {
+        let provider = meshgate_config::tls::provider();
+        let chain =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+        Ok(SpiffeVerifier {
+            chain,
+            trust_domain: trust_domain.to_string(),
+            provider,
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match SpiffeId::of_cert(end_entity) {
+            Some(id) if id.trust_domain() == self.trust_domain => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            Some(id) => Err(rustls::Error::General(format!(
+                "peer identity {id} is outside the trust domain {}",
+                self.trust_domain
+            ))),
+            None => Err(rustls::Error::General(
+                "peer certificate carries no spiffe:// identity".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -57,6 +57,9 @@ pub struct SidecarConfig {
     /// destination in a header: everything on `listen` goes to `service`.
     #[serde(default)]
     pub local_ports: Vec<LocalPort>,
+    /// The sidecar's mesh identity: mutual TLS to the gateway tiers.
+    #[serde(default)]
+    pub mesh_tls: Option<meshgate_gateway::node::MeshTlsSettings>,
 }
 
 /// A local port bound to one destination.

@@ -25,7 +25,7 @@ use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
 use meshgate_gateway::http::body::RequestBody;
-use meshgate_gateway::http::h2::{build, Clients, Wire};
+use meshgate_gateway::http::h2::{Clients, Wire};
 use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
@@ -33,6 +33,7 @@ use meshgate_gateway::node::{bind, rejected, status_json, Process};
 use meshgate_gateway::proxy::{Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
+use meshgate_gateway::tls::ClientTls;
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 use meshgate_gateway::upstream::health::HealthChecks;
 use std::sync::atomic::AtomicBool;
@@ -78,6 +79,19 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new("sidecar"));
 
     let registry = Arc::new(EndpointRegistry::default());
+    // Mutual TLS to the gateway tiers, with the sidecar's identity.
+    let identity = cfg.mesh_tls.as_ref().map(|t| t.load()).transpose()?;
+    let mesh_tls = |alpn: &[&[u8]]| -> anyhow::Result<Option<Arc<ClientTls>>> {
+        identity
+            .as_ref()
+            .map(|id| id.client_tls(alpn).map(Arc::new))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))
+    };
+    if let Some(id) = &identity {
+        tracing::info!(identity = %id.id, "mutual TLS to the gateways");
+        metrics.identity_expiry.set(id.not_after);
+    }
     let member_checks = (cfg.proxy.member_check_interval_ms > 0).then(|| {
         let interval = cfg.proxy.member_check_interval_ms;
         let spec = meshgate_config::model::HealthCheck {
@@ -114,6 +128,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         registry,
         member_checks,
         direct_compiler,
+        mesh_tls(&[b"http/1.1"])?,
     );
     let dump = compiler.dump_handle();
     let refused = compiler.rejections();
@@ -133,7 +148,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         status: status.clone(),
         default_staleness: Duration::from_secs(cfg.max_policy_staleness_s),
         connect_timeout: connect,
-        h2: build(Wire::Http2, connect),
+        h2: Clients::default().get(Wire::Http2, connect, mesh_tls(&[b"h2"])?),
         metrics: metrics.clone(),
         max_hops: cfg.proxy.max_hops,
         replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,

@@ -29,6 +29,7 @@ use meshgate_config::store::Entry;
 use meshgate_config::sync::{diff, Apply, Change};
 use meshgate_config::{Key, Kind, Object};
 use meshgate_gateway::snapshot::{Compiler, Rejections};
+use meshgate_gateway::tls::ClientTls;
 use meshgate_gateway::upstream::balance::Balancer;
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 use meshgate_gateway::upstream::health::HealthChecks;
@@ -75,6 +76,8 @@ pub struct PolicyCompiler {
     service_name: String,
     bootstrap_central: Vec<String>,
     registry: Arc<EndpointRegistry>,
+    /// Mutual TLS to the gateway tiers (the sidecar's mesh identity).
+    mesh_tls: Option<Arc<ClientTls>>,
     /// TCP checks of the gateway members, when enabled.
     member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
     gateways: BTreeMap<String, Node>,
@@ -102,11 +105,12 @@ impl PolicyCompiler {
         registry: Arc<EndpointRegistry>,
         member_checks: Option<(Arc<HealthChecks>, HealthCheck)>,
         direct: Compiler,
+        mesh_tls: Option<Arc<ClientTls>>,
     ) -> (Self, SharedPolicy, watch::Receiver<Vec<String>>) {
         let shared = Arc::new(ArcSwap::from_pointee(Policy {
             group: None,
-            group_tier: tier("group", &registry, vec![]),
-            central_tier: tier("central", &registry, bootstrap_central.clone()),
+            group_tier: tier("group", &registry, vec![], &mesh_tls),
+            central_tier: tier("central", &registry, bootstrap_central.clone(), &mesh_tls),
             gateway_revisions: Vec::new(),
             destinations: HashMap::new(),
         }));
@@ -118,6 +122,7 @@ impl PolicyCompiler {
             bootstrap_central,
             registry,
             member_checks,
+            mesh_tls,
             gateways: BTreeMap::new(),
             group: None,
             service: None,
@@ -172,10 +177,20 @@ impl PolicyCompiler {
     }
 }
 
-fn tier(name: &'static str, registry: &EndpointRegistry, mut addresses: Vec<String>) -> Tier {
+/// A tier of gateways at `addresses`, reached over mutual TLS with the
+/// sidecar's mesh identity when it has one.
+fn tier(
+    name: &'static str,
+    registry: &EndpointRegistry,
+    mut addresses: Vec<String>,
+    tls: &Option<Arc<ClientTls>>,
+) -> Tier {
     addresses.sort();
     addresses.dedup();
-    let members = addresses.iter().map(|a| (registry.get(a), 1, 0)).collect();
+    let members = addresses
+        .iter()
+        .map(|a| (registry.get_tls(a, tls.clone()), 1, 0))
+        .collect();
     Tier {
         name,
         members: Balancer::new(members),
@@ -289,8 +304,8 @@ impl Apply for PolicyCompiler {
         central.extend(self.bootstrap_central.iter().cloned());
         let p = Policy {
             group: self.group.clone(),
-            group_tier: tier("group", &self.registry, group_members),
-            central_tier: tier("central", &self.registry, central),
+            group_tier: tier("group", &self.registry, group_members, &self.mesh_tls),
+            central_tier: tier("central", &self.registry, central, &self.mesh_tls),
             gateway_revisions: self
                 .gateways
                 .iter()
@@ -363,8 +378,15 @@ mod tests {
             Arc::new(HealthChecks::default()),
             Box::new(|_: &Snapshot| {}),
         );
-        let (c, policy, _) =
-            PolicyCompiler::new("g".into(), "front".into(), vec![], registry, None, direct);
+        let (c, policy, _) = PolicyCompiler::new(
+            "g".into(),
+            "front".into(),
+            vec![],
+            registry,
+            None,
+            direct,
+            None,
+        );
         (c, policy)
     }
 

@@ -83,6 +83,9 @@ pub struct GatewayConfig {
     /// Limits of client connections on every listener.
     #[serde(default)]
     pub client: ClientSettings,
+    /// The gateway's mesh identity: mutual TLS on the mesh listener.
+    #[serde(default)]
+    pub mesh_tls: Option<crate::node::MeshTlsSettings>,
     /// Worker threads of the data plane (0 = one per CPU; 1 = a
     /// single-threaded runtime).
     #[serde(default)]
@@ -353,6 +356,16 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         tokens: Arc::new(ops_tokens),
     };
 
+    // Mutual TLS on the mesh listener, with this gateway's identity.
+    let identity = cfg.mesh_tls.as_ref().map(|t| t.load()).transpose()?;
+    let mut mesh_listener_tls = match (&cfg.mesh_tls, &identity) {
+        (Some(t), Some(id)) => {
+            tracing::info!(identity = %id.id, mode = ?t.mode, "mesh listener: mutual TLS");
+            metrics.identity_expiry.set(id.not_after);
+            Some(t.listener(id, metrics.tls_handshakes.clone())?)
+        }
+        _ => None,
+    };
     let mut node = Process::new(
         Duration::from_millis(cfg.shutdown_grace_ms),
         cfg.client.limits(),
@@ -370,7 +383,9 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             async move { p.handle(kind, peer, req).await }
         };
         match kind {
-            ListenerKind::Mesh => node.serve_mesh(kind.as_str(), listener, handler),
+            ListenerKind::Mesh => {
+                node.serve_mesh(kind.as_str(), listener, mesh_listener_tls.take(), handler)
+            }
             _ => node.serve(kind.as_str(), listener, handler),
         }
     }
@@ -384,6 +399,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             acceptor: crate::tls::server_config(Arc::new(resolver)).into(),
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
             handshakes: metrics.tls_handshakes.clone(),
+            plaintext_too: false,
         };
         let p = proxy.clone();
         let handler = move |peer, req| {

@@ -90,6 +90,74 @@ impl ClientSettings {
     }
 }
 
+/// A process's mesh identity in its node config (`mesh_tls:`): mutual
+/// TLS on the mesh's hops.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshTlsSettings {
+    /// PEM chain whose leaf names the process by a `spiffe://` URI SAN.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key (PEM; keep it mode 0600).
+    pub key_file: std::path::PathBuf,
+    /// The mesh's trust bundle: PEM roots every peer must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// A gateway's mesh listener: `strict` (every client presents a mesh
+    /// certificate) or `permissive` (plaintext clients too, counted; for a
+    /// migration). Default `strict`.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// Whether a mesh listener also takes plaintext clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+impl MeshTlsSettings {
+    /// Reads the files; each error names its field.
+    pub fn load(&self) -> anyhow::Result<crate::tls::MeshIdentity> {
+        let read = |p: &std::path::Path, field: &str| {
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("mesh_tls.{field}: {}: {e}", p.display()))
+        };
+        let cert = read(&self.cert_file, "cert_file")?;
+        let key = read(&self.key_file, "key_file")?;
+        let bundle = read(&self.ca_file, "ca_file")?;
+        crate::tls::MeshIdentity::new(&cert, &key, &bundle).map_err(|e| {
+            let field = match e.split_once(':').map(|(f, _)| f) {
+                Some("key") => "key_file",
+                Some("trust bundle") => "ca_file",
+                _ => "cert_file",
+            };
+            anyhow::anyhow!("mesh_tls.{field}: {e}")
+        })
+    }
+
+    /// The listener side: a TLS listener asking clients for mesh
+    /// certificates (optional and with plaintext taken too when
+    /// `permissive`).
+    pub fn listener(
+        &self,
+        identity: &crate::tls::MeshIdentity,
+        handshakes: prometheus::IntCounterVec,
+    ) -> anyhow::Result<crate::tls::TlsListener> {
+        let permissive = self.mode == MtlsMode::Permissive;
+        let cfg = identity
+            .server_config(permissive)
+            .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))?;
+        Ok(crate::tls::TlsListener {
+            acceptor: cfg.into(),
+            handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            handshakes,
+            plaintext_too: permissive,
+        })
+    }
+}
+
 /// What the mesh's hops may add to a request head (`x-mesh-*`,
 /// `x-forwarded-for`, `x-request-id`, `traceparent`), beyond the client
 /// limit, on the mesh listener.
@@ -148,15 +216,21 @@ impl Process {
     /// [`Process::serve`] for the mesh listener, whose clients are other
     /// mesh processes: a request's head may exceed the limit by what the
     /// hops before added ([`HOP_HEADROOM`]), since the edge that took it
-    /// from a client held it to the limit.
-    pub fn serve_mesh<H, F>(&mut self, name: &'static str, listener: TcpListener, handler: H)
-    where
+    /// from a client held it to the limit. Over mutual TLS when `tls` is
+    /// given.
+    pub fn serve_mesh<H, F>(
+        &mut self,
+        name: &'static str,
+        listener: TcpListener,
+        tls: Option<crate::tls::TlsListener>,
+        handler: H,
+    ) where
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
         let mut limits = self.limits;
         limits.max_head += HOP_HEADROOM;
-        self.serve_with(name, listener, limits, None, handler);
+        self.serve_with(name, listener, limits, tls, handler);
     }
 
     fn serve_with<H, F>(

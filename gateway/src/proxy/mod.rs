@@ -10,6 +10,8 @@
 //!    limit), `x-request-id` and `traceparent` created when missing;
 //!    on ingress listeners `x-mesh-source` removed (never trusted from
 //!    outside) and `x-forwarded-proto` set (`https` on the TLS ingress);
+//!    on a mutual-TLS mesh listener `x-mesh-source` set from the client's
+//!    certificate (a sidecar's service; a gateway's caller kept);
 //!    `x-forwarded-for` appended
 //! 3. `CONNECT` (a sidecar's plain-TCP local port, mesh listeners only) →
 //!    a TCP tunnel to the named service ([`tunnel`])
@@ -208,6 +210,8 @@ impl Proxy {
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
             prelude::forwarded_proto(h, peer.tls.is_some());
+        } else if let Some(id) = peer.tls.as_ref().and_then(|t| t.peer_identity.as_ref()) {
+            prelude::source_from_identity(h, id);
         }
         prelude::forwarded_for(h, &peer.ip);
 

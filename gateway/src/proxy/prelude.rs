@@ -162,6 +162,24 @@ pub(crate) fn forwarded_proto(h: &mut HeaderMap, tls: bool) {
     h.insert(XFP, HeaderValue::from_static(proto));
 }
 
+/// `x-mesh-source` from a mesh client's verified identity: a sidecar's
+/// service, whatever the request says; a gateway forwards its own
+/// caller's (it set or checked it); any other identity names no service
+/// the mesh knows, so the header goes.
+pub(crate) fn source_from_identity(h: &mut HeaderMap, id: &crate::tls::SpiffeId) {
+    if id.is_gateway() {
+        return;
+    }
+    match id.service().and_then(|s| HeaderValue::from_str(s).ok()) {
+        Some(v) => {
+            h.insert(headers::X_MESH_SOURCE, v);
+        }
+        None => {
+            h.remove(&headers::X_MESH_SOURCE);
+        }
+    }
+}
+
 /// Appends the client's address to `x-forwarded-for`.
 pub(crate) fn forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
     const XFF: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");

@@ -112,6 +112,10 @@ pub async fn serve<H, F>(
                     let mut peer = Peer::new(remote);
                     let stream = match tls {
                         None => Stream::Plain(stream),
+                        Some(tls) if tls.plaintext_too && !starts_tls(&stream, tls.handshake_timeout).await => {
+                            tls.handshakes.with_label_values(&[name, "plaintext"]).inc();
+                            Stream::Plain(stream)
+                        }
                         Some(tls) => match handshake(name, &tls, stream, &mut shutdown).await {
                             Some((s, info)) => {
                                 peer.tls = Some(Arc::new(info));
@@ -157,6 +161,17 @@ pub async fn serve<H, F>(
             "drain deadline reached; closing remaining connections"
         );
     }
+}
+
+/// Whether a connection starts with a TLS handshake record (a
+/// permissive listener's test; waits at most `timeout` for a first byte).
+async fn starts_tls(stream: &TcpStream, timeout: Duration) -> bool {
+    const HANDSHAKE_RECORD: u8 = 0x16;
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == HANDSHAKE_RECORD
+    )
 }
 
 /// The server side of a TLS handshake, bounded by the listener's handshake
