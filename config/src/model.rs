@@ -58,6 +58,12 @@ pub struct Service {
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Who may call this service through the mesh, by verified identity:
+    /// `*` (any), `<service>`, `group/<g>/service/<svc>`,
+    /// `group/<g>/service/*`, `gateway/<id>`, `gateway/*`. Absent: the
+    /// group's `authorization` default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_callers: Option<Vec<String>>,
     /// The services this service calls, and how its sidecars reach each
     /// one. A sidecar's local policy covers exactly these; a call to any
     /// other destination goes to the central tier.
@@ -599,8 +605,27 @@ pub struct Group {
     /// unreachable) before it is treated as unavailable. Default 1 hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_policy_staleness_s: Option<u64>,
+    /// Whether the group's services that set no `allowed_callers` take
+    /// calls from anyone (`allow`, the default) or from no one (`deny`).
+    #[serde(default, skip_serializing_if = "Authorization::is_allow")]
+    pub authorization: Authorization,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+}
+
+/// A group's default for services without `allowed_callers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Authorization {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl Authorization {
+    pub fn is_allow(&self) -> bool {
+        *self == Authorization::Allow
+    }
 }
 
 // === runtime kinds ===

@@ -330,6 +330,13 @@ fn validate_service(s: &Service, v: &mut Errors) {
             );
         }
     }
+    for (i, c) in s.allowed_callers.iter().flatten().enumerate() {
+        v.check(
+            &format!("allowed_callers[{i}]"),
+            caller_rule_ok(c),
+            "must be `*`, a service name, `group/<group>/service/<service or *>` or `gateway/<id or *>`",
+        );
+    }
     let mut dests = std::collections::HashSet::new();
     for (i, d) in s.destinations.iter().enumerate() {
         let field = format!("destinations[{i}].service");
@@ -820,6 +827,19 @@ fn validate_route(r: &Route, v: &mut Errors) {
     }
     if let Some(t) = &r.timeouts {
         validate_timeouts(t, "timeouts.", v);
+    }
+}
+
+/// An `allowed_callers` entry.
+fn caller_rule_ok(rule: &str) -> bool {
+    let name_or_any = |s: &str| s == "*" || valid_name(s);
+    let parts: Vec<&str> = rule.split('/').collect();
+    match parts.as_slice() {
+        ["*"] => true,
+        [svc] => valid_name(svc),
+        ["gateway", id] => name_or_any(id),
+        ["group", g, "service", svc] => valid_name(g) && name_or_any(svc),
+        _ => false,
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub cert_expiry: IntGaugeVec,
     /// When the process's mesh identity certificate expires (0: none).
     pub identity_expiry: IntGauge,
+    /// Calls refused by authorization, by destination service.
+    pub authz_denied: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -140,6 +142,14 @@ impl Metrics {
             "When this process's mesh identity certificate expires (Unix time; 0 without one)",
         )
         .expect("metric");
+        let authz_denied = IntCounterVec::new(
+            Opts::new(
+                "authz_denied_total",
+                "Mesh calls refused because the caller may not call the service (403 forbidden)",
+            ),
+            &["service"],
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -161,6 +171,7 @@ impl Metrics {
             Box::new(tls_handshakes.clone()),
             Box::new(cert_expiry.clone()),
             Box::new(identity_expiry.clone()),
+            Box::new(authz_denied.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -181,6 +192,7 @@ impl Metrics {
             tls_handshakes,
             cert_expiry,
             identity_expiry,
+            authz_denied,
         }
     }
 

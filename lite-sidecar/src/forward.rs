@@ -28,7 +28,8 @@
 //!    request to the next tier by the engine's rule
 //!    ([`meshgate_gateway::proxy::attempts::next_tier`]): any request when
 //!    nothing was sent on, idempotent or retryable ones otherwise; an app's
-//!    own 5xx never does
+//!    own 5xx never does, nor a gateway's `forbidden` (the caller may
+//!    not make the call, whichever tier it reaches)
 //! 6. the rescue: a failure becomes its synthetic response (a gRPC status
 //!    for a gRPC call)
 //! 7. metrics by tier and destination; the answer says which tier served

@@ -281,3 +281,170 @@ async fn a_permissive_mesh_listener_takes_plaintext_too_and_counts_it() {
     assert!(ok, "{err}");
     assert!(out.contains("\"x-mesh-source\":\"front\""), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_authorized_by_the_callers_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = Etcd::start(d).await;
+    let (_admin, base, token) = start_admin(d, &etcd.endpoint());
+    let admin = Admin { base, token };
+    admin.wait_up().await;
+    let echo_port = free_port();
+    let _echo = Proc::spawn(
+        "echo",
+        &bin("meshgate-echo"),
+        &[
+            "--listen".into(),
+            addr(echo_port),
+            "--name".into(),
+            "backend".into(),
+        ],
+        d,
+    );
+    let echo = json!([{"address": addr(echo_port)}]);
+    for (path, body) in [
+        ("groups/shop", json!({})),
+        ("groups/vault", json!({"authorization": "deny"})),
+        (
+            "services/orders",
+            json!({"group": "shop", "endpoints": echo, "allowed_callers": ["group/shop/service/front"]}),
+        ),
+        (
+            "services/ledger",
+            json!({"group": "vault", "endpoints": echo}),
+        ),
+        (
+            "services/front",
+            json!({"group": "shop", "destinations": [{"service": "orders"}, {"service": "ledger"}]}),
+        ),
+    ] {
+        let r = admin.put(path, &body).await;
+        assert_eq!(r.status, 201, "{path}: {r:?}");
+    }
+    // A bad rule is refused with its field.
+    let r = admin
+        .put("services/bad", &json!({"allowed_callers": ["group/shop"]}))
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["field"], "allowed_callers[0]");
+
+    let ca = TestCa::new("Mesh root");
+    let gw_id = identity(
+        d,
+        &ca,
+        "gw1",
+        &format!("spiffe://{TRUST_DOMAIN}/gateway/gw1"),
+        "strict",
+    );
+    let sc_id = identity(
+        d,
+        &ca,
+        "front",
+        &format!("spiffe://{TRUST_DOMAIN}/group/shop/service/front"),
+        "strict",
+    );
+    identity(
+        d,
+        &ca,
+        "intruder",
+        &format!("spiffe://{TRUST_DOMAIN}/group/shop/service/intruder"),
+        "strict",
+    );
+    let (_gw, gw) = start_gateway_with(
+        d,
+        "gw1",
+        &["egress", "central"],
+        &["shop"],
+        &etcd.endpoint(),
+        json!({"mesh_tls": gw_id}),
+    );
+    wait_ready(gw.ops).await;
+    // The same gateway is the sidecar's central tier too: a refusal must
+    // not be carried there.
+    let (_sc, sc) = start_sidecar_with(
+        d,
+        "sc1",
+        "front",
+        "shop",
+        &[addr(gw.mesh)],
+        &etcd.endpoint(),
+        json!({"mesh_tls": sc_id}),
+    );
+    wait_ready(sc.ops).await;
+    let url = format!("http://127.0.0.1:{}/", sc.app);
+
+    // front may call orders.
+    wait_until(
+        "front calls orders through the group tier",
+        Duration::from_secs(15),
+        || {
+            let url = url.clone();
+            async move {
+                matches!(http_get(&url, &[("host", "orders")]).await,
+                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
+            }
+        },
+    )
+    .await;
+    // ledger's group denies by default: 403 from the group tier, not
+    // retried at central.
+    let requests_before = metric(gw.ops, "meshgate_authz_denied_total{service=\"ledger\"}").await;
+    let r = http_get(&url, &[("host", "ledger")]).await.unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-mesh-error"), Some("forbidden"));
+    assert_eq!(r.header("x-mesh-tier"), Some("group"), "{r:?}");
+    assert_eq!(
+        metric(gw.ops, "meshgate_authz_denied_total{service=\"ledger\"}").await,
+        requests_before + 1.0,
+        "refused once: no other tier tried it"
+    );
+    // Another service of the group is not in orders' list, whatever
+    // source it claims.
+    let (ok, out, err) = curl_mesh(
+        d,
+        gw.mesh,
+        Some("intruder"),
+        &["x-mesh-service: orders", "x-mesh-source: front"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"error\":\"forbidden\""), "{out}");
+    assert!(
+        out.contains("service intruder may not call service orders"),
+        "{out}"
+    );
+    // A gRPC caller gets PERMISSION_DENIED.
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "-i", "--http2", "--max-time", "10"])
+        .arg("--cert")
+        .arg(d.join("intruder.crt"))
+        .arg("--key")
+        .arg(d.join("intruder.key"))
+        .args([
+            "-H",
+            "x-mesh-service: orders",
+            "-H",
+            "content-type: application/grpc",
+            "-X",
+            "POST",
+        ])
+        .arg(format!("https://127.0.0.1:{}/echo.Echo/Say", gw.mesh))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.contains("grpc-status: 7"), "{text}");
+    assert!(metric(gw.ops, "meshgate_authz_denied_total{service=\"orders\"}").await >= 2.0);
+
+    // Opening orders to the whole group lets the intruder in, live.
+    let open =
+        json!({"group": "shop", "endpoints": echo, "allowed_callers": ["group/shop/service/*"]});
+    assert_eq!(
+        admin.put("services/orders?wait=10s", &open).await.status,
+        200
+    );
+    let (ok, out, err) = curl_mesh(d, gw.mesh, Some("intruder"), &["x-mesh-service: orders"]);
+    assert!(
+        ok && out.contains("\"x-mesh-source\":\"intruder\""),
+        "{out} {err}"
+    );
+}

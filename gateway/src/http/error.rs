@@ -54,6 +54,8 @@ pub enum MeshError {
     /// The client went away in the middle of its upload (400, which it
     /// will not read; nginx logs such a request as 499).
     ClientAborted,
+    /// The caller's identity may not call the destination (403).
+    Forbidden,
 }
 
 impl MeshError {
@@ -73,6 +75,7 @@ impl MeshError {
             MeshError::CircuitOpen => "circuit_open",
             MeshError::NotImplemented => "not_implemented",
             MeshError::ClientAborted => "client_aborted",
+            MeshError::Forbidden => "forbidden",
         }
     }
 
@@ -91,6 +94,7 @@ impl MeshError {
             }
             MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             MeshError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
+            MeshError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -112,7 +116,8 @@ impl MeshError {
             | MeshError::BadRequest
             | MeshError::PayloadTooLarge
             | MeshError::NotImplemented
-            | MeshError::ClientAborted => Side::Downstream,
+            | MeshError::ClientAborted
+            | MeshError::Forbidden => Side::Downstream,
             MeshError::NoRoute
             | MeshError::NoHealthyEndpoint
             | MeshError::NotReady
@@ -131,6 +136,7 @@ impl MeshError {
             MeshError::ClientAborted => 1,   // CANCELLED
             MeshError::NoDestination | MeshError::BadRequest => 3, // INVALID_ARGUMENT
             MeshError::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
+            MeshError::Forbidden => 7,       // PERMISSION_DENIED
             MeshError::NoHealthyEndpoint
             | MeshError::UpstreamConnectFailed
             | MeshError::UpstreamReset
@@ -141,7 +147,7 @@ impl MeshError {
     }
 
     /// Every error, for reverse lookups.
-    pub(crate) const ALL: [MeshError; 14] = [
+    pub(crate) const ALL: [MeshError; 15] = [
         MeshError::NoRoute,
         MeshError::NoHealthyEndpoint,
         MeshError::UpstreamConnectFailed,
@@ -156,6 +162,7 @@ impl MeshError {
         MeshError::CircuitOpen,
         MeshError::NotImplemented,
         MeshError::ClientAborted,
+        MeshError::Forbidden,
     ];
 
     /// The reason code named in an `x-mesh-error` header value.
@@ -296,9 +303,17 @@ impl Failure {
             Some(e) => (e, !e.unsent()),
             None => (MeshError::UpstreamReset, true),
         };
+        // The next hop's failure is the upstream's, for this process (a
+        // route or endpoint the next hop lacked may be elsewhere), but for
+        // a refusal of the caller itself: no other member or tier may serve
+        // a call the caller may not make.
+        let side = match reason {
+            MeshError::Forbidden => Side::Downstream,
+            _ => Side::Upstream,
+        };
         Err(Failure {
             reason,
-            side: Side::Upstream,
+            side,
             sent,
             message: format!("{} answered by the next hop", reason.code()),
             answer: Some(Box::new(resp)),

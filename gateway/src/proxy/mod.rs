@@ -21,7 +21,8 @@
 //! 5. a direct response, or a backend: the first backend rule whose
 //!    conditions hold, else the weighted split (sticky by header or cookie
 //!    hash when set) → the service (503 `no_healthy_endpoint` when it is
-//!    not configured)
+//!    not configured); on mesh listeners, authorization of the caller's
+//!    verified identity ([`authz`]) → 403 `forbidden`, never retried
 //! 6. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
 //!    ([`tunnel`])
 //! 7. forward ([`forward`]): breaker admission (503 `circuit_open`), the
@@ -35,6 +36,7 @@
 //! 9. metrics per route and backend
 
 pub mod attempts;
+pub(crate) mod authz;
 pub mod forward;
 pub mod prelude;
 pub(crate) mod tcp;
@@ -280,6 +282,17 @@ impl Proxy {
             let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
             return (Err(f), Some((route, index)));
         };
+        // authorization by identity (mesh listeners)
+        if kind == ListenerKind::Mesh && snap.authz_active {
+            if let Err(f) = authz::check(&snap, &svc, peer, req.headers()) {
+                self.metrics
+                    .authz_denied
+                    .with_label_values(&[&svc.name])
+                    .inc();
+                tracing::info!(error = %f.message, "call refused by authorization");
+                return (Err(f), Some((route, index)));
+            }
+        }
         // A gRPC caller's deadline bounds the whole request.
         let deadline = if grpc {
             headers::grpc_timeout(req.headers())

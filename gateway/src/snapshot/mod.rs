@@ -119,6 +119,9 @@ pub struct Snapshot {
     /// The ingress certificates (TLS listeners read them through
     /// [`Compiler::certs_handle`], at each handshake).
     pub certs: Arc<CertTable>,
+    /// Some service has `allowed_callers` or some group denies by
+    /// default: mesh calls are authorized (`proxy::authz`).
+    pub authz_active: bool,
 }
 
 impl Snapshot {
@@ -211,6 +214,9 @@ pub struct Compiler {
     tcp_routes: FastMap<String, Arc<TcpRoute>>,
     groups: FastMap<String, Group>,
     certs: Arc<CertTable>,
+    /// The services with `allowed_callers` and the groups that deny by
+    /// default (kept as they change, so a publish does not scan).
+    authz: std::collections::BTreeSet<Key>,
     /// The certificates TLS listeners serve, updated at each publish.
     shared_certs: SharedCerts,
     /// Raw accepted objects (for the `/config` dump).
@@ -280,6 +286,7 @@ impl Compiler {
             tcp_routes: Default::default(),
             groups: Default::default(),
             certs: Default::default(),
+            authz: Default::default(),
             shared_certs: Default::default(),
             accepted: Default::default(),
             rejected: Rejections::default(),
@@ -433,6 +440,7 @@ impl Compiler {
             tcp_routes: self.tcp_routes.clone(),
             routes: self.routes.clone(),
             certs: self.certs.clone(),
+            authz_active: !self.authz.is_empty(),
         };
         if !Arc::ptr_eq(&self.shared_certs.load(), &self.certs) {
             self.shared_certs.store(self.certs.clone());
@@ -456,6 +464,7 @@ impl Apply for Compiler {
                 Change::Delete(key) => {
                     self.rejected.clear(&key);
                     self.accepted.remove(&key);
+                    self.authz.remove(&key);
                     match key.kind {
                         Kind::Services => {
                             self.services.remove(key.name.as_str());
@@ -547,6 +556,10 @@ impl Apply for Compiler {
                             self.certs = Arc::new(self.certs.with(&key.name, cert));
                         }
                         Object::Service(s) => {
+                            match s.allowed_callers.is_some() {
+                                true => self.authz.insert(key.clone()),
+                                false => self.authz.remove(&key),
+                            };
                             self.specs
                                 .insert(key.name.clone(), (entry.mod_revision, *s, tls));
                             self.rebuild_service(&key.name);
@@ -571,6 +584,10 @@ impl Apply for Compiler {
                             self.routes.insert(key.name.clone(), c);
                         }
                         Object::Group(g) => {
+                            match g.authorization == meshgate_config::model::Authorization::Deny {
+                                true => self.authz.insert(key.clone()),
+                                false => self.authz.remove(&key),
+                            };
                             self.groups.insert(key.name.clone(), g);
                         }
                         Object::Node(_) => {}
