@@ -1172,6 +1172,11 @@ pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiErro
                 "policy": n.policy,
                 "rejected": n.rejected,
                 "updated_ms_ago": now.saturating_sub(n.updated_at_ms),
+                "identity": n.identity.as_ref().map(|i| json!({
+                    "id": i.id,
+                    "expires_at_ms": i.expires_at_ms,
+                    "expires_in_s": (i.expires_at_ms as i64 - now as i64) / 1000,
+                })),
             }))
         })
         .collect();

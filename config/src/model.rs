@@ -693,6 +693,18 @@ pub struct Node {
     /// good version of each stays in force).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<Rejection>,
+    /// The process's mesh identity, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<NodeIdentity>,
+}
+
+/// A process's mesh identity in its node record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeIdentity {
+    /// Its SPIFFE ID.
+    pub id: String,
+    /// When its certificate expires (Unix ms).
+    pub expires_at_ms: u64,
 }
 
 /// A config object (or the standalone file itself) a process refused, and

@@ -189,7 +189,9 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<ServerConfig>
 /// A TLS listener's settings.
 #[derive(Clone)]
 pub struct TlsListener {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Read at each handshake (a mesh listener's changes when its
+    /// identity or trust bundle is renewed).
+    pub config: Arc<ArcSwap<ServerConfig>>,
     /// A handshake not done in this time is dropped.
     pub handshake_timeout: Duration,
     /// Handshakes by listener and result (`ok`, `failed`, `timeout`, and
@@ -373,6 +375,19 @@ impl MeshIdentity {
     /// the server's checked by [`SpiffeVerifier`] (chain to the bundle, a
     /// SPIFFE ID in the trust domain), `alpn` offered.
     pub fn client_tls(&self, alpn: &[&[u8]]) -> Result<ClientTls, String> {
+        let config = self.client_config(alpn)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ("mesh", &self.id.uri, alpn).hash(&mut h);
+        Ok(ClientTls {
+            config: ArcSwap::from_pointee(config),
+            // Mesh certificates carry no host names: the verifier ignores
+            // the name, so any valid one does.
+            server_name: Some(ServerName::try_from("mesh.invalid").expect("a valid name")),
+            id: h.finish(),
+        })
+    }
+
+    fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
         let verifier = SpiffeVerifier::new(self.roots.clone(), self.id.trust_domain())?;
         let mut config =
             rustls::ClientConfig::builder_with_provider(meshgate_config::tls::provider())
@@ -384,15 +399,101 @@ impl MeshIdentity {
                     (*self.key).clone(),
                 )));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        ("mesh", &self.id.uri, self.not_after, alpn).hash(&mut h);
-        Ok(ClientTls {
-            config: Arc::new(config),
-            // Mesh certificates carry no host names: the verifier ignores
-            // the name, so any valid one does.
-            server_name: Some(ServerName::try_from("mesh.invalid").expect("a valid name")),
-            id: h.finish(),
+        Ok(config)
+    }
+}
+
+/// A mesh identity that can be replaced while the process runs (a
+/// renewed certificate, a rotated trust bundle): the mesh listener's
+/// config and every mesh client config made from it follow. New
+/// handshakes use the new identity; open and pooled connections keep the
+/// one they were made with.
+pub struct LiveIdentity {
+    current: ArcSwap<MeshIdentity>,
+    /// The mesh listener's config, and whether it also takes clients
+    /// without a certificate.
+    server: Option<(Arc<ArcSwap<ServerConfig>>, bool)>,
+    /// The client configs handed out, by ALPN.
+    clients: std::sync::Mutex<Vec<IssuedClient>>,
+}
+
+/// A client config [`LiveIdentity`] handed out, with the ALPN it offers.
+type IssuedClient = (Vec<Vec<u8>>, Arc<ClientTls>);
+
+impl std::fmt::Debug for LiveIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveIdentity")
+            .field("id", &self.current.load().id)
+            .finish()
+    }
+}
+
+impl LiveIdentity {
+    /// `listener`: serve a mesh listener with it (`Some(permissive)`).
+    pub fn new(id: MeshIdentity, listener: Option<bool>) -> Result<LiveIdentity, String> {
+        let server = match listener {
+            Some(permissive) => Some((
+                Arc::new(ArcSwap::new(id.server_config(permissive)?)),
+                permissive,
+            )),
+            None => None,
+        };
+        Ok(LiveIdentity {
+            current: ArcSwap::from_pointee(id),
+            server,
+            clients: Default::default(),
         })
+    }
+
+    pub fn current(&self) -> Arc<MeshIdentity> {
+        self.current.load_full()
+    }
+
+    /// The mesh listener's config (when made with one).
+    pub fn server_config(&self) -> Option<Arc<ArcSwap<ServerConfig>>> {
+        self.server.as_ref().map(|(c, _)| c.clone())
+    }
+
+    /// A client config offering `alpn`, kept current.
+    pub fn client_tls(&self, alpn: &[&[u8]]) -> Result<Arc<ClientTls>, String> {
+        let tls = Arc::new(self.current().client_tls(alpn)?);
+        let alpn = alpn.iter().map(|p| p.to_vec()).collect();
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((alpn, tls.clone()));
+        Ok(tls)
+    }
+
+    /// Puts `id` in force: every config is made anew first, so a problem
+    /// leaves the current identity whole. The new identity must be the
+    /// same workload (the same SPIFFE ID).
+    pub fn replace(&self, id: MeshIdentity) -> Result<(), String> {
+        let old = self.current();
+        if id.id != old.id {
+            return Err(format!(
+                "the new certificate names {}, not {}",
+                id.id, old.id
+            ));
+        }
+        let server = match &self.server {
+            Some((_, permissive)) => Some(id.server_config(*permissive)?),
+            None => None,
+        };
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut configs = Vec::with_capacity(clients.len());
+        for (alpn, _) in clients.iter() {
+            let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+            configs.push(id.client_config(&alpn)?);
+        }
+        if let (Some((slot, _)), Some(cfg)) = (&self.server, server) {
+            slot.store(cfg);
+        }
+        for ((_, tls), cfg) in clients.iter().zip(configs) {
+            tls.config.store(Arc::new(cfg));
+        }
+        self.current.store(Arc::new(id));
+        Ok(())
     }
 }
 
@@ -489,7 +590,9 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
 /// services that reach one address with different settings never share a
 /// pooled connection.
 pub struct ClientTls {
-    config: Arc<rustls::ClientConfig>,
+    /// Read at each connect (a mesh identity's is replaced when renewed;
+    /// pooled connections keep the one they were made with).
+    config: ArcSwap<rustls::ClientConfig>,
     /// The name to ask for and verify; `None`: the endpoint's host.
     server_name: Option<ServerName<'static>>,
     /// A digest of the settings and the ALPN offered.
@@ -537,7 +640,7 @@ impl ClientTls {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (spec, alpn).hash(&mut h);
         Ok(ClientTls {
-            config: Arc::new(config),
+            config: ArcSwap::from_pointee(config),
             server_name,
             id: h.finish(),
         })
@@ -566,7 +669,7 @@ impl ClientTls {
                 })?
             }
         };
-        tokio_rustls::TlsConnector::from(self.config.clone())
+        tokio_rustls::TlsConnector::from(self.config.load_full())
             .connect(name, tcp)
             .await
     }

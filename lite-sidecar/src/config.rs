@@ -234,6 +234,7 @@ impl SidecarConfig {
             }
         }
         p.extend(self.client.problems());
+        p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
         p
     }
 }

@@ -79,18 +79,23 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new("sidecar"));
 
     let registry = Arc::new(EndpointRegistry::default());
-    // Mutual TLS to the gateway tiers, with the sidecar's identity.
-    let identity = cfg.mesh_tls.as_ref().map(|t| t.load()).transpose()?;
+    // Mutual TLS to the gateway tiers, with the sidecar's identity,
+    // renewed as its files change.
+    let identity = cfg.mesh_tls.as_ref().map(|t| t.live(false)).transpose()?;
     let mesh_tls = |alpn: &[&[u8]]| -> anyhow::Result<Option<Arc<ClientTls>>> {
         identity
             .as_ref()
-            .map(|id| id.client_tls(alpn).map(Arc::new))
+            .map(|live| live.client_tls(alpn))
             .transpose()
             .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))
     };
-    if let Some(id) = &identity {
-        tracing::info!(identity = %id.id, "mutual TLS to the gateways");
-        metrics.identity_expiry.set(id.not_after);
+    if let (Some(t), Some(live)) = (&cfg.mesh_tls, &identity) {
+        tracing::info!(identity = %live.current().id, "mutual TLS to the gateways");
+        metrics.identity_expiry.set(live.current().not_after);
+        tokio::spawn(
+            t.clone()
+                .follow(live.clone(), metrics.identity_expiry.clone()),
+        );
     }
     let member_checks = (cfg.proxy.member_check_interval_ms > 0).then(|| {
         let interval = cfg.proxy.member_check_interval_ms;
@@ -173,6 +178,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let st = status.clone();
     let pol = policy.clone();
     let refused_now = refused.clone();
+    let identity_now = identity.clone();
     let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
@@ -184,6 +190,9 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let mut v = status_json(&s, false, &rejected(&refused_now, &s));
             v["ready"] = ready.into();
             v["policy"] = fresh.as_str().into();
+            if let Some(live) = &identity_now {
+                v["identity"] = meshgate_gateway::node::identity_json(live);
+            }
             if fresh != Freshness::Fresh && s.last_sync_ms > 0 {
                 v["stale_since_ms"] = s.last_sync_ms.into();
             }
@@ -240,8 +249,12 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
     let record = {
         let cfg = cfg.clone();
+        let identity = identity.clone();
         move |revision: i64, fresh: Freshness, rejected: Vec<Rejection>| -> Vec<u8> {
             let n = Node {
+                identity: identity
+                    .as_ref()
+                    .map(|l| meshgate_gateway::node::node_identity(l)),
                 kind: NodeKind::Sidecar,
                 roles: vec![],
                 groups: vec![cfg.group.clone()],

@@ -1059,6 +1059,13 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start() -> Mesh {
+        Self::start_with(false).await
+    }
+
+    /// The mesh with mutual TLS on every sidecar → gateway hop when
+    /// `mtls` (each process with a SPIFFE identity from one test CA, kept
+    /// in files beside its snapshot, as a restarted process finds them).
+    pub async fn start_with(mtls: bool) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let etcd = Etcd::start(dir.path()).await;
         let ep = etcd.endpoint();
@@ -1087,13 +1094,33 @@ impl Mesh {
         assert_eq!(r.status, 201, "{r:?}");
 
         let d = dir.path();
+        let ca = mtls.then(|| TestCa::new("Mesh root"));
+        let identity = |name: &str, spiffe: &str| -> serde_json::Value {
+            let Some(ca) = &ca else {
+                return serde_json::json!({});
+            };
+            let leaf = ca.leaf(&[spiffe]);
+            std::fs::write(d.join(format!("{name}.crt")), &leaf.cert).unwrap();
+            std::fs::write(d.join(format!("{name}.key")), &leaf.key).unwrap();
+            std::fs::write(d.join("mesh-ca.pem"), &ca.pem).unwrap();
+            serde_json::json!({"mesh_tls": {
+                "cert_file": d.join(format!("{name}.crt")),
+                "key_file": d.join(format!("{name}.key")),
+                "ca_file": d.join("mesh-ca.pem"),
+            }})
+        };
+        let gateway = |id: &str, roles: &[&str], groups: &[&str]| {
+            let extra = identity(id, &format!("spiffe://mesh.test/gateway/{id}"));
+            start_gateway_with(d, id, roles, groups, &ep, extra)
+        };
         let gws = vec![
-            start_gateway(d, "gw-a", &["egress"], &["shop"], &ep),
-            start_gateway(d, "gw-b", &["egress"], &["shop"], &ep),
-            start_gateway(d, "gw-c", &["central"], &[], &ep),
+            gateway("gw-a", &["egress"], &["shop"]),
+            gateway("gw-b", &["egress"], &["shop"]),
+            gateway("gw-c", &["central"], &[]),
         ];
         let central = vec![addr(gws[2].1.mesh)];
-        let sidecar = start_sidecar(d, "sc-1", "frontend", "shop", &central, &ep);
+        let extra = identity("sc-1", "spiffe://mesh.test/group/shop/service/frontend");
+        let sidecar = start_sidecar_with(d, "sc-1", "frontend", "shop", &central, &ep, extra);
         for (_, p) in &gws {
             wait_ready(p.ops).await;
         }
@@ -1288,6 +1315,12 @@ impl TestCa {
     /// A leaf for `names` (DNS names, IP addresses, or `spiffe://` URIs),
     /// valid for a day.
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_for(names, Duration::from_secs(86_400))
+    }
+
+    /// [`TestCa::leaf`] valid for `lifetime` from now (and from 5 s
+    /// before).
+    pub fn leaf_for(&self, names: &[&str], lifetime: Duration) -> Leaf {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         for n in names {
             params
@@ -1305,8 +1338,8 @@ impl TestCa {
             names.first().copied().unwrap_or("leaf"),
         );
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(1);
+        params.not_before = now - time::Duration::seconds(5);
+        params.not_after = now + time::Duration::try_from(lifetime).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {

@@ -2,7 +2,8 @@
 //! and POST requests: one group gateway SIGKILLed, then all of them
 //! (traffic moves to the central tier), then both brought back (traffic
 //! returns to the group tier). No GET fails, no POST reaches a backend
-//! twice, and a POST fails only when it had already been sent.
+//! twice, and a POST fails only when it had already been sent; in
+//! plaintext and with mutual TLS on every sidecar → gateway hop.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,16 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_die_and_return_under_get_and_post_load() {
-    let mut m = Mesh::start().await;
+    gateways_die_and_return(Mesh::start().await).await;
+}
+
+/// The same under mutual TLS on every sidecar → gateway hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_die_and_return_under_load_with_mutual_tls() {
+    gateways_die_and_return(Mesh::start_with(true).await).await;
+}
+
+async fn gateways_die_and_return(mut m: Mesh) {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let seq = Arc::new(AtomicU64::new(0));

@@ -146,6 +146,36 @@ async fn sidecar_to_gateway_is_mutual_tls_and_the_source_is_the_certificate() {
     assert_eq!(r.json()["headers"]["x-mesh-source"], "front", "{}", r.body);
     let handshakes = "meshgate_tls_handshakes_total{listener=\"mesh\",result=\"ok\"}";
     assert!(metric(gw.ops, handshakes).await >= 1.0);
+    // Who each process is, and when its certificate expires: /readyz and
+    // the admin's /status.
+    let rz = get_json(&format!("http://127.0.0.1:{}/readyz", sc.ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        rz["identity"]["id"],
+        format!("spiffe://{TRUST_DOMAIN}/group/shop/service/front"),
+        "{rz}"
+    );
+    assert!(
+        rz["identity"]["expires_in_s"].as_i64().unwrap() > 3600,
+        "{rz}"
+    );
+    wait_until(
+        "/status shows both identities",
+        Duration::from_secs(10),
+        || async {
+            let st = admin.get("status").await.json();
+            let ids: Vec<String> = st["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["identity"]["id"].as_str().map(str::to_string))
+                .collect();
+            ids.contains(&format!("spiffe://{TRUST_DOMAIN}/gateway/gw1"))
+                && ids.contains(&format!("spiffe://{TRUST_DOMAIN}/group/shop/service/front"))
+        },
+    )
+    .await;
     let expiry = metric(sc.ops, "meshgate_identity_cert_expiry_timestamp_seconds").await;
     assert!(expiry > meshgate_config::tls::now_unix() as f64, "{expiry}");
 
@@ -446,5 +476,251 @@ async fn calls_are_authorized_by_the_callers_identity() {
     assert!(
         ok && out.contains("\"x-mesh-source\":\"intruder\""),
         "{out} {err}"
+    );
+}
+
+/// Writes a new leaf for `spiffe` from `ca` as `<name>.crt`/`.key`, each
+/// file replaced whole (the processes may read them at any moment).
+fn renew(dir: &Path, ca: &TestCa, name: &str, spiffe: &str, lifetime: Duration) {
+    let leaf = ca.leaf_for(&[spiffe], lifetime);
+    for (ext, text) in [("key", &leaf.key), ("crt", &leaf.cert)] {
+        let tmp = dir.join(format!(".{name}.{ext}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{name}.{ext}"))).unwrap();
+    }
+}
+
+fn write_bundle(dir: &Path, roots: &[&TestCa]) {
+    let tmp = dir.join(".ca.pem.tmp");
+    let pem: String = roots.iter().map(|r| r.pem.as_str()).collect();
+    std::fs::write(&tmp, pem).unwrap();
+    std::fs::rename(&tmp, dir.join("ca.pem")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_renew_and_the_trust_bundle_rotates_under_load_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = Etcd::start(d).await;
+    let echo_port = free_port();
+    let _echo = Proc::spawn(
+        "echo",
+        &bin("meshgate-echo"),
+        &[
+            "--listen".into(),
+            addr(echo_port),
+            "--name".into(),
+            "orders".into(),
+        ],
+        d,
+    );
+    let mut c = etcd.client().await;
+    for (key, value) in [
+        ("groups/shop", json!({})),
+        (
+            "services/orders",
+            json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]}),
+        ),
+        (
+            "services/front",
+            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
+        ),
+    ] {
+        c.put(format!("/meshgate/v1/{key}"), value.to_string(), None)
+            .await
+            .unwrap();
+    }
+    // Certificates live 4 s and are renewed every second: every one the
+    // processes started with expires during the run.
+    let lifetime = Duration::from_secs(4);
+    let old_root = TestCa::new("Mesh root 1");
+    let gw_spiffe = format!("spiffe://{TRUST_DOMAIN}/gateway/gw1");
+    let sc_spiffe = format!("spiffe://{TRUST_DOMAIN}/group/shop/service/front");
+    let settings = |name: &str| {
+        json!({
+            "cert_file": d.join(format!("{name}.crt")),
+            "key_file": d.join(format!("{name}.key")),
+            "ca_file": d.join("ca.pem"),
+            "reload_interval_ms": 200,
+        })
+    };
+    write_bundle(d, &[&old_root]);
+    renew(d, &old_root, "gw1", &gw_spiffe, lifetime);
+    renew(d, &old_root, "front", &sc_spiffe, lifetime);
+    let (_gw, gw) = start_gateway_with(
+        d,
+        "gw1",
+        &["egress"],
+        &["shop"],
+        &etcd.endpoint(),
+        json!({"mesh_tls": settings("gw1")}),
+    );
+    wait_ready(gw.ops).await;
+    let (sc_proc, sc) = start_sidecar_with(
+        d,
+        "sc1",
+        "front",
+        "shop",
+        &[],
+        &etcd.endpoint(),
+        json!({"mesh_tls": settings("front")}),
+    );
+    wait_ready(sc.ops).await;
+    let url = format!("http://127.0.0.1:{}/", sc.app);
+    wait_until("the group tier over mTLS", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            matches!(http_get(&url, &[("host", "orders")]).await,
+                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
+        }
+    })
+    .await;
+    let first = served_fingerprint(gw.mesh);
+
+    // Steady load through the sidecar for the whole run.
+    let load = tokio::process::Command::new(bin("meshgate-load"))
+        .args([
+            "--json",
+            "-c",
+            "8",
+            "-r",
+            "200",
+            "-d",
+            "16",
+            "-H",
+            "host: orders",
+            &url,
+        ])
+        .output();
+    let rotate = async {
+        let started = std::time::Instant::now();
+        let new_root = TestCa::new("Mesh root 2");
+        while started.elapsed() < Duration::from_secs(15) {
+            // Seconds 0-4: renewals from the old root; 5-9: both roots
+            // trusted, certificates from the new root from second 7; 10-14:
+            // the old root removed.
+            let secs = started.elapsed().as_secs();
+            let bundle: &[&TestCa] = match secs {
+                0..=4 => &[&old_root],
+                5..=9 => &[&old_root, &new_root],
+                _ => &[&new_root],
+            };
+            write_bundle(d, bundle);
+            let issuer = if secs >= 7 { &new_root } else { &old_root };
+            renew(d, issuer, "gw1", &gw_spiffe, lifetime);
+            renew(d, issuer, "front", &sc_spiffe, lifetime);
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    };
+    let (out, ()) = tokio::join!(load, rotate);
+    let out = out.unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["ok"].as_u64().unwrap() > 1000, "{report}");
+    assert_eq!(
+        report["errors"],
+        json!({}),
+        "failures: {}; sidecar log:\n{}",
+        report["failures"],
+        sc_proc.log_tail(30)
+    );
+    // The gateway serves a renewed certificate, and both renewed many times.
+    assert_ne!(served_fingerprint(gw.mesh), first);
+    let gw_log = std::fs::read_to_string(d.join("gw1.log")).unwrap();
+    assert!(
+        gw_log.matches("mesh identity renewed").count() >= 10,
+        "{gw_log}"
+    );
+    assert!(sc_proc.log_text().matches("mesh identity renewed").count() >= 10);
+    // After the old root left the bundle, a new handshake with a
+    // certificate from it is refused.
+    renew(d, &old_root, "stale", &sc_spiffe, lifetime);
+    let (ok, out, _) = curl_mesh(d, gw.mesh, Some("stale"), &["x-mesh-service: orders"]);
+    assert!(!ok && !out.contains("orders"), "{out}");
+    // ...and the sidecar's fresh handshakes (its member checks) go on.
+    let r = http_get(&url, &[("host", "orders")]).await.unwrap();
+    assert_eq!(r.header("x-mesh-tier"), Some("group"), "{r:?}");
+}
+
+/// The fingerprint of the certificate a mesh listener serves now.
+fn served_fingerprint(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + 25;
+    let chain = meshgate_config::tls::parse_chain(&text[start..end]).unwrap();
+    meshgate_config::tls::fingerprint(&chain[0])
+}
+
+/// etcd stops; a sidecar and a gateway restarted during the outage come
+/// back from their snapshot files and their stored identities and go on
+/// serving over mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_restarted_during_an_etcd_outage_keep_their_identity() {
+    let mut m = Mesh::start_with(true).await;
+    let seen = served_by(&m.app_url("/x"), &[("host", "orders")], 10).await;
+    assert_eq!(seen.values().sum::<usize>(), 10);
+    let dir = m.dir.path().to_path_buf();
+    wait_until("snapshot files written", Duration::from_secs(10), || {
+        let dir = dir.clone();
+        async move {
+            ["gw-a", "gw-b", "gw-c", "sc-1"]
+                .iter()
+                .all(|id| dir.join(format!("{id}.snapshot.json")).exists())
+        }
+    })
+    .await;
+
+    m.etcd.stop();
+    // Restart a group gateway and the sidecar while etcd is down.
+    let gw_a = m.gws[0].1;
+    m.gws[0].0.term(Duration::from_secs(10));
+    m.gws[0].0.start();
+    wait_ready(gw_a.ops).await;
+    let sc = m.sidecar.1;
+    m.sidecar.0.term(Duration::from_secs(10));
+    m.sidecar.0.start();
+    wait_until(
+        "the restarted sidecar serves",
+        Duration::from_secs(20),
+        || {
+            let url = m.app_url("/x");
+            async move {
+                matches!(http_get(&url, &[("host", "orders")]).await,
+                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
+            }
+        },
+    )
+    .await;
+    let rz = get_json(&format!("http://127.0.0.1:{}/readyz", sc.ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        rz["identity"]["id"], "spiffe://mesh.test/group/shop/service/frontend",
+        "{rz}"
+    );
+    assert_eq!(rz["store_connected"], false, "{rz}");
+    // Every call goes through, over the group tier (both gateways, one of
+    // them restarted), with mutual TLS.
+    let mut tiers = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let r = http_get(&m.app_url("/x"), &[("host", "orders")])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        *tiers
+            .entry(r.header("x-mesh-tier").unwrap_or("?").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(tiers.get("group"), Some(&40), "{tiers:?}");
+    let ok = "meshgate_tls_handshakes_total{listener=\"mesh\",result=\"ok\"}";
+    assert!(
+        metric(gw_a.ops, ok).await >= 1.0,
+        "the restarted gateway took mTLS handshakes"
     );
 }

@@ -218,6 +218,7 @@ impl GatewayConfig {
             p.push(("lease_ttl_s".into(), "must be at least 2".into()));
         }
         p.extend(self.client.problems());
+        p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
         p
     }
 }
@@ -324,10 +325,30 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         })?),
         None => None,
     };
+    // Mutual TLS on the mesh listener, with this gateway's identity,
+    // renewed as its files change.
+    let identity = match &cfg.mesh_tls {
+        Some(t) => {
+            let live = t.live(true)?;
+            tracing::info!(identity = %live.current().id, mode = ?t.mode, "mesh listener: mutual TLS");
+            metrics.identity_expiry.set(live.current().not_after);
+            tokio::spawn(
+                t.clone()
+                    .follow(live.clone(), metrics.identity_expiry.clone()),
+            );
+            Some(live)
+        }
+        None => None,
+    };
+    let mut mesh_listener_tls = match (&cfg.mesh_tls, &identity) {
+        (Some(t), Some(live)) => Some(t.listener(live, metrics.tls_handshakes.clone())?),
+        _ => None,
+    };
     let st = status.clone();
     let dr = draining.clone();
     let serving = ready.clone();
     let refused_now = refused.clone();
+    let identity_now = identity.clone();
     let ops_state = OpsState {
         metrics: metrics.clone(),
         readiness: Arc::new(move || {
@@ -338,6 +359,9 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             let ready = s.ready() && serving.load(Ordering::Acquire) && !draining;
             let mut v = status_json(&s, draining, &rejected(&refused_now, &s));
             v["ready"] = ready.into();
+            if let Some(live) = &identity_now {
+                v["identity"] = crate::node::identity_json(live);
+            }
             (ready, v)
         }),
         config_dump: Arc::new({
@@ -356,16 +380,6 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         tokens: Arc::new(ops_tokens),
     };
 
-    // Mutual TLS on the mesh listener, with this gateway's identity.
-    let identity = cfg.mesh_tls.as_ref().map(|t| t.load()).transpose()?;
-    let mut mesh_listener_tls = match (&cfg.mesh_tls, &identity) {
-        (Some(t), Some(id)) => {
-            tracing::info!(identity = %id.id, mode = ?t.mode, "mesh listener: mutual TLS");
-            metrics.identity_expiry.set(id.not_after);
-            Some(t.listener(id, metrics.tls_handshakes.clone())?)
-        }
-        _ => None,
-    };
     let mut node = Process::new(
         Duration::from_millis(cfg.shutdown_grace_ms),
         cfg.client.limits(),
@@ -396,7 +410,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             default: t.default_cert.clone(),
         };
         let tls = crate::tls::TlsListener {
-            acceptor: crate::tls::server_config(Arc::new(resolver)).into(),
+            config: Arc::new(ArcSwap::new(crate::tls::server_config(Arc::new(resolver)))),
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
             handshakes: metrics.tls_handshakes.clone(),
             plaintext_too: false,
@@ -429,8 +443,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let advertise = cfg.advertise.clone().or(mesh_addr.map(|a| a.to_string()));
     let record = {
         let cfg = cfg.clone();
+        let identity = identity.clone();
         move |revision: i64, rejected: Vec<Rejection>| -> Vec<u8> {
             let n = Node {
+                identity: identity.as_ref().map(|l| crate::node::node_identity(l)),
                 kind: NodeKind::Gateway,
                 roles: cfg.roles.clone(),
                 groups: cfg.groups.clone(),

@@ -18,6 +18,7 @@ pub mod ops;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -106,6 +107,14 @@ pub struct MeshTlsSettings {
     /// migration). Default `strict`.
     #[serde(default)]
     pub mode: MtlsMode,
+    /// How often the files are checked for a renewed certificate or trust
+    /// bundle, ms (default 1000).
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_interval() -> u64 {
+    1000
 }
 
 /// Whether a mesh listener also takes plaintext clients.
@@ -137,25 +146,105 @@ impl MeshTlsSettings {
         })
     }
 
+    /// The identity, ready to be replaced as its files change; with the
+    /// config of a mesh listener when `serve`.
+    pub fn live(&self, serve: bool) -> anyhow::Result<Arc<crate::tls::LiveIdentity>> {
+        let listener = serve.then_some(self.mode == MtlsMode::Permissive);
+        crate::tls::LiveIdentity::new(self.load()?, listener)
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))
+    }
+
     /// The listener side: a TLS listener asking clients for mesh
     /// certificates (optional and with plaintext taken too when
-    /// `permissive`).
+    /// `permissive`), following the identity's renewals.
     pub fn listener(
         &self,
-        identity: &crate::tls::MeshIdentity,
+        live: &crate::tls::LiveIdentity,
         handshakes: prometheus::IntCounterVec,
     ) -> anyhow::Result<crate::tls::TlsListener> {
-        let permissive = self.mode == MtlsMode::Permissive;
-        let cfg = identity
-            .server_config(permissive)
-            .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))?;
+        let config = live
+            .server_config()
+            .ok_or_else(|| anyhow::anyhow!("mesh_tls: the identity was not made to serve"))?;
         Ok(crate::tls::TlsListener {
-            acceptor: cfg.into(),
+            config,
             handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
             handshakes,
-            plaintext_too: permissive,
+            plaintext_too: self.mode == MtlsMode::Permissive,
         })
     }
+
+    /// Follows the files: when one changes (a renewed certificate, a
+    /// rotated trust bundle), the identity is read again and put in force
+    /// for the next handshakes; a file that does not load is logged and
+    /// the current identity stays. Runs until the runtime ends.
+    pub async fn follow(self, live: Arc<crate::tls::LiveIdentity>, expiry: prometheus::IntGauge) {
+        let stamp = |s: &MeshTlsSettings| {
+            [&s.cert_file, &s.key_file, &s.ca_file].map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()))
+            })
+        };
+        let mut seen = stamp(&self);
+        let every = Duration::from_millis(self.reload_interval_ms.max(50));
+        loop {
+            tokio::time::sleep(every).await;
+            let now = stamp(&self);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match self.load().map(|id| (id.not_after, live.replace(id))) {
+                Ok((not_after, Ok(()))) => {
+                    expiry.set(not_after);
+                    tracing::info!(
+                        identity = %live.current().id,
+                        not_after = %meshgate_config::tls::rfc3339(not_after),
+                        "mesh identity renewed"
+                    );
+                }
+                Ok((_, Err(e))) => {
+                    tracing::warn!(error = %e, "renewed mesh identity refused; the current one stays")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh identity files do not load; the current identity stays")
+                }
+            }
+        }
+    }
+
+    /// Checks the settings; `(field, message)` for each problem.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.reload_interval_ms == 0 {
+            p.push((
+                "mesh_tls.reload_interval_ms".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        p
+    }
+}
+
+/// The identity part of a node record.
+pub fn node_identity(live: &crate::tls::LiveIdentity) -> meshgate_config::model::NodeIdentity {
+    let id = live.current();
+    meshgate_config::model::NodeIdentity {
+        id: id.id.to_string(),
+        expires_at_ms: u64::try_from(id.not_after).unwrap_or(0) * 1000,
+    }
+}
+
+/// The `identity` part of `/readyz`: who the process is to the mesh and
+/// when its certificate expires.
+pub fn identity_json(live: &crate::tls::LiveIdentity) -> serde_json::Value {
+    let id = live.current();
+    serde_json::json!({
+        "id": id.id.to_string(),
+        "not_after": meshgate_config::tls::rfc3339(id.not_after),
+        "expires_in_s": id.not_after - meshgate_config::tls::now_unix(),
+    })
 }
 
 /// What the mesh's hops may add to a request head (`x-mesh-*`,

@@ -184,7 +184,8 @@ async fn handshake(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsInfo)> {
     let remote = stream.peer_addr().ok();
-    let accept = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
+    let accept = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
     let result = tokio::select! {
         r = accept => r,
         _ = wait_true(shutdown) => return None,
