@@ -532,25 +532,26 @@ backend be
             raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
         return json.loads(data) if data else None
 
-    def start_cluster_gateway(self, gid, groups, roles=("egress",)):
+    def start_cluster_gateway(self, gid, groups, roles=("egress",), extra=None):
         mesh, ops = free_port(), free_port()
         cfg = self.write(f"{gid}.yaml", json.dumps({
             "id": gid, "roles": list(roles), "groups": groups, "workers": 1,
             "listen": f"127.0.0.1:{mesh}", "admin_listen": f"127.0.0.1:{ops}",
-            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
+            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}, **(extra or {})}))
         p = self.procs.start(gid, [os.path.join(BIN, "meshgate-gateway"), "--config", cfg],
                              cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
         wait_until(gid, lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
         return {"id": gid, "mesh": mesh, "ops": ops, "proc": p}
 
-    def start_sidecar(self, central, sid="bench-sidecar", service="bench-client", group="bench", wait=True):
+    def start_sidecar(self, central, sid="bench-sidecar", service="bench-client", group="bench", wait=True,
+                      extra=None):
         app, ops = free_port(), free_port()
         cfg = self.write(f"{sid}.yaml", json.dumps({
             "id": sid, "service": service, "group": group,
             "listen": f"127.0.0.1:{app}", "admin_listen": f"127.0.0.1:{ops}",
             "central": [f"127.0.0.1:{central}"],
             "snapshot_file": os.path.join(self.workdir, f"{sid}.snapshot.json"),
-            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}}))
+            "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}, **(extra or {})}))
         p = self.procs.start(sid, [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
                              cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
         if wait:
@@ -709,6 +710,82 @@ backend be
             "etcd_stopped": window(int(etcd_at), int(etcd_at) + 2), "errors": r["errors"],
             "requests": r["requests"], "failures": r["failures"][:20], "policy_after": policy}
 
+    # ---------------------------------------------------------- mTLS
+
+    def mesh_identity(self, name, spiffe):
+        """A `mesh_tls` section: a P-256 leaf for `spiffe` signed by the
+        bench's mesh CA (made on first use)."""
+        ca_crt, ca_key = os.path.join(self.workdir, "mesh-ca.crt"), os.path.join(self.workdir, "mesh-ca.key")
+        if not os.path.exists(ca_crt):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", ca_key, "-out", ca_crt, "-days", "2", "-subj", "/CN=bench mesh CA"],
+                           check=True, capture_output=True)
+        key, csr, crt = (os.path.join(self.workdir, f"{name}.{x}") for x in ("key", "csr", "crt"))
+        ext = self.write(f"{name}.ext", f"subjectAltName=URI:{spiffe}\n")
+        subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", key, "-out", csr, "-subj", f"/CN={name}"], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial",
+                        "-days", "2", "-out", crt, "-extfile", ext], check=True, capture_output=True)
+        return {"mesh_tls": {"cert_file": crt, "key_file": key, "ca_file": ca_crt}}
+
+    def metric(self, ops, sample):
+        _, body = http("GET", f"http://127.0.0.1:{ops}/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def mtls(self):
+        """The two-hop mesh path (app -> sidecar -> gateway -> backend)
+        with mutual TLS on the sidecar -> gateway hop against the same path
+        in plaintext: latency at a fixed rate, max throughput and CPU per
+        request of both proxies, TLS handshakes per 10,000 requests, and
+        the sidecar's RSS."""
+        if not hasattr(self, "etcd_url"):
+            self.start_etcd()
+            self.start_admin()
+        if not hasattr(self, "backend_port"):
+            self.start_backend()
+        for g in ("plainbench", "mtlsbench"):
+            self.api("PUT", f"/groups/{g}", {"description": "mTLS benchmark"})
+        self.api("PUT", "/services/mtls-backend", {
+            "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
+        paths = {}
+        for name, group, secure in (("plaintext", "plainbench", False), ("mTLS", "mtlsbench", True)):
+            client = f"{group}-client"
+            self.api("PUT", f"/services/{client}", {"group": group, "destinations": [{"service": "mtls-backend"}]})
+            gid, sid = f"gw-{group}", f"sc-{group}"
+            gx = self.mesh_identity(gid, f"spiffe://bench.mesh/gateway/{gid}") if secure else None
+            sx = self.mesh_identity(sid, f"spiffe://bench.mesh/group/{group}/service/{client}") if secure else None
+            gw = self.start_cluster_gateway(gid, [group], extra=gx)
+            sc = self.start_sidecar(gw["mesh"], sid=sid, service=client, group=group, extra=sx)
+            url = f"http://127.0.0.1:{sc['app']}/"
+            wait_until(f"{name} path", lambda url=url: http(
+                "GET", url, headers={"x-mesh-service": "mtls-backend"})[0] == 200)
+            paths[name] = {"name": name, "port": sc["app"], "gw": gw, "sc": sc,
+                           "pids": lambda sc=sc, gw=gw: [sc["proc"].pid, gw["proc"].pid]}
+        targets = list(paths.values())
+        d = self.args.duration
+        rate = round(self.results.get("nginx_max_rps", 16000) * 0.25)
+        hdr = ["x-mesh-service: mtls-backend"]
+        log(f"mTLS two-hop path at {rate} req/s")
+        self.note_cmd(f"taskset -c {self.load_cpu} meshgate-load --json -c 50 -d {d} -r <rate> "
+                      "-H 'x-mesh-service: mtls-backend' http://127.0.0.1:<sidecar port>/  (plaintext and mTLS hop)")
+        ok = 'meshgate_tls_handshakes_total{listener="mesh",result="ok"}'
+        gw_m = paths["mTLS"]["gw"]
+        hs_before = self.metric(gw_m["ops"], ok)
+        fixed = self.interleaved(targets, lambda t: self.load(self.url(t), 50, d, rate, hdr))
+        log("mTLS two-hop path, max throughput (50 connections)")
+        top = self.interleaved(targets, lambda t: self.measured(t, lambda: self.load(self.url(t), 50, d, None, hdr)))
+        mtls_requests = sum(r["requests"] for r in fixed["mTLS"]) + sum(r["requests"] for r in top["mTLS"])
+        handshakes = self.metric(gw_m["ops"], ok) - hs_before
+        self.results["mtls"] = {
+            "rate": rate, "fixed": fixed, "max": top,
+            "handshakes": handshakes, "requests": mtls_requests,
+            "handshakes_per_10k": handshakes * 10_000 / max(mtls_requests, 1),
+            "sidecar_rss": {n: self.rss_sample(p["sc"]["proc"].pid) for n, p in paths.items()},
+        }
+
     def sidecar_tier(self, url):
         req = urllib.request.Request(url, headers={"x-mesh-service": "backend"})
         with urllib.request.urlopen(req, timeout=2) as r:
@@ -771,6 +848,7 @@ backend be
             self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
             self.tls()
             self.cluster(direct, nginx)
+            self.mtls()
             self.sidecar_scale()
             self.failover()
             self.route_scale()
@@ -888,6 +966,23 @@ def report(res, machine, args, commands):
         res["tls_handshakes"] = tls["handshakes"]
         tp_table("tls_handshakes", "TLS termination, full handshakes one after another "
                  "(openssl s_time -new; req/s = handshakes/s, CPU per handshake)")
+
+    if "mtls" in res:
+        mt = res["mtls"]
+        L.append(f"### Mutual TLS on the mesh hop: app → sidecar → gateway → backend\n")
+        L.append(f"The same two-hop path with and without mutual TLS on the sidecar → gateway hop "
+                 f"(P-256 SPIFFE certificates). Open loop at {fmt(mt['rate'])} req/s, 50 connections; then "
+                 f"closed loop. TLS handshakes on the gateway's mesh listener: {fmt(mt['handshakes'])} for "
+                 f"{fmt(mt['requests'])} requests ({mt['handshakes_per_10k']:.2f} per 10,000).\n")
+        L.append("| hop | p50 µs | p99 µs | max req/s | CPU µs/req (sidecar + gateway) | sidecar RSS peak |")
+        L.append("|---|---|---|---|---|---|")
+        for name in ("plaintext", "mTLS"):
+            fx, mx = mt["fixed"][name], mt["max"][name]
+            L.append(f"| {name} | {fmt(median([r['latency_us']['p50'] for r in fx]))} | "
+                     f"{fmt(median([r['latency_us']['p99'] for r in fx]))} | {fmt(median([r['rps'] for r in mx]))} | "
+                     f"{fmt(median([r.get('cpu_us_per_req', 0) for r in mx]), 1)} | "
+                     f"{fmt(mt['sidecar_rss'][name]['hwm_kb'] / 1024, 1)} MB |")
+        L.append("")
 
     th = res["two_hop"]
     L.append(f"### Two-hop mesh path: app → lite-sidecar → gateway → backend\n")
