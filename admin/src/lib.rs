@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod client;
 pub mod error;
 pub mod openapi;

@@ -724,3 +724,125 @@ async fn processes_restarted_during_an_etcd_outage_keep_their_identity() {
         "the restarted gateway took mTLS handshakes"
     );
 }
+
+/// `meshctl ca init` and `meshctl ca issue` make the identities a gateway
+/// and a sidecar run the mutual-TLS hop on (leaf and issuer chain to the
+/// root in the bundle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_from_meshctl_ca_carry_the_mesh_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl")).args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "meshctl {args:?}: {text}");
+        text
+    };
+    let ca = d.join("ca");
+    let ca_s = ca.to_str().unwrap();
+    meshctl(&["ca", "init", "--trust-domain", "prod.mesh", "--out", ca_s]);
+    let gw_out = d.join("gw1");
+    let sc_out = d.join("front");
+    let text = meshctl(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca_s,
+        "--gateway",
+        "gw1",
+        "--out",
+        gw_out.to_str().unwrap(),
+    ]);
+    assert!(text.contains("spiffe://prod.mesh/gateway/gw1"), "{text}");
+    meshctl(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca_s,
+        "--service",
+        "front",
+        "--group",
+        "shop",
+        "--hours",
+        "1",
+        "--out",
+        sc_out.to_str().unwrap(),
+    ]);
+    let settings = |prefix: &Path| {
+        json!({"mesh_tls": {
+            "cert_file": format!("{}.crt", prefix.display()),
+            "key_file": format!("{}.key", prefix.display()),
+            "ca_file": ca.join("bundle.pem"),
+        }})
+    };
+
+    let etcd = Etcd::start(d).await;
+    let echo_port = free_port();
+    let _echo = Proc::spawn(
+        "echo",
+        &bin("meshgate-echo"),
+        &[
+            "--listen".into(),
+            addr(echo_port),
+            "--name".into(),
+            "orders".into(),
+        ],
+        d,
+    );
+    let mut c = etcd.client().await;
+    for (key, value) in [
+        ("groups/shop", json!({})),
+        (
+            "services/orders",
+            json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]}),
+        ),
+        (
+            "services/front",
+            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
+        ),
+    ] {
+        c.put(format!("/meshgate/v1/{key}"), value.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let (_gw, gw) = start_gateway_with(
+        d,
+        "gw1",
+        &["egress"],
+        &["shop"],
+        &etcd.endpoint(),
+        settings(&gw_out),
+    );
+    wait_ready(gw.ops).await;
+    let (_sc, sc) = start_sidecar_with(
+        d,
+        "sc1",
+        "front",
+        "shop",
+        &[],
+        &etcd.endpoint(),
+        settings(&sc_out),
+    );
+    wait_ready(sc.ops).await;
+    let url = format!("http://127.0.0.1:{}/", sc.app);
+    wait_until("the group tier over mTLS", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            matches!(http_get(&url, &[("host", "orders")]).await,
+                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group")
+                    && r.json()["headers"]["x-mesh-source"] == "front")
+        }
+    })
+    .await;
+    let rz = get_json(&format!("http://127.0.0.1:{}/readyz", gw.ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        rz["identity"]["id"], "spiffe://prod.mesh/gateway/gw1",
+        "{rz}"
+    );
+}

@@ -113,6 +113,45 @@ enum Cmd {
         name: String,
         version: i64,
     },
+    /// The mesh CA on files: a root and an issuer, and certificates for
+    /// gateways and sidecars (`mesh_tls` in their node configs).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create a root and an issuer in DIR (keep root.key offline after).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        root_days: u64,
+        #[arg(long, default_value_t = 365)]
+        issuer_days: u64,
+    },
+    /// Sign a certificate for a gateway (`--gateway ID`) or a service's
+    /// sidecar (`--service S --group G`) with DIR's issuer; writes
+    /// OUT.crt and OUT.key.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, conflicts_with_all = ["service", "group"])]
+        gateway: Option<String>,
+        #[arg(long, requires = "group")]
+        service: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// Lifetime in hours (renew at half of it).
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A failure to report: the message, and the API's field problems.
@@ -203,6 +242,7 @@ impl Api<'_> {
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let api = Api { cli };
     match &cli.cmd {
+        Cmd::Ca { cmd } => ca(cmd)?,
         Cmd::Get {
             kind,
             name,
@@ -863,4 +903,52 @@ fn explain_text(v: &Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `meshctl ca`: the mesh CA on files (no admin API involved).
+fn ca(cmd: &CaCmd) -> Result<(), Failure> {
+    let days = |d: u64| std::time::Duration::from_secs(d.saturating_mul(86_400));
+    match cmd {
+        CaCmd::Init {
+            trust_domain,
+            out,
+            root_days,
+            issuer_days,
+        } => {
+            meshgate_admin::ca::init(out, trust_domain, days(*root_days), days(*issuer_days))?;
+            println!(
+                "created the mesh CA in {dir}: root.crt, issuer.crt, bundle.pem (the trust bundle), \
+                 root.key and issuer.key (mode 0600; move root.key offline)",
+                dir = out.display()
+            );
+        }
+        CaCmd::Issue {
+            dir,
+            gateway,
+            service,
+            group,
+            hours,
+            out,
+        } => {
+            let path = match (gateway, service, group) {
+                (Some(id), None, None) => format!("gateway/{id}"),
+                (None, Some(svc), Some(g)) => format!("group/{g}/service/{svc}"),
+                _ => {
+                    return Err(Failure(
+                        "give --gateway ID, or --service S --group G".into(),
+                        Vec::new(),
+                    ))
+                }
+            };
+            for name in path.split('/') {
+                if !meshgate_config::key::valid_name(name) {
+                    return Err(Failure(format!("{name:?} is not a valid name"), Vec::new()));
+                }
+            }
+            let hours = std::time::Duration::from_secs(hours.saturating_mul(3600));
+            let id = meshgate_admin::ca::issue(dir, &path, hours, out)?;
+            println!("issued {id}: {o}.crt, {o}.key", o = out.display());
+        }
+    }
+    Ok(())
 }
