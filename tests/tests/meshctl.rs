@@ -195,3 +195,65 @@ async fn meshctl_applies_the_example_mesh_and_waits_for_every_gateway() {
     assert!(!ok && err.contains("unknown config kind"), "{err}");
     assert_eq!(admin.get("services/broken").await.status, 404);
 }
+
+/// `meshctl suggest-callers` seeds `allowed_callers` from the
+/// `destinations` services declare; `--apply` sets them where no list
+/// exists yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suggest_callers_from_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (_admin, base, token) = start_admin(dir.path(), &etcd.endpoint());
+    let admin = Admin {
+        base: base.clone(),
+        token: token.clone(),
+    };
+    admin.wait_up().await;
+    for (path, body) in [
+        ("groups/shop", serde_json::json!({})),
+        ("services/orders", serde_json::json!({"group": "shop"})),
+        (
+            "services/ledger",
+            serde_json::json!({"allowed_callers": ["billing"]}),
+        ),
+        (
+            "services/front",
+            serde_json::json!({"group": "shop", "destinations": [{"service": "orders"}, {"service": "ledger"}]}),
+        ),
+        (
+            "services/billing",
+            serde_json::json!({"destinations": [{"service": "orders"}]}),
+        ),
+    ] {
+        assert_eq!(admin.put(path, &body).await.status, 201, "{path}");
+    }
+    let ctl = Ctl {
+        server: base,
+        token,
+    };
+    let out = ctl.ok(&["suggest-callers"]);
+    assert!(
+        out.contains("orders: allowed_callers: [billing, group/shop/service/front]\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "ledger: allowed_callers: [group/shop/service/front] (has its own list: left alone)"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("front:"), "nobody calls front: {out}");
+    // Nothing changed until --apply.
+    assert!(admin.get("services/orders").await.json()["spec"]["allowed_callers"].is_null());
+    let out = ctl.ok(&["suggest-callers", "--apply"]);
+    assert!(out.contains("(applied)"), "{out}");
+    assert_eq!(
+        admin.get("services/orders").await.json()["spec"]["allowed_callers"],
+        serde_json::json!(["billing", "group/shop/service/front"])
+    );
+    assert_eq!(
+        admin.get("services/ledger").await.json()["spec"]["allowed_callers"],
+        serde_json::json!(["billing"]),
+        "an existing list is left alone"
+    );
+}

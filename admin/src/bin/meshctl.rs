@@ -113,6 +113,13 @@ enum Cmd {
         name: String,
         version: i64,
     },
+    /// Suggest `allowed_callers` for each service from the
+    /// `destinations` the other services declare; `--apply` sets them on
+    /// the services that have none (existing lists are left alone).
+    SuggestCallers {
+        #[arg(long)]
+        apply: bool,
+    },
     /// The mesh CA on files: a root and an issuer, and certificates for
     /// gateways and sidecars (`mesh_tls` in their node configs).
     Ca {
@@ -192,6 +199,27 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
+    /// Every object of `kind` (matching `selector`), page by page.
+    async fn list(&self, kind: &str, selector: Option<&str>) -> Result<Vec<Value>, Failure> {
+        let mut items = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = format!("{kind}?limit=1000");
+            if let Some(s) = selector {
+                q.push_str(&format!("&selector={s}"));
+            }
+            if let Some(a) = &after {
+                q.push_str(&format!("&after={a}"));
+            }
+            let page = self.call(Method::GET, &q, None).await?;
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return Ok(items),
+            }
+        }
+    }
+
     /// Calls `/api/v1/<path>`; an error status becomes a [`Failure`] with
     /// the API's message and field paths.
     async fn call(
@@ -243,6 +271,47 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let api = Api { cli };
     match &cli.cmd {
         Cmd::Ca { cmd } => ca(cmd)?,
+        Cmd::SuggestCallers { apply } => {
+            let services = api.list("services", None).await?;
+            let suggested = suggest_callers(&services);
+            let mut out = serde_json::Map::new();
+            for (svc, (callers, has_list)) in &suggested {
+                let applied = if *apply && !has_list {
+                    let patch = json!({ "allowed_callers": callers });
+                    api.call(Method::PATCH, &format!("services/{svc}"), Some(patch))
+                        .await?;
+                    true
+                } else {
+                    false
+                };
+                out.insert(
+                    svc.clone(),
+                    json!({"allowed_callers": callers, "has_list": has_list, "applied": applied}),
+                );
+            }
+            let v = Value::Object(out);
+            print(cli, &v, |v| {
+                let mut text = String::new();
+                for (svc, o) in v.as_object().into_iter().flatten() {
+                    let note = match (o["applied"] == true, o["has_list"] == true) {
+                        (true, _) => " (applied)",
+                        (false, true) => " (has its own list: left alone)",
+                        _ => "",
+                    };
+                    let callers: Vec<String> = o["allowed_callers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(s)
+                        .collect();
+                    text.push_str(&format!(
+                        "{svc}: allowed_callers: [{}]{note}\n",
+                        callers.join(", ")
+                    ));
+                }
+                text
+            });
+        }
         Cmd::Get {
             kind,
             name,
@@ -250,25 +319,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         } => {
             let v = match name {
                 Some(n) => api.call(Method::GET, &format!("{kind}/{n}"), None).await?,
-                None => {
-                    let mut items = Vec::new();
-                    let mut after: Option<String> = None;
-                    loop {
-                        let mut q = format!("{kind}?limit=1000");
-                        if let Some(s) = selector {
-                            q.push_str(&format!("&selector={s}"));
-                        }
-                        if let Some(a) = &after {
-                            q.push_str(&format!("&after={a}"));
-                        }
-                        let page = api.call(Method::GET, &q, None).await?;
-                        items.extend(page["items"].as_array().cloned().unwrap_or_default());
-                        match page["next"].as_str() {
-                            Some(n) => after = Some(n.to_string()),
-                            None => break json!({ "items": items }),
-                        }
-                    }
-                }
+                None => json!({ "items": api.list(kind, selector.as_deref()).await? }),
             };
             print(cli, &v, |v| {
                 let rows: Vec<Vec<String>> = match v["items"].as_array() {
@@ -951,4 +1002,37 @@ fn ca(cmd: &CaCmd) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// For each service some other service declares as a destination: the
+/// callers (`group/<g>/service/<svc>`, or the bare name of a service
+/// without a group), and whether it already has `allowed_callers`.
+fn suggest_callers(items: &[Value]) -> BTreeMap<String, (Vec<String>, bool)> {
+    let mut out: BTreeMap<String, (Vec<String>, bool)> = BTreeMap::new();
+    for caller in items {
+        let name = s(&caller["name"]);
+        let rule = match caller["spec"]["group"].as_str() {
+            Some(g) => format!("group/{g}/service/{name}"),
+            None => name.clone(),
+        };
+        for d in caller["spec"]["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let dest = s(&d["service"]);
+            let has_list = items
+                .iter()
+                .find(|i| i["name"] == dest.as_str())
+                .is_some_and(|i| !i["spec"]["allowed_callers"].is_null());
+            let entry = out.entry(dest).or_insert_with(|| (Vec::new(), has_list));
+            if !entry.0.contains(&rule) {
+                entry.0.push(rule.clone());
+            }
+        }
+    }
+    for (callers, _) in out.values_mut() {
+        callers.sort();
+    }
+    out
 }
