@@ -1095,6 +1095,10 @@ impl Mesh {
 
         let d = dir.path();
         let ca = mtls.then(|| TestCa::new("Mesh root"));
+        if let Some(ca) = &ca {
+            // Written once, before any process reads it.
+            std::fs::write(d.join("mesh-ca.pem"), &ca.pem).unwrap();
+        }
         let identity = |name: &str, spiffe: &str| -> serde_json::Value {
             let Some(ca) = &ca else {
                 return serde_json::json!({});
@@ -1102,7 +1106,6 @@ impl Mesh {
             let leaf = ca.leaf(&[spiffe]);
             std::fs::write(d.join(format!("{name}.crt")), &leaf.cert).unwrap();
             std::fs::write(d.join(format!("{name}.key")), &leaf.key).unwrap();
-            std::fs::write(d.join("mesh-ca.pem"), &ca.pem).unwrap();
             serde_json::json!({"mesh_tls": {
                 "cert_file": d.join(format!("{name}.crt")),
                 "key_file": d.join(format!("{name}.key")),
@@ -1214,6 +1217,19 @@ pub async fn metric(ops_port: u16, sample: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
+}
+
+/// Starts `meshgate-echo` (answers every request with what it received,
+/// as JSON) on a free port, as `name`.
+pub fn start_echo(dir: &Path, name: &str) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc::spawn(
+        &format!("echo-{name}"),
+        &bin("meshgate-echo"),
+        &["--listen".into(), addr(port), "--name".into(), name.into()],
+        dir,
+    );
+    (p, port)
 }
 
 // === test peers (tests/peers) ===

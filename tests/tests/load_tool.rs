@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshgate_loadtest::{run, LoadConfig, Progress};
-use meshgate_tests::{bin, free_port, http_get, wait_until, Backend, Proc};
+use meshgate_tests::{http_get, start_echo, wait_until, Backend};
 
 fn config(port: u16, path: &str) -> LoadConfig {
     let mut c = LoadConfig::new("127.0.0.1", port, path);
@@ -57,13 +57,7 @@ async fn failures_are_reported_by_kind_with_their_sequence_numbers() {
 #[tokio::test]
 async fn a_backend_killed_mid_run_is_timed() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &["--listen".into(), format!("127.0.0.1:{port}")],
-        dir.path(),
-    );
+    let (mut echo, port) = start_echo(dir.path(), "echo");
     let url = format!("http://127.0.0.1:{port}/");
     wait_until("echo up", Duration::from_secs(10), || async {
         http_get(&url, &[]).await.is_ok()

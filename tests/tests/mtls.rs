@@ -21,7 +21,10 @@ fn identity(dir: &Path, ca: &TestCa, name: &str, spiffe: &str, mode: &str) -> se
     let leaf = ca.leaf(&[spiffe]);
     std::fs::write(dir.join(format!("{name}.crt")), &leaf.cert).unwrap();
     std::fs::write(dir.join(format!("{name}.key")), &leaf.key).unwrap();
-    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    // Replaced whole: a running process may be reading the bundle.
+    let tmp = dir.join(".ca.pem.tmp");
+    std::fs::write(&tmp, &ca.pem).unwrap();
+    std::fs::rename(&tmp, dir.join("ca.pem")).unwrap();
     json!({
         "cert_file": dir.join(format!("{name}.crt")),
         "key_file": dir.join(format!("{name}.key")),
@@ -66,18 +69,7 @@ async fn sidecar_to_gateway_is_mutual_tls_and_the_source_is_the_certificate() {
     let (_admin, base, token) = start_admin(d, &etcd.endpoint());
     let admin = Admin { base, token };
     admin.wait_up().await;
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "orders".into(),
-        ],
-        d,
-    );
+    let (_echo, echo_port) = start_echo(d, "orders");
     assert_eq!(admin.put("groups/shop", &json!({})).await.status, 201);
     let orders = json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]});
     assert_eq!(admin.put("services/orders", &orders).await.status, 201);
@@ -245,18 +237,7 @@ async fn sidecar_to_gateway_is_mutual_tls_and_the_source_is_the_certificate() {
 async fn a_permissive_mesh_listener_takes_plaintext_too_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "orders".into(),
-        ],
-        d,
-    );
+    let (_echo, echo_port) = start_echo(d, "orders");
     let ca = TestCa::new("Mesh root");
     let gw_id = identity(
         d,
@@ -320,18 +301,7 @@ async fn calls_are_authorized_by_the_callers_identity() {
     let (_admin, base, token) = start_admin(d, &etcd.endpoint());
     let admin = Admin { base, token };
     admin.wait_up().await;
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "backend".into(),
-        ],
-        d,
-    );
+    let (_echo, echo_port) = start_echo(d, "backend");
     let echo = json!([{"address": addr(echo_port)}]);
     for (path, body) in [
         ("groups/shop", json!({})),
@@ -502,34 +472,8 @@ async fn identities_renew_and_the_trust_bundle_rotates_under_load_without_a_fail
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let etcd = Etcd::start(d).await;
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "orders".into(),
-        ],
-        d,
-    );
-    let mut c = etcd.client().await;
-    for (key, value) in [
-        ("groups/shop", json!({})),
-        (
-            "services/orders",
-            json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]}),
-        ),
-        (
-            "services/front",
-            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
-        ),
-    ] {
-        c.put(format!("/meshgate/v1/{key}"), value.to_string(), None)
-            .await
-            .unwrap();
-    }
+    let (_echo, echo_port) = start_echo(d, "orders");
+    shop_calls_orders(&etcd, echo_port).await;
     // Certificates live 4 s and are renewed every second: every one the
     // processes started with expires during the run.
     let lifetime = Duration::from_secs(4);
@@ -781,34 +725,8 @@ async fn identities_from_meshctl_ca_carry_the_mesh_hop() {
     };
 
     let etcd = Etcd::start(d).await;
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "orders".into(),
-        ],
-        d,
-    );
-    let mut c = etcd.client().await;
-    for (key, value) in [
-        ("groups/shop", json!({})),
-        (
-            "services/orders",
-            json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]}),
-        ),
-        (
-            "services/front",
-            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
-        ),
-    ] {
-        c.put(format!("/meshgate/v1/{key}"), value.to_string(), None)
-            .await
-            .unwrap();
-    }
+    let (_echo, echo_port) = start_echo(d, "orders");
+    shop_calls_orders(&etcd, echo_port).await;
     let (_gw, gw) = start_gateway_with(
         d,
         "gw1",
@@ -845,4 +763,25 @@ async fn identities_from_meshctl_ca_carry_the_mesh_hop() {
         rz["identity"]["id"], "spiffe://prod.mesh/gateway/gw1",
         "{rz}"
     );
+}
+
+/// Puts into etcd directly: group shop, orders (at the echo backend), and
+/// front, which calls orders.
+async fn shop_calls_orders(etcd: &Etcd, echo_port: u16) {
+    let mut c = etcd.client().await;
+    for (key, value) in [
+        ("groups/shop", json!({})),
+        (
+            "services/orders",
+            json!({"group": "shop", "endpoints": [{"address": addr(echo_port)}]}),
+        ),
+        (
+            "services/front",
+            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
+        ),
+    ] {
+        c.put(format!("/meshgate/v1/{key}"), value.to_string(), None)
+            .await
+            .unwrap();
+    }
 }

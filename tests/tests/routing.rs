@@ -182,18 +182,7 @@ async fn weighted_split_header_canary_and_sticky_users() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrites_path_host_and_headers_both_ways() {
     let dir = tempfile::tempdir().unwrap();
-    let echo_port = free_port();
-    let _echo = Proc::spawn(
-        "echo",
-        &bin("meshgate-echo"),
-        &[
-            "--listen".into(),
-            addr(echo_port),
-            "--name".into(),
-            "echo".into(),
-        ],
-        dir.path(),
-    );
+    let (_echo, echo_port) = start_echo(dir.path(), "echo");
     let yaml = format!(
         "services:\n  api:\n    endpoints:\n      - address: 127.0.0.1:{echo_port}\nroutes:\n{}",
         r#"  api:
