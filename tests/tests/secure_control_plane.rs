@@ -168,7 +168,8 @@ async fn admin_api_and_etcd_over_tls_with_authentication() {
     // Tokens expire every 2 s: later writes still reach the gateway
     // (each process authenticates again when etcd refuses its token).
     let before = metric(ports.ops, "meshgate_config_revision").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // etcd drops an idle token within TTL + its 1 s sweep: wait past both.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let (ok, out) = meshctl(
         &server,
         &token,
