@@ -322,7 +322,8 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                     .with_label_values(&[f.as_str()])
                     .set(i64::from(f == fresh));
             }
-            let now = (s.revision, fresh, refusals);
+            let expiry = identity.as_ref().map(|l| l.current().not_after);
+            let now = (s.revision, fresh, refusals, expiry);
             if last.as_ref() != Some(&now) {
                 registration.update(record(now.0, now.1, now.2.clone()));
                 last = Some(now);

@@ -520,6 +520,14 @@ async fn identities_renew_and_the_trust_bundle_rotates_under_load_without_a_fail
     })
     .await;
     let first = served_fingerprint(gw.mesh);
+    let record_expiry = || async {
+        let mut c = etcd.client().await;
+        let r = c.get("/meshgate/v1/nodes/gateway/gw1", None).await.unwrap();
+        let node: serde_json::Value = serde_json::from_slice(r.kvs()[0].value()).unwrap();
+        node["identity"]["expires_at_ms"].as_u64().unwrap_or(0)
+    };
+    let first_expiry = record_expiry().await;
+    assert!(first_expiry > 0, "the node record names the identity");
 
     // Steady load through the sidecar for the whole run.
     let load = tokio::process::Command::new(bin("meshgate-load"))
@@ -567,8 +575,15 @@ async fn identities_renew_and_the_trust_bundle_rotates_under_load_without_a_fail
         report["failures"],
         sc_proc.log_tail(30)
     );
-    // The gateway serves a renewed certificate, and both renewed many times.
+    // The gateway serves a renewed certificate, and both renewed many times;
+    // the node record (and so the admin's /status) follows.
     assert_ne!(served_fingerprint(gw.mesh), first);
+    wait_until(
+        "the node record shows the renewed expiry",
+        Duration::from_secs(5),
+        || async { record_expiry().await >= first_expiry + 5_000 },
+    )
+    .await;
     let gw_log = std::fs::read_to_string(d.join("gw1.log")).unwrap();
     assert!(
         gw_log.matches("mesh identity renewed").count() >= 10,

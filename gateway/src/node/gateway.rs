@@ -471,6 +471,8 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let follow = async {
         let mut status = status.clone();
         let mut registered = None;
+        // A renewed identity changes the record too: look every second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let s = status.borrow_and_update().clone();
             metrics.store_connected.set(i64::from(s.connected));
@@ -478,16 +480,18 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             metrics.config_rejected.set(refusals.len() as i64);
             if s.source != Source::None {
                 ready.store(true, Ordering::Release);
-                // Rewrite the node record only when the revision or the
-                // refusals change.
-                let now = (s.revision, refusals);
+                // Rewrite the node record only when the revision, the
+                // refusals or the identity's expiry change.
+                let expiry = identity.as_ref().map(|l| l.current().not_after);
+                let now = (s.revision, refusals, expiry);
                 if registered.as_ref() != Some(&now) {
                     registration.update(record(now.0, now.1.clone()));
                     registered = Some(now);
                 }
             }
-            if status.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = status.changed() => if r.is_err() { return },
+                _ = tick.tick() => {}
             }
         }
     };
