@@ -143,9 +143,14 @@ async fn local_policy_holds_only_what_the_service_calls() {
     let ep = json!({"group": "other", "endpoints": [{"address": "127.0.0.1:9"}]});
     assert_eq!(m.admin.put("services/unrelated", &ep).await.status, 201);
     assert_eq!(m.admin.put("services/orders-v2", &ep).await.status, 201);
+    // Applied by every gateway before the calls below (the central tier
+    // must know payments when the uncovered call reaches it).
     let payments = json!({"group": "shop", "endpoints": [{"address": b3.addr.to_string()}]});
     assert_eq!(
-        m.admin.put("services/payments", &payments).await.status,
+        m.admin
+            .put("services/payments?wait=10s", &payments)
+            .await
+            .status,
         201
     );
     let d = m.dir.path();
