@@ -223,17 +223,26 @@ pub struct TlsInfo {
     /// The SPIFFE ID of the client's certificate (mesh listeners, which
     /// verified it).
     pub peer_identity: Option<SpiffeId>,
+    /// A sidecar identity's service as a header value (`x-mesh-source`),
+    /// made once per connection rather than per request.
+    pub peer_service: Option<http::HeaderValue>,
 }
 
 impl TlsInfo {
     pub fn of(conn: &rustls::ServerConnection) -> TlsInfo {
+        let peer_identity = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| SpiffeId::of_cert(leaf));
+        let peer_service = peer_identity
+            .as_ref()
+            .and_then(|id| id.service())
+            .and_then(|svc| http::HeaderValue::from_str(svc).ok());
         TlsInfo {
             sni: conn.server_name().map(str::to_string),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-            peer_identity: conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| SpiffeId::of_cert(leaf)),
+            peer_identity,
+            peer_service,
         }
     }
 }

@@ -115,16 +115,10 @@ async fn sidecar_to_gateway_is_mutual_tls_and_the_source_is_the_certificate() {
     // source does not survive: the sidecar sets its own, and the gateway
     // takes it from the sidecar's certificate.
     let url = format!("http://127.0.0.1:{}/whoami", sc.app);
-    wait_until(
+    wait_for_group_tier(
         "a call through the group tier over mTLS",
+        &url,
         Duration::from_secs(15),
-        || {
-            let url = url.clone();
-            async move {
-                matches!(http_get(&url, &[("host", "orders")]).await,
-                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
-            }
-        },
     )
     .await;
     let r = http_get(
@@ -375,16 +369,10 @@ async fn calls_are_authorized_by_the_callers_identity() {
     let url = format!("http://127.0.0.1:{}/", sc.app);
 
     // front may call orders.
-    wait_until(
+    wait_for_group_tier(
         "front calls orders through the group tier",
+        &url,
         Duration::from_secs(15),
-        || {
-            let url = url.clone();
-            async move {
-                matches!(http_get(&url, &[("host", "orders")]).await,
-                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
-            }
-        },
     )
     .await;
     // ledger's group denies by default: 403 from the group tier, not
@@ -511,14 +499,7 @@ async fn identities_renew_and_the_trust_bundle_rotates_under_load_without_a_fail
     );
     wait_ready(sc.ops).await;
     let url = format!("http://127.0.0.1:{}/", sc.app);
-    wait_until("the group tier over mTLS", Duration::from_secs(15), || {
-        let url = url.clone();
-        async move {
-            matches!(http_get(&url, &[("host", "orders")]).await,
-                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
-        }
-    })
-    .await;
+    wait_for_group_tier("the group tier over mTLS", &url, Duration::from_secs(15)).await;
     let first = served_fingerprint(gw.mesh);
     let record_expiry = || async {
         let mut c = etcd.client().await;
@@ -644,16 +625,10 @@ async fn processes_restarted_during_an_etcd_outage_keep_their_identity() {
     let sc = m.sidecar.1;
     m.sidecar.0.term(Duration::from_secs(10));
     m.sidecar.0.start();
-    wait_until(
+    wait_for_group_tier(
         "the restarted sidecar serves",
+        &m.app_url("/x"),
         Duration::from_secs(20),
-        || {
-            let url = m.app_url("/x");
-            async move {
-                matches!(http_get(&url, &[("host", "orders")]).await,
-                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
-            }
-        },
     )
     .await;
     let rz = get_json(&format!("http://127.0.0.1:{}/readyz", sc.ops))
@@ -799,4 +774,14 @@ async fn shop_calls_orders(etcd: &Etcd, echo_port: u16) {
             .await
             .unwrap();
     }
+}
+
+/// Waits until a call of orders through the sidecar at `url` is served by
+/// the group tier.
+async fn wait_for_group_tier(what: &str, url: &str, deadline: Duration) {
+    wait_until(what, deadline, || async move {
+        matches!(http_get(url, &[("host", "orders")]).await,
+            Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
+    })
+    .await;
 }

@@ -334,8 +334,18 @@ impl Conn {
                 let exchange = exchange(rd, wr, rbuf, wbuf, rest, chunked, head_only);
                 within(timer.as_mut(), deadline, exchange).await?
             }
-            // Boxed: the TLS exchange's future would otherwise widen the
-            // plaintext one's.
+            // A body in memory: write, then read, on the stream itself
+            // (no split, so nothing is allocated per request).
+            Io::Tls(tls) if rest.is_none() => {
+                let exchange = async {
+                    tls.write_all(wbuf).await?;
+                    Ok((read_head(&mut **tls, rbuf, head_only).await?, true))
+                };
+                within(timer.as_mut(), deadline, exchange).await?
+            }
+            // A streamed body is written while the answer is watched for:
+            // the stream is split. Boxed: the rare path's future would
+            // otherwise widen the others'.
             Io::Tls(tls) => {
                 let (rd, wr) = tokio::io::split(&mut **tls);
                 let exchange = exchange(rd, wr, rbuf, wbuf, rest, chunked, head_only);

@@ -65,14 +65,25 @@ pub(crate) fn caller<'a>(
 
 /// Whether `rule` (an `allowed_callers` entry) admits `c`.
 pub(crate) fn admits(rule: &str, c: &Caller<'_>) -> bool {
-    let parts: Vec<&str> = rule.split('/').collect();
-    match parts.as_slice() {
-        ["*"] => true,
-        [svc] => c.service == Some(*svc),
-        ["gateway", "*"] => c.gateway.is_some(),
-        ["gateway", id] => c.gateway == Some(*id),
-        ["group", g, "service", "*"] => c.service.is_some() && c.group == Some(*g),
-        ["group", g, "service", svc] => c.group == Some(*g) && c.service == Some(*svc),
+    let mut parts = rule.split('/');
+    let parts = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    );
+    match parts {
+        (Some("*"), None, ..) => true,
+        (Some(svc), None, ..) => c.service == Some(svc),
+        (Some("gateway"), Some("*"), None, ..) => c.gateway.is_some(),
+        (Some("gateway"), Some(id), None, ..) => c.gateway == Some(id),
+        (Some("group"), Some(g), Some("service"), Some("*"), None) => {
+            c.service.is_some() && c.group == Some(g)
+        }
+        (Some("group"), Some(g), Some("service"), Some(svc), None) => {
+            c.group == Some(g) && c.service == Some(svc)
+        }
         _ => false,
     }
 }

@@ -212,8 +212,8 @@ impl Proxy {
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
             prelude::forwarded_proto(h, peer.tls.is_some());
-        } else if let Some(id) = peer.tls.as_ref().and_then(|t| t.peer_identity.as_ref()) {
-            prelude::source_from_identity(h, id);
+        } else if let Some(tls) = &peer.tls {
+            prelude::source_from_identity(h, tls);
         }
         prelude::forwarded_for(h, &peer.ip);
 

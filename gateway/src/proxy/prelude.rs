@@ -166,13 +166,16 @@ pub(crate) fn forwarded_proto(h: &mut HeaderMap, tls: bool) {
 /// service, whatever the request says; a gateway forwards its own
 /// caller's (it set or checked it); any other identity names no service
 /// the mesh knows, so the header goes.
-pub(crate) fn source_from_identity(h: &mut HeaderMap, id: &crate::tls::SpiffeId) {
+pub(crate) fn source_from_identity(h: &mut HeaderMap, tls: &crate::tls::TlsInfo) {
+    let Some(id) = &tls.peer_identity else {
+        return;
+    };
     if id.is_gateway() {
         return;
     }
-    match id.service().and_then(|s| HeaderValue::from_str(s).ok()) {
+    match &tls.peer_service {
         Some(v) => {
-            h.insert(headers::X_MESH_SOURCE, v);
+            h.insert(headers::X_MESH_SOURCE, v.clone());
         }
         None => {
             h.remove(&headers::X_MESH_SOURCE);
