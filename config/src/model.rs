@@ -58,6 +58,13 @@ pub struct Service {
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Mutual TLS to the service's instances (their sidecars' inbound
+    /// listeners): `off` (the default: plaintext, or `tls`; for endpoints
+    /// outside the mesh), `permissive` (gateways call with mutual TLS;
+    /// the inbound takes plaintext callers too, for a migration) or
+    /// `strict` (the inbound takes mutual TLS only).
+    #[serde(default, skip_serializing_if = "Mtls::is_off")]
+    pub mtls: Mtls,
     /// Who may call this service through the mesh, by verified identity:
     /// `*` (any), `<service>`, `group/<g>/service/<svc>`,
     /// `group/<g>/service/*`, `gateway/<id>`, `gateway/*`. Absent: the
@@ -611,6 +618,22 @@ pub struct Group {
     pub authorization: Authorization,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+}
+
+/// A service's `mtls` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mtls {
+    #[default]
+    Off,
+    Permissive,
+    Strict,
+}
+
+impl Mtls {
+    pub fn is_off(&self) -> bool {
+        *self == Mtls::Off
+    }
 }
 
 /// A group's default for services without `allowed_callers`.

@@ -330,6 +330,20 @@ fn validate_service(s: &Service, v: &mut Errors) {
             );
         }
     }
+    if s.mtls != crate::model::Mtls::Off {
+        if s.tls.is_some() {
+            v.push(
+                "mtls",
+                "cannot be combined with tls (mutual TLS is the mesh's own TLS to the instances)",
+            );
+        }
+        if s.protocol == Protocol::Tcp {
+            v.push(
+                "mtls",
+                "not available for protocol tcp (TCP routes pass bytes through)",
+            );
+        }
+    }
     for (i, c) in s.allowed_callers.iter().flatten().enumerate() {
         v.check(
             &format!("allowed_callers[{i}]"),

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -198,8 +199,9 @@ pub struct TlsListener {
     /// `plaintext` for a plaintext client a permissive listener took).
     pub handshakes: prometheus::IntCounterVec,
     /// Take plaintext clients too (a connection that does not start with
-    /// a TLS handshake record is served as it is).
-    pub plaintext_too: bool,
+    /// a TLS handshake record is served as it is); read at each accept
+    /// (a sidecar's inbound follows its service's `mtls`).
+    pub plaintext_too: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -226,6 +228,8 @@ pub struct TlsInfo {
     /// A sidecar identity's service as a header value (`x-mesh-source`),
     /// made once per connection rather than per request.
     pub peer_service: Option<http::HeaderValue>,
+    /// The identity as a header value (`x-mesh-caller`), likewise.
+    pub peer_caller: Option<http::HeaderValue>,
 }
 
 impl TlsInfo {
@@ -238,11 +242,15 @@ impl TlsInfo {
             .as_ref()
             .and_then(|id| id.service())
             .and_then(|svc| http::HeaderValue::from_str(svc).ok());
+        let peer_caller = peer_identity
+            .as_ref()
+            .and_then(|id| http::HeaderValue::from_str(&id.uri).ok());
         TlsInfo {
             sni: conn.server_name().map(str::to_string),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             peer_identity,
             peer_service,
+            peer_caller,
         }
     }
 }
@@ -382,11 +390,12 @@ impl MeshIdentity {
 
     /// The client side of a mesh hop: this identity's certificate offered,
     /// the server's checked by [`SpiffeVerifier`] (chain to the bundle, a
-    /// SPIFFE ID in the trust domain), `alpn` offered.
-    pub fn client_tls(&self, alpn: &[&[u8]]) -> Result<ClientTls, String> {
-        let config = self.client_config(alpn)?;
+    /// SPIFFE ID in the trust domain, of service `expect` when given),
+    /// `alpn` offered.
+    pub fn client_tls(&self, alpn: &[&[u8]], expect: Option<&str>) -> Result<ClientTls, String> {
+        let config = self.client_config(alpn, expect)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        ("mesh", &self.id.uri, alpn).hash(&mut h);
+        ("mesh", &self.id.uri, alpn, expect).hash(&mut h);
         Ok(ClientTls {
             config: ArcSwap::from_pointee(config),
             // Mesh certificates carry no host names: the verifier ignores
@@ -396,8 +405,13 @@ impl MeshIdentity {
         })
     }
 
-    fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
-        let verifier = SpiffeVerifier::new(self.roots.clone(), self.id.trust_domain())?;
+    fn client_config(
+        &self,
+        alpn: &[&[u8]],
+        expect: Option<&str>,
+    ) -> Result<rustls::ClientConfig, String> {
+        let mut verifier = SpiffeVerifier::new(self.roots.clone(), self.id.trust_domain())?;
+        verifier.expect_service = expect.map(str::to_string);
         let mut config =
             rustls::ClientConfig::builder_with_provider(meshgate_config::tls::provider())
                 .with_safe_default_protocol_versions()
@@ -420,14 +434,15 @@ impl MeshIdentity {
 pub struct LiveIdentity {
     current: ArcSwap<MeshIdentity>,
     /// The mesh listener's config, and whether it also takes clients
-    /// without a certificate.
-    server: Option<(Arc<ArcSwap<ServerConfig>>, bool)>,
-    /// The client configs handed out, by ALPN.
+    /// without a certificate (shared with its [`TlsListener`]).
+    server: Option<(Arc<ArcSwap<ServerConfig>>, Arc<AtomicBool>)>,
+    /// The client configs handed out, one per ALPN and expected service.
     clients: std::sync::Mutex<Vec<IssuedClient>>,
 }
 
-/// A client config [`LiveIdentity`] handed out, with the ALPN it offers.
-type IssuedClient = (Vec<Vec<u8>>, Arc<ClientTls>);
+/// A client config [`LiveIdentity`] handed out, with the ALPN it offers
+/// and the service it expects the server to be.
+type IssuedClient = (Vec<Vec<u8>>, Option<String>, Arc<ClientTls>);
 
 impl std::fmt::Debug for LiveIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -443,7 +458,7 @@ impl LiveIdentity {
         let server = match listener {
             Some(permissive) => Some((
                 Arc::new(ArcSwap::new(id.server_config(permissive)?)),
-                permissive,
+                Arc::new(AtomicBool::new(permissive)),
             )),
             None => None,
         };
@@ -458,19 +473,57 @@ impl LiveIdentity {
         self.current.load_full()
     }
 
-    /// The mesh listener's config (when made with one).
-    pub fn server_config(&self) -> Option<Arc<ArcSwap<ServerConfig>>> {
-        self.server.as_ref().map(|(c, _)| c.clone())
+    /// The mesh listener's settings (when made with one): the config
+    /// read at each handshake and whether plaintext clients are taken,
+    /// both following [`LiveIdentity::replace`] and
+    /// [`LiveIdentity::set_permissive`].
+    pub fn listener(
+        &self,
+        handshake_timeout: Duration,
+        handshakes: prometheus::IntCounterVec,
+    ) -> Option<TlsListener> {
+        let (config, permissive) = self.server.as_ref()?;
+        Some(TlsListener {
+            config: config.clone(),
+            handshake_timeout,
+            handshakes,
+            plaintext_too: permissive.clone(),
+        })
     }
 
-    /// A client config offering `alpn`, kept current.
-    pub fn client_tls(&self, alpn: &[&[u8]]) -> Result<Arc<ClientTls>, String> {
-        let tls = Arc::new(self.current().client_tls(alpn)?);
+    /// Switches the mesh listener between taking only clients with a
+    /// mesh certificate and taking clients without one (or in plaintext)
+    /// too, from the next connection on.
+    pub fn set_permissive(&self, permissive: bool) -> Result<(), String> {
+        let Some((config, flag)) = &self.server else {
+            return Ok(());
+        };
+        if flag.load(Ordering::Acquire) == permissive {
+            return Ok(());
+        }
+        config.store(self.current().server_config(permissive)?);
+        flag.store(permissive, Ordering::Release);
+        Ok(())
+    }
+
+    /// A client config offering `alpn` (and expecting a server of service
+    /// `expect`, when given), kept current. One per distinct pair: asking
+    /// again returns the same one, so pooled connections are shared.
+    pub fn client_tls(
+        &self,
+        alpn: &[&[u8]],
+        expect: Option<&str>,
+    ) -> Result<Arc<ClientTls>, String> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |(a, e, _): &&IssuedClient| {
+            e.as_deref() == expect && a.iter().map(Vec::as_slice).eq(alpn.iter().copied())
+        };
+        if let Some((_, _, tls)) = clients.iter().find(same) {
+            return Ok(tls.clone());
+        }
+        let tls = Arc::new(self.current().client_tls(alpn, expect)?);
         let alpn = alpn.iter().map(|p| p.to_vec()).collect();
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((alpn, tls.clone()));
+        clients.push((alpn, expect.map(str::to_string), tls.clone()));
         Ok(tls)
     }
 
@@ -486,19 +539,19 @@ impl LiveIdentity {
             ));
         }
         let server = match &self.server {
-            Some((_, permissive)) => Some(id.server_config(*permissive)?),
+            Some((_, permissive)) => Some(id.server_config(permissive.load(Ordering::Acquire))?),
             None => None,
         };
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let mut configs = Vec::with_capacity(clients.len());
-        for (alpn, _) in clients.iter() {
+        for (alpn, expect, _) in clients.iter() {
             let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-            configs.push(id.client_config(&alpn)?);
+            configs.push(id.client_config(&alpn, expect.as_deref())?);
         }
         if let (Some((slot, _)), Some(cfg)) = (&self.server, server) {
             slot.store(cfg);
         }
-        for ((_, tls), cfg) in clients.iter().zip(configs) {
+        for ((_, _, tls), cfg) in clients.iter().zip(configs) {
             tls.config.store(Arc::new(cfg));
         }
         self.current.store(Arc::new(id));
@@ -547,11 +600,14 @@ macro_rules! handshake_signatures {
 
 /// Checks a mesh server's certificate: it chains to the trust bundle (as
 /// a client certificate would: no host name in mesh certificates) and
-/// names a SPIFFE ID in the trust domain.
+/// names a SPIFFE ID in the trust domain (of the expected service, when
+/// one is: a gateway calling a service's instance checks that it is one).
 #[derive(Debug)]
 pub struct SpiffeVerifier {
     chain: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     trust_domain: String,
+    /// The service the server must be (`group/<any>/service/<this>`).
+    pub expect_service: Option<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -568,6 +624,7 @@ impl SpiffeVerifier {
         Ok(SpiffeVerifier {
             chain,
             trust_domain: trust_domain.to_string(),
+            expect_service: None,
             provider,
         })
     }
@@ -585,13 +642,18 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
         self.chain
             .verify_client_cert(end_entity, intermediates, now)?;
         match SpiffeId::of_cert(end_entity) {
-            Some(id) if id.trust_domain() == self.trust_domain => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            Some(id) if id.trust_domain() != self.trust_domain => {
+                Err(rustls::Error::General(format!(
+                    "peer identity {id} is outside the trust domain {}",
+                    self.trust_domain
+                )))
             }
-            Some(id) => Err(rustls::Error::General(format!(
-                "peer identity {id} is outside the trust domain {}",
-                self.trust_domain
-            ))),
+            Some(id) => match &self.expect_service {
+                Some(svc) if id.service() != Some(svc) => Err(rustls::Error::General(format!(
+                    "peer identity {id} is not an instance of service {svc}"
+                ))),
+                _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            },
             None => Err(rustls::Error::General(
                 "peer certificate carries no spiffe:// identity".into(),
             )),

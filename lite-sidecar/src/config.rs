@@ -57,9 +57,37 @@ pub struct SidecarConfig {
     /// destination in a header: everything on `listen` goes to `service`.
     #[serde(default)]
     pub local_ports: Vec<LocalPort>,
-    /// The sidecar's mesh identity: mutual TLS to the gateway tiers.
+    /// The sidecar's mesh identity: mutual TLS to the gateway tiers (and
+    /// to the instances of direct destinations with `mtls` on).
     #[serde(default)]
     pub mesh_tls: Option<meshgate_gateway::node::MeshTlsSettings>,
+    /// The inbound listener: terminates the mesh's mutual TLS for calls
+    /// of the local app, authorizes the caller, and forwards to `app`
+    /// on loopback. The app's instance is registered at this address.
+    #[serde(default)]
+    pub inbound: Option<Inbound>,
+}
+
+/// The sidecar's inbound listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Where gateways (and other sidecars' direct tiers) reach the app,
+    /// e.g. `0.0.0.0:15006`.
+    pub listen: SocketAddr,
+    /// The address registered for the instance (`host:port`), when
+    /// `listen` is not one others can dial (an unspecified address).
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl Inbound {
+    /// The address registered as the app's instance.
+    pub fn address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
 }
 
 /// A local port bound to one destination.
@@ -235,6 +263,99 @@ impl SidecarConfig {
         }
         p.extend(self.client.problems());
         p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
+        if let Some(i) = &self.inbound {
+            p.extend(i.problems(self, &bound));
+        }
         p
+    }
+}
+
+impl Inbound {
+    fn problems(&self, cfg: &SidecarConfig, bound: &[SocketAddr]) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let mut push = |f: &str, m: &str| p.push((f.to_string(), m.to_string()));
+        if cfg.mesh_tls.is_none() {
+            push(
+                "inbound",
+                "needs mesh_tls (the inbound serves mutual TLS with the sidecar's identity)",
+            );
+        }
+        match &cfg.app {
+            None => push("inbound", "needs app (the local app it forwards to)"),
+            Some(app) if !loopback(&app.address) => push(
+                "app.address",
+                "with an inbound listener the app must listen on loopback (127.0.0.1, ::1 or localhost): the inbound is its only way in",
+            ),
+            Some(_) => {}
+        }
+        if self.listen.port() != 0 && bound.contains(&self.listen) {
+            push("inbound.listen", "address already used by another listener");
+        }
+        match &self.advertise {
+            Some(a) if !meshgate_config::validate::valid_address(a) => {
+                push("inbound.advertise", "must be host:port")
+            }
+            None if self.listen.ip().is_unspecified() || self.listen.port() == 0 => push(
+                "inbound.advertise",
+                "required when inbound.listen is an unspecified address or port 0",
+            ),
+            _ => {}
+        }
+        p
+    }
+}
+
+/// Whether `address` (`host:port`) is on loopback.
+fn loopback(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> SidecarConfig {
+        let base = "id: sc\nservice: orders\ngroup: shop\nlisten: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nstore: {file: x.yaml}\n";
+        serde_yaml::from_str(&format!("{base}{extra}")).unwrap()
+    }
+
+    fn fields(c: &SidecarConfig) -> Vec<String> {
+        c.problems().into_iter().map(|(f, _)| f).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn an_inbound_needs_an_identity_an_app_on_loopback_and_an_address() {
+        let tls = "mesh_tls: {cert_file: a, key_file: b, ca_file: c}\n";
+        let ok = config(&format!(
+            "{tls}app: {{address: 127.0.0.1:8080}}\ninbound: {{listen: 127.0.0.1:15006}}\n"
+        ));
+        assert_eq!(fields(&ok), Vec::<String>::new());
+        assert_eq!(ok.inbound.unwrap().address(), "127.0.0.1:15006");
+        let no_tls = config("app: {address: 127.0.0.1:8080}\ninbound: {listen: 127.0.0.1:15006}\n");
+        assert_eq!(fields(&no_tls), ["inbound"]);
+        let no_app = config(&format!("{tls}inbound: {{listen: 127.0.0.1:15006}}\n"));
+        assert_eq!(fields(&no_app), ["inbound"]);
+        let open_app = config(&format!(
+            "{tls}app: {{address: 10.0.0.5:8080}}\ninbound: {{listen: 127.0.0.1:15006}}\n"
+        ));
+        assert_eq!(fields(&open_app), ["app.address"]);
+        let anywhere = config(&format!(
+            "{tls}app: {{address: localhost:8080}}\ninbound: {{listen: 0.0.0.0:15006}}\n"
+        ));
+        assert_eq!(fields(&anywhere), ["inbound.advertise"]);
+        let advertised = config(&format!(
+            "{tls}app: {{address: '[::1]:8080'}}\ninbound: {{listen: 0.0.0.0:15006, advertise: 10.0.0.5:15006}}\n"
+        ));
+        assert_eq!(fields(&advertised), Vec::<String>::new());
+        assert_eq!(advertised.inbound.unwrap().address(), "10.0.0.5:15006");
+        let clash = config(&format!(
+            "{tls}app: {{address: 127.0.0.1:8080}}\ninbound: {{listen: 127.0.0.1:2}}\n"
+        ));
+        assert_eq!(fields(&clash), ["inbound.listen"]);
     }
 }

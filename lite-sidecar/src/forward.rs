@@ -180,6 +180,7 @@ impl Forwarder {
             h.insert(headers::X_MESH_SERVICE, v);
         }
         h.insert(headers::X_MESH_SOURCE, self.service.clone());
+        h.remove(&headers::X_MESH_CALLER);
         prelude::keep_host(h, authority.as_ref());
         Ok(dest)
     }

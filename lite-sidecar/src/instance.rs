@@ -4,7 +4,9 @@
 //! `instances/<service>/<node id>` registered under a lease only while the
 //! app passes: gateways add the instance to the service's endpoints and
 //! drop it when the key goes, whether the sidecar removes it (app
-//! unhealthy, graceful stop) or the lease expires (the host died).
+//! unhealthy, graceful stop) or the lease expires (the host died). The
+//! instance's address is the sidecar's inbound listener when it has one
+//! (the app itself is then on loopback), else the app's.
 //!
 //! Graceful stop deregisters first, then waits (bounded) until every
 //! gateway the sidecar knows has applied the deletion, and only then lets
@@ -19,23 +21,27 @@ use meshgate_config::store::ConfigStore;
 use meshgate_config::{Key, Kind};
 use tokio::sync::watch;
 
-use crate::config::AppInstance;
+use crate::config::{AppInstance, SidecarConfig};
 use crate::policy::SharedPolicy;
 
 /// Checks the app and registers it while healthy, until `stop` turns true;
 /// then deregisters and waits for the gateways to see it.
 pub async fn run(
     store: Arc<dyn ConfigStore>,
-    service: String,
-    node_id: String,
+    cfg: SidecarConfig,
     app: AppInstance,
-    lease_ttl: Duration,
     policy: SharedPolicy,
     mut stop: watch::Receiver<bool>,
 ) {
-    let key = Key::new(Kind::Instances, format!("{service}/{node_id}"));
+    let node_id = cfg.id.clone();
+    let key = Key::new(Kind::Instances, format!("{}/{node_id}", cfg.service));
+    let address = cfg
+        .inbound
+        .as_ref()
+        .map_or(app.address.clone(), |i| i.address());
+    let lease_ttl = Duration::from_secs(cfg.lease_ttl_s);
     let record = Instance {
-        address: app.address.clone(),
+        address: address.clone(),
         weight: app.weight,
         zone: app.zone.clone(),
         labels: app.labels.clone(),
@@ -61,7 +67,7 @@ pub async fn run(
         if healthy != Some(now) {
             healthy = Some(now);
             if now {
-                tracing::info!(instance = %key, address = %app.address, "app healthy: registered as an instance");
+                tracing::info!(instance = %key, %address, app = %app.address, "app healthy: registered as an instance");
                 registration = Some(Registration::spawn(
                     store.clone(),
                     key.clone(),

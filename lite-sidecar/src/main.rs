@@ -30,7 +30,7 @@ use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
 use meshgate_gateway::node::{bind, rejected, status_json, Process};
-use meshgate_gateway::proxy::{Proxy, ProxyOptions};
+use meshgate_gateway::proxy::{ListenerKind, Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
 use meshgate_gateway::tls::ClientTls;
@@ -41,7 +41,7 @@ use tokio::sync::watch;
 
 use crate::config::{PortProtocol, SidecarConfig};
 use crate::forward::{Forwarder, Freshness};
-use crate::policy::PolicyCompiler;
+use crate::policy::{InboundFeed, PolicyCompiler};
 
 /// Meshgate lite sidecar.
 #[derive(Parser, Debug)]
@@ -75,17 +75,31 @@ fn main() {
 async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let listener = bind(cfg.listen, "listen").await?;
     let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
+    let inbound_listener = match &cfg.inbound {
+        Some(i) => Some(bind(i.listen, "inbound.listen").await?),
+        None => None,
+    };
     let store = cfg.store.open().await?;
     let metrics = Arc::new(Metrics::new("sidecar"));
 
     let registry = Arc::new(EndpointRegistry::default());
-    // Mutual TLS to the gateway tiers, with the sidecar's identity,
-    // renewed as its files change.
-    let identity = cfg.mesh_tls.as_ref().map(|t| t.live(false)).transpose()?;
+    // Mutual TLS to the gateway tiers (and on the inbound listener), with
+    // the sidecar's identity, renewed as its files change. The inbound
+    // starts strict; the service's `mtls` sets it once known.
+    let serve_inbound = cfg.inbound.is_some();
+    let identity = cfg
+        .mesh_tls
+        .as_ref()
+        .map(|t| {
+            let mut t = t.clone();
+            t.mode = meshgate_gateway::node::MtlsMode::Strict;
+            t.live(serve_inbound)
+        })
+        .transpose()?;
     let mesh_tls = |alpn: &[&[u8]]| -> anyhow::Result<Option<Arc<ClientTls>>> {
         identity
             .as_ref()
-            .map(|live| live.client_tls(alpn))
+            .map(|live| live.client_tls(alpn, None))
             .transpose()
             .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))
     };
@@ -125,7 +139,29 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         registry.clone(),
         Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
         Box::new(|_: &Snapshot| {}),
-    );
+    )
+    .with_mesh_identity(identity.clone());
+    // The inbound's data plane: the gateway's again, over the local app.
+    let inbound_snapshot: SharedSnapshot = Default::default();
+    let inbound_feed = match (&cfg.inbound, &cfg.app, &identity) {
+        (Some(_), Some(app), Some(live)) => Some(InboundFeed::new(
+            Compiler::new(
+                inbound_snapshot.clone(),
+                Defaults {
+                    connect_timeout: connect,
+                    request_timeout: Duration::from_millis(cfg.proxy.request_timeout_ms),
+                    zone: None,
+                },
+                Arc::new(Clients::default()),
+                registry.clone(),
+                Arc::new(HealthChecks::new(None)),
+                Box::new(|_: &Snapshot| {}),
+            ),
+            app.address.clone(),
+            live.clone(),
+        )),
+        _ => None,
+    };
     let (compiler, policy, scope) = PolicyCompiler::new(
         cfg.group.clone(),
         cfg.service.clone(),
@@ -135,6 +171,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         direct_compiler,
         mesh_tls(&[b"http/1.1"])?,
     );
+    let compiler = compiler.with_inbound(inbound_feed);
     let dump = compiler.dump_handle();
     let refused = compiler.rejections();
     let mut opts = SyncOptions::new(scope.borrow().clone());
@@ -221,6 +258,32 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let f = f.clone();
         async move { f.handle(req).await }
     });
+    if let (Some(l), Some(live)) = (inbound_listener, &identity) {
+        tracing::info!(listen = %l.local_addr()?, service = %cfg.service, "inbound listener: mutual TLS");
+        let tls = live
+            .listener(
+                meshgate_gateway::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                metrics.tls_handshakes.clone(),
+            )
+            .ok_or_else(|| anyhow::anyhow!("inbound: the identity was not made to serve"))?;
+        let inbound = Arc::new(
+            Proxy::new(
+                inbound_snapshot,
+                Arc::new(AtomicBool::new(true)),
+                metrics.clone(),
+                ProxyOptions {
+                    max_hops: cfg.proxy.max_hops,
+                    replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
+                    ..ProxyOptions::default()
+                },
+            )
+            .inbound(&cfg.service),
+        );
+        node.serve_mesh("inbound", l, Some(tls), move |peer, req| {
+            let p = inbound.clone();
+            async move { p.handle(ListenerKind::Inbound, peer, req).await }
+        });
+    }
     for lp in &cfg.local_ports {
         let l = bind(lp.listen, &format!("local_ports ({})", lp.service)).await?;
         tracing::info!(listen = %lp.listen, service = %lp.service, protocol = ?lp.protocol, "local port");
@@ -281,10 +344,8 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let app_task = cfg.app.clone().map(|app| {
         tokio::spawn(instance::run(
             store.clone(),
-            cfg.service.clone(),
-            cfg.id.clone(),
+            cfg.clone(),
             app,
-            Duration::from_secs(cfg.lease_ttl_s),
             policy.clone(),
             app_stop_rx,
         ))

@@ -17,19 +17,27 @@
 //! - the direct tier: the gateway's own config compiler, fed only the
 //!   direct destinations, so the sidecar balances to their endpoints with
 //!   the same health checks, outlier detection, breakers, retries and
-//!   timeouts as a gateway.
+//!   timeouts as a gateway;
+//! - the inbound ([`InboundFeed`]): the gateway's compiler again, fed the
+//!   sidecar's own service as the local app (its one endpoint the app's
+//!   loopback address; its `allowed_callers`, protocol and timeouts kept)
+//!   and its group (the authorization default); and the inbound
+//!   listener's mode from the service's `mtls` (plaintext callers taken
+//!   unless `strict`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use meshgate_config::key::node_prefix;
-use meshgate_config::model::{DestinationMode, Group, HealthCheck, Node, NodeKind, Role, Service};
+use meshgate_config::model::{
+    DestinationMode, Group, HealthCheck, Mtls, Node, NodeKind, Role, Service,
+};
 use meshgate_config::store::Entry;
 use meshgate_config::sync::{diff, Apply, Change};
 use meshgate_config::{Key, Kind, Object};
 use meshgate_gateway::snapshot::{Compiler, Rejections};
-use meshgate_gateway::tls::ClientTls;
+use meshgate_gateway::tls::{ClientTls, LiveIdentity};
 use meshgate_gateway::upstream::balance::Balancer;
 use meshgate_gateway::upstream::endpoint::EndpointRegistry;
 use meshgate_gateway::upstream::health::HealthChecks;
@@ -69,6 +77,55 @@ impl Policy {
 
 pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 
+/// What the inbound listener's data plane is compiled from.
+pub struct InboundFeed {
+    pub compiler: Compiler,
+    /// The app on loopback.
+    pub app_address: String,
+    /// The sidecar's identity, whose listener follows the service's `mtls`.
+    pub identity: Arc<LiveIdentity>,
+    fed: BTreeMap<Key, Entry>,
+}
+
+impl InboundFeed {
+    pub fn new(compiler: Compiler, app_address: String, identity: Arc<LiveIdentity>) -> Self {
+        InboundFeed {
+            compiler,
+            app_address,
+            identity,
+            fed: BTreeMap::new(),
+        }
+    }
+
+    /// The own service as the local app: one endpoint, the app; no TLS,
+    /// health checks, outlier detection, retries, fallback or breaker
+    /// (the calling gateway has them, over all instances).
+    fn local_app(&self, entry: &Entry) -> Option<Entry> {
+        let mut v: serde_json::Value = serde_json::from_slice(&entry.value).ok()?;
+        let o = v.as_object_mut()?;
+        for field in [
+            "tls",
+            "mtls",
+            "health_check",
+            "outlier_detection",
+            "retry",
+            "fallback",
+            "circuit_breaker",
+            "hash_on",
+            "destinations",
+            "load_balancing",
+        ] {
+            o.remove(field);
+        }
+        o.insert("endpoints".into(), json!([{ "address": self.app_address }]));
+        Some(Entry {
+            key: entry.key.clone(),
+            value: serde_json::to_vec(&v).ok()?,
+            mod_revision: entry.mod_revision,
+        })
+    }
+}
+
 /// Builds the policy from store changes.
 pub struct PolicyCompiler {
     shared: SharedPolicy,
@@ -94,6 +151,9 @@ pub struct PolicyCompiler {
     /// Refused objects: the group and own service refused here, and the
     /// direct tier's (one handle, shared with its compiler).
     rejected: Rejections,
+    /// The group as last accepted (fed to the inbound).
+    group_entry: Option<Entry>,
+    inbound: Option<InboundFeed>,
 }
 
 impl PolicyCompiler {
@@ -132,9 +192,46 @@ impl PolicyCompiler {
             direct,
             scope,
             dump: Arc::new(std::sync::Mutex::new(serde_json::Value::Null)),
+            group_entry: None,
+            inbound: None,
         };
         c.scope.send_replace(c.prefixes());
         (c, shared, scope_rx)
+    }
+
+    /// Compiles the inbound listener's data plane too.
+    pub fn with_inbound(mut self, feed: Option<InboundFeed>) -> Self {
+        self.inbound = feed;
+        self
+    }
+
+    /// Feeds the inbound its service and group, and sets its listener's
+    /// mode from the service's `mtls`.
+    fn feed_inbound(&mut self, revision: i64) {
+        let Some(feed) = &mut self.inbound else {
+            return;
+        };
+        let own = Key::new(Kind::Services, &self.service_name);
+        let mut want = BTreeMap::new();
+        if let Some(e) = self.services.get(&own).filter(|_| self.service.is_some()) {
+            if let Some(app) = feed.local_app(e) {
+                want.insert(own.clone(), app);
+            }
+        }
+        if let Some(g) = &self.group_entry {
+            want.insert(g.key.clone(), g.clone());
+        }
+        let changes = diff(&feed.fed, &want);
+        feed.fed = want;
+        if !changes.is_empty() {
+            feed.compiler.apply(changes, revision);
+        }
+        if let Some(svc) = &self.service {
+            let permissive = svc.mtls != Mtls::Strict;
+            if let Err(e) = feed.identity.set_permissive(permissive) {
+                tracing::warn!(error = %e, "inbound listener: mode unchanged");
+            }
+        }
     }
 
     pub fn dump_handle(&self) -> Arc<std::sync::Mutex<serde_json::Value>> {
@@ -228,6 +325,7 @@ impl Apply for PolicyCompiler {
                             Ok(Object::Group(g)) => {
                                 self.rejected.clear(&e.key);
                                 self.group = Some(g);
+                                self.group_entry = Some(e.clone());
                             }
                             Ok(_) => {}
                             Err(err) => {
@@ -261,6 +359,7 @@ impl Apply for PolicyCompiler {
                     Kind::Groups if key.name == self.group_name => {
                         self.rejected.clear(&key);
                         self.group = None;
+                        self.group_entry = None;
                     }
                     Kind::Services | Kind::Instances => {
                         if key.kind == Kind::Services && key.name == self.service_name {
@@ -283,6 +382,7 @@ impl Apply for PolicyCompiler {
         let direct_changes = diff(&self.fed, &want);
         self.fed = want;
         self.direct.apply(direct_changes, revision);
+        self.feed_inbound(revision);
         // Follow the destinations with the watch (a no-op when unchanged).
         let prefixes = self.prefixes();
         self.scope.send_if_modified(|p| {

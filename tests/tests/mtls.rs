@@ -1,4 +1,5 @@
-//! Mutual TLS on the sidecar → gateway hop, with real processes: a
+//! Mutual TLS on every mesh hop (sidecar → gateway, gateway → the
+//! destination sidecar's inbound), with real processes: a
 //! gateway whose mesh listener requires a mesh certificate, a sidecar
 //! presenting its SPIFFE identity, an echo backend that shows what arrived.
 //! The caller's `x-mesh-source` comes from its certificate, never from the
@@ -784,4 +785,239 @@ async fn wait_for_group_tier(what: &str, url: &str, deadline: Duration) {
             Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("group"))
     })
     .await;
+}
+
+/// The gateway → destination hop: a sidecar's inbound listener terminates
+/// mutual TLS for its app (on loopback), authorizes the caller, and is
+/// what the instance registers; gateways call it with their identity
+/// and check that it is an instance of the service they meant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_sidecar_inbound_is_mutual_tls_and_authorizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = Etcd::start(d).await;
+    let (_admin, base, token) = start_admin(d, &etcd.endpoint());
+    let admin = Admin { base, token };
+    admin.wait_up().await;
+    // The orders app listens on loopback only; its sidecar's inbound is
+    // the way in.
+    let (_echo, app_port) = start_echo(d, "orders-app");
+    let inbound = free_port();
+    let orders = json!({"group": "shop", "mtls": "strict",
+        "allowed_callers": ["group/shop/service/front"]});
+    for (path, body) in [
+        ("groups/shop", json!({})),
+        ("services/orders", orders.clone()),
+        (
+            "services/front",
+            json!({"group": "shop", "destinations": [{"service": "orders"}]}),
+        ),
+        // Another service whose only endpoint is, wrongly, orders' inbound.
+        (
+            "services/payments",
+            json!({"group": "shop", "mtls": "strict", "endpoints": [{"address": addr(inbound)}]}),
+        ),
+    ] {
+        let r = admin.put(path, &body).await;
+        assert_eq!(r.status, 201, "{path}: {r:?}");
+    }
+    // mtls and tls together are refused, with the field.
+    let r = admin
+        .put(
+            "services/bad",
+            &json!({"mtls": "strict", "tls": {"sni": "bad.example"}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["field"], "mtls");
+
+    let ca = TestCa::new("Mesh root");
+    let spiffe = |path: &str| format!("spiffe://{TRUST_DOMAIN}/{path}");
+    let gw_id = identity(d, &ca, "gw1", &spiffe("gateway/gw1"), "strict");
+    let front_id = identity(
+        d,
+        &ca,
+        "front",
+        &spiffe("group/shop/service/front"),
+        "strict",
+    );
+    let orders_id = identity(
+        d,
+        &ca,
+        "orders",
+        &spiffe("group/shop/service/orders"),
+        "strict",
+    );
+    identity(
+        d,
+        &ca,
+        "intruder",
+        &spiffe("group/shop/service/intruder"),
+        "strict",
+    );
+    let (_gw, gw) = start_gateway_with(
+        d,
+        "gw1",
+        &["egress"],
+        &["shop"],
+        &etcd.endpoint(),
+        json!({"mesh_tls": gw_id}),
+    );
+    wait_ready(gw.ops).await;
+    let (_so, so) = start_sidecar_with(
+        d,
+        "sc-orders",
+        "orders",
+        "shop",
+        &[],
+        &etcd.endpoint(),
+        json!({
+            "mesh_tls": orders_id,
+            "app": {"address": addr(app_port)},
+            "inbound": {"listen": addr(inbound)},
+        }),
+    );
+    wait_ready(so.ops).await;
+    let (_sf, sf) = start_sidecar_with(
+        d,
+        "sc-front",
+        "front",
+        "shop",
+        &[],
+        &etcd.endpoint(),
+        json!({"mesh_tls": front_id}),
+    );
+    wait_ready(sf.ops).await;
+
+    // The instance is registered at the inbound, not at the app.
+    wait_until(
+        "orders' instance registered at its inbound",
+        Duration::from_secs(15),
+        || async {
+            let mut c = etcd.client().await;
+            let r = c
+                .get("/meshgate/v1/instances/orders/sc-orders", None)
+                .await
+                .unwrap();
+            r.kvs().first().is_some_and(|kv| {
+                serde_json::from_slice::<serde_json::Value>(kv.value()).unwrap()["address"]
+                    == addr(inbound)
+            })
+        },
+    )
+    .await;
+    // front → sidecar → (mTLS) gateway → (mTLS) orders' inbound → app.
+    let url = format!("http://127.0.0.1:{}/whoami", sf.app);
+    wait_for_group_tier("front calls orders", &url, Duration::from_secs(15)).await;
+    let forged = spiffe("group/shop/service/intruder");
+    let r = http_get(&url, &[("host", "orders"), ("x-mesh-caller", &forged)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-mesh-source"], "front", "{}", r.body);
+    assert_eq!(
+        seen["headers"]["x-mesh-caller"],
+        spiffe("group/shop/service/front"),
+        "the caller the gateway verified, not the forged one: {}",
+        r.body
+    );
+    let ok_inbound = "meshgate_tls_handshakes_total{listener=\"inbound\",result=\"ok\"}";
+    assert!(metric(so.ops, ok_inbound).await >= 1.0);
+
+    // At the inbound itself: no certificate, another CA's, or plaintext
+    // are refused at the handshake.
+    let (ok, out, _) = curl_mesh(d, inbound, None, &[]);
+    assert!(!ok && !out.contains("orders-app"), "no certificate: {out}");
+    let other = TestCa::new("Another root");
+    let other_dir = d.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    identity(
+        &other_dir,
+        &other,
+        "front",
+        &spiffe("group/shop/service/front"),
+        "strict",
+    );
+    let (ok, out, _) = curl_mesh(&other_dir, inbound, Some("front"), &[]);
+    assert!(!ok && !out.contains("orders-app"), "another CA: {out}");
+    let plain = raw_exchange(inbound, b"GET /whoami HTTP/1.1\r\nHost: orders\r\n\r\n").await;
+    assert!(!plain.contains("200 OK"), "plaintext was served: {plain:?}");
+    // A mesh workload not in the list is refused by the inbound; a
+    // gateway vouches for its caller (`x-mesh-caller`), and that caller
+    // is what is judged.
+    let (ok, out, err) = curl_mesh(
+        d,
+        inbound,
+        Some("intruder"),
+        &["x-mesh-caller: spiffe://mesh.test/group/shop/service/front"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"error\":\"forbidden\""), "{out}");
+    assert!(
+        out.contains("service intruder may not call service orders"),
+        "{out}"
+    );
+    let vouched = format!("x-mesh-caller: {}", spiffe("group/shop/service/front"));
+    let (ok, out, err) = curl_mesh(d, inbound, Some("gw1"), &[&vouched]);
+    assert!(ok && out.contains("orders-app"), "{out} {err}");
+    let (ok, out, _) = curl_mesh(
+        d,
+        inbound,
+        Some("gw1"),
+        &["x-mesh-caller: spiffe://mesh.test/group/shop/service/intruder"],
+    );
+    assert!(ok && out.contains("\"error\":\"forbidden\""), "{out}");
+    assert!(metric(so.ops, "meshgate_authz_denied_total{service=\"orders\"}").await >= 2.0);
+
+    // A gateway checks that the instance is one of the service it calls:
+    // payments' endpoint presents orders' identity.
+    let (ok, out, err) = curl_mesh(d, gw.mesh, Some("front"), &["x-mesh-service: payments"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("orders-app"), "{out}");
+    assert!(out.contains("not an instance of service payments"), "{out}");
+
+    // Direct mode: front's sidecar calls orders' inbound itself, with its
+    // own identity.
+    let direct =
+        json!({"group": "shop", "destinations": [{"service": "orders", "mode": "direct"}]});
+    assert_eq!(
+        admin.put("services/front?wait=10s", &direct).await.status,
+        200
+    );
+    wait_until(
+        "front calls orders directly",
+        Duration::from_secs(15),
+        || {
+            let url = url.clone();
+            async move {
+                matches!(http_get(&url, &[("host", "orders")]).await,
+                Ok(r) if r.status == 200 && r.header("x-mesh-tier") == Some("direct")
+                    && r.json()["headers"]["x-mesh-caller"] == spiffe("group/shop/service/front"))
+            }
+        },
+    )
+    .await;
+
+    // Permissive: the inbound takes plaintext too, and counts it.
+    let mut open = orders.clone();
+    open["mtls"] = json!("permissive");
+    open.as_object_mut().unwrap().remove("allowed_callers");
+    assert_eq!(
+        admin.put("services/orders?wait=10s", &open).await.status,
+        200
+    );
+    let plaintext = "meshgate_tls_handshakes_total{listener=\"inbound\",result=\"plaintext\"}";
+    wait_until(
+        "the inbound takes plaintext",
+        Duration::from_secs(10),
+        || async {
+            let req = b"GET /whoami HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+            raw_exchange(inbound, req).await.contains("orders-app")
+        },
+    )
+    .await;
+    assert!(metric(so.ops, plaintext).await >= 1.0);
+    let r = http_get(&url, &[("host", "orders")]).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
 }

@@ -9,6 +9,9 @@ use rand::Rng;
 
 pub const X_MESH_SERVICE: HeaderName = HeaderName::from_static("x-mesh-service");
 pub const X_MESH_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
+/// The SPIFFE ID of the caller a gateway verified (set by the gateway that
+/// took the call from a sidecar; trusted only from a gateway's identity).
+pub const X_MESH_CALLER: HeaderName = HeaderName::from_static("x-mesh-caller");
 pub(crate) const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

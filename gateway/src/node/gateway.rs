@@ -268,6 +268,22 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
 
+    // Mutual TLS on the mesh listener (and to the instances of services
+    // with `mtls` on), with this gateway's identity, renewed as its files
+    // change.
+    let identity = match &cfg.mesh_tls {
+        Some(t) => {
+            let live = t.live(true)?;
+            tracing::info!(identity = %live.current().id, mode = ?t.mode, "mesh listener: mutual TLS");
+            metrics.identity_expiry.set(live.current().not_after);
+            tokio::spawn(
+                t.clone()
+                    .follow(live.clone(), metrics.identity_expiry.clone()),
+            );
+            Some(live)
+        }
+        None => None,
+    };
     let m = metrics.clone();
     let compiler = Compiler::new(
         shared.clone(),
@@ -288,7 +304,8 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
                     .set(c.info.not_after_unix);
             }
         }),
-    );
+    )
+    .with_mesh_identity(identity.clone());
     let dump = compiler.dump_handle();
     let certs = compiler.certs_handle();
     let refused = compiler.rejections();
@@ -323,21 +340,6 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             snapshot: shared.clone(),
             ops_addr,
         })?),
-        None => None,
-    };
-    // Mutual TLS on the mesh listener, with this gateway's identity,
-    // renewed as its files change.
-    let identity = match &cfg.mesh_tls {
-        Some(t) => {
-            let live = t.live(true)?;
-            tracing::info!(identity = %live.current().id, mode = ?t.mode, "mesh listener: mutual TLS");
-            metrics.identity_expiry.set(live.current().not_after);
-            tokio::spawn(
-                t.clone()
-                    .follow(live.clone(), metrics.identity_expiry.clone()),
-            );
-            Some(live)
-        }
         None => None,
     };
     let mut mesh_listener_tls = match (&cfg.mesh_tls, &identity) {
@@ -413,7 +415,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             config: Arc::new(ArcSwap::new(crate::tls::server_config(Arc::new(resolver)))),
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
             handshakes: metrics.tls_handshakes.clone(),
-            plaintext_too: false,
+            plaintext_too: Default::default(),
         };
         let p = proxy.clone();
         let handler = move |peer, req| {

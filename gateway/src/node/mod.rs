@@ -163,15 +163,8 @@ impl MeshTlsSettings {
         live: &crate::tls::LiveIdentity,
         handshakes: prometheus::IntCounterVec,
     ) -> anyhow::Result<crate::tls::TlsListener> {
-        let config = live
-            .server_config()
-            .ok_or_else(|| anyhow::anyhow!("mesh_tls: the identity was not made to serve"))?;
-        Ok(crate::tls::TlsListener {
-            config,
-            handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
-            handshakes,
-            plaintext_too: self.mode == MtlsMode::Permissive,
-        })
+        live.listener(crate::tls::DEFAULT_HANDSHAKE_TIMEOUT, handshakes)
+            .ok_or_else(|| anyhow::anyhow!("mesh_tls: the identity was not made to serve"))
     }
 
     /// Follows the files: when one changes (a renewed certificate, a

@@ -7,10 +7,12 @@
 //!
 //! The caller is whoever the mesh verified: a sidecar by its certificate
 //! (`group/<g>/service/<svc>`), or, behind a gateway (which verified it
-//! and passed it on in `x-mesh-source`), the service it named, with the
-//! group the config gives that service; a gateway calling by itself is
-//! `gateway/<id>`. A caller over plaintext is anonymous and matches no
-//! rule.
+//! and passed it on in `x-mesh-caller` and `x-mesh-source`), the identity
+//! it named (or, from a gateway that sent only `x-mesh-source`, that
+//! service with the group the config gives it); a gateway calling by
+//! itself is `gateway/<id>`. A caller over plaintext is anonymous and
+//! matches no rule. The same check runs at a gateway's mesh listener and
+//! at a sidecar's inbound.
 //!
 //! A snapshot without any rule and without a denying group skips all of
 //! this ([`Snapshot::authz_active`]): authorization costs nothing unless
@@ -48,6 +50,25 @@ pub(crate) fn caller<'a>(
         });
     }
     let gateway = id.path().strip_prefix("gateway/")?;
+    let vouched = h
+        .get(&headers::X_MESH_CALLER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|uri| uri.strip_prefix("spiffe://")?.split_once('/'));
+    if let Some((_, path)) = vouched {
+        let mut parts = path.split('/');
+        return match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("group"), g @ Some(_), Some("service"), svc @ Some(_)) => Some(Caller {
+                service: svc,
+                group: g,
+                gateway: None,
+            }),
+            (Some("gateway"), gw @ Some(_), None, _) => Some(Caller {
+                gateway: gw,
+                ..Caller::default()
+            }),
+            _ => None,
+        };
+    }
     Some(
         match h.get(&headers::X_MESH_SOURCE).and_then(|v| v.to_str().ok()) {
             Some(svc) => Caller {
@@ -154,5 +175,58 @@ mod tests {
         ] {
             assert_eq!(admits(rule, c), want, "{rule} for {c:?}");
         }
+    }
+
+    fn peer(id: Option<&str>) -> Peer {
+        let mut p = Peer::new("127.0.0.1:1".parse().unwrap());
+        p.tls = Some(std::sync::Arc::new(crate::tls::TlsInfo {
+            peer_identity: id.and_then(crate::tls::SpiffeId::parse),
+            ..Default::default()
+        }));
+        p
+    }
+
+    #[test]
+    fn the_caller_is_the_certificate_or_whom_a_gateway_vouches_for() {
+        let snap = Snapshot::default();
+        let mut h = HeaderMap::new();
+        let front = "spiffe://d/group/shop/service/front";
+        // A sidecar's certificate: a header claiming otherwise is ignored.
+        h.insert(
+            headers::X_MESH_CALLER,
+            http::HeaderValue::from_static("spiffe://d/group/x/service/y"),
+        );
+        let p = peer(Some(front));
+        let c = caller(&p, &h, &snap).unwrap();
+        assert_eq!((c.service, c.group), (Some("front"), Some("shop")));
+        // A gateway vouches with x-mesh-caller (a service, or a gateway).
+        let gw = peer(Some("spiffe://d/gateway/gw-1"));
+        let c = caller(&gw, &h, &snap).unwrap();
+        assert_eq!((c.service, c.group), (Some("y"), Some("x")));
+        h.insert(
+            headers::X_MESH_CALLER,
+            http::HeaderValue::from_static("spiffe://d/gateway/gw-2"),
+        );
+        assert_eq!(caller(&gw, &h, &snap).unwrap().gateway, Some("gw-2"));
+        // Something else vouched for is nobody.
+        h.insert(
+            headers::X_MESH_CALLER,
+            http::HeaderValue::from_static("spiffe://d/other/thing"),
+        );
+        assert_eq!(caller(&gw, &h, &snap), None);
+        // Without x-mesh-caller: its x-mesh-source, else the gateway itself.
+        h.remove(&headers::X_MESH_CALLER);
+        assert_eq!(caller(&gw, &h, &snap).unwrap().gateway, Some("gw-1"));
+        h.insert(
+            headers::X_MESH_SOURCE,
+            http::HeaderValue::from_static("orders"),
+        );
+        assert_eq!(caller(&gw, &h, &snap).unwrap().service, Some("orders"));
+        // No verified identity: anonymous.
+        assert_eq!(caller(&peer(None), &h, &snap), None);
+        assert_eq!(
+            caller(&Peer::new("127.0.0.1:1".parse().unwrap()), &h, &snap),
+            None
+        );
     }
 }

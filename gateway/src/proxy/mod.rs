@@ -8,21 +8,23 @@
 //!    target → 400 and a closed connection), a transfer coding other than `chunked` → 501
 //!    `not_implemented`, `x-mesh-hops` + 1 (508 `loop_detected` over the
 //!    limit), `x-request-id` and `traceparent` created when missing;
-//!    on ingress listeners `x-mesh-source` removed (never trusted from
-//!    outside) and `x-forwarded-proto` set (`https` on the TLS ingress);
-//!    on a mutual-TLS mesh listener `x-mesh-source` set from the client's
-//!    certificate (a sidecar's service; a gateway's caller kept);
+//!    on ingress listeners `x-mesh-source` and `x-mesh-caller` removed
+//!    (never trusted from outside) and `x-forwarded-proto` set (`https`
+//!    on the TLS ingress); on mesh and inbound listeners both set from
+//!    the client's certificate (a sidecar's service and identity; a
+//!    gateway's caller kept; removed without a verified identity);
 //!    `x-forwarded-for` appended
 //! 3. `CONNECT` (a sidecar's plain-TCP local port, mesh listeners only) →
 //!    a TCP tunnel to the named service ([`tunnel`])
 //! 4. route match on the listener's table (mesh: by `x-mesh-service` or
-//!    host; a service named directly gets its implicit route) → 404
-//!    `no_route`
+//!    host; a service named directly gets its implicit route; a sidecar's
+//!    inbound: its own service's implicit route) → 404 `no_route`
 //! 5. a direct response, or a backend: the first backend rule whose
 //!    conditions hold, else the weighted split (sticky by header or cookie
 //!    hash when set) → the service (503 `no_healthy_endpoint` when it is
-//!    not configured); on mesh listeners, authorization of the caller's
-//!    verified identity ([`authz`]) → 403 `forbidden`, never retried
+//!    not configured); on mesh and inbound listeners, authorization of
+//!    the caller's verified identity ([`authz`]) → 403 `forbidden`,
+//!    never retried
 //! 6. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
 //!    ([`tunnel`])
 //! 7. forward ([`forward`]): breaker admission (503 `circuit_open`), the
@@ -66,6 +68,9 @@ pub enum ListenerKind {
     Ingress,
     /// East–west traffic from sidecars: `scope: mesh` routes.
     Mesh,
+    /// A sidecar's inbound: calls of its own service, whatever they name
+    /// ([`Proxy::inbound`]).
+    Inbound,
 }
 
 impl ListenerKind {
@@ -73,6 +78,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Ingress => "ingress",
             ListenerKind::Mesh => "mesh",
+            ListenerKind::Inbound => "inbound",
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct Proxy {
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     opts: ProxyOptions,
+    /// The one service an inbound listener serves.
+    inbound: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -124,7 +132,16 @@ impl Proxy {
             ready,
             metrics,
             opts,
+            inbound: None,
         }
+    }
+
+    /// The data plane of a sidecar's inbound listener: every request goes
+    /// to `service` (the local app, as `snapshot` has it), after the
+    /// authorization of the caller.
+    pub fn inbound(mut self, service: &str) -> Proxy {
+        self.inbound = Some(service.into());
+        self
     }
 
     /// The snapshot this data plane reads.
@@ -211,9 +228,10 @@ impl Proxy {
         }
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
+            h.remove(&headers::X_MESH_CALLER);
             prelude::forwarded_proto(h, peer.tls.is_some());
-        } else if let Some(tls) = &peer.tls {
-            prelude::source_from_identity(h, tls);
+        } else {
+            prelude::source_from_identity(h, peer.tls.as_deref());
         }
         prelude::forwarded_for(h, &peer.ip);
 
@@ -235,6 +253,8 @@ impl Proxy {
                 &snap.ingress,
                 headers::request_host(req.headers(), uri_host.as_deref()),
             ),
+            // No routes: the implicit route of the inbound's service.
+            ListenerKind::Inbound => (&snap.mesh, self.inbound.as_deref().map(Into::into)),
         };
         let host = host.unwrap_or_default();
         let path = req.uri().path();
@@ -248,7 +268,9 @@ impl Proxy {
         let route: Arc<CompiledRoute> = match found {
             Some(r) => r,
             None => match (kind, snap.services.get(&*host)) {
-                (ListenerKind::Mesh, Some(svc)) => svc.implicit_route.clone(),
+                (ListenerKind::Mesh | ListenerKind::Inbound, Some(svc)) => {
+                    svc.implicit_route.clone()
+                }
                 _ => {
                     let msg = format!(
                         "no {} route for {} {}{}",
@@ -282,8 +304,8 @@ impl Proxy {
             let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
             return (Err(f), Some((route, index)));
         };
-        // authorization by identity (mesh listeners)
-        if kind == ListenerKind::Mesh && snap.authz_active {
+        // authorization by identity (mesh listeners, a sidecar's inbound)
+        if kind != ListenerKind::Ingress && snap.authz_active {
             if let Err(f) = authz::check(&snap, &svc, peer, req.headers()) {
                 self.metrics
                     .authz_denied

@@ -162,12 +162,15 @@ pub(crate) fn forwarded_proto(h: &mut HeaderMap, tls: bool) {
     h.insert(XFP, HeaderValue::from_static(proto));
 }
 
-/// `x-mesh-source` from a mesh client's verified identity: a sidecar's
-/// service, whatever the request says; a gateway forwards its own
-/// caller's (it set or checked it); any other identity names no service
-/// the mesh knows, so the header goes.
-pub(crate) fn source_from_identity(h: &mut HeaderMap, tls: &crate::tls::TlsInfo) {
-    let Some(id) = &tls.peer_identity else {
+/// `x-mesh-source` and `x-mesh-caller` from a mesh client's verified
+/// identity: a sidecar's service and SPIFFE ID, whatever the request
+/// says; a gateway forwards its own caller's (it set or checked them);
+/// any other identity names no service the mesh knows, so
+/// `x-mesh-source` goes. Without a verified identity (plaintext on a
+/// permissive listener) `x-mesh-caller` goes: nothing vouches for it.
+pub(crate) fn source_from_identity(h: &mut HeaderMap, tls: Option<&crate::tls::TlsInfo>) {
+    let Some((id, tls)) = tls.and_then(|t| Some((t.peer_identity.as_ref()?, t))) else {
+        h.remove(&headers::X_MESH_CALLER);
         return;
     };
     if id.is_gateway() {
@@ -179,6 +182,14 @@ pub(crate) fn source_from_identity(h: &mut HeaderMap, tls: &crate::tls::TlsInfo)
         }
         None => {
             h.remove(&headers::X_MESH_SOURCE);
+        }
+    }
+    match &tls.peer_caller {
+        Some(v) => {
+            h.insert(headers::X_MESH_CALLER, v.clone());
+        }
+        None => {
+            h.remove(&headers::X_MESH_CALLER);
         }
     }
 }

@@ -112,7 +112,7 @@ pub async fn serve<H, F>(
                     let mut peer = Peer::new(remote);
                     let stream = match tls {
                         None => Stream::Plain(stream),
-                        Some(tls) if tls.plaintext_too && !starts_tls(&stream, tls.handshake_timeout).await => {
+                        Some(tls) if tls.plaintext_too.load(std::sync::atomic::Ordering::Acquire) && !starts_tls(&stream, tls.handshake_timeout).await => {
                             tls.handshakes.with_label_values(&[name, "plaintext"]).inc();
                             Stream::Plain(stream)
                         }

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshgate_config::model::{
-    CircuitBreaker, Endpoint, Group, Instance, Protocol, Rejection, Service, TcpRoute, Timeouts,
+    CircuitBreaker, Endpoint, Group, Instance, Mtls, Protocol, Rejection, Service, TcpRoute,
+    Timeouts,
 };
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
@@ -27,7 +28,7 @@ use crate::http::h2::{Clients, HttpClient, Wire};
 use crate::http::limit::ConnLimit;
 use crate::maps::FastMap;
 use crate::routing::{CompiledRoute, Router};
-use crate::tls::{CertTable, ClientTls, ServedCert, SharedCerts};
+use crate::tls::{CertTable, ClientTls, LiveIdentity, ServedCert, SharedCerts};
 use crate::upstream::balance::{Balancer, RequestKey};
 use crate::upstream::endpoint::EndpointRegistry;
 use crate::upstream::health::HealthChecks;
@@ -172,17 +173,25 @@ impl Rejections {
     }
 }
 
-/// A service's `tls` as a client config, offering by ALPN the protocol
-/// the service speaks.
-fn upstream_tls(svc: &Service) -> Result<Option<Arc<ClientTls>>, String> {
-    let Some(spec) = &svc.tls else {
-        return Ok(None);
-    };
+/// A service's TLS as a client config, offering by ALPN the protocol the
+/// service speaks: its `tls`, or with `mtls` on, this process's mesh
+/// identity, checking that the instance is one of the service (without a
+/// mesh identity such a service is called in plaintext, which only a
+/// permissive inbound takes).
+fn upstream_tls(
+    name: &str,
+    svc: &Service,
+    mesh: Option<&LiveIdentity>,
+) -> Result<Option<Arc<ClientTls>>, String> {
     let alpn: &[&[u8]] = match svc.protocol {
         Protocol::Http2 | Protocol::Grpc => &[b"h2"],
         Protocol::Http1 | Protocol::Tcp => &[b"http/1.1"],
     };
-    ClientTls::new(spec, alpn).map(|t| Some(Arc::new(t)))
+    match (&svc.tls, svc.mtls, mesh) {
+        (Some(spec), _, _) => ClientTls::new(spec, alpn).map(|t| Some(Arc::new(t))),
+        (None, Mtls::Off, _) | (None, _, None) => Ok(None),
+        (None, _, Some(mesh)) => mesh.client_tls(alpn, Some(name)).map(Some),
+    }
 }
 
 /// Called after each publish with the snapshot.
@@ -224,6 +233,8 @@ pub struct Compiler {
     rejected: Rejections,
     on_apply: OnApply,
     dump: ConfigDump,
+    /// This process's mesh identity, for services with `mtls` on.
+    mesh_identity: Option<Arc<LiveIdentity>>,
 }
 
 /// What `/config` shows: the applied objects at the applied revision and
@@ -292,7 +303,15 @@ impl Compiler {
             rejected: Rejections::default(),
             on_apply,
             dump: ConfigDump::default(),
+            mesh_identity: None,
         }
+    }
+
+    /// Calls the instances of services with `mtls` on over mutual TLS
+    /// with `identity`.
+    pub fn with_mesh_identity(mut self, identity: Option<Arc<LiveIdentity>>) -> Compiler {
+        self.mesh_identity = identity;
+        self
     }
 
     /// A JSON dump of the applied config (accepted and rejected objects),
@@ -529,17 +548,19 @@ impl Apply for Compiler {
                     // A service's upstream TLS is made ready before it is
                     // accepted (its CA loaded).
                     let tls = match &obj {
-                        Object::Service(svc) => match upstream_tls(svc) {
-                            Ok(t) => t,
-                            Err(e) => {
-                                self.rejected.reject(
-                                    &key,
-                                    entry.mod_revision,
-                                    format!("{key}: tls: {e}"),
-                                );
-                                continue;
+                        Object::Service(svc) => {
+                            match upstream_tls(&key.name, svc, self.mesh_identity.as_deref()) {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    self.rejected.reject(
+                                        &key,
+                                        entry.mod_revision,
+                                        format!("{key}: tls: {e}"),
+                                    );
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         _ => None,
                     };
                     self.rejected.clear(&key);
