@@ -44,6 +44,8 @@ pub struct AdminState {
     /// Change-log entries kept (default [`HISTORY_LIMIT`]).
     pub history_limit: usize,
     pub limits: Limits,
+    /// The mesh CA, when this admin issues identities.
+    pub issuer: Option<Arc<crate::issuer::MeshIssuer>>,
 }
 
 /// The admin API's request limits (see docs/operations.md).
@@ -1289,15 +1291,7 @@ pub async fn explain(
     State(st): State<AdminState>,
     Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: ExplainRequest = serde_path_to_error::deserialize(de).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("{}: {}", e.path(), e.inner()),
-        )
-        .field(e.path().to_string())
-    })?;
+    let req: ExplainRequest = decode_body(&body)?;
     if let Some(f) = &st.explainer {
         return f(req).await.map(Json);
     }
@@ -1353,7 +1347,7 @@ pub async fn explain(
 }
 
 /// Decodes a JSON request body; a problem names its field.
-fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();

@@ -3,7 +3,9 @@
 //! process (etcd) or embedded in a standalone gateway (YAML file).
 //!
 //! Module map: [`api`] (the handlers), [`auth`] (bearer tokens and roles),
-//! [`error`] (the one JSON error shape).
+//! [`error`] (the one JSON error shape), [`issuer`] (the online mesh CA:
+//! join tokens and workload certificates), [`ca`] (the CA on files, for
+//! `meshctl ca`), [`tls`] (the API over TLS), [`openapi`], [`client`].
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +14,7 @@ pub mod auth;
 pub mod ca;
 pub mod client;
 pub mod error;
+pub mod issuer;
 pub mod openapi;
 pub mod tls;
 
@@ -43,6 +46,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/explain", post(api::explain))
         .route("/api/v1/history", get(api::history))
         .route("/api/v1/rollback", post(api::rollback))
+        .route(
+            "/api/v1/join-tokens",
+            get(issuer::list_tokens).post(issuer::create_token),
+        )
+        .route(
+            "/api/v1/join-tokens/{name}",
+            axum::routing::delete(issuer::delete_token),
+        )
         .route("/api/v1/{kind}", get(api::list))
         .route(
             "/api/v1/{kind}/{name}",
@@ -66,6 +77,9 @@ pub fn router(state: AdminState) -> Router {
             state.clone(),
             authenticate,
         ))
+        // Nodes asking for their identity authenticate with a join token
+        // or their certificate, not an admin token.
+        .merge(Router::new().route("/api/v1/identity", post(issuer::sign)))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_body_bytes,
         ))
@@ -118,5 +132,6 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
         explainer: None,
         history_limit: api::HISTORY_LIMIT,
         limits: api::Limits::default(),
+        issuer: None,
     }
 }

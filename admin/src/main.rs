@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use meshgate_config::node;
@@ -44,6 +45,27 @@ struct AdminConfig {
     /// Serve the API over TLS with this certificate and key (PEM files).
     #[serde(default)]
     tls: Option<ServeTls>,
+    /// Be the mesh CA: issue workload identities to nodes with a join
+    /// token (needs `tls`).
+    #[serde(default)]
+    ca: Option<CaConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaConfig {
+    /// The CA directory as `meshctl ca init` lays it out (`trust-domain`,
+    /// `issuer.crt`, `issuer.key`, `bundle.pem`; `root.key` is not read:
+    /// keep it offline).
+    dir: PathBuf,
+    /// Lifetime of the certificates issued, seconds (default 86400);
+    /// nodes renew at half of it.
+    #[serde(default = "default_identity_lifetime")]
+    lifetime_s: u64,
+}
+
+fn default_identity_lifetime() -> u64 {
+    86_400
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +116,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if c.max_txn_ops < 2 {
             p.push(("max_txn_ops".into(), "must be at least 2".into()));
         }
+        if let Some(ca) = &c.ca {
+            if c.tls.is_none() {
+                p.push((
+                    "ca".into(),
+                    "needs tls: join tokens and certificates must not cross the network in plaintext".into(),
+                ));
+            }
+            if !(2..=366 * 86_400).contains(&ca.lifetime_s) {
+                p.push(("ca.lifetime_s".into(), "must be from 2 to 31622400".into()));
+            }
+        }
         p
     })?;
     let tokens = match &cfg.token_file {
@@ -103,12 +136,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     meshgate_admin::check_listen(cfg.listen, &tokens)?;
     let store = cfg.store.open().await?;
     let mut state = meshgate_admin::state(store, tokens);
+    if let Some(ca) = &cfg.ca {
+        let issuer =
+            meshgate_admin::issuer::MeshIssuer::load(&ca.dir, Duration::from_secs(ca.lifetime_s))?;
+        tracing::info!(trust_domain = %issuer.trust_domain, lifetime_s = ca.lifetime_s, "mesh CA: issuing identities");
+        state.issuer = Some(std::sync::Arc::new(issuer));
+    }
     state.history_limit = cfg.history_limit;
     state.limits = meshgate_admin::api::Limits {
         max_body_bytes: cfg.max_body_bytes,
         max_batch_items: cfg.max_batch_items,
         max_txn_ops: cfg.max_txn_ops,
     };
+    let state_issuer = state.issuer.clone();
     let app =
         meshgate_admin::router(state).route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -132,7 +172,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await?;
         }
         Some(t) => {
-            let tls = meshgate_admin::tls::server_config(&t.cert_file, &t.key_file)?;
+            let client_roots = match &state_issuer {
+                Some(i) => Some(i.roots()?),
+                None => None,
+            };
+            let tls = meshgate_admin::tls::server_config(&t.cert_file, &t.key_file, client_roots)?;
             tracing::info!(listen = %cfg.listen, "admin API listening (TLS)");
             meshgate_admin::tls::serve(listener, app, tls, shutdown).await?;
         }

@@ -35,6 +35,8 @@ pub fn document() -> Value {
     gen.subschema_for::<Batch>();
     gen.subschema_for::<RollbackRequest>();
     gen.subschema_for::<ExplainRequest>();
+    gen.subschema_for::<crate::issuer::NewToken>();
+    gen.subschema_for::<crate::issuer::SignRequest>();
     let mut schemas: Map<String, Value> = gen
         .take_definitions()
         .into_iter()
@@ -298,6 +300,56 @@ pub fn paths() -> Value {
             &[(200, any_object()), (201, any_object())],
         )}),
     );
+    let token = json!({"type": "object", "properties": {
+        "name": {"type": "string"}, "identity": {"type": "string"},
+        "expires_at_ms": {"type": "integer", "format": "int64"},
+        "created_at_ms": {"type": "integer", "format": "int64"},
+        "created_by": {"type": "string"}}});
+    p.insert(
+        "/api/v1/join-tokens".into(),
+        json!({
+            "get": op(
+                "join tokens of the mesh CA (never their secrets); 404 without a CA",
+                vec![],
+                None,
+                &[(200, json!({"type": "object", "required": ["items"], "properties": {
+                    "items": {"type": "array", "items": token}}}))],
+            ),
+            "post": op(
+                "a join token for one identity; the answer holds its only copy (`token`)",
+                vec![],
+                Some(reference("NewToken")),
+                &[(201, json!({"type": "object", "required": ["name", "token", "identity", "expires_at_ms"],
+                    "properties": {"name": {"type": "string"}, "token": {"type": "string"},
+                    "identity": {"type": "string"}, "expires_at_ms": {"type": "integer", "format": "int64"}}}))],
+            ),
+        }),
+    );
+    p.insert(
+        "/api/v1/join-tokens/{name}".into(),
+        json!({"delete": op(
+            "revoke a join token (with an identity's last token, its renewals stop)",
+            vec![path_param("name")],
+            None,
+            &[(200, json!({"type": "object", "required": ["deleted"], "properties": {
+                "deleted": {"type": "string"}}}))],
+        )}),
+    );
+    let mut sign = op(
+        "a workload certificate for the CSR's key: for the identity of the join token \
+         (`authorization: JoinToken <token>`), or of the mesh certificate presented on the \
+         TLS connection (a renewal). No admin token.",
+        vec![],
+        Some(reference("SignRequest")),
+        &[(
+            200,
+            json!({"type": "object", "required": ["identity", "certificate", "bundle", "not_after"],
+            "properties": {"identity": {"type": "string"}, "certificate": {"type": "string"},
+            "bundle": {"type": "string"}, "not_after": {"type": "string"}}}),
+        )],
+    );
+    sign["security"] = json!([]);
+    p.insert("/api/v1/identity".into(), json!({ "post": sign }));
     p.insert(
         "/api/v1/openapi.json".into(),
         json!({"get": op(

@@ -16,10 +16,14 @@ use tower::ServiceExt;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server config of `cert_file` (PEM chain) and `key_file`: TLS 1.3
-/// and 1.2, ALPN `h2` and `http/1.1`. Errors name the file.
+/// and 1.2, ALPN `h2` and `http/1.1`. With `client_roots` (the mesh's
+/// trust bundle, when the admin is the mesh CA), a client may present a
+/// certificate chaining to them (a node renewing its identity); others
+/// connect without one. Errors name the file.
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
+    client_roots: Option<rustls::RootCertStore>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use meshgate_config::tls::{certified_key, parse_chain, parse_key};
     let read = |p: &Path| {
@@ -31,10 +35,21 @@ pub fn server_config(
         .map_err(|e| anyhow::anyhow!("tls.key_file: {}: {e}", key_file.display()))?;
     let certified = certified_key(chain, &key)
         .map_err(|e| anyhow::anyhow!("tls.key_file: {}: {e}", key_file.display()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(meshgate_config::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    let builder = rustls::ServerConfig::builder_with_provider(meshgate_config::tls::provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                meshgate_config::tls::provider(),
+            )
+            .allow_unauthenticated()
+            .build()?,
+        ),
+    };
+    let mut cfg =
+        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -79,7 +94,16 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            // A verified client certificate goes with each request.
+            let peer = tls.get_ref().1.peer_certificates().map(|c| {
+                crate::issuer::PeerChain(c.iter().map(|d| d.clone().into_owned()).collect())
+            });
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+                if let Some(p) = &peer {
+                    req.extensions_mut().insert(p.clone());
+                }
+                app.clone().oneshot(req)
+            });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "connection ended with error");

@@ -15,6 +15,9 @@ pub enum Kind {
     Instances,
     /// The admin API's change log (`history/<id>`).
     History,
+    /// Join tokens of the mesh CA (`join_tokens/<name>`): who may obtain
+    /// which identity (only a hash of each token is kept).
+    JoinTokens,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Nodes => "nodes",
             Kind::Instances => "instances",
             Kind::History => "history",
+            Kind::JoinTokens => "join_tokens",
         }
     }
 
@@ -51,6 +55,7 @@ impl Kind {
             "nodes" => Kind::Nodes,
             "instances" => Kind::Instances,
             "history" => Kind::History,
+            "join_tokens" => Kind::JoinTokens,
             _ => return None,
         })
     }

@@ -72,8 +72,7 @@ impl Tokens {
     }
 
     pub fn add(&mut self, name: String, token: &str, role: Role) {
-        self.entries
-            .push((name, Sha256::digest(token.as_bytes()).into(), role));
+        self.entries.push((name, digest(token), role));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -89,15 +88,11 @@ impl Tokens {
             });
         }
         let presented = bearer(authorization?)?;
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let digest = digest(presented);
         let mut found = None;
         // Walk every entry whatever matches, comparing without early exit.
         for (name, want, role) in &self.entries {
-            let diff = want
-                .iter()
-                .zip(digest.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 && found.is_none() {
+            if same_digest(want, &digest) && found.is_none() {
                 found = Some(Caller {
                     name: name.clone(),
                     role: *role,
@@ -106,6 +101,19 @@ impl Tokens {
         }
         found
     }
+}
+
+/// The SHA-256 of a secret: what is kept and compared instead of it.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Compares two digests in constant time (no early exit on a mismatch).
+pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The credentials of `Bearer <token>`, the scheme in any case, then one

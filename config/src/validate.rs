@@ -68,12 +68,12 @@ impl Object {
             Kind::Groups => Object::Group(decode_json(key, json)?),
             Kind::Nodes => Object::Node(decode_json(key, json)?),
             Kind::Instances => Object::Instance(decode_json(key, json)?),
-            Kind::History => {
+            Kind::History | Kind::JoinTokens => {
                 return Err(Invalid {
                     object: key.to_string(),
                     errors: vec![FieldError {
                         field: String::new(),
-                        message: "history records are not config objects".into(),
+                        message: format!("{} records are not config objects", key.kind),
                     }],
                 })
             }

@@ -327,6 +327,8 @@ pub struct MeshIdentity {
     roots: Arc<rustls::RootCertStore>,
     /// When the certificate expires (Unix seconds).
     pub not_after: i64,
+    /// When it became valid (Unix seconds).
+    pub not_before: i64,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -361,7 +363,14 @@ impl MeshIdentity {
             id,
             roots: Arc::new(roots),
             not_after: info.not_after_unix,
+            not_before: info.not_before_unix,
         })
+    }
+
+    /// The certificate and key, for presenting this identity as a TLS
+    /// client elsewhere (to the admin API, renewing it).
+    pub(crate) fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.key.clone()
     }
 
     /// A mesh listener's config: this identity's certificate, every client
@@ -754,7 +763,7 @@ impl ClientTls {
 }
 
 /// The system's trust roots (read once; unreadable ones are logged).
-fn system_roots() -> Arc<rustls::RootCertStore> {
+pub(crate) fn system_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {

@@ -86,16 +86,16 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     // Mutual TLS to the gateway tiers (and on the inbound listener), with
     // the sidecar's identity, renewed as its files change. The inbound
     // starts strict; the service's `mtls` sets it once known.
-    let serve_inbound = cfg.inbound.is_some();
-    let identity = cfg
-        .mesh_tls
-        .as_ref()
-        .map(|t| {
+    let identity = match &cfg.mesh_tls {
+        Some(t) => {
             let mut t = t.clone();
             t.mode = meshgate_gateway::node::MtlsMode::Strict;
-            t.live(serve_inbound)
-        })
-        .transpose()?;
+            let me = format!("group/{}/service/{}", cfg.group, cfg.service);
+            let expiry = metrics.identity_expiry.clone();
+            Some(t.start(&me, cfg.inbound.is_some(), expiry).await?)
+        }
+        None => None,
+    };
     let mesh_tls = |alpn: &[&[u8]]| -> anyhow::Result<Option<Arc<ClientTls>>> {
         identity
             .as_ref()
@@ -103,13 +103,8 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             .transpose()
             .map_err(|e| anyhow::anyhow!("mesh_tls: {e}"))
     };
-    if let (Some(t), Some(live)) = (&cfg.mesh_tls, &identity) {
+    if let Some(live) = &identity {
         tracing::info!(identity = %live.current().id, "mutual TLS to the gateways");
-        metrics.identity_expiry.set(live.current().not_after);
-        tokio::spawn(
-            t.clone()
-                .follow(live.clone(), metrics.identity_expiry.clone()),
-        );
     }
     let member_checks = (cfg.proxy.member_check_interval_ms > 0).then(|| {
         let interval = cfg.proxy.member_check_interval_ms;

@@ -883,6 +883,25 @@ pub fn start_sidecar_with(
     (p, ports)
 }
 
+/// Runs `meshctl` against `server` with `token` (and `--cacert`);
+/// returns (success, stdout and stderr).
+pub fn meshctl(server: &str, token: &str, cacert: Option<&Path>, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(bin("meshctl"));
+    cmd.args(["--server", server, "--token", token]);
+    if let Some(ca) = cacert {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = cmd.args(args).output().expect("run meshctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Starts `meshgate-admin` with a token; returns (proc, base url, token).
 pub fn start_admin(dir: &Path, etcd: &str) -> (Proc, String, String) {
     start_admin_with(dir, etcd, serde_json::json!({}))

@@ -1021,3 +1021,247 @@ async fn the_destination_sidecar_inbound_is_mutual_tls_and_authorizes() {
     let r = http_get(&url, &[("host", "orders")]).await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+/// Identities issued by the admin: `meshctl ca init` lays out the CA, the
+/// admin (over TLS) holds the issuer's key, `meshctl token create` makes
+/// a join token per node; each node generates its key, obtains its
+/// certificate with the token, renews it at half-life with the
+/// certificate itself, keeps it beside its snapshot, and comes back with
+/// it when restarted while the admin and etcd are down. Deleting an
+/// identity's token stops its renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_issues_identities_that_renew_and_outlive_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut etcd = Etcd::start(d).await;
+    let (_echo, echo_port) = start_echo(d, "orders");
+    shop_calls_orders(&etcd, echo_port).await;
+    let ca_dir = d.join("ca");
+    let out = Command::new(bin("meshctl"))
+        .args(["ca", "init", "--trust-domain", "mesh.test", "--out"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The admin API's own certificate, from another CA.
+    let web = TestCa::new("Admin API root");
+    let leaf = web.leaf(&["127.0.0.1"]);
+    std::fs::write(d.join("admin.crt"), &leaf.cert).unwrap();
+    std::fs::write(d.join("admin.key"), &leaf.key).unwrap();
+    std::fs::write(d.join("admin-ca.pem"), &web.pem).unwrap();
+    let admin_ca = d.join("admin-ca.pem");
+    let admin_port = free_port();
+    let server = format!("https://127.0.0.1:{admin_port}");
+    let start_admin_ca = |lifetime_s: u64| {
+        start_admin_with(
+            d,
+            &etcd.endpoint(),
+            json!({
+                "listen": addr(admin_port),
+                "tls": {"cert_file": d.join("admin.crt"), "key_file": d.join("admin.key")},
+                "ca": {"dir": ca_dir, "lifetime_s": lifetime_s},
+            }),
+        )
+    };
+    // Certificates of 6 s: renewed every 3 s.
+    let (admin, _, token) = start_admin_ca(6);
+    let ctl = |args: &[&str]| meshctl(&server, &token, Some(&admin_ca), args);
+    wait_until(
+        "the admin answers over TLS",
+        Duration::from_secs(20),
+        || async { ctl(&["token", "list"]).0 },
+    )
+    .await;
+    let join = |name: &str, args: &[&str]| {
+        let (ok, out) = ctl(&[&["token", "create"][..], args].concat());
+        assert!(ok, "{out}");
+        let file = d.join(format!("{name}.token"));
+        std::fs::write(&file, out.trim()).unwrap();
+        file
+    };
+    let gw_token = join("gw1", &["--gateway", "gw1"]);
+    let front_token = join("front", &["--service", "front", "--group", "shop"]);
+    let issued = |name: &str, token: &Path| {
+        json!({
+            "cert_file": d.join(format!("{name}.identity.crt")),
+            "key_file": d.join(format!("{name}.identity.key")),
+            "ca_file": d.join(format!("{name}.bundle.pem")),
+            "issuer": {"admin": server, "admin_ca_file": admin_ca, "token_file": token},
+        })
+    };
+    // Only the token's hash is kept: no listing shows it.
+    let (ok, listed) = ctl(&["-o", "json", "token", "list"]);
+    assert!(ok, "{listed}");
+    let secret = std::fs::read_to_string(&front_token).unwrap();
+    let secret = secret.split_once('.').unwrap().1;
+    assert!(
+        listed.contains("group/shop/service/front") && !listed.contains(secret),
+        "{listed}"
+    );
+    // A node with a wrong token gets no identity, and says why.
+    std::fs::write(d.join("bad.token"), "0123.abcd").unwrap();
+    let bad_cfg = json!({"mesh_tls": issued("bad", &d.join("bad.token"))});
+    let (mut bad, _) =
+        start_gateway_with(d, "bad", &["egress"], &["shop"], &etcd.endpoint(), bad_cfg);
+    wait_until(
+        "the node without an identity stops",
+        Duration::from_secs(20),
+        || {
+            let stopped = !bad.running();
+            async move { stopped }
+        },
+    )
+    .await;
+    assert!(
+        bad.log_text().contains("unknown or revoked join token"),
+        "{}",
+        bad.log_tail(10)
+    );
+    assert!(!d.join("bad.identity.key").exists());
+
+    let (gw_proc, gw) = start_gateway_with(
+        d,
+        "gw1",
+        &["egress"],
+        &["shop"],
+        &etcd.endpoint(),
+        json!({"mesh_tls": issued("gw1", &gw_token)}),
+    );
+    wait_ready(gw.ops).await;
+    let (mut sc_proc, sc) = start_sidecar_with(
+        d,
+        "sc1",
+        "front",
+        "shop",
+        &[],
+        &etcd.endpoint(),
+        json!({"mesh_tls": issued("front", &front_token)}),
+    );
+    wait_ready(sc.ops).await;
+    let url = format!("http://127.0.0.1:{}/", sc.app);
+    wait_for_group_tier(
+        "the group tier over issued identities",
+        &url,
+        Duration::from_secs(15),
+    )
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["gw1", "front"] {
+        let key = d.join(format!("{name}.identity.key"));
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
+    let rz = get_json(&format!("http://127.0.0.1:{}/readyz", sc.ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        rz["identity"]["id"], "spiffe://mesh.test/group/shop/service/front",
+        "{rz}"
+    );
+
+    // Renewals under steady load: no request fails.
+    let expiry = |ops: u16| async move {
+        metric(ops, "meshgate_identity_cert_expiry_timestamp_seconds").await
+    };
+    let (gw_first, sc_first) = (expiry(gw.ops).await, expiry(sc.ops).await);
+    let load = tokio::process::Command::new(bin("meshgate-load"))
+        .args([
+            "--json",
+            "-c",
+            "4",
+            "-r",
+            "100",
+            "-d",
+            "10",
+            "-H",
+            "host: orders",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
+    assert!(report["ok"].as_u64().unwrap() > 500, "{report}");
+    assert_eq!(
+        report["errors"],
+        json!({}),
+        "{report}: {}",
+        sc_proc.log_tail(20)
+    );
+    assert!(
+        expiry(gw.ops).await >= gw_first + 6.0,
+        "the gateway renewed: {}",
+        gw_proc.log_tail(10)
+    );
+    assert!(
+        expiry(sc.ops).await >= sc_first + 6.0,
+        "the sidecar renewed: {}",
+        sc_proc.log_tail(10)
+    );
+    assert!(sc_proc
+        .log_text()
+        .contains("mesh identity renewed by the admin"));
+
+    // Deleting front's token stops its renewals; a new token for the
+    // identity lets them go on.
+    let old = std::fs::read_to_string(&front_token).unwrap();
+    let (ok, out) = ctl(&["token", "delete", old.split_once('.').unwrap().0]);
+    assert!(ok, "{out}");
+    wait_until(
+        "the sidecar's renewal is refused",
+        Duration::from_secs(20),
+        || {
+            let refused = sc_proc.log_text().contains("has no join token any more");
+            async move { refused }
+        },
+    )
+    .await;
+    join("front", &["--service", "front", "--group", "shop"]);
+    wait_until(
+        "the sidecar renews again",
+        Duration::from_secs(20),
+        || async { expiry(sc.ops).await > meshgate_config::tls::now_unix() as f64 + 2.0 },
+    )
+    .await;
+
+    // Longer certificates from here on; then the admin and etcd go away
+    // and the sidecar restarts: it comes back with its stored identity.
+    drop(admin);
+    let (admin, _, _) = start_admin_ca(3600);
+    wait_until(
+        "the sidecar holds an hour-long certificate",
+        Duration::from_secs(20),
+        || async { expiry(sc.ops).await > meshgate_config::tls::now_unix() as f64 + 600.0 },
+    )
+    .await;
+    wait_until(
+        "the gateway holds an hour-long certificate",
+        Duration::from_secs(20),
+        || async { expiry(gw.ops).await > meshgate_config::tls::now_unix() as f64 + 600.0 },
+    )
+    .await;
+    let stored = std::fs::read_to_string(d.join("front.identity.crt")).unwrap();
+    drop(admin);
+    etcd.stop();
+    sc_proc.term(Duration::from_secs(10));
+    sc_proc.start();
+    wait_for_group_tier(
+        "the restarted sidecar serves",
+        &url,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(d.join("front.identity.crt")).unwrap(),
+        stored
+    );
+    let rz = get_json(&format!("http://127.0.0.1:{}/readyz", sc.ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        rz["identity"]["id"], "spiffe://mesh.test/group/shop/service/front",
+        "{rz}"
+    );
+    assert_eq!(rz["store_connected"], false, "{rz}");
+    drop(gw_proc);
+}

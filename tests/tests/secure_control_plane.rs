@@ -46,23 +46,6 @@ fn store(dir: &Path, etcd: &Etcd) -> serde_json::Value {
     }})
 }
 
-fn meshctl(server: &str, token: &str, cacert: Option<&Path>, args: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new(bin("meshctl"));
-    cmd.args(["--server", server, "--token", token]);
-    if let Some(ca) = cacert {
-        cmd.arg("--cacert").arg(ca);
-    }
-    let out = cmd.args(args).output().expect("run meshctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_etcd_over_tls_with_authentication() {
     let dir = tempfile::tempdir().unwrap();

@@ -126,6 +126,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Join tokens of the admin's mesh CA: a node with one obtains its
+    /// identity (`mesh_tls.issuer` in its node config).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// A token for a gateway (`--gateway ID`) or a service's sidecars
+    /// (`--service S --group G`); printed once, only its hash is kept.
+    Create {
+        #[arg(long, conflicts_with_all = ["service", "group"])]
+        gateway: Option<String>,
+        #[arg(long, requires = "group")]
+        service: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// How long it may be used to join, seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// The tokens (never their secrets).
+    List,
+    /// Revoke a token: no new joins with it; with an identity's last
+    /// token, its renewals stop too.
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,6 +299,44 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let api = Api { cli };
     match &cli.cmd {
         Cmd::Ca { cmd } => ca(cmd)?,
+        Cmd::Token { cmd } => match cmd {
+            TokenCmd::Create {
+                gateway,
+                service,
+                group,
+                ttl,
+            } => {
+                let identity = identity_path(gateway, service, group)?;
+                let body = json!({"identity": identity, "ttl_s": ttl});
+                let v = api.call(Method::POST, "join-tokens", Some(body)).await?;
+                print(cli, &v, |v| format!("{}\n", s(&v["token"])));
+            }
+            TokenCmd::List => {
+                let v = api.call(Method::GET, "join-tokens", None).await?;
+                print(cli, &v, |v| {
+                    let rows = v["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| {
+                            let expires = t["expires_at_ms"].as_i64().unwrap_or(0) / 1000;
+                            vec![
+                                s(&t["name"]),
+                                s(&t["identity"]),
+                                meshgate_config::tls::rfc3339(expires),
+                                s(&t["created_by"]),
+                            ]
+                        })
+                        .collect();
+                    table(&["NAME", "IDENTITY", "JOIN UNTIL", "CREATED BY"], rows)
+                });
+            }
+            TokenCmd::Delete { name } => {
+                api.call(Method::DELETE, &format!("join-tokens/{name}"), None)
+                    .await?;
+                println!("join token {name} deleted");
+            }
+        },
         Cmd::SuggestCallers { apply } => {
             let services = api.list("services", None).await?;
             let suggested = suggest_callers(&services);
@@ -981,27 +1047,35 @@ fn ca(cmd: &CaCmd) -> Result<(), Failure> {
             hours,
             out,
         } => {
-            let path = match (gateway, service, group) {
-                (Some(id), None, None) => format!("gateway/{id}"),
-                (None, Some(svc), Some(g)) => format!("group/{g}/service/{svc}"),
-                _ => {
-                    return Err(Failure(
-                        "give --gateway ID, or --service S --group G".into(),
-                        Vec::new(),
-                    ))
-                }
-            };
-            for name in path.split('/') {
-                if !meshgate_config::key::valid_name(name) {
-                    return Err(Failure(format!("{name:?} is not a valid name"), Vec::new()));
-                }
-            }
+            let path = identity_path(gateway, service, group)?;
             let hours = std::time::Duration::from_secs(hours.saturating_mul(3600));
             let id = meshgate_admin::ca::issue(dir, &path, hours, out)?;
             println!("issued {id}: {o}.crt, {o}.key", o = out.display());
         }
     }
     Ok(())
+}
+
+/// The identity path `--gateway ID` or `--service S --group G` names.
+fn identity_path(
+    gateway: &Option<String>,
+    service: &Option<String>,
+    group: &Option<String>,
+) -> Result<String, Failure> {
+    let path = match (gateway, service, group) {
+        (Some(id), None, None) => format!("gateway/{id}"),
+        (None, Some(svc), Some(g)) => format!("group/{g}/service/{svc}"),
+        _ => {
+            return Err(Failure(
+                "give --gateway ID, or --service S --group G".into(),
+                Vec::new(),
+            ))
+        }
+    };
+    if !meshgate_admin::issuer::valid_identity(&path) {
+        return Err(Failure(format!("{path:?}: not valid names"), Vec::new()));
+    }
+    Ok(path)
 }
 
 /// For each service some other service declares as a destination: the

@@ -273,13 +273,9 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     // change.
     let identity = match &cfg.mesh_tls {
         Some(t) => {
-            let live = t.live(true)?;
+            let me = format!("gateway/{}", cfg.id);
+            let live = t.start(&me, true, metrics.identity_expiry.clone()).await?;
             tracing::info!(identity = %live.current().id, mode = ?t.mode, "mesh listener: mutual TLS");
-            metrics.identity_expiry.set(live.current().not_after);
-            tokio::spawn(
-                t.clone()
-                    .follow(live.clone(), metrics.identity_expiry.clone()),
-            );
             Some(live)
         }
         None => None,

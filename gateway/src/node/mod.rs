@@ -11,9 +11,13 @@
 //! - [`ops`]: the ops port (`/healthz`, `/readyz`, `/metrics`, `/config`,
 //!   `/explain`)
 //! - [`explain`]: which route a request would match, and why not the others
+//! - [`identity`]: identities issued by the admin's mesh CA (obtained
+//!   with a join token, renewed at half-life, kept in the `mesh_tls`
+//!   files)
 
 pub mod explain;
 pub mod gateway;
+pub mod identity;
 pub mod ops;
 
 use std::future::Future;
@@ -111,6 +115,11 @@ pub struct MeshTlsSettings {
     /// bundle, ms (default 1000).
     #[serde(default = "default_reload_interval")]
     pub reload_interval_ms: u64,
+    /// Obtain and renew the identity from the admin's mesh CA, keeping it
+    /// in the three files above (put them beside the snapshot file);
+    /// without, the files are managed by the operator.
+    #[serde(default)]
+    pub issuer: Option<identity::IssuerSettings>,
 }
 
 fn default_reload_interval() -> u64 {
@@ -144,6 +153,27 @@ impl MeshTlsSettings {
             };
             anyhow::anyhow!("mesh_tls.{field}: {e}")
         })
+    }
+
+    /// The identity of the node `expect` (`gateway/<id>` or
+    /// `group/<g>/service/<svc>`), ready to be replaced as its files
+    /// change, with the config of a mesh listener when `serve`; obtained
+    /// from the admin first when `issuer` says so and the files hold none
+    /// (and renewed from then on).
+    pub async fn start(
+        &self,
+        expect: &str,
+        serve: bool,
+        expiry: prometheus::IntGauge,
+    ) -> anyhow::Result<Arc<crate::tls::LiveIdentity>> {
+        identity::ensure(self, expect).await?;
+        let live = self.live(serve)?;
+        expiry.set(live.current().not_after);
+        tokio::spawn(self.clone().follow(live.clone(), expiry));
+        if self.issuer.is_some() {
+            tokio::spawn(identity::keep_renewed(self.clone(), live.clone()));
+        }
+        Ok(live)
     }
 
     /// The identity, ready to be replaced as its files change; with the
@@ -216,6 +246,7 @@ impl MeshTlsSettings {
                 "must be greater than 0".into(),
             ));
         }
+        p.extend(self.issuer.iter().flat_map(|i| i.problems()));
         p
     }
 }
