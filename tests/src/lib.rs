@@ -1074,6 +1074,9 @@ pub struct Mesh {
     pub sidecar: (Proc, SidecarPorts),
     pub b1: Backend,
     pub b2: Backend,
+    /// With mutual TLS: the sidecars of `b1` and `b2` (service `orders`),
+    /// whose inbound listeners are the service's instances.
+    pub backend_sidecars: Vec<(Proc, SidecarPorts)>,
 }
 
 impl Mesh {
@@ -1081,9 +1084,11 @@ impl Mesh {
         Self::start_with(false).await
     }
 
-    /// The mesh with mutual TLS on every sidecar → gateway hop when
-    /// `mtls` (each process with a SPIFFE identity from one test CA, kept
-    /// in files beside its snapshot, as a restarted process finds them).
+    /// The mesh with mutual TLS on every hop when `mtls` (each process
+    /// with a SPIFFE identity from one test CA, kept in files beside its
+    /// snapshot, as a restarted process finds them): `orders` is then
+    /// `mtls: strict`, its instances the inbound listeners of `b1`'s and
+    /// `b2`'s sidecars.
     pub async fn start_with(mtls: bool) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let etcd = Etcd::start(dir.path()).await;
@@ -1100,7 +1105,12 @@ impl Mesh {
                 .status,
             201
         );
-        let svc = serde_json::json!({"group": "shop", "endpoints": [{"address": b1.addr.to_string()}, {"address": b2.addr.to_string()}]});
+        let svc = match mtls {
+            true => serde_json::json!({"group": "shop", "mtls": "strict"}),
+            false => {
+                serde_json::json!({"group": "shop", "endpoints": [{"address": b1.addr.to_string()}, {"address": b2.addr.to_string()}]})
+            }
+        };
         let r = admin.put("services/orders", &svc).await;
         assert_eq!(r.status, 201, "{r:?}");
         let route = serde_json::json!({"scope": "mesh", "match": {"hosts": ["orders"]}, "backends": [{"service": "orders"}]});
@@ -1143,10 +1153,23 @@ impl Mesh {
         let central = vec![addr(gws[2].1.mesh)];
         let extra = identity("sc-1", "spiffe://mesh.test/group/shop/service/frontend");
         let sidecar = start_sidecar_with(d, "sc-1", "frontend", "shop", &central, &ep, extra);
+        let mut backend_sidecars = Vec::new();
+        for (id, b) in [("sc-b1", &b1), ("sc-b2", &b2)]
+            .into_iter()
+            .filter(|_| mtls)
+        {
+            let mut extra = identity(id, "spiffe://mesh.test/group/shop/service/orders");
+            extra["app"] = serde_json::json!({"address": b.addr.to_string()});
+            extra["inbound"] = serde_json::json!({"listen": addr(free_port())});
+            backend_sidecars.push(start_sidecar_with(d, id, "orders", "shop", &[], &ep, extra));
+        }
         for (_, p) in &gws {
             wait_ready(p.ops).await;
         }
         wait_ready(sidecar.1.ops).await;
+        for (_, p) in &backend_sidecars {
+            wait_ready(p.ops).await;
+        }
         let m = Mesh {
             dir,
             etcd,
@@ -1156,8 +1179,27 @@ impl Mesh {
             sidecar,
             b1,
             b2,
+            backend_sidecars,
         };
         m.wait_group_members(2).await;
+        if mtls {
+            // Every gateway has both instances.
+            for (_, p) in &m.gws {
+                let url = format!("http://127.0.0.1:{}/config", p.ops);
+                wait_until(
+                    "a gateway has both instances of orders",
+                    Duration::from_secs(20),
+                    || {
+                        let url = url.clone();
+                        async move {
+                            let cfg = get_json(&url).await.unwrap_or_default();
+                            cfg["objects"]["instances"].as_object().map(|o| o.len()) == Some(2)
+                        }
+                    },
+                )
+                .await;
+            }
+        }
         m
     }
 
@@ -1356,6 +1398,12 @@ impl TestCa {
     /// [`TestCa::leaf`] valid for `lifetime` from now (and from 5 s
     /// before).
     pub fn leaf_for(&self, names: &[&str], lifetime: Duration) -> Leaf {
+        self.leaf_valid(names, -5, lifetime.as_secs() as i64)
+    }
+
+    /// [`TestCa::leaf`] valid from `from_s` to `to_s` seconds from now
+    /// (negative: in the past), for expired or not-yet-valid ones.
+    pub fn leaf_valid(&self, names: &[&str], from_s: i64, to_s: i64) -> Leaf {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         for n in names {
             params
@@ -1373,8 +1421,8 @@ impl TestCa {
             names.first().copied().unwrap_or("leaf"),
         );
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::seconds(5);
-        params.not_after = now + time::Duration::try_from(lifetime).unwrap();
+        params.not_before = now + time::Duration::seconds(from_s);
+        params.not_after = now + time::Duration::seconds(to_s);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {

@@ -219,8 +219,37 @@ async fn sidecar_to_gateway_is_mutual_tls_and_the_source_is_the_certificate() {
     )
     .await;
     assert!(!plain.contains("200 OK"), "plaintext was served: {plain:?}");
+    // Expired or not yet valid: refused, with a clear log line.
+    for (name, from, to, why) in [
+        ("expired", -7200, -3600, "certificate expired"),
+        ("early", 3600, 7200, "certificate not valid yet"),
+    ] {
+        let leaf = ca.leaf_valid(
+            &[&format!("spiffe://{TRUST_DOMAIN}/group/shop/service/front")],
+            from,
+            to,
+        );
+        std::fs::write(d.join(format!("{name}.crt")), &leaf.cert).unwrap();
+        std::fs::write(d.join(format!("{name}.key")), &leaf.key).unwrap();
+        let (ok, out, _) = curl_mesh(d, gw.mesh, Some(name), &["x-mesh-service: orders"]);
+        assert!(!ok && !out.contains("orders"), "{name}: {out}");
+        wait_until(
+            &format!("the gateway logs the {name} certificate"),
+            Duration::from_secs(5),
+            || {
+                let log = std::fs::read_to_string(d.join("gw1.log")).unwrap_or_default();
+                async move {
+                    log.lines().any(|l| {
+                        l.contains("TLS handshake refused: the client's certificate")
+                            && l.contains(why)
+                    })
+                }
+            },
+        )
+        .await;
+    }
     let failed = "meshgate_tls_handshakes_total{listener=\"mesh\",result=\"failed\"}";
-    assert!(metric(gw.ops, failed).await >= 3.0);
+    assert!(metric(gw.ops, failed).await >= 5.0);
 
     // The sidecar still gets through: a refused client costs only its own
     // connection.

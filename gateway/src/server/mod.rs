@@ -196,6 +196,13 @@ async fn handshake(
             tls.handshakes.with_label_values(&[name, "ok"]).inc();
             return Some((s, info));
         }
+        // A certificate refused on a listener that verifies clients (the
+        // mesh's) is news: logged plainly. Other failures (scanners,
+        // garbage) only at debug level.
+        Ok(Err(e)) if refused_certificate(&e) => {
+            tracing::warn!(listener = name, remote = ?remote, error = %e, "TLS handshake refused: the client's certificate");
+            "failed"
+        }
         Ok(Err(e)) => {
             tracing::debug!(listener = name, remote = ?remote, error = %e, "TLS handshake failed");
             "failed"
@@ -207,6 +214,15 @@ async fn handshake(
     };
     tls.handshakes.with_label_values(&[name, outcome]).inc();
     None
+}
+
+/// Whether a handshake failed on the client's certificate (expired, not
+/// yet valid, of another CA, none where one is required).
+fn refused_certificate(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
 }
 
 /// Accepts plain TCP connections on `listener` until `stop` turns true,
