@@ -493,7 +493,11 @@ backend be
         self.results["tls"] = out
 
     def rss_sample(self, pid):
-        return {"rss_kb": mem_kb(pid, "VmRSS"), "hwm_kb": mem_kb(pid, "VmHWM")}
+        # Resident memory: the peak (VmHWM), and now, split into the
+        # process's own memory (RssAnon) and mapped file pages (RssFile:
+        # the binary's code and data, shared with other processes).
+        return {"rss_kb": mem_kb(pid, "VmRSS"), "hwm_kb": mem_kb(pid, "VmHWM"),
+                "anon_kb": mem_kb(pid, "RssAnon"), "file_kb": mem_kb(pid, "RssFile")}
 
     # ---------------------------------------------------------- cluster
 
