@@ -281,9 +281,10 @@ backend be
         wait_until("haproxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
         return {"name": "haproxy", "port": port, "h2_port": h2, "pids": lambda: [p.pid]}
 
-    def start_meshgate(self, extra_model="", tls=False):
+    def start_meshgate(self, extra_model="", tls=False, extra_args=(), name=None):
         """A standalone gateway on the demo config plus the bench route (and
-        a TLS ingress listener serving `extra_model`'s certificate)."""
+        a TLS ingress listener serving `extra_model`'s certificate);
+        `extra_args` are added to its command line."""
         with open(os.path.join(ROOT, "config", "examples", "demo.yaml")) as f:
             demo = f.read()
         bench_service = f"  bench-backend:\n    endpoints:\n      - address: 127.0.0.1:{self.backend_port}\n"
@@ -300,13 +301,14 @@ backend be
                "--admin-listen", f"127.0.0.1:{ops}"]
         if tls:
             cmd += ["--ingress-tls-listen", f"127.0.0.1:{tls_port}", "--default-cert", "bench"]
-        name = "meshgate-tls" if tls else "meshgate"
+        cmd += list(extra_args)
+        name = name or ("meshgate-tls" if tls else "meshgate")
         p = self.procs.start(name, cmd, cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
         wait_until(name, lambda: http_ok(f"http://127.0.0.1:{port}{path}"))
         if tls:
             wait_until(f"{name} TLS", lambda: https_ok(f"https://127.0.0.1:{tls_port}{path}"))
         return {"name": "meshgate", "port": port, "h2_port": port, "pids": lambda: [p.pid],
-                "path": path, "proc": p, "tls_port": tls_port}
+                "path": path, "proc": p, "tls_port": tls_port, "ops": ops}
 
     # ---------------------------------------------------------- TLS targets
 
@@ -790,6 +792,36 @@ backend be
             "sidecar_rss": {n: self.rss_sample(p["sc"]["proc"].pid) for n, p in paths.items()},
         }
 
+    def access_log(self):
+        """The gateway's CPU per request with its access log off, writing
+        every request to a file, and on for errors only (none happen, so
+        none is written: the cost of recording alone), closed loop over 50
+        connections, interleaved."""
+        if not hasattr(self, "backend_port"):
+            self.start_backend()
+        logfile = os.path.join(self.workdir, "access.log")
+        modes = (("log off", []), ("log all", ["--access-log", "all", "--access-log-path", logfile]),
+                 ("log errors", ["--access-log", "errors", "--access-log-path", logfile]))
+        targets = []
+        for name, extra in modes:
+            t = self.start_meshgate(extra_args=extra, name=name.replace(" ", "-"))
+            t["name"] = name
+            targets.append(t)
+        d = self.args.duration
+        log("access log off / all / errors, 50 connections (wrk)")
+        self.note_cmd(f"taskset -c {self.load_cpu} wrk -t1 -c50 -d{d}s http://127.0.0.1:<port>/  "
+                      "(gateways with --access-log off | all --access-log-path <file> | errors)")
+        runs = self.interleaved(targets, lambda t: self.measured(t, lambda: self.wrk(self.url(t), 50, d)))
+        on = targets[1]["ops"]
+        self.results["access_log"] = {
+            "runs": runs,
+            "lines": self.metric(on, "meshgate_access_log_lines_total"),
+            "dropped": self.metric(on, "meshgate_access_log_dropped_total"),
+            "requests": sum(r["requests"] for r in runs["log all"]),
+        }
+        for t in targets:
+            self.procs.stop(t["proc"])
+
     def sidecar_tier(self, url):
         req = urllib.request.Request(url, headers={"x-mesh-service": "backend"})
         with urllib.request.urlopen(req, timeout=2) as r:
@@ -853,6 +885,7 @@ backend be
             self.tls()
             self.cluster(direct, nginx)
             self.mtls()
+            self.access_log()
             self.sidecar_scale()
             self.failover()
             self.route_scale()
@@ -986,6 +1019,20 @@ def report(res, machine, args, commands):
                      f"{fmt(median([r['latency_us']['p99'] for r in fx]))} | {fmt(median([r['rps'] for r in mx]))} | "
                      f"{fmt(median([r.get('cpu_us_per_req', 0) for r in mx]), 1)} | "
                      f"{fmt(mt['sidecar_rss'][name]['hwm_kb'] / 1024, 1)} MB |")
+        L.append("")
+
+    if "access_log" in res:
+        al = res["access_log"]
+        L.append("### Access log: the gateway's cost per request\n")
+        L.append(f"The standalone gateway with its access log off, writing every request to a file, and on "
+                 f"for errors only (no request fails, so this is the cost of recording each request without "
+                 f"writing it). `log all` wrote {fmt(al['lines'])} lines for {fmt(al['requests'])} requests "
+                 f"and dropped {fmt(al['dropped'])}.\n")
+        L.append("| log | req/s | CPU µs/req |")
+        L.append("|---|---|---|")
+        for name, rs in al["runs"].items():
+            L.append(f"| {name} | {fmt(median([r['rps'] for r in rs]))} | "
+                     f"{fmt(median([r.get('cpu_us_per_req', 0) for r in rs]), 1)} |")
         L.append("")
 
     th = res["two_hop"]

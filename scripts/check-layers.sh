@@ -13,7 +13,7 @@ SRC = "gateway/src"
 LAYERS = [
     {"alloc", "clock", "maps", "metrics", "tls"},
     {"http"},
-    {"server", "upstream"},
+    {"server", "upstream", "observe"},
     {"routing"},
     {"snapshot"},
     {"proxy"},

@@ -164,6 +164,20 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+/// Unix milliseconds as RFC 3339 (UTC), with milliseconds.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let nanos = i128::from(unix_ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            let f = time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            );
+            t.format(&f).ok()
+        })
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
 /// Now, in Unix seconds.
 pub fn now_unix() -> i64 {
     (crate::model::now_ms() / 1000) as i64

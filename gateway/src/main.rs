@@ -11,6 +11,7 @@ static GLOBAL: meshgate_gateway::alloc::MeshAlloc = meshgate_gateway::alloc::Mes
 use meshgate_config::model::Role;
 use meshgate_config::node::{exit_on_error, StoreConfig};
 use meshgate_gateway::node::gateway::{EmbeddedAdmin, GatewayConfig, IngressTls};
+use meshgate_gateway::observe::AccessLogSettings;
 
 /// Meshgate gateway: ingress, per-group egress and central routing.
 ///
@@ -54,6 +55,13 @@ struct Args {
     /// preferred within their priority).
     #[arg(long, requires = "standalone")]
     zone: Option<String>,
+    /// Standalone: the access log: off, all, errors or sampled (a JSON
+    /// line per request).
+    #[arg(long, default_value = "off", requires = "standalone")]
+    access_log: String,
+    /// Standalone: the access log's file (default: standard output).
+    #[arg(long, requires = "standalone")]
+    access_log_path: Option<PathBuf>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate_gateway=debug`.
     #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
     log: String,
@@ -115,6 +123,13 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             ops_token_file: None,
             client: Default::default(),
             mesh_tls: None,
+            access_log: AccessLogSettings {
+                mode: serde_yaml::from_str(&args.access_log).map_err(|_| {
+                    anyhow::anyhow!("--access-log: give off, all, errors or sampled")
+                })?,
+                path: args.access_log_path.clone(),
+                ..Default::default()
+            },
         });
     }
     let path = args.config.as_ref().expect("clap requires --config");

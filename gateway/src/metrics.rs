@@ -39,6 +39,10 @@ pub struct Metrics {
     pub identity_expiry: IntGauge,
     /// Calls refused by authorization, by destination service.
     pub authz_denied: IntCounterVec,
+    /// Access log lines written, and records dropped because the writer
+    /// was behind.
+    pub access_log_lines: IntCounter,
+    pub access_log_dropped: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -150,6 +154,13 @@ impl Metrics {
             &["service"],
         )
         .expect("metric");
+        let access_log_lines =
+            IntCounter::new("access_log_lines_total", "Access log lines written").expect("metric");
+        let access_log_dropped = IntCounter::new(
+            "access_log_dropped_total",
+            "Access log records dropped because the writer was behind (never waited for)",
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -172,6 +183,8 @@ impl Metrics {
             Box::new(cert_expiry.clone()),
             Box::new(identity_expiry.clone()),
             Box::new(authz_denied.clone()),
+            Box::new(access_log_lines.clone()),
+            Box::new(access_log_dropped.clone()),
             Box::new(info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -193,6 +206,8 @@ impl Metrics {
             cert_expiry,
             identity_expiry,
             authz_denied,
+            access_log_lines,
+            access_log_dropped,
         }
     }
 

@@ -66,6 +66,10 @@ pub struct SidecarConfig {
     /// on loopback. The app's instance is registered at this address.
     #[serde(default)]
     pub inbound: Option<Inbound>,
+    /// The access log (off unless set): a JSON line per request of the
+    /// app, and per call taken by the inbound.
+    #[serde(default)]
+    pub access_log: meshgate_gateway::observe::AccessLogSettings,
 }
 
 /// The sidecar's inbound listener.
@@ -263,6 +267,7 @@ impl SidecarConfig {
         }
         p.extend(self.client.problems());
         p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
+        p.extend(self.access_log.problems());
         if let Some(i) = &self.inbound {
             p.extend(i.problems(self, &bound));
         }

@@ -33,7 +33,8 @@
 //! 6. the rescue: a failure becomes its synthetic response (a gRPC status
 //!    for a gRPC call)
 //! 7. metrics by tier and destination; the answer says which tier served
-//!    it (`x-mesh-tier`)
+//!    it (`x-mesh-tier`); the access log's record (every tier and member
+//!    tried, and why it moved on), handed over when the answer's body ends
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,7 @@ use meshgate_gateway::http::h2::{HttpClient, Wire};
 use meshgate_gateway::http::headers;
 use meshgate_gateway::http::tunnel::{self, DEFAULT_TUNNEL_IDLE};
 use meshgate_gateway::metrics::{status_class, Metrics};
+use meshgate_gateway::observe::{AccessLog, Entry, Trail};
 use meshgate_gateway::proxy::attempts::{self, Attempt, Members, Resend, Step, Why};
 use meshgate_gateway::proxy::forward::Dest;
 use meshgate_gateway::proxy::tunnel::connect_service;
@@ -116,6 +118,8 @@ pub struct Forwarder {
     pub request_timeout: Duration,
     /// The direct tier: a gateway data plane over the direct destinations.
     pub direct: Proxy,
+    /// The access log, when the sidecar keeps one.
+    pub log: Option<Arc<AccessLog>>,
 }
 
 /// The client address the direct tier hashes on (`hash_on.source_ip`).
@@ -136,7 +140,12 @@ impl Forwarder {
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ProxyBody> {
         let start = std::time::Instant::now();
         let grpc = headers::is_grpc(req.headers());
-        let (result, dest, tier) = self.forward(req).await;
+        let mut entry = self.log.as_ref().and_then(|l| l.begin("app"));
+        if let Some(e) = entry.as_deref_mut() {
+            e.request(&req);
+            e.client = Some(LOOPBACK.clone());
+        }
+        let (result, dest, tier) = self.forward(req, entry.as_deref_mut()).await;
         if matches!(&result, Err(f) if f.reason == MeshError::ClientAborted) {
             self.metrics.client_aborts.inc();
         }
@@ -155,7 +164,14 @@ impl Forwarder {
             .duration
             .with_label_values(&["app", tier])
             .observe(start.elapsed().as_secs_f64());
-        resp
+        match (entry, &self.log) {
+            (Some(mut e), Some(log)) => {
+                e.tier = (!tier.is_empty()).then_some(tier);
+                e.service = (!dest.is_empty()).then_some(dest);
+                log.respond(e, resp)
+            }
+            _ => resp,
+        }
     }
 
     /// Names the destination and stamps the mesh headers: the engine's
@@ -208,11 +224,16 @@ impl Forwarder {
     async fn forward(
         &self,
         mut req: Request<RequestBody>,
+        entry: Option<&mut Entry>,
     ) -> (Result<Response<ProxyBody>, Failure>, String, &'static str) {
         let dest = match self.prelude(&mut req) {
             Ok(d) => d,
             Err((f, dest)) => return (Err(f), dest, ""),
         };
+        let mut trail = entry.map(|e| {
+            e.ids(req.headers());
+            &mut e.trail
+        });
         if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
             return Box::pin(self.forward_upgrade(req, dest)).await;
         }
@@ -252,11 +273,14 @@ impl Forwarder {
         let mut answered: Option<(Failure, &'static str)> = None;
         let mut tried_any = false;
         if mode == Some(DestinationMode::Direct) {
-            if let Some(result) = self.direct(&dest, &mut s).await {
+            if let Some(result) = self.direct(&dest, &mut s, trail.as_deref_mut()).await {
                 tried_any = true;
                 match result {
                     Ok(resp) => return (Ok(resp), dest, "direct"),
                     Err(Broken(f)) => {
+                        if let Some(t) = trail.as_deref_mut() {
+                            t.last_failed(f.reason.code());
+                        }
                         tracing::debug!(service = %dest, error = %f, "endpoint broke off its answer; next tier")
                     }
                     Err(Answered(f)) if !attempts::next_tier(&f, s.resend()) => {
@@ -275,16 +299,19 @@ impl Forwarder {
                 fwd: self,
                 tier,
                 s: &mut s,
+                trail: trail.as_deref_mut(),
             };
             let members = Members::all("tier", tier.name, &tier.members);
             // A gateway's own mesh error is a failure of its tier.
-            let result = attempts::run(members, &mut member)
-                .await
-                .and_then(Failure::from_answer);
-            let f = match result {
+            let result = attempts::run(members, &mut member).await;
+            let answered_ok = result.is_ok();
+            let f = match result.and_then(Failure::from_answer) {
                 Ok(resp) => return (Ok(resp), dest, tier.name),
                 Err(f) => f,
             };
+            if let (true, Some(t)) = (answered_ok, trail.as_deref_mut()) {
+                t.last_failed(f.reason.code());
+            }
             let spent = own_timeout(&f);
             if spent || !attempts::next_tier(&f, s.resend()) {
                 return match (f.answer.is_some() || spent, answered) {
@@ -324,6 +351,7 @@ impl Forwarder {
         &self,
         dest: &str,
         s: &mut Sending,
+        trail: Option<&mut Trail>,
     ) -> Option<Result<Response<ProxyBody>, DirectFailure>> {
         let snap = self.direct.snapshot().load_full();
         let svc = snap.services.get(dest).cloned()?;
@@ -345,7 +373,7 @@ impl Forwarder {
         };
         let sent = self
             .direct
-            .forward_prepared(to, copy.into_parts().0, &mut s.body)
+            .forward_prepared(to, copy.into_parts().0, &mut s.body, trail)
             .await;
         Some(match sent {
             Ok(resp) => {
@@ -591,6 +619,7 @@ struct MemberAttempt<'a> {
     fwd: &'a Forwarder,
     tier: &'a Tier,
     s: &'a mut Sending,
+    trail: Option<&'a mut Trail>,
 }
 
 impl Attempt for MemberAttempt<'_> {
@@ -654,6 +683,10 @@ impl Attempt for MemberAttempt<'_> {
         if !own_timeout(f) {
             self.fwd.member_failed(self.tier, member, f);
         }
+    }
+
+    fn trail(&mut self) -> Option<&mut Trail> {
+        self.trail.as_deref_mut()
     }
 }
 

@@ -30,6 +30,7 @@ use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
 use meshgate_gateway::node::{bind, rejected, status_json, Process};
+use meshgate_gateway::observe::AccessLog;
 use meshgate_gateway::proxy::{ListenerKind, Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
@@ -179,6 +180,10 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
+    let access_log = AccessLog::start(&cfg.access_log, &metrics)?;
+    if let Some(log) = &access_log {
+        log.reopen_on_sighup();
+    }
     let fwd = Arc::new(Forwarder {
         service: HeaderValue::from_str(&cfg.service)?,
         policy: policy.clone(),
@@ -200,6 +205,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                 ..ProxyOptions::default()
             },
         ),
+        log: access_log.clone(),
     });
 
     let mut node = Process::new(
@@ -272,7 +278,8 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                     ..ProxyOptions::default()
                 },
             )
-            .inbound(&cfg.service),
+            .inbound(&cfg.service)
+            .with_access_log(access_log.clone()),
         );
         node.serve_mesh("inbound", l, Some(tls), move |peer, req| {
             let p = inbound.clone();
@@ -400,6 +407,9 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         registration.deregister().await;
     };
     node.run(follow, stopping).await;
+    if let Some(log) = access_log {
+        log.flush(Duration::from_secs(2));
+    }
     Ok(())
 }
 

@@ -86,6 +86,9 @@ pub enum ProxyBody {
     Guarded(Box<Guarded>),
     /// A request body that notes when it fails (see [`Watched`]).
     Watched(Box<Watched>),
+    /// A response body that reports its length when it ends (see
+    /// [`Observed`]).
+    Observed(Box<Observed>),
 }
 
 /// The error of a body on the proxy path.
@@ -113,6 +116,7 @@ impl Body for ProxyBody {
                 }
                 polled
             }
+            ProxyBody::Observed(o) => o.poll(cx),
         }
     }
 
@@ -123,6 +127,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_end_stream(),
             ProxyBody::Guarded(g) => g.inner.is_end_stream(),
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
+            ProxyBody::Observed(o) => o.inner.is_end_stream(),
         }
     }
 
@@ -133,6 +138,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Guarded(g) => g.inner.size_hint(),
             ProxyBody::Watched(w) => w.inner.size_hint(),
+            ProxyBody::Observed(o) => o.inner.size_hint(),
         }
     }
 }
@@ -165,6 +171,71 @@ impl Watched {
             failed: failed.clone(),
         }));
         (body, Some(failed))
+    }
+}
+
+/// Told, once, how a body ended: the bytes it carried and whether it
+/// ended whole (false: it failed, or was dropped before its end).
+pub trait OnEnd: Send + Sync {
+    fn ended(self: Box<Self>, bytes: u64, whole: bool);
+}
+
+/// A body that counts its data and reports to an [`OnEnd`] when it ends
+/// (the access log's record of the request).
+pub struct Observed {
+    inner: ProxyBody,
+    bytes: u64,
+    on_end: Option<Box<dyn OnEnd>>,
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Observed {
+    pub fn wrap(inner: ProxyBody, on_end: Box<dyn OnEnd>) -> ProxyBody {
+        ProxyBody::Observed(Box::new(Observed {
+            inner,
+            bytes: 0,
+            on_end: Some(on_end),
+        }))
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.end(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.end(false),
+            Poll::Ready(None) => self.end(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn end(&mut self, whole: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.ended(self.bytes, whole);
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // A body never polled because it had nothing to send (a HEAD or
+        // 204 answer, an empty body) ended whole.
+        let whole = self.inner.is_end_stream();
+        self.end(whole);
     }
 }
 

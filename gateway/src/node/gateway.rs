@@ -27,6 +27,7 @@ use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::node::ops::{OpsExtra, OpsState};
 use crate::node::{bind, rejected, status_json, ClientSettings, Process};
+use crate::observe::{AccessLog, AccessLogSettings};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
@@ -94,6 +95,9 @@ pub struct GatewayConfig {
     /// the same zone are used first, others when none of those is healthy.
     #[serde(default)]
     pub zone: Option<String>,
+    /// The access log (off unless set).
+    #[serde(default)]
+    pub access_log: AccessLogSettings,
 }
 
 /// The TLS ingress listener.
@@ -219,6 +223,7 @@ impl GatewayConfig {
         }
         p.extend(self.client.problems());
         p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
+        p.extend(self.access_log.problems());
         p
     }
 }
@@ -318,16 +323,23 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
-    let proxy = Arc::new(Proxy::new(
-        shared.clone(),
-        ready.clone(),
-        metrics.clone(),
-        ProxyOptions {
-            max_hops: cfg.proxy.max_hops,
-            replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
-            ..ProxyOptions::default()
-        },
-    ));
+    let access_log = AccessLog::start(&cfg.access_log, &metrics)?;
+    if let Some(log) = &access_log {
+        log.reopen_on_sighup();
+    }
+    let proxy = Arc::new(
+        Proxy::new(
+            shared.clone(),
+            ready.clone(),
+            metrics.clone(),
+            ProxyOptions {
+                max_hops: cfg.proxy.max_hops,
+                replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,
+                ..ProxyOptions::default()
+            },
+        )
+        .with_access_log(access_log.clone()),
+    );
 
     // Ops port (+ what the binary embeds).
     let extra = match embed {
@@ -502,6 +514,9 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         registration.deregister().await;
     };
     node.run(follow, stopping).await;
+    if let Some(log) = access_log {
+        log.flush(Duration::from_secs(2));
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -18,8 +18,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::http::error::{Failure, MeshError, Side};
+use crate::observe::access_log::{Trail, OK, RETRY_STATUS};
 use crate::upstream::balance::Balancer;
 use crate::upstream::endpoint::EndpointState;
 
@@ -160,6 +162,12 @@ pub trait Attempt {
 
     /// A failure on the upstream's side, to count against `ep`.
     fn blame(&mut self, ep: &EndpointState, f: &Failure);
+
+    /// The request's access-log trail, when the request is logged: each
+    /// try is added to it.
+    fn trail(&mut self) -> Option<&mut Trail> {
+        None
+    }
 }
 
 /// Tries members of `m` with `a` until one answers or the rules stop it.
@@ -184,7 +192,19 @@ pub async fn run<A: Attempt>(m: Members<'_>, a: &mut A) -> Result<A::Answer, Fai
         let Some(ep) = picked else {
             return Err(exhausted(m.what, m.name, tried.len(), last));
         };
-        let f = match a.attempt(ep.clone()).await {
+        let began = a.trail().is_some().then(Instant::now);
+        let step = a.attempt(ep.clone()).await;
+        if let Some(t0) = began {
+            let outcome = match &step {
+                Step::Done(_) => OK,
+                Step::Retry(_) => RETRY_STATUS,
+                Step::Failed(f) => f.reason.code(),
+            };
+            if let Some(trail) = a.trail() {
+                trail.push(m.what, m.name, &ep.address, outcome, t0.elapsed());
+            }
+        }
+        let f = match step {
             Step::Done(t) => return Ok(t),
             Step::Retry(t) => {
                 if !a.may_resend(Why::Answer) {

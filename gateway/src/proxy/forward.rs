@@ -30,6 +30,7 @@ use crate::http::h2::Wire;
 use crate::http::headers;
 use crate::http::limit::Overflow;
 use crate::metrics::Metrics;
+use crate::observe::Trail;
 use crate::routing::CompiledRoute;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::attempt::{self, AttemptError, AttemptOpts};
@@ -69,6 +70,8 @@ struct Sending<'a> {
     retries: u32,
     /// The retry in flight, counted under `max_retries` while it lasts.
     permit: Option<RetryPermit>,
+    /// The access log's record of the tries, when the request is logged.
+    trail: Option<&'a mut Trail>,
 }
 
 impl Proxy {
@@ -77,24 +80,26 @@ impl Proxy {
         &self,
         dest: Dest<'_>,
         req: Request<RequestBody>,
+        trail: Option<&mut Trail>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let (mut parts, body) = req.into_parts();
         prelude::keep_host(&mut parts.headers, parts.uri.authority());
         let mut body = ReplayBody::new(body, &parts.headers, self.opts.replay_buffer_bytes)
             .await
             .map_err(|e| Failure::new(MeshError::BadRequest, e.to_string()))?;
-        self.forward_prepared(dest, parts, &mut body).await
+        self.forward_prepared(dest, parts, &mut body, trail).await
     }
 
     /// [`Proxy::forward`] of a request whose body is already read into a
     /// [`ReplayBody`]. A buffered body stays replayable afterwards, so a
     /// caller (the sidecar's direct tier) can send it on elsewhere when
-    /// this fails.
+    /// this fails. Each try is added to `trail` when given.
     pub async fn forward_prepared(
         &self,
         dest: Dest<'_>,
         mut parts: http::request::Parts,
         body: &mut ReplayBody,
+        trail: Option<&mut Trail>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let primary = dest.service;
         let t = primary.timeouts(dest.route.timeouts.as_ref());
@@ -138,6 +143,7 @@ impl Proxy {
             per_try: t.per_try,
             retries: 0,
             permit: None,
+            trail,
         };
         let mut svc = primary;
         let mut sent = self.send(svc, key, fallback.is_some(), &mut s).await;
@@ -312,6 +318,10 @@ impl Attempt for HttpAttempt<'_, '_> {
 
     fn blame(&mut self, ep: &EndpointState, f: &Failure) {
         blame(&self.proxy.metrics, self.svc, ep, f);
+    }
+
+    fn trail(&mut self) -> Option<&mut Trail> {
+        self.s.trail.as_deref_mut()
     }
 }
 

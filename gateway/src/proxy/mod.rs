@@ -35,7 +35,8 @@
 //!    outlier detection); the fallback service when no endpoint took it
 //! 8. the rescue: a [`Failure`] becomes its synthetic response, or a gRPC
 //!    status for a gRPC call ([`Failure::into_response`])
-//! 9. metrics per route and backend
+//! 9. metrics per route and backend; the access log's record
+//!    ([`crate::observe`]), handed over when the answer's body ends
 
 pub mod attempts;
 pub(crate) mod authz;
@@ -56,6 +57,7 @@ use crate::http::body::{full, ProxyBody, RequestBody};
 use crate::http::error::{Failure, MeshError};
 use crate::http::headers;
 use crate::metrics::{status_class, Metrics, RouteStats};
+use crate::observe::{AccessLog, Entry};
 use crate::routing::{CompiledRoute, RequestView};
 use crate::server::Peer;
 use crate::snapshot::SharedSnapshot;
@@ -111,6 +113,8 @@ pub struct Proxy {
     opts: ProxyOptions,
     /// The one service an inbound listener serves.
     inbound: Option<Arc<str>>,
+    /// The access log, when the node keeps one.
+    log: Option<Arc<AccessLog>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -133,7 +137,14 @@ impl Proxy {
             metrics,
             opts,
             inbound: None,
+            log: None,
         }
+    }
+
+    /// Records the requests of this data plane in `log`.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Proxy {
+        self.log = log;
+        self
     }
 
     /// The data plane of a sidecar's inbound listener: every request goes
@@ -159,7 +170,14 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = headers::is_grpc(req.headers());
-        let (result, route) = self.route_and_forward(kind, &peer, grpc, req).await;
+        let mut entry = self.log.as_ref().and_then(|l| l.begin(kind.as_str()));
+        if let Some(e) = entry.as_deref_mut() {
+            e.request(&req);
+            e.client = Some(peer.ip.clone());
+        }
+        let (result, route) = self
+            .route_and_forward(kind, &peer, grpc, req, entry.as_deref_mut())
+            .await;
         // The rescue. A gRPC caller also gets an upstream mesh process's
         // own error (`x-mesh-error` crossing the process boundary) as a
         // gRPC status.
@@ -197,7 +215,10 @@ impl Proxy {
                     .observe(elapsed);
             }
         }
-        resp
+        match (entry, &self.log) {
+            (Some(e), Some(log)) => log.respond(e, resp),
+            _ => resp,
+        }
     }
 
     /// The response or the failure, and the route and backend index it is
@@ -208,6 +229,7 @@ impl Proxy {
         peer: &Peer,
         grpc: bool,
         mut req: Request<RequestBody>,
+        mut entry: Option<&mut Entry>,
     ) -> (
         Result<Response<ProxyBody>, Failure>,
         Option<(Arc<CompiledRoute>, usize)>,
@@ -234,6 +256,9 @@ impl Proxy {
             prelude::source_from_identity(h, peer.tls.as_deref());
         }
         prelude::forwarded_for(h, &peer.ip);
+        if let Some(e) = entry.as_deref_mut() {
+            e.ids(h);
+        }
 
         let uri_host = req.uri().host().map(str::to_string);
         // 3. CONNECT. Boxed, here and for upgrades: a rare path's future
@@ -283,6 +308,9 @@ impl Proxy {
                 }
             },
         };
+        if let Some(e) = entry.as_deref_mut() {
+            e.route = Some(route.name.clone());
+        }
         // 5. direct response, or a backend
         if let Some((status, body, ctype)) = &route.direct {
             let mut resp = Response::new(full(Full::new(body.clone())));
@@ -299,6 +327,9 @@ impl Proxy {
             );
             return (Err(f), None);
         };
+        if let Some(e) = entry.as_deref_mut() {
+            e.service = Some(backend.to_string());
+        }
         let Some(svc) = snap.services.get(&**backend).cloned() else {
             let msg = format!("service {backend} is not configured");
             let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
@@ -336,7 +367,7 @@ impl Proxy {
             client_ip: &peer.ip,
             deadline,
         };
-        let result = self.forward(dest, req).await;
+        let result = self.forward(dest, req, entry.map(|e| &mut e.trail)).await;
         (result, Some((route, index)))
     }
 }
