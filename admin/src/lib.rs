@@ -37,6 +37,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/api/v1/nodes", get(api::nodes))
         .route("/api/v1/status", get(api::status))
+        .route("/api/v1/metrics", get(api::metrics))
         .route(
             "/api/v1/openapi.json",
             get(|| async { axum::Json(openapi::document()) }),

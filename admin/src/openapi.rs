@@ -270,6 +270,15 @@ pub fn paths() -> Value {
             "config_revision": revision, "in_sync": {"type": "boolean"}, "nodes": items,
             "store": any_object()}}))],
     )}));
+    let mut metrics = op(
+        "the cluster as /status sees it, in the Prometheus text format (config revision; per node lag, sync, policy freshness, identity expiry)",
+        vec![],
+        None,
+        &[],
+    );
+    metrics["responses"]["200"] = json!({"description": "success",
+        "content": {"text/plain": {"schema": {"type": "string"}}}});
+    p.insert("/api/v1/metrics".into(), json!({ "get": metrics }));
     p.insert(
         "/api/v1/nodes".into(),
         json!({"get": op(

@@ -1,5 +1,14 @@
 //! Prometheus metrics of a gateway or sidecar process, served on the ops
 //! port at `/metrics`.
+//!
+//! Label cardinality is bounded by the config, never by what a client
+//! sends: routes and services are the config's (an unmatched request
+//! counts under route `""`); a status `code` is one of at most 500
+//! values; a sidecar's `destination` is a service its policy knows, else
+//! `other`; a mesh call's `caller` is a configured service, else
+//! `unknown`. The series of a deleted route or service are removed
+//! ([`Metrics::forget`]). Process metrics keep their standard unprefixed
+//! `process_*` names, so stock dashboards work.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -43,6 +52,22 @@ pub struct Metrics {
     /// was behind.
     pub access_log_lines: IntCounter,
     pub access_log_dropped: IntCounter,
+    /// Synthetic answers (`x-mesh-error`) by listener and reason.
+    pub mesh_errors: IntCounterVec,
+    /// Calls taken on a mesh or inbound listener, by caller and
+    /// destination service, and their duration.
+    pub mesh_calls: IntCounterVec,
+    pub mesh_call_duration: HistogramVec,
+    /// A sidecar's requests from its app, by destination, tier, status
+    /// class and code, and their duration.
+    pub sidecar_requests: IntCounterVec,
+    pub sidecar_duration: HistogramVec,
+    /// Requests a sidecar moved from this tier to the next.
+    pub sidecar_failovers: IntCounterVec,
+    /// A sidecar's plain-TCP connections, by destination, tier and result.
+    pub sidecar_tcp: IntCounterVec,
+    /// The process collector, outside the `meshgate_` prefix.
+    process: Registry,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -64,9 +89,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Requests handled, by listener, route, service and status class",
+                "Requests handled, by listener, route, service, status class and code",
             ),
-            &["listener", "route", "service", "class"],
+            &["listener", "route", "service", "class", "code"],
         )
         .expect("metric");
         let duration = HistogramVec::new(
@@ -74,11 +99,66 @@ impl Metrics {
                 "request_duration_seconds",
                 "Time from request received to response headers sent",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["listener", "route"],
+        )
+        .expect("metric");
+        let mesh_errors = IntCounterVec::new(
+            Opts::new(
+                "mesh_errors_total",
+                "Synthetic answers of the mesh (x-mesh-error), by listener and reason",
+            ),
+            &["listener", "error"],
+        )
+        .expect("metric");
+        let mesh_calls = IntCounterVec::new(
+            Opts::new(
+                "mesh_calls_total",
+                "Calls on mesh and inbound listeners by calling service (unknown: not a configured service) and destination",
+            ),
+            &["caller", "destination", "class"],
+        )
+        .expect("metric");
+        let mesh_call_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_call_duration_seconds",
+                "Duration of calls on mesh and inbound listeners by caller and destination",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["caller", "destination"],
+        )
+        .expect("metric");
+        let sidecar_requests = IntCounterVec::new(
+            Opts::new(
+                "sidecar_requests_total",
+                "A sidecar's requests from its app by destination (other: not in its policy), tier, status class and code",
+            ),
+            &["destination", "tier", "class", "code"],
+        )
+        .expect("metric");
+        let sidecar_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sidecar_request_duration_seconds",
+                "A sidecar's requests from its app: time to response headers, by destination and tier",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["destination", "tier"],
+        )
+        .expect("metric");
+        let sidecar_failovers = IntCounterVec::new(
+            Opts::new(
+                "sidecar_tier_failovers_total",
+                "Requests a sidecar moved from this tier to the next one",
+            ),
+            &["tier"],
+        )
+        .expect("metric");
+        let sidecar_tcp = IntCounterVec::new(
+            Opts::new(
+                "sidecar_tcp_connections_total",
+                "A sidecar's plain-TCP local-port connections by destination, tier and result",
+            ),
+            &["destination", "tier", "result"],
         )
         .expect("metric");
         let connect_failures = IntCounterVec::new(
@@ -185,11 +265,23 @@ impl Metrics {
             Box::new(authz_denied.clone()),
             Box::new(access_log_lines.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(mesh_errors.clone()),
+            Box::new(mesh_calls.clone()),
+            Box::new(mesh_call_duration.clone()),
+            Box::new(sidecar_requests.clone()),
+            Box::new(sidecar_duration.clone()),
+            Box::new(sidecar_failovers.clone()),
+            Box::new(sidecar_tcp.clone()),
             Box::new(info),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("unique metric");
         }
+        let process = Registry::new();
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics");
         Metrics {
             registry,
             requests,
@@ -208,6 +300,14 @@ impl Metrics {
             authz_denied,
             access_log_lines,
             access_log_dropped,
+            mesh_errors,
+            mesh_calls,
+            mesh_call_duration,
+            sidecar_requests,
+            sidecar_duration,
+            sidecar_failovers,
+            sidecar_tcp,
+            process,
         }
     }
 
@@ -218,52 +318,143 @@ impl Metrics {
     /// The text exposition format.
     pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding");
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Removes every series whose `label` is `value` (a deleted route or
+    /// service) from the request metrics.
+    pub fn forget(&self, label: &str, value: &str) {
+        forget(&self.requests, label, value);
+        forget(&self.duration, label, value);
+        if label == "service" {
+            forget(&self.mesh_calls, "destination", value);
+            forget(&self.mesh_call_duration, "destination", value);
+            forget(&self.mesh_calls, "caller", value);
+            forget(&self.mesh_call_duration, "caller", value);
+            forget(&self.resilience, "service", value);
+            forget(&self.connect_failures, "service", value);
+            forget(&self.authz_denied, "service", value);
+        }
+    }
+
+    /// Counts a call on a mesh or inbound listener from `caller` (a
+    /// configured service, else counted as `unknown`) to `destination`.
+    pub(crate) fn mesh_call(&self, caller: &str, destination: &str, status: u16, secs: f64) {
+        self.mesh_calls
+            .with_label_values(&[caller, destination, status_class(status)])
+            .inc();
+        self.mesh_call_duration
+            .with_label_values(&[caller, destination])
+            .observe(secs);
+    }
+}
+
+/// Histogram buckets from 50 µs (a gateway's median is tens of
+/// microseconds) to 30 s.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+/// Removes the series of `vec` whose `label` is `value`.
+fn forget<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    label: &str,
+    value: &str,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels = m.get_label();
+            if !labels
+                .iter()
+                .any(|l| l.get_name() == label && l.get_value() == value)
+            {
+                continue;
+            }
+            let by_name: std::collections::HashMap<&str, &str> = labels
+                .iter()
+                .map(|l| (l.get_name(), l.get_value()))
+                .collect();
+            let _ = vec.remove(&by_name);
+        }
     }
 }
 
 /// One route's metric handles: the duration histogram and a request
-/// counter per backend and status class. Resolving them once per route
-/// keeps label hashing and the metric-vector lock off the request path.
+/// counter per backend and common status code, resolved on first use.
+/// Resolving them once per route keeps label hashing and the
+/// metric-vector lock off the request path; an uncommon code is resolved
+/// at each use.
 #[derive(Debug)]
 pub struct RouteStats {
     pub duration: Histogram,
-    /// `[backend index][status class index]` (see [`class_index`]).
-    requests: Vec<[IntCounter; 5]>,
+    listener: String,
+    route: String,
+    services: Vec<String>,
+    /// `[backend index][common code index]` (see [`COMMON_CODES`]).
+    requests: Vec<[std::sync::OnceLock<IntCounter>; COMMON_CODES.len()]>,
+    vec: IntCounterVec,
 }
 
 impl RouteStats {
     /// Handles for a route on `listener` with these backend services
     /// (an empty list: the route answers itself, counted with service "").
     pub fn new(m: &Metrics, listener: &str, route: &str, backends: &[&str]) -> RouteStats {
-        let services: Vec<&str> = if backends.is_empty() {
-            vec![""]
+        let services: Vec<String> = if backends.is_empty() {
+            vec![String::new()]
         } else {
-            backends.to_vec()
+            backends.iter().map(|s| s.to_string()).collect()
         };
         RouteStats {
             duration: m.duration.with_label_values(&[listener, route]),
-            requests: services
-                .iter()
-                .map(|svc| {
-                    CLASSES
-                        .map(|class| m.requests.with_label_values(&[listener, route, svc, class]))
-                })
-                .collect(),
+            listener: listener.into(),
+            route: route.into(),
+            requests: services.iter().map(|_| Default::default()).collect(),
+            services,
+            vec: m.requests.clone(),
         }
     }
 
     /// Counts a request served by backend `backend` (0 for routes without
     /// backends) with `status`.
     pub(crate) fn count(&self, backend: usize, status: u16) {
-        if let Some(row) = self.requests.get(backend) {
-            row[class_index(status)].inc();
+        let Some(svc) = self.services.get(backend) else {
+            return;
+        };
+        let class = status_class(status);
+        match COMMON_CODES.iter().position(|&c| c == status) {
+            Some(i) => self.requests[backend][i]
+                .get_or_init(|| {
+                    let code = COMMON_NAMES[i];
+                    self.vec
+                        .with_label_values(&[&self.listener, &self.route, svc, class, code])
+                })
+                .inc(),
+            None => {
+                let mut code = itoa::Buffer::new();
+                let code = code.format(status);
+                self.vec
+                    .with_label_values(&[&self.listener, &self.route, svc, class, code])
+                    .inc()
+            }
         }
     }
 }
+
+/// Status codes whose counters a route keeps at hand.
+const COMMON_CODES: [u16; 16] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504, 101,
+];
+const COMMON_NAMES: [&str; 16] = [
+    "200", "201", "204", "301", "302", "304", "400", "401", "403", "404", "429", "500", "502",
+    "503", "504", "101",
+];
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 

@@ -146,8 +146,14 @@ impl Forwarder {
             e.client = Some(LOOPBACK.clone());
         }
         let (result, dest, tier) = self.forward(req, entry.as_deref_mut()).await;
-        if matches!(&result, Err(f) if f.reason == MeshError::ClientAborted) {
-            self.metrics.client_aborts.inc();
+        if let Err(f) = &result {
+            if f.reason == MeshError::ClientAborted {
+                self.metrics.client_aborts.inc();
+            }
+            self.metrics
+                .mesh_errors
+                .with_label_values(&["app", f.reason.code()])
+                .inc();
         }
         // The rescue: a failure becomes its synthetic response here (the
         // direct tier's marked with its tier, as gateways mark theirs).
@@ -156,13 +162,16 @@ impl Forwarder {
             Err(f) if tier == "direct" => tag_tier(f.into_response(grpc), tier),
             Err(f) => f.into_response(grpc),
         };
+        let status = resp.status().as_u16();
+        let mut code = itoa::Buffer::new();
+        let label = self.destination_label(&dest);
         self.metrics
-            .requests
-            .with_label_values(&["app", tier, &dest, status_class(resp.status().as_u16())])
+            .sidecar_requests
+            .with_label_values(&[label, tier, status_class(status), code.format(status)])
             .inc();
         self.metrics
-            .duration
-            .with_label_values(&["app", tier])
+            .sidecar_duration
+            .with_label_values(&[label, tier])
             .observe(start.elapsed().as_secs_f64());
         match (entry, &self.log) {
             (Some(mut e), Some(log)) => {
@@ -171,6 +180,19 @@ impl Forwarder {
                 log.respond(e, resp)
             }
             _ => resp,
+        }
+    }
+
+    /// `dest` as a metric label: a destination the policy or the direct
+    /// tier knows, else `other` (the app names destinations; the labels
+    /// stay bounded by the config).
+    pub fn destination_label<'d>(&self, dest: &'d str) -> &'d str {
+        let known = self.policy.load().destinations.contains_key(dest)
+            || self.direct.snapshot().load().services.contains_key(dest);
+        if known {
+            dest
+        } else {
+            "other"
         }
     }
 
@@ -281,6 +303,7 @@ impl Forwarder {
                         if let Some(t) = trail.as_deref_mut() {
                             t.last_failed(f.reason.code());
                         }
+                        self.failed_over("direct");
                         tracing::debug!(service = %dest, error = %f, "endpoint broke off its answer; next tier")
                     }
                     Err(Answered(f)) if !attempts::next_tier(&f, s.resend()) => {
@@ -288,6 +311,7 @@ impl Forwarder {
                     }
                     Err(Answered(f)) => {
                         tracing::debug!(service = %dest, error = %f, "direct tier failed; next tier");
+                        self.failed_over("direct");
                         answered = Some((f, "direct"));
                     }
                 }
@@ -320,6 +344,7 @@ impl Forwarder {
                 };
             }
             tracing::debug!(tier = tier.name, error = %f, "tier failed; next tier");
+            self.failed_over(tier.name);
             if f.answer.is_some() {
                 answered = Some((f, tier.name));
             }
@@ -518,6 +543,14 @@ impl Forwarder {
             }
         }
         Err(format!("no tier could open a tunnel to {dest}"))
+    }
+
+    /// A request moves from `tier` to the next one.
+    fn failed_over(&self, tier: &str) {
+        self.metrics
+            .sidecar_failovers
+            .with_label_values(&[tier])
+            .inc();
     }
 
     /// A member failed: ejected for a while, and a failed connect counted.

@@ -426,16 +426,16 @@ async fn tcp_port(
     let conn = move |stream, _peer| {
         let (fwd, metrics, service) = (fwd.clone(), metrics.clone(), service.clone());
         async move {
-            let (tier, class) = match fwd.tcp(&service, stream).await {
-                Ok(tier) => (tier, "2xx"),
+            let (tier, result) = match fwd.tcp(&service, stream).await {
+                Ok(tier) => (tier, "ok"),
                 Err(e) => {
                     tracing::debug!(%service, error = %e, "tcp connection ended");
-                    ("", "5xx")
+                    ("", "failed")
                 }
             };
             metrics
-                .requests
-                .with_label_values(&["tcp", tier, &service, class])
+                .sidecar_tcp
+                .with_label_values(&[fwd.destination_label(&service), tier, result])
                 .inc();
         }
     };

@@ -1268,16 +1268,40 @@ pub async fn metric(ops_port: u16, sample: &str) -> f64 {
     let Ok(r) = http_get(&format!("http://127.0.0.1:{ops_port}/metrics"), &[]).await else {
         return 0.0;
     };
-    r.body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
+    metric_in(&r.body, sample)
+}
+
+/// The sum of the samples in the exposition `text` that `sample` names:
+/// every sample of its metric whose labels include all of `sample`'s
+/// (`name{a="x"}` sums over the other labels; `name` alone, over all).
+pub fn metric_in(text: &str, sample: &str) -> f64 {
+    let (name, want) = split_sample(sample);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = split_sample(series);
+            let all = want.iter().all(|w| labels.contains(w));
+            (n == name && all).then(|| value.trim().parse::<f64>().ok())?
         })
-        .unwrap_or(0.0)
+        .sum()
+}
+
+/// A sample's metric name and its `k="v"` label pairs.
+fn split_sample(s: &str) -> (&str, Vec<(String, String)>) {
+    let Some((name, rest)) = s.split_once('{') else {
+        return (s.trim(), Vec::new());
+    };
+    let mut labels = Vec::new();
+    let mut rest = rest.trim_end_matches('}');
+    while let Some((k, v)) = rest.split_once("=\"") {
+        let Some((value, after)) = v.split_once('"') else {
+            break;
+        };
+        labels.push((k.trim_matches(',').trim().to_string(), value.to_string()));
+        rest = after;
+    }
+    (name, labels)
 }
 
 /// Starts `meshgate-echo` (answers every request with what it received,

@@ -82,7 +82,7 @@ async fn direct_mode_bypasses_the_gateways_and_fails_over_to_them() {
         "a gateway saw the requests"
     );
     let direct_ok =
-        "meshgate_requests_total{class=\"2xx\",listener=\"app\",route=\"direct\",service=\"orders\"}";
+        "meshgate_sidecar_requests_total{class=\"2xx\",destination=\"orders\",tier=\"direct\"}";
     assert_eq!(metric(ops, direct_ok).await, 20.0);
 
     // 2. A dead endpoint is ejected: the rest goes to b2, and at most one

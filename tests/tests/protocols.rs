@@ -450,7 +450,7 @@ async fn sidecar_local_ports_carry_http_websocket_and_tcp() {
         let ops = p.ops;
         async move {
             let sample = format!(
-                "meshgate_requests_total{{class=\"2xx\",listener=\"tcp\",route=\"{tier}\",service=\"echo\"}}"
+                "meshgate_sidecar_tcp_connections_total{{destination=\"echo\",result=\"ok\",tier=\"{tier}\"}}"
             );
             metric(ops, &sample).await
         }
@@ -553,7 +553,7 @@ async fn grpc_through_the_sidecar_in_gateway_and_direct_mode() {
         let ops = p.ops;
         async move {
             let sample = format!(
-                "meshgate_requests_total{{class=\"2xx\",listener=\"app\",route=\"{tier}\",service=\"echo\"}}"
+                "meshgate_sidecar_requests_total{{class=\"2xx\",destination=\"echo\",tier=\"{tier}\"}}"
             );
             metric(ops, &sample).await
         }

@@ -306,7 +306,8 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             }
         }),
     )
-    .with_mesh_identity(identity.clone());
+    .with_mesh_identity(identity.clone())
+    .with_metrics(metrics.clone());
     let dump = compiler.dump_handle();
     let certs = compiler.certs_handle();
     let refused = compiler.rejections();

@@ -175,21 +175,27 @@ impl Proxy {
             e.request(&req);
             e.client = Some(peer.ip.clone());
         }
+        let mut caller = None;
         let (result, route) = self
-            .route_and_forward(kind, &peer, grpc, req, entry.as_deref_mut())
+            .route_and_forward(kind, &peer, grpc, req, entry.as_deref_mut(), &mut caller)
             .await;
         // The rescue. A gRPC caller also gets an upstream mesh process's
         // own error (`x-mesh-error` crossing the process boundary) as a
         // gRPC status.
-        let resp = match result {
-            Ok(resp) if grpc => {
-                Failure::from_answer(resp).unwrap_or_else(|f| f.into_response(true))
-            }
+        let rescued = match result {
+            Ok(resp) if grpc => Failure::from_answer(resp),
+            other => other,
+        };
+        let resp = match rescued {
             Ok(resp) => resp,
             Err(f) => {
                 if f.reason == MeshError::ClientAborted {
                     self.metrics.client_aborts.inc();
                 }
+                self.metrics
+                    .mesh_errors
+                    .with_label_values(&[kind.as_str(), f.reason.code()])
+                    .inc();
                 f.into_response(grpc)
             }
         };
@@ -203,11 +209,21 @@ impl Proxy {
                 });
                 stats.count(backend, status);
                 stats.duration.observe(elapsed);
+                if let (Some(caller), Some(dest)) = (&caller, route.backends.get(backend)) {
+                    self.metrics.mesh_call(caller, dest, status, elapsed);
+                }
             }
             None => {
+                let mut code = itoa::Buffer::new();
                 self.metrics
                     .requests
-                    .with_label_values(&[kind.as_str(), "", "", status_class(status)])
+                    .with_label_values(&[
+                        kind.as_str(),
+                        "",
+                        "",
+                        status_class(status),
+                        code.format(status),
+                    ])
                     .inc();
                 self.metrics
                     .duration
@@ -221,8 +237,8 @@ impl Proxy {
         }
     }
 
-    /// The response or the failure, and the route and backend index it is
-    /// counted under.
+    /// The response or the failure, the route and backend index it is
+    /// counted under, and its caller.
     async fn route_and_forward(
         &self,
         kind: ListenerKind,
@@ -230,6 +246,7 @@ impl Proxy {
         grpc: bool,
         mut req: Request<RequestBody>,
         mut entry: Option<&mut Entry>,
+        caller: &mut Option<Arc<str>>,
     ) -> (
         Result<Response<ProxyBody>, Failure>,
         Option<(Arc<CompiledRoute>, usize)>,
@@ -254,6 +271,13 @@ impl Proxy {
             prelude::forwarded_proto(h, peer.tls.is_some());
         } else {
             prelude::source_from_identity(h, peer.tls.as_deref());
+            // The calling service, for the caller → destination metrics:
+            // a configured service's name, else `unknown` (bounded).
+            let source = h.get(&headers::X_MESH_SOURCE).and_then(|v| v.to_str().ok());
+            *caller = Some(match source.and_then(|s| snap.services.get_key_value(s)) {
+                Some((name, _)) => name.clone(),
+                None => UNKNOWN_CALLER.clone(),
+            });
         }
         prelude::forwarded_for(h, &peer.ip);
         if let Some(e) = entry.as_deref_mut() {
@@ -371,6 +395,10 @@ impl Proxy {
         (result, Some((route, index)))
     }
 }
+
+/// The caller label of a call whose source is not a configured service.
+static UNKNOWN_CALLER: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "unknown".into());
 
 /// Default timeouts of the proxy path.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -235,6 +235,8 @@ pub struct Compiler {
     dump: ConfigDump,
     /// This process's mesh identity, for services with `mtls` on.
     mesh_identity: Option<Arc<LiveIdentity>>,
+    /// Where a deleted route's or service's metric series are removed.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// What `/config` shows: the applied objects at the applied revision and
@@ -304,7 +306,15 @@ impl Compiler {
             on_apply,
             dump: ConfigDump::default(),
             mesh_identity: None,
+            metrics: None,
         }
+    }
+
+    /// Removes the metric series of routes and services deleted from the
+    /// config from `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Compiler {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Calls the instances of services with `mtls` on over mutual TLS
@@ -486,6 +496,9 @@ impl Apply for Compiler {
                     self.authz.remove(&key);
                     match key.kind {
                         Kind::Services => {
+                            if let Some(m) = &self.metrics {
+                                m.forget("service", &key.name);
+                            }
                             self.services.remove(key.name.as_str());
                             self.specs.remove(&key.name);
                             self.checks_due.insert(key.name.as_str().into());
@@ -506,7 +519,10 @@ impl Apply for Compiler {
                             self.tcp_routes.remove(&key.name);
                         }
                         Kind::Routes => {
-                            self.remove_route(&key.name);
+                            let removed = self.remove_route(&key.name);
+                            if let (true, Some(m)) = (removed, &self.metrics) {
+                                m.forget("route", &key.name);
+                            }
                         }
                         Kind::Groups => {
                             self.groups.remove(&key.name);

@@ -115,10 +115,23 @@ impl HealthChecks {
                 start.push(((*spec).clone(), (*e).clone()));
             }
         }
+        // A departed endpoint's series go with it.
+        let departed: Vec<String> = stop
+            .iter()
+            .filter(|a| !want.contains_key(a.as_str()))
+            .cloned()
+            .collect();
         for addr in stop {
             if let Some(p) = inner.running.remove(&addr) {
                 p.task.abort();
                 p.endpoint.set_health(Health::Unknown);
+            }
+        }
+        if let Some(c) = &self.counter {
+            for addr in &departed {
+                for result in ["pass", "fail"] {
+                    let _ = c.remove_label_values(&[addr, result]);
+                }
             }
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
