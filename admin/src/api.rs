@@ -46,6 +46,8 @@ pub struct AdminState {
     pub limits: Limits,
     /// The mesh CA, when this admin issues identities.
     pub issuer: Option<Arc<crate::issuer::MeshIssuer>>,
+    /// The live service graph, polled from the nodes.
+    pub topology: Option<Arc<crate::topology::Topology>>,
 }
 
 /// The admin API's request limits (see docs/operations.md).
@@ -1220,6 +1222,50 @@ pub async fn metrics(State(st): State<AdminState>) -> Result<Response, ApiError>
         buf,
     )
         .into_response())
+}
+
+/// `GET /api/v1/topology` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyParams {
+    /// Seconds (1-600, default 60).
+    window_s: Option<u64>,
+}
+
+/// `GET /api/v1/topology?window_s=N`: the service graph over the last N
+/// seconds (default 60, at most 600), from the nodes' counters.
+pub async fn topology(
+    State(st): State<AdminState>,
+    Query(p): Query<TopologyParams>,
+) -> Result<Json<Value>, ApiError> {
+    let keep = crate::topology::KEEP.as_secs();
+    let window = p.window_s.unwrap_or(60);
+    if !(1..=keep).contains(&window) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("window_s: must be from 1 to {keep}"),
+        )
+        .field("window_s"));
+    }
+    let Some(t) = &st.topology else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this admin does not poll the nodes",
+        ));
+    };
+    let services = st.store.range(&Kind::Services.prefix()).await?;
+    let declared: std::collections::BTreeMap<String, Vec<String>> = services
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let s: meshgate_config::model::Service = serde_json::from_slice(&e.value).ok()?;
+            let d = s.destinations.into_iter().map(|d| d.service).collect();
+            Some((e.key.name.clone(), d))
+        })
+        .collect();
+    Ok(Json(t.view(Duration::from_secs(window), &declared)))
 }
 
 /// What `/status` answers.

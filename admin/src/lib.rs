@@ -17,6 +17,7 @@ pub mod error;
 pub mod issuer;
 pub mod openapi;
 pub mod tls;
+pub mod topology;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/nodes", get(api::nodes))
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/metrics", get(api::metrics))
+        .route("/api/v1/topology", get(api::topology))
         .route(
             "/api/v1/openapi.json",
             get(|| async { axum::Json(openapi::document()) }),
@@ -134,5 +136,6 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
         history_limit: api::HISTORY_LIMIT,
         limits: api::Limits::default(),
         issuer: None,
+        topology: None,
     }
 }

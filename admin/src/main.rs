@@ -32,6 +32,10 @@ struct AdminConfig {
     /// Change-log entries kept (default 1000).
     #[serde(default = "default_history_limit")]
     history_limit: usize,
+    /// How often the nodes' call counters are polled for the topology, ms
+    /// (default 10000).
+    #[serde(default = "default_topology_interval")]
+    topology_interval_ms: u64,
     /// Largest request body, bytes (default 1 MiB).
     #[serde(default = "default_max_body")]
     max_body_bytes: usize,
@@ -87,6 +91,10 @@ fn default_max_txn_ops() -> usize {
     meshgate_admin::api::Limits::default().max_txn_ops
 }
 
+fn default_topology_interval() -> u64 {
+    10_000
+}
+
 fn default_history_limit() -> usize {
     meshgate_admin::api::HISTORY_LIMIT
 }
@@ -101,6 +109,12 @@ async fn main() {
 async fn run(args: Args) -> anyhow::Result<()> {
     let cfg: AdminConfig = node::load_checked(&args.config, |c: &AdminConfig| {
         let mut p = c.store.problems();
+        if !(100..=600_000).contains(&c.topology_interval_ms) {
+            p.push((
+                "topology_interval_ms".into(),
+                "must be from 100 to 600000".into(),
+            ));
+        }
         if !(1..=100_000).contains(&c.history_limit) {
             p.push(("history_limit".into(), "must be from 1 to 100000".into()));
         }
@@ -135,7 +149,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     meshgate_admin::check_listen(cfg.listen, &tokens)?;
     let store = cfg.store.open().await?;
-    let mut state = meshgate_admin::state(store, tokens);
+    let mut state = meshgate_admin::state(store.clone(), tokens);
+    state.topology = Some(meshgate_admin::topology::Topology::spawn(
+        store,
+        Duration::from_millis(cfg.topology_interval_ms),
+    ));
     if let Some(ca) = &cfg.ca {
         let issuer =
             meshgate_admin::issuer::MeshIssuer::load(&ca.dir, Duration::from_secs(ca.lifetime_s))?;

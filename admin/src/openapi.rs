@@ -279,6 +279,15 @@ pub fn paths() -> Value {
     metrics["responses"]["200"] = json!({"description": "success",
         "content": {"text/plain": {"schema": {"type": "string"}}}});
     p.insert("/api/v1/metrics".into(), json!({ "get": metrics }));
+    p.insert("/api/v1/topology".into(), json!({"get": op(
+        "the service dependency graph over a recent window, from the nodes' counters: per caller -> destination edge its rate, error rate, p50/p99 and the tiers that carried it; declared destinations never called (unused) and calls not declared (undeclared) flagged",
+        vec![query("window_s", json!({"type": "integer", "minimum": 1, "maximum": 600}), "seconds (default 60)")],
+        None,
+        &[(200, json!({"type": "object", "required": ["window_s", "services", "edges", "unused"], "properties": {
+            "window_s": {"type": "integer"}, "observed_s": {"type": "integer"}, "nodes_polled": {"type": "integer"},
+            "services": {"type": "array", "items": {"type": "string"}},
+            "edges": items, "unused": items}}))],
+    )}));
     p.insert(
         "/api/v1/nodes".into(),
         json!({"get": op(

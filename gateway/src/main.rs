@@ -160,6 +160,10 @@ mod admin {
         };
         meshgate_admin::check_listen(cx.ops_addr, &tokens)?;
         let mut admin = meshgate_admin::state(cx.store.clone(), tokens);
+        admin.topology = Some(meshgate_admin::topology::Topology::spawn(
+            cx.store.clone(),
+            std::time::Duration::from_secs(10),
+        ));
         // Explain in process, against this gateway's applied config.
         let snapshot = cx.snapshot.clone();
         admin.explainer = Some(Arc::new(move |req| {

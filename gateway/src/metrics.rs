@@ -354,6 +354,103 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The calls this process has counted, for the admin's topology
+    /// (`/calls` on the ops port): on mesh and inbound listeners by caller
+    /// and destination, and a sidecar's direct tier by destination. Each
+    /// with its requests, its 5xx answers and its cumulative latency
+    /// buckets (`[upper bound s, count]`). The same numbers `/metrics`
+    /// shows, in a form that needs no parser.
+    pub fn calls_json(&self) -> serde_json::Value {
+        use std::collections::BTreeMap;
+        #[derive(Default)]
+        struct Counts {
+            requests: u64,
+            errors: u64,
+            buckets: Vec<(f64, u64)>,
+        }
+        let labels = |m: &prometheus::proto::Metric| -> BTreeMap<String, String> {
+            m.get_label()
+                .iter()
+                .map(|l| (l.get_name().to_string(), l.get_value().to_string()))
+                .collect()
+        };
+        let mut calls: BTreeMap<(String, String), Counts> = BTreeMap::new();
+        let mut direct: BTreeMap<String, Counts> = BTreeMap::new();
+        use prometheus::core::Collector;
+        for f in self.mesh_calls.collect() {
+            for m in f.get_metric() {
+                let l = labels(m);
+                let c = calls
+                    .entry((l["caller"].clone(), l["destination"].clone()))
+                    .or_default();
+                let n = m.get_counter().get_value() as u64;
+                c.requests += n;
+                if l["class"] == "5xx" {
+                    c.errors += n;
+                }
+            }
+        }
+        for f in self.mesh_call_duration.collect() {
+            for m in f.get_metric() {
+                let l = labels(m);
+                let c = calls
+                    .entry((l["caller"].clone(), l["destination"].clone()))
+                    .or_default();
+                c.buckets = buckets(m.get_histogram());
+            }
+        }
+        for f in self.sidecar_requests.collect() {
+            for m in f.get_metric() {
+                let l = labels(m);
+                if l["tier"] != "direct" {
+                    continue;
+                }
+                let c = direct.entry(l["destination"].clone()).or_default();
+                let n = m.get_counter().get_value() as u64;
+                c.requests += n;
+                if l["class"] == "5xx" {
+                    c.errors += n;
+                }
+            }
+        }
+        for f in self.sidecar_duration.collect() {
+            for m in f.get_metric() {
+                let l = labels(m);
+                if l["tier"] == "direct" {
+                    direct.entry(l["destination"].clone()).or_default().buckets =
+                        buckets(m.get_histogram());
+                }
+            }
+        }
+        let counts = |c: &Counts| serde_json::json!({"requests": c.requests, "errors": c.errors, "buckets": c.buckets});
+        serde_json::json!({
+            "calls": calls.iter().map(|((caller, dest), c)| {
+                let mut v = counts(c);
+                v["caller"] = caller.as_str().into();
+                v["destination"] = dest.as_str().into();
+                v
+            }).collect::<Vec<_>>(),
+            "direct": direct.iter().map(|(dest, c)| {
+                let mut v = counts(c);
+                v["destination"] = dest.as_str().into();
+                v
+            }).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A histogram's cumulative buckets, `+Inf` last.
+fn buckets(h: &prometheus::proto::Histogram) -> Vec<(f64, u64)> {
+    let mut b: Vec<(f64, u64)> = h
+        .get_bucket()
+        .iter()
+        .map(|b| (b.get_upper_bound(), b.get_cumulative_count()))
+        .collect();
+    b.push((f64::INFINITY, h.get_sample_count()));
+    b
+}
+
 /// Histogram buckets from 50 µs (a gateway's median is tens of
 /// microseconds) to 30 s.
 pub const LATENCY_BUCKETS: [f64; 18] = [

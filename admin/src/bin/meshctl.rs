@@ -84,6 +84,26 @@ enum Cmd {
         #[arg(long)]
         wait: Option<String>,
     },
+    /// The live service graph: every caller -> destination edge with its
+    /// rate, error rate, p50/p99 and the tiers that carried it, refreshed
+    /// every `--interval` seconds (`-n` times; default: until interrupted).
+    Top {
+        /// The window the rates are over, seconds (1-600).
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// Refresh this many times, then exit.
+        #[arg(short = 'n', long)]
+        iterations: Option<u64>,
+    },
+    /// Each service's traffic in the window: calls in and out, rate, error
+    /// rate, p99; declared destinations never called and calls not
+    /// declared.
+    Stat {
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+    },
     /// Which route a request would match, and why.
     Explain {
         #[arg(long)]
@@ -530,6 +550,35 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             };
             print(cli, &v, status_table);
         }
+        Cmd::Top {
+            window,
+            interval,
+            iterations,
+        } => {
+            let (window, interval, iterations) = (*window, *interval, *iterations);
+            let mut n = 0;
+            loop {
+                let v = api
+                    .call(Method::GET, &format!("topology?window_s={window}"), None)
+                    .await?;
+                if matches!(cli.output, Output::Table) && iterations != Some(1) {
+                    // Clear the screen between refreshes, as top does.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print(cli, &v, top_table);
+                n += 1;
+                if iterations.is_some_and(|max| n >= max) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(interval.max(1))).await;
+            }
+        }
+        Cmd::Stat { window } => {
+            let v = api
+                .call(Method::GET, &format!("topology?window_s={window}"), None)
+                .await?;
+            print(cli, &v, stat_table);
+        }
         Cmd::Explain {
             host,
             path,
@@ -914,6 +963,133 @@ fn object_row(o: &Value) -> Vec<String> {
         _ => s(&spec["description"]),
     };
     vec![s(&o["kind"]), s(&o["name"]), s(&o["version"]), summary]
+}
+
+/// `meshctl top`: one row per caller -> destination edge, busiest first.
+fn top_table(v: &Value) -> String {
+    let mut edges: Vec<&Value> = v["edges"].as_array().into_iter().flatten().collect();
+    edges.sort_by(|a, b| {
+        let r = |e: &Value| e["rps"].as_f64().unwrap_or(0.0);
+        r(b).total_cmp(&r(a))
+    });
+    let mut out = format!(
+        "last {} s (observed {} s), {} edge(s)\n",
+        s(&v["window_s"]),
+        s(&v["observed_s"]),
+        edges.len()
+    );
+    out.push_str(&table(
+        &[
+            "CALLER",
+            "DESTINATION",
+            "RPS",
+            "ERRORS",
+            "P50 MS",
+            "P99 MS",
+            "TIERS",
+            "FLAG",
+        ],
+        edges
+            .iter()
+            .map(|e| {
+                let tiers: Vec<String> = e["tiers"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(t, r)| format!("{t}:{}", s(r)))
+                    .collect();
+                let flag = if e["undeclared"] == true {
+                    "undeclared"
+                } else {
+                    ""
+                };
+                vec![
+                    s(&e["caller"]),
+                    s(&e["destination"]),
+                    s(&e["rps"]),
+                    format!("{:.1}%", e["error_rate"].as_f64().unwrap_or(0.0) * 100.0),
+                    s(&e["p50_ms"]),
+                    s(&e["p99_ms"]),
+                    tiers.join(" "),
+                    flag.into(),
+                ]
+            })
+            .collect(),
+    ));
+    for u in v["unused"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "declared, not called in the window: {} -> {}\n",
+            s(&u["caller"]),
+            s(&u["destination"])
+        ));
+    }
+    out
+}
+
+/// `meshctl stat`: one row per service, its calls in and out.
+fn stat_table(v: &Value) -> String {
+    let edges: Vec<&Value> = v["edges"].as_array().into_iter().flatten().collect();
+    let rows = v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|svc| {
+            let inbound: Vec<&&Value> = edges.iter().filter(|e| e["destination"] == svc).collect();
+            let rps: f64 = inbound
+                .iter()
+                .map(|e| e["rps"].as_f64().unwrap_or(0.0))
+                .sum();
+            let errors: f64 = inbound
+                .iter()
+                .map(|e| e["rps"].as_f64().unwrap_or(0.0) * e["error_rate"].as_f64().unwrap_or(0.0))
+                .sum();
+            let p99 = inbound
+                .iter()
+                .filter_map(|e| e["p99_ms"].as_f64())
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+            let out = edges.iter().filter(|e| e["caller"] == svc).count();
+            let undeclared = edges
+                .iter()
+                .filter(|e| e["caller"] == svc && e["undeclared"] == true)
+                .count();
+            let unused = v["unused"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|u| u["caller"] == svc)
+                .count();
+            vec![
+                svc.to_string(),
+                format!("{rps:.3}"),
+                if rps > 0.0 {
+                    format!("{:.1}%", errors / rps * 100.0)
+                } else {
+                    "-".into()
+                },
+                p99.map_or("-".into(), |p| format!("{p:.3}")),
+                inbound.len().to_string(),
+                out.to_string(),
+                undeclared.to_string(),
+                unused.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = format!("last {} s\n", s(&v["window_s"]));
+    out.push_str(&table(
+        &[
+            "SERVICE",
+            "RPS IN",
+            "ERRORS",
+            "P99 MS",
+            "CALLERS",
+            "CALLS",
+            "UNDECLARED",
+            "UNUSED",
+        ],
+        rows,
+    ));
+    out
 }
 
 fn status_table(v: &Value) -> String {

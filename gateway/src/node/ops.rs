@@ -117,15 +117,19 @@ pub async fn handle(st: &OpsState, peer: &Peer, req: Request<RequestBody>) -> Re
             r
         }
         ("/config", true) => json_response(StatusCode::OK, &(st.config_dump)()),
+        // The same numbers as /metrics (anyone may read them), as JSON.
+        ("/calls", true) => json_response(StatusCode::OK, &st.metrics.calls_json()),
         ("/config/revision", true) => revision(st, req.uri().query().unwrap_or("")).await,
         ("/explain", false) if req.method() == Method::POST => explain(st, req).await,
-        ("/healthz" | "/readyz" | "/metrics" | "/config" | "/config/revision" | "/explain", _) => {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this ops endpoint does not take that method",
-            )
-        }
+        (
+            "/healthz" | "/readyz" | "/metrics" | "/calls" | "/config" | "/config/revision"
+            | "/explain",
+            _,
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this ops endpoint does not take that method",
+        ),
         _ => match &st.extra {
             Some(extra) => extra(req).await,
             None => error(StatusCode::NOT_FOUND, "not_found", "no such ops endpoint"),
