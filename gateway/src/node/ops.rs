@@ -1,6 +1,7 @@
 //! The ops port of gateways and sidecars: `/healthz` (the process is up),
 //! `/readyz` (config is loaded and the process is not draining), `/metrics`
-//! (Prometheus), `/config` (what the process has applied),
+//! (Prometheus), `/calls` (the calls counted by caller and destination,
+//! as JSON, for the admin's topology), `/config` (what the process has applied),
 //! `/config/revision` (the applied store revision; with `?at_least=N` it
 //! waits up to `wait_ms` for that revision to be applied, which is how
 //! benchmarks and operators time propagation without polling) and
@@ -14,8 +15,9 @@
 //! port is meant to be reached); with one (`ops_token_file`, or a
 //! standalone gateway's admin tokens) every caller needs a viewer or admin
 //! `Bearer` token (401 without one). `/healthz`, `/readyz` (with a count
-//! of refusals instead of the list), `/metrics` and `/config/revision`
-//! stay open to probes and scrapers: they carry no config.
+//! of refusals instead of the list), `/metrics`, `/calls` and
+//! `/config/revision` stay open to probes and scrapers: they carry no
+//! config.
 //!
 //! Served by the engine's own listener ([`crate::server`]), so the library
 //! (and the sidecar) needs no web framework.
