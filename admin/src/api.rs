@@ -751,22 +751,30 @@ fn wait_param(p: &WriteParams) -> Result<Option<Duration>, ApiError> {
 
 /// `500ms`, `5s`, `2m`, or a bare number of seconds; at most 5 minutes.
 pub fn parse_duration(s: &str) -> Result<Duration, ApiError> {
+    match parse_span(s) {
+        Some(d) if d <= Duration::from_secs(300) => Ok(d),
+        _ => Err(bad_wait(s.trim())),
+    }
+}
+
+/// A duration written `<number><unit>` with unit `ms`, `s` (the default),
+/// `m`, `h` or `d`; `None` when it is not one.
+pub fn parse_span(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| bad_wait(s))?;
+    let n: f64 = num.parse().ok()?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(bad_wait(s)),
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return None,
     };
-    if !(0.0..=300.0).contains(&secs) {
-        return Err(bad_wait(s));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 fn bad_wait(s: &str) -> ApiError {

@@ -1,6 +1,9 @@
 //! `meshctl` against a real etcd, admin and gateway: apply the example
 //! mesh in one batch and wait for the gateway, status, diff, get, explain,
-//! history, rollback, and clear errors with field paths.
+//! history, rollback, and clear errors with field paths; and what GitOps
+//! needs: a `get -o yaml` that applies back unchanged, `diff`'s exit
+//! status, `apply --prune -l`, standard input, contexts and token files,
+//! completion, and `check`.
 
 use std::path::{Path, PathBuf};
 
@@ -100,7 +103,9 @@ async fn meshctl_applies_the_example_mesh_and_waits_for_every_gateway() {
         .replace("weight: 5}", "weight: 20}");
     std::fs::write(&edited, text).unwrap();
     let edited = edited.to_str().unwrap();
-    let out = ctl.ok(&["diff", "-f", edited]);
+    // diff exits 1 when there are differences (as diff and kubectl diff).
+    let (same, out, _) = ctl.run(&["diff", "-f", edited]);
+    assert!(!same, "differences: exit 1");
     assert!(out.contains("~ routes/orders"), "{out}");
     assert!(out.contains("backends"), "{out}");
     let out = ctl.ok(&["apply", "-f", edited, "--wait", "10s"]);
@@ -256,4 +261,147 @@ async fn suggest_callers_from_destinations() {
         serde_json::json!(["billing"]),
         "an existing list is left alone"
     );
+}
+
+/// Runs meshctl with exactly `args` (no server or token added), with
+/// `stdin`; returns (exit code, stdout, stderr).
+fn meshctl_raw(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin("meshctl"))
+        .args(args)
+        .env_remove("HOME")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run meshctl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_serves_gitops_round_trips_prune_contexts_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut etcd = Etcd::start(d).await;
+    let (_admin, base, token) = start_admin(d, &etcd.endpoint());
+    let admin = Admin {
+        base: base.clone(),
+        token: token.clone(),
+    };
+    admin.wait_up().await;
+    // The token in a file, and a contexts file naming the server: no
+    // token in argv from here on.
+    let token_file = d.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let contexts = d.join("contexts.yaml");
+    std::fs::write(
+        &contexts,
+        format!(
+            "current: test\ncontexts:\n  test: {{server: \"{base}\", token_file: \"{}\"}}\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let ctx = contexts.to_str().unwrap().to_string();
+    let run = |args: &[&str], stdin: &str| {
+        let mut all = vec!["--contexts", ctx.as_str()];
+        all.extend_from_slice(args);
+        meshctl_raw(&all, stdin)
+    };
+    let example = example();
+    let (code, out, err) = run(&["apply", "-f", example.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{out}{err}");
+
+    // get -o yaml of everything applies back unchanged.
+    let (code, backup, err) = run(&["-o", "yaml", "get", "all"], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        backup.contains("services:") && backup.contains("routes:"),
+        "{backup}"
+    );
+    let (code, out, err) = run(&["diff", "-f", "-"], &backup);
+    assert_eq!(code, 0, "no differences: exit 0; {out}{err}");
+    assert!(out.starts_with("no changes"), "{out}");
+    let (code, out, _) = run(&["apply", "-f", "-"], &backup);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("no changes"), "{out}");
+
+    // Prune: the objects a selector matches that the files no longer hold.
+    let two = "services:\n  gx-1: {labels: {app: gitops}}\n  gx-2: {labels: {app: gitops}}\n";
+    let (code, out, err) = run(&["apply", "-f", "-"], two);
+    assert_eq!(code, 0, "{out}{err}");
+    let one = "services:\n  gx-1: {labels: {app: gitops}}\n";
+    let (code, out, _) = run(&["diff", "-f", "-", "--prune", "-l", "app=gitops"], one);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("- services/gx-2"), "{out}");
+    assert!(
+        !out.contains("orders"),
+        "only what the selector matches: {out}"
+    );
+    let (code, out, err) = run(&["apply", "-f", "-", "--prune", "-l", "app=gitops"], one);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(admin.get("services/gx-2").await.status, 404);
+    assert_eq!(admin.get("services/gx-1").await.status, 200);
+    assert_eq!(
+        admin.get("services/orders").await.status,
+        200,
+        "unlabelled objects stay"
+    );
+    let (code, _, err) = run(&["apply", "-f", "-", "--prune"], one);
+    assert_eq!(code, 2, "--prune needs a selector: {err}");
+
+    // Contexts: an unknown one is named; --token-file works alone.
+    let (code, _, err) = run(&["--context", "nosuch", "status"], "");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no context nosuch") && err.contains("test"),
+        "{err}"
+    );
+    let (code, out, err) = meshctl_raw(
+        &[
+            "--server",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "get",
+            "groups",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Completion scripts.
+    let (code, out, _) = run(&["completion", "bash"], "");
+    assert_eq!(code, 0);
+    assert!(out.contains("_meshctl") && out.contains("apply"), "{out}");
+
+    // check: no gateway yet is a problem; with one in sync, all is well;
+    // etcd gone is a problem.
+    let (code, out, _) = run(&["check"], "");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL no live gateway"), "{out}");
+    let (_gw, p) = start_gateway(d, "gw-1", &["egress"], &["shop"], &etcd.endpoint());
+    wait_ready(p.ops).await;
+    wait_until("check passes", std::time::Duration::from_secs(20), || {
+        let ctx = ctx.clone();
+        async move { meshctl_raw(&["--contexts", &ctx, "check"], "").0 == 0 }
+    })
+    .await;
+    let (_, out, _) = run(&["check"], "");
+    assert!(out.contains("ok   1 gateway(s), all in sync"), "{out}");
+    etcd.stop();
+    let (code, out, _) = run(&["check"], "");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL etcd unreachable"), "{out}");
 }

@@ -23,16 +23,29 @@ use serde_json::{json, Value};
 #[derive(Parser, Debug)]
 #[command(version, about = "Meshgate's CLI over the admin API")]
 struct Cli {
-    /// Admin API base URL.
-    #[arg(long, env = "MESHCTL_SERVER", default_value = "http://127.0.0.1:9901")]
-    server: String,
+    /// Admin API base URL (default: the context's, else
+    /// http://127.0.0.1:9901).
+    #[arg(long, env = "MESHCTL_SERVER")]
+    server: Option<String>,
     /// PEM roots the admin API's certificate must chain to, for an
-    /// `https://` server (default: the system's roots).
+    /// `https://` server (default: the context's, else the system's roots).
     #[arg(long, env = "MESHCTL_CACERT")]
     cacert: Option<PathBuf>,
-    /// Bearer token (or MESHCTL_TOKEN).
+    /// Bearer token (or MESHCTL_TOKEN). Prefer `--token-file`: a token in
+    /// argv is visible to every user of the machine.
     #[arg(long, env = "MESHCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file whose first line is the bearer token.
+    #[arg(long, env = "MESHCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The context to use from the contexts file (default: its `current`).
+    #[arg(long, env = "MESHCTL_CONTEXT")]
+    context: Option<String>,
+    /// The contexts file (default: ~/.config/meshgate/contexts.yaml):
+    /// `current: <name>` and `contexts: {<name>: {server, token_file,
+    /// cacert}}`.
+    #[arg(long, env = "MESHCTL_CONTEXTS")]
+    contexts: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -57,19 +70,49 @@ enum Cmd {
         #[arg(short = 'l', long)]
         selector: Option<String>,
     },
-    /// Create or replace every object of the files, in one atomic batch.
+    /// Create or replace every object of the files (`-` reads standard
+    /// input), in one atomic batch; with `--prune`, also delete the objects
+    /// matching the selector that the files no longer hold.
     Apply {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
         /// Wait until every live gateway has applied it (e.g. `10s`).
         #[arg(long)]
         wait: Option<String>,
+        /// Delete what the files no longer hold, among the objects the
+        /// selector (`-l`, required) matches.
+        #[arg(long, requires = "selector")]
+        prune: bool,
+        /// Label selector of the objects `--prune` may delete.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
     },
-    /// What `apply` would change.
+    /// What `apply` would change (with `--prune -l`, the removals too);
+    /// exits 1 when there are differences, 0 when none.
     Diff {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        #[arg(long, requires = "selector")]
+        prune: bool,
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
     },
+    /// Checks the mesh in one go: the admin API and etcd, every gateway
+    /// in sync, every sidecar's policy fresh, no refused config, no
+    /// identity or served certificate close to expiry; exits 1 on a
+    /// problem.
+    Check {
+        /// Identities expiring within this are a problem (e.g. `6h`).
+        #[arg(long, default_value = "6h")]
+        identity_margin: String,
+        /// Served certificates (`certs/`) expiring within this are a
+        /// problem.
+        #[arg(long, default_value = "14d")]
+        cert_margin: String,
+    },
+    /// Prints a shell completion script: `meshctl completion bash >
+    /// /etc/bash_completion.d/meshctl`.
+    Completion { shell: clap_complete::Shell },
     /// Delete an object.
     Delete {
         kind: String,
@@ -233,7 +276,11 @@ fn main() -> ExitCode {
     match rt.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, fields)) => {
-            eprintln!("error: {msg}");
+            // An empty message: the answer is the exit status (`diff`
+            // with differences), already printed.
+            if !msg.is_empty() {
+                eprintln!("error: {msg}");
+            }
             for f in fields {
                 eprintln!("  {f}");
             }
@@ -242,11 +289,92 @@ fn main() -> ExitCode {
     }
 }
 
-struct Api<'a> {
-    cli: &'a Cli,
+struct Api {
+    conn: Conn,
 }
 
-impl Api<'_> {
+/// Where and as whom to call: the flags (or their environment
+/// variables), else the context's, else the defaults.
+#[derive(Debug, Default)]
+struct Conn {
+    server: String,
+    token: Option<String>,
+    cacert: Option<PathBuf>,
+}
+
+/// A context of the contexts file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Context {
+    server: Option<String>,
+    token_file: Option<PathBuf>,
+    cacert: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Contexts {
+    current: Option<String>,
+    #[serde(default)]
+    contexts: BTreeMap<String, Context>,
+}
+
+fn read_token(path: &Path) -> Result<String, Failure> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(format!("token file {}: empty", path.display()).into());
+    }
+    Ok(token)
+}
+
+impl Conn {
+    fn resolve(cli: &Cli) -> Result<Conn, Failure> {
+        let path = cli.contexts.clone().or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".config/meshgate/contexts.yaml"))
+        });
+        let file: Contexts = match &path {
+            Some(p) if p.exists() => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            Some(p) if cli.contexts.is_some() => {
+                return Err(format!("{}: no such contexts file", p.display()).into())
+            }
+            _ => Contexts::default(),
+        };
+        let name = cli.context.clone().or(file.current.clone());
+        let ctx = match &name {
+            Some(n) => file.contexts.get(n).ok_or_else(|| {
+                let known: Vec<&String> = file.contexts.keys().collect();
+                Failure(
+                    format!("no context {n} in the contexts file (known: {known:?})"),
+                    Vec::new(),
+                )
+            })?,
+            None => &Context::default(),
+        };
+        let token = match (&cli.token, &cli.token_file, &ctx.token_file) {
+            (Some(t), _, _) => Some(t.clone()),
+            (None, Some(f), _) | (None, None, Some(f)) => Some(read_token(f)?),
+            _ => None,
+        };
+        Ok(Conn {
+            server: cli
+                .server
+                .clone()
+                .or(ctx.server.clone())
+                .unwrap_or_else(|| "http://127.0.0.1:9901".into()),
+            token,
+            cacert: cli.cacert.clone().or(ctx.cacert.clone()),
+        })
+    }
+}
+
+impl Api {
     /// Every object of `kind` (matching `selector`), page by page.
     async fn list(&self, kind: &str, selector: Option<&str>) -> Result<Vec<Value>, Failure> {
         let mut items = Vec::new();
@@ -276,13 +404,13 @@ impl Api<'_> {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        let url = format!("{}/api/v1/{path}", self.cli.server.trim_end_matches('/'));
+        let url = format!("{}/api/v1/{path}", self.conn.server.trim_end_matches('/'));
         let mut headers = Vec::new();
-        if let Some(t) = &self.cli.token {
+        if let Some(t) = &self.conn.token {
             headers.push(("authorization", format!("Bearer {t}")));
         }
         let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let tls = meshgate_admin::tls::client_config(self.cli.cacert.as_deref())?;
+        let tls = meshgate_admin::tls::client_config(self.conn.cacert.as_deref())?;
         let (status, bytes) = client::request(Some(&tls), method, &url, &headers, body).await?;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
@@ -316,8 +444,21 @@ impl Api<'_> {
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
-    let api = Api { cli };
+    if let Cmd::Completion { shell } = &cli.cmd {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        clap_complete::generate(*shell, &mut cmd, "meshctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let api = Api {
+        conn: Conn::resolve(cli)?,
+    };
     match &cli.cmd {
+        Cmd::Completion { .. } => {}
+        Cmd::Check {
+            identity_margin,
+            cert_margin,
+        } => check(&api, identity_margin, cert_margin).await?,
         Cmd::Ca { cmd } => ca(cmd)?,
         Cmd::Token { cmd } => match cmd {
             TokenCmd::Create {
@@ -403,10 +544,34 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             name,
             selector,
         } => {
+            let kinds: Vec<String> = match kind.as_str() {
+                "all" if name.is_some() => {
+                    return Err("get all takes no name".to_string().into());
+                }
+                "all" => Kind::CONFIG
+                    .iter()
+                    .map(|k| k.as_str().to_string())
+                    .collect(),
+                k => vec![k.to_string()],
+            };
             let v = match name {
                 Some(n) => api.call(Method::GET, &format!("{kind}/{n}"), None).await?,
-                None => json!({ "items": api.list(kind, selector.as_deref()).await? }),
+                None => {
+                    let mut items = Vec::new();
+                    for k in &kinds {
+                        items.extend(api.list(k, selector.as_deref()).await?);
+                    }
+                    json!({ "items": items })
+                }
             };
+            if cli.output == Output::Yaml {
+                // The config file format: `apply -f` takes it back as is.
+                print!(
+                    "{}",
+                    serde_yaml::to_string(&as_files(&v)).unwrap_or_default()
+                );
+                return Ok(());
+            }
             print(cli, &v, |v| {
                 let rows: Vec<Vec<String>> = match v["items"].as_array() {
                     Some(items) => items.iter().map(object_row).collect(),
@@ -415,13 +580,22 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 table(&["KIND", "NAME", "VERSION", "SUMMARY"], rows)
             });
         }
-        Cmd::Apply { files, wait } => {
+        Cmd::Apply {
+            files,
+            wait,
+            prune,
+            selector,
+        } => {
             let objects = load(files)?;
-            let changes = diff(&api, &objects).await?;
+            let prune = selector.as_deref().filter(|_| *prune);
+            let changes = diff(&api, &objects, prune).await?;
             let items: Vec<Value> = changes
                 .iter()
-                .filter(|c| c.change != Change::Unchanged)
-                .map(|c| json!({"op": "put", "kind": c.key.kind.as_str(), "name": c.key.name, "spec": c.spec}))
+                .filter_map(|c| match c.change {
+                    Change::Unchanged => None,
+                    Change::Delete => Some(json!({"op": "delete", "kind": c.key.kind.as_str(), "name": c.key.name})),
+                    _ => Some(json!({"op": "put", "kind": c.key.kind.as_str(), "name": c.key.name, "spec": c.spec})),
+                })
                 .collect();
             if items.is_empty() {
                 print(
@@ -483,9 +657,14 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 ));
             }
         }
-        Cmd::Diff { files } => {
+        Cmd::Diff {
+            files,
+            prune,
+            selector,
+        } => {
             let objects = load(files)?;
-            let changes = diff(&api, &objects).await?;
+            let prune = selector.as_deref().filter(|_| *prune);
+            let changes = diff(&api, &objects, prune).await?;
             let v = json!(changes
                 .iter()
                 .map(|c| json!({"kind": c.key.kind.as_str(), "name": c.key.name, "change": c.change.as_str(), "fields": c.fields}))
@@ -508,6 +687,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 out.push_str(&format!("{same} unchanged\n"));
                 out
             });
+            // As `diff` and `kubectl diff`: 1 when there are differences.
+            if changes.iter().any(|c| c.change != Change::Unchanged) {
+                return Err(Failure(String::new(), Vec::new()));
+            }
         }
         Cmd::Delete { kind, name, force } => {
             let path = format!("{kind}/{name}{}", if *force { "?force=true" } else { "" });
@@ -647,7 +830,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
 fn load(files: &[PathBuf]) -> Result<BTreeMap<Key, Value>, Failure> {
     let mut paths = Vec::new();
     for f in files {
-        if f.is_dir() {
+        if f.as_os_str() == "-" {
+            paths.push(f.clone());
+        } else if f.is_dir() {
             let mut inside: Vec<PathBuf> = std::fs::read_dir(f)
                 .map_err(|e| format!("{}: {e}", f.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -698,7 +883,11 @@ fn load(files: &[PathBuf]) -> Result<BTreeMap<Key, Value>, Failure> {
 }
 
 fn load_file(p: &Path) -> Result<Vec<(Key, Value)>, Failure> {
-    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let text = if p.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
+    };
     let doc: BTreeMap<String, Value> =
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
     let mut out = Vec::new();
@@ -729,6 +918,8 @@ enum Change {
     Create,
     Update,
     Unchanged,
+    /// On the server, matching the prune selector, not in the files.
+    Delete,
 }
 
 impl Change {
@@ -737,6 +928,7 @@ impl Change {
             Change::Create => "create",
             Change::Update => "update",
             Change::Unchanged => "unchanged",
+            Change::Delete => "delete",
         }
     }
     fn sign(self) -> char {
@@ -744,6 +936,7 @@ impl Change {
             Change::Create => '+',
             Change::Update => '~',
             Change::Unchanged => '=',
+            Change::Delete => '-',
         }
     }
 }
@@ -755,9 +948,35 @@ struct Planned {
     fields: Vec<String>,
 }
 
+/// The server's objects of `kinds` (matching `selector`), by key: one
+/// list call per kind, not one GET per object.
+async fn server_objects(
+    api: &Api,
+    kinds: &BTreeSet<Kind>,
+    selector: Option<&str>,
+) -> Result<BTreeMap<Key, Value>, Failure> {
+    let mut out = BTreeMap::new();
+    for kind in kinds {
+        for item in api.list(kind.as_str(), selector).await? {
+            if let Some(name) = item["name"].as_str() {
+                out.insert(Key::new(*kind, name.to_string()), item["spec"].clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Each file object against the server's, in apply order (kinds in
-/// dependency order; services referring to other services after them).
-async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Planned>, Failure> {
+/// dependency order; services referring to other services after them);
+/// with `prune` (a selector), then the server's objects it matches that
+/// the files do not hold, to delete, in the reverse order.
+async fn diff(
+    api: &Api,
+    objects: &BTreeMap<Key, Value>,
+    prune: Option<&str>,
+) -> Result<Vec<Planned>, Failure> {
+    let kinds: BTreeSet<Kind> = objects.keys().map(|k| k.kind).collect();
+    let server = server_objects(api, &kinds, None).await?;
     let mut out = Vec::new();
     for key in apply_order(objects) {
         let spec = &objects[&key];
@@ -766,16 +985,11 @@ async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Plann
         // new key comes with a new certificate).
         let mut local = normalise(&key, spec)?;
         meshgate_config::validate::public_spec(key.kind, &mut local);
-        let remote = match api.call(Method::GET, &key.to_string(), None).await {
-            Ok(v) => Some(v["spec"].clone()),
-            Err(Failure(msg, _)) if msg.ends_with("(404)") => None,
-            Err(e) => return Err(e),
-        };
-        let (change, fields) = match remote {
+        let (change, fields) = match server.get(&key) {
             None => (Change::Create, Vec::new()),
             Some(r) => {
                 let mut fields = Vec::new();
-                field_diff("", &r, &local, &mut fields);
+                field_diff("", r, &local, &mut fields);
                 if fields.is_empty() {
                     (Change::Unchanged, fields)
                 } else {
@@ -790,7 +1004,39 @@ async fn diff(api: &Api<'_>, objects: &BTreeMap<Key, Value>) -> Result<Vec<Plann
             fields,
         });
     }
+    if let Some(selector) = prune {
+        let all: BTreeSet<Kind> = Kind::CONFIG.into_iter().collect();
+        let gone: BTreeMap<Key, Value> = server_objects(api, &all, Some(selector))
+            .await?
+            .into_iter()
+            .filter(|(k, _)| !objects.contains_key(k))
+            .collect();
+        for key in apply_order(&gone).into_iter().rev() {
+            out.push(Planned {
+                key,
+                spec: Value::Null,
+                change: Change::Delete,
+                fields: Vec::new(),
+            });
+        }
+    }
     Ok(out)
+}
+
+/// API answers (one object, or `items`) in the config file format:
+/// `{kind: {name: spec}}`.
+fn as_files(v: &Value) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let one = [v.clone()];
+    let items = v["items"].as_array().map_or(&one[..], Vec::as_slice);
+    let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for o in items {
+        if let (Some(k), Some(n)) = (o["kind"].as_str(), o["name"].as_str()) {
+            out.entry(k.to_string())
+                .or_default()
+                .insert(n.to_string(), o["spec"].clone());
+        }
+    }
+    out
 }
 
 /// `items[3].endpoints[0]: …` from a batch answer as
@@ -1285,4 +1531,138 @@ fn suggest_callers(items: &[Value]) -> BTreeMap<String, (Vec<String>, bool)> {
         callers.sort();
     }
     out
+}
+
+/// `meshctl check`: every problem an operator looks for first, each on a
+/// line; a [`Failure`] (exit 1) when any.
+async fn check(api: &Api, identity_margin: &str, cert_margin: &str) -> Result<(), Failure> {
+    let margin = |s: &str| {
+        meshgate_admin::api::parse_span(s)
+            .ok_or_else(|| Failure(format!("{s}: not a duration (e.g. 90s, 6h, 14d)"), Vec::new()))
+    };
+    let (id_margin, cert_margin) = (margin(identity_margin)?, margin(cert_margin)?);
+    let mut lines: Vec<(bool, String)> = Vec::new();
+    // The admin API, and etcd behind it (`/status` reads the store).
+    let status = match api.call(Method::GET, "status", None).await {
+        Ok(v) => {
+            lines.push((true, format!("admin API {} answers", api.conn.server)));
+            lines.push((
+                true,
+                format!("etcd reachable (revision {})", s(&v["store"]["revision"])),
+            ));
+            Some(v)
+        }
+        Err(Failure(msg, _)) if msg.ends_with("(503)") => {
+            lines.push((true, format!("admin API {} answers", api.conn.server)));
+            lines.push((false, format!("etcd unreachable: {msg}")));
+            None
+        }
+        Err(Failure(msg, _)) => {
+            lines.push((false, format!("admin API {}: {msg}", api.conn.server)));
+            None
+        }
+    };
+    let now_ms = meshgate_config::model::now_ms() as i64;
+    if let Some(v) = &status {
+        let nodes: Vec<&Value> = v["nodes"].as_array().into_iter().flatten().collect();
+        let gateways: Vec<&&Value> = nodes.iter().filter(|n| n["kind"] == "gateway").collect();
+        let lagging: Vec<String> = gateways
+            .iter()
+            .filter(|n| n["in_sync"] != true)
+            .map(|n| format!("{} ({} behind)", s(&n["id"]), s(&n["lag_revisions"])))
+            .collect();
+        match (gateways.len(), lagging.is_empty()) {
+            (0, _) => lines.push((false, "no live gateway".into())),
+            (n, true) => lines.push((true, format!("{n} gateway(s), all in sync"))),
+            (n, false) => lines.push((
+                false,
+                format!(
+                    "{} of {n} gateway(s) not in sync: {}",
+                    lagging.len(),
+                    lagging.join(", ")
+                ),
+            )),
+        }
+        let sidecars: Vec<&&Value> = nodes.iter().filter(|n| n["kind"] == "sidecar").collect();
+        let stale: Vec<String> = sidecars
+            .iter()
+            .filter(|n| n["policy"] != "fresh")
+            .map(|n| format!("{} ({})", s(&n["id"]), s(&n["policy"])))
+            .collect();
+        match stale.is_empty() {
+            true => lines.push((
+                true,
+                format!("{} sidecar(s), every policy fresh", sidecars.len()),
+            )),
+            false => lines.push((
+                false,
+                format!("sidecar policy not fresh: {}", stale.join(", ")),
+            )),
+        }
+        for n in &nodes {
+            let refused = node_rejections(n);
+            if !refused.is_empty() {
+                lines.push((
+                    false,
+                    format!("{} refuses {} config object(s)", s(&n["id"]), refused.len()),
+                ));
+            }
+            if let Some(at) = n["identity"]["expires_at_ms"].as_i64() {
+                let left = (at - now_ms) / 1000;
+                if left < id_margin.as_secs() as i64 {
+                    lines.push((
+                        false,
+                        format!(
+                            "{}: mesh identity expires in {left} s (not renewed?)",
+                            s(&n["id"])
+                        ),
+                    ));
+                }
+            }
+        }
+        let with_identity = nodes.iter().filter(|n| n["identity"].is_object()).count();
+        if with_identity > 0 {
+            lines.push((true, format!("{with_identity} mesh identit(ies) checked")));
+        }
+    }
+    if status.is_some() {
+        let certs = api.list("certs", None).await?;
+        let fmt = time::format_description::well_known::Rfc3339;
+        let mut close = Vec::new();
+        for c in &certs {
+            let info = if c["info"].is_object() {
+                &c["info"]
+            } else {
+                &c["spec"]["info"]
+            };
+            let Some(after) = info["not_after"].as_str() else {
+                continue;
+            };
+            let Ok(t) = time::OffsetDateTime::parse(after, &fmt) else {
+                continue;
+            };
+            let left = t.unix_timestamp() - now_ms / 1000;
+            if left < cert_margin.as_secs() as i64 {
+                close.push(format!("{} (not after {after})", s(&c["name"])));
+            }
+        }
+        match close.is_empty() {
+            true => lines.push((
+                true,
+                format!("{} served certificate(s), none expiring soon", certs.len()),
+            )),
+            false => lines.push((
+                false,
+                format!("certificates expiring soon: {}", close.join(", ")),
+            )),
+        }
+    }
+    let problems = lines.iter().filter(|(ok, _)| !ok).count();
+    for (ok, line) in &lines {
+        println!("{} {line}", if *ok { "ok  " } else { "FAIL" });
+    }
+    if problems > 0 {
+        return Err(Failure(format!("{problems} problem(s)"), Vec::new()));
+    }
+    Ok(())
 }
