@@ -47,7 +47,13 @@ async fn the_graph_shows_each_edge_its_tier_and_what_was_not_declared() {
             201
         );
     }
-    assert_eq!(admin.put("services/ledger", &json!({"group": "shop"})).await.status, 201);
+    assert_eq!(
+        admin
+            .put("services/ledger", &json!({"group": "shop"}))
+            .await
+            .status,
+        201
+    );
     // frontend declares orders (through the gateways), inventory (direct)
     // and ledger (never called); it will also call payments, undeclared.
     let frontend = json!({"group": "shop", "destinations": [
