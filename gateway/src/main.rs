@@ -123,6 +123,7 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             ops_token_file: None,
             client: Default::default(),
             mesh_tls: None,
+            tracing: None,
             access_log: AccessLogSettings {
                 mode: serde_yaml::from_str(&args.access_log).map_err(|_| {
                     anyhow::anyhow!("--access-log: give off, all, errors or sampled")

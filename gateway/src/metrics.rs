@@ -66,6 +66,10 @@ pub struct Metrics {
     pub sidecar_failovers: IntCounterVec,
     /// A sidecar's plain-TCP connections, by destination, tier and result.
     pub sidecar_tcp: IntCounterVec,
+    /// Trace spans exported, dropped (queue full), and failed exports.
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounter,
+    pub trace_export_failures: IntCounter,
     /// The process collector, outside the `meshgate_` prefix.
     process: Registry,
 }
@@ -241,6 +245,21 @@ impl Metrics {
             "Access log records dropped because the writer was behind (never waited for)",
         )
         .expect("metric");
+        let trace_spans_exported = IntCounter::new(
+            "trace_spans_exported_total",
+            "Trace spans exported over OTLP",
+        )
+        .expect("metric");
+        let trace_spans_dropped = IntCounter::new(
+            "trace_spans_dropped_total",
+            "Trace spans dropped because the export queue was full (never waited for)",
+        )
+        .expect("metric");
+        let trace_export_failures = IntCounter::new(
+            "trace_export_failures_total",
+            "OTLP export requests that failed (their spans are dropped)",
+        )
+        .expect("metric");
         let info = IntGauge::with_opts(
             Opts::new("build_info", "Build information")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -272,6 +291,9 @@ impl Metrics {
             Box::new(sidecar_duration.clone()),
             Box::new(sidecar_failovers.clone()),
             Box::new(sidecar_tcp.clone()),
+            Box::new(trace_spans_exported.clone()),
+            Box::new(trace_spans_dropped.clone()),
+            Box::new(trace_export_failures.clone()),
             Box::new(info),
         ] {
             registry.register(c).expect("unique metric");
@@ -307,6 +329,9 @@ impl Metrics {
             sidecar_duration,
             sidecar_failovers,
             sidecar_tcp,
+            trace_spans_exported,
+            trace_spans_dropped,
+            trace_export_failures,
             process,
         }
     }

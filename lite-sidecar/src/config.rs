@@ -70,6 +70,9 @@ pub struct SidecarConfig {
     /// app, and per call taken by the inbound.
     #[serde(default)]
     pub access_log: meshgate_gateway::observe::AccessLogSettings,
+    /// Spans exported over OTLP (off unless set).
+    #[serde(default)]
+    pub tracing: Option<meshgate_gateway::observe::TracingSettings>,
 }
 
 /// The sidecar's inbound listener.
@@ -268,6 +271,7 @@ impl SidecarConfig {
         p.extend(self.client.problems());
         p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
         p.extend(self.access_log.problems());
+        p.extend(self.tracing.iter().flat_map(|t| t.problems()));
         if let Some(i) = &self.inbound {
             p.extend(i.problems(self, &bound));
         }

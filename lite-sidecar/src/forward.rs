@@ -34,7 +34,8 @@
 //!    for a gRPC call)
 //! 7. metrics by tier and destination; the answer says which tier served
 //!    it (`x-mesh-tier`); the access log's record (every tier and member
-//!    tried, and why it moved on), handed over when the answer's body ends
+//!    tried, and why it moved on) and the hop's span, handed over when the
+//!    answer's body ends
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,7 @@ use meshgate_gateway::http::h2::{HttpClient, Wire};
 use meshgate_gateway::http::headers;
 use meshgate_gateway::http::tunnel::{self, DEFAULT_TUNNEL_IDLE};
 use meshgate_gateway::metrics::{status_class, Metrics};
-use meshgate_gateway::observe::{AccessLog, Entry, Trail};
+use meshgate_gateway::observe::{Entry, Observer, Trail};
 use meshgate_gateway::proxy::attempts::{self, Attempt, Members, Resend, Step, Why};
 use meshgate_gateway::proxy::forward::Dest;
 use meshgate_gateway::proxy::tunnel::connect_service;
@@ -118,8 +119,8 @@ pub struct Forwarder {
     pub request_timeout: Duration,
     /// The direct tier: a gateway data plane over the direct destinations.
     pub direct: Proxy,
-    /// The access log, when the sidecar keeps one.
-    pub log: Option<Arc<AccessLog>>,
+    /// The access log and tracer, when the sidecar has either.
+    pub obs: Option<Arc<Observer>>,
 }
 
 /// The client address the direct tier hashes on (`hash_on.source_ip`).
@@ -140,7 +141,7 @@ impl Forwarder {
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ProxyBody> {
         let start = std::time::Instant::now();
         let grpc = headers::is_grpc(req.headers());
-        let mut entry = self.log.as_ref().and_then(|l| l.begin("app"));
+        let mut entry = self.obs.as_ref().and_then(|o| o.begin("app"));
         if let Some(e) = entry.as_deref_mut() {
             e.request(&req);
             e.client = Some(LOOPBACK.clone());
@@ -173,11 +174,11 @@ impl Forwarder {
             .sidecar_duration
             .with_label_values(&[label, tier])
             .observe(start.elapsed().as_secs_f64());
-        match (entry, &self.log) {
-            (Some(mut e), Some(log)) => {
+        match (entry, &self.obs) {
+            (Some(mut e), Some(obs)) => {
                 e.tier = (!tier.is_empty()).then_some(tier);
                 e.service = (!dest.is_empty()).then_some(dest);
-                log.respond(e, resp)
+                obs.respond(e, resp)
             }
             _ => resp,
         }
@@ -248,14 +249,18 @@ impl Forwarder {
         mut req: Request<RequestBody>,
         entry: Option<&mut Entry>,
     ) -> (Result<Response<ProxyBody>, Failure>, String, &'static str) {
+        let had_traceparent = req.headers().contains_key(&headers::TRACEPARENT);
         let dest = match self.prelude(&mut req) {
             Ok(d) => d,
             Err((f, dest)) => return (Err(f), dest, ""),
         };
-        let mut trail = entry.map(|e| {
-            e.ids(req.headers());
-            &mut e.trail
-        });
+        let mut trail = match (entry, &self.obs) {
+            (Some(e), Some(obs)) => {
+                obs.enter(e, req.headers_mut(), had_traceparent);
+                Some(&mut e.trail)
+            }
+            _ => None,
+        };
         if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
             return Box::pin(self.forward_upgrade(req, dest)).await;
         }

@@ -30,7 +30,7 @@ use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
 use meshgate_gateway::node::{bind, rejected, status_json, Process};
-use meshgate_gateway::observe::AccessLog;
+use meshgate_gateway::observe::{AccessLog, Observer, Tracer};
 use meshgate_gateway::proxy::{ListenerKind, Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
@@ -184,6 +184,15 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     if let Some(log) = &access_log {
         log.reopen_on_sighup();
     }
+    let tracer = match &cfg.tracing {
+        Some(t) => Some(Tracer::start(
+            t,
+            &format!("lite-sidecar/{}", cfg.service),
+            &metrics,
+        )?),
+        None => None,
+    };
+    let observer = Observer::new(access_log.clone(), tracer);
     let fwd = Arc::new(Forwarder {
         service: HeaderValue::from_str(&cfg.service)?,
         policy: policy.clone(),
@@ -205,7 +214,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                 ..ProxyOptions::default()
             },
         ),
-        log: access_log.clone(),
+        obs: observer.clone(),
     });
 
     let mut node = Process::new(
@@ -279,7 +288,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
                 },
             )
             .inbound(&cfg.service)
-            .with_access_log(access_log.clone()),
+            .with_observer(observer.clone()),
         );
         node.serve_mesh("inbound", l, Some(tls), move |peer, req| {
             let p = inbound.clone();

@@ -14,7 +14,7 @@ pub const X_MESH_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
 pub const X_MESH_CALLER: HeaderName = HeaderName::from_static("x-mesh-caller");
 pub(crate) const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Which tier answered (set by the sidecar on responses, for operators).
 pub const X_MESH_TIER: HeaderName = HeaderName::from_static("x-mesh-tier");
 

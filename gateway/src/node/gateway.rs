@@ -27,7 +27,7 @@ use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::node::ops::{OpsExtra, OpsState};
 use crate::node::{bind, rejected, status_json, ClientSettings, Process};
-use crate::observe::{AccessLog, AccessLogSettings};
+use crate::observe::{AccessLog, AccessLogSettings, Observer, Tracer, TracingSettings};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
@@ -98,6 +98,9 @@ pub struct GatewayConfig {
     /// The access log (off unless set).
     #[serde(default)]
     pub access_log: AccessLogSettings,
+    /// Spans exported over OTLP (off unless set).
+    #[serde(default)]
+    pub tracing: Option<TracingSettings>,
 }
 
 /// The TLS ingress listener.
@@ -224,6 +227,7 @@ impl GatewayConfig {
         p.extend(self.client.problems());
         p.extend(self.mesh_tls.iter().flat_map(|t| t.problems()));
         p.extend(self.access_log.problems());
+        p.extend(self.tracing.iter().flat_map(|t| t.problems()));
         p
     }
 }
@@ -328,6 +332,15 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     if let Some(log) = &access_log {
         log.reopen_on_sighup();
     }
+    let tracer = match &cfg.tracing {
+        Some(t) => Some(Tracer::start(
+            t,
+            &format!("meshgate-gateway/{}", cfg.id),
+            &metrics,
+        )?),
+        None => None,
+    };
+    let observer = Observer::new(access_log.clone(), tracer);
     let proxy = Arc::new(
         Proxy::new(
             shared.clone(),
@@ -339,7 +352,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
                 ..ProxyOptions::default()
             },
         )
-        .with_access_log(access_log.clone()),
+        .with_observer(observer),
     );
 
     // Ops port (+ what the binary embeds).

@@ -4,8 +4,9 @@
 //! logs it: `off` creates none, `sampled` decides here), filled as the
 //! request goes (route, service, tier, the [`Trail`] of tries the attempt
 //! loop adds), and handed to the log when its answer has been sent or
-//! abandoned ([`AccessLog::respond`] wraps the answer's body in an
-//! [`Observed`] body whose end calls [`AccessLog::finish`]). Handing over is a `try_send` on a
+//! abandoned ([`super::Observer::respond`] wraps the answer's body in an
+//! [`crate::http::body::Observed`] body whose end calls
+//! [`AccessLog::finish`]). Handing over is a `try_send` on a
 //! bounded channel: the request path never waits for the disk, and a
 //! record that finds the channel full is dropped and counted
 //! (`meshgate_access_log_dropped_total`). One writer thread formats the
@@ -25,7 +26,6 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use prometheus::IntCounter;
 
-use crate::http::body::{Observed, OnEnd, ProxyBody};
 use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 
@@ -172,7 +172,7 @@ impl AccessLog {
     /// Hands a finished request's entry to the writer (unless only errors
     /// are logged and it is none); never waits.
     pub fn finish(&self, mut entry: Box<Entry>) {
-        entry.duration = entry.start.elapsed();
+        entry.end();
         if self.mode == LogMode::Errors && !entry.is_error() {
             return;
         }
@@ -180,22 +180,6 @@ impl AccessLog {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
-    }
-
-    /// Notes the answer's head in `entry`, and has the answer's body
-    /// hand the entry over when it ends (with its length, and whether it
-    /// was sent whole).
-    pub fn respond(
-        self: &Arc<AccessLog>,
-        mut entry: Box<Entry>,
-        resp: http::Response<ProxyBody>,
-    ) -> http::Response<ProxyBody> {
-        entry.response(&resp);
-        let pending = Box::new(Pending {
-            entry,
-            log: self.clone(),
-        });
-        resp.map(|b| Observed::wrap(b, pending))
     }
 
     /// Reopens the file before the next write (after a logrotate).
@@ -229,21 +213,6 @@ impl AccessLog {
                 tracing::warn!(error = %e, "no SIGHUP handler: the access log is not reopened")
             }
         }
-    }
-}
-
-/// An entry waiting for its answer's body to end.
-struct Pending {
-    entry: Box<Entry>,
-    log: Arc<AccessLog>,
-}
-
-impl OnEnd for Pending {
-    fn ended(self: Box<Self>, bytes: u64, whole: bool) {
-        let Pending { mut entry, log } = *self;
-        entry.bytes_out = bytes;
-        entry.completed = whole;
-        log.finish(entry);
     }
 }
 
@@ -283,10 +252,14 @@ pub struct Entry {
     pub caller: Option<HeaderValue>,
     /// The calling service (`x-mesh-source`).
     pub source: Option<HeaderValue>,
+    /// Whether the access log takes it (else it exists for its span).
+    pub logged: bool,
+    /// Its span, when the request is sampled for tracing.
+    pub trace: Option<super::trace::SpanCtx>,
 }
 
 impl Entry {
-    fn new(listener: &'static str) -> Entry {
+    pub(crate) fn new(listener: &'static str) -> Entry {
         Entry {
             start: Instant::now(),
             time_ms: meshgate_config::model::now_ms(),
@@ -310,7 +283,26 @@ impl Entry {
             traceparent: None,
             caller: None,
             source: None,
+            logged: true,
+            trace: None,
         }
+    }
+
+    /// Marks the request's end (its duration), once.
+    pub(crate) fn end(&mut self) {
+        if self.duration.is_zero() {
+            self.duration = self.start.elapsed();
+        }
+    }
+
+    /// Unix milliseconds when it arrived.
+    pub fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+
+    /// From its arrival to the end of its answer (once finished).
+    pub fn duration(&self) -> Duration {
+        self.duration
     }
 
     /// The request line and the body's length, as the request arrived.

@@ -35,8 +35,9 @@
 //!    outlier detection); the fallback service when no endpoint took it
 //! 8. the rescue: a [`Failure`] becomes its synthetic response, or a gRPC
 //!    status for a gRPC call ([`Failure::into_response`])
-//! 9. metrics per route and backend; the access log's record
-//!    ([`crate::observe`]), handed over when the answer's body ends
+//! 9. metrics per route and backend; the access log's record and the
+//!    hop's span ([`crate::observe`]), handed over when the answer's body
+//!    ends
 
 pub mod attempts;
 pub(crate) mod authz;
@@ -57,7 +58,7 @@ use crate::http::body::{full, ProxyBody, RequestBody};
 use crate::http::error::{Failure, MeshError};
 use crate::http::headers;
 use crate::metrics::{status_class, Metrics, RouteStats};
-use crate::observe::{AccessLog, Entry};
+use crate::observe::{Entry, Observer};
 use crate::routing::{CompiledRoute, RequestView};
 use crate::server::Peer;
 use crate::snapshot::SharedSnapshot;
@@ -113,8 +114,8 @@ pub struct Proxy {
     opts: ProxyOptions,
     /// The one service an inbound listener serves.
     inbound: Option<Arc<str>>,
-    /// The access log, when the node keeps one.
-    log: Option<Arc<AccessLog>>,
+    /// The access log and tracer, when the node has either.
+    obs: Option<Arc<Observer>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -137,13 +138,14 @@ impl Proxy {
             metrics,
             opts,
             inbound: None,
-            log: None,
+            obs: None,
         }
     }
 
-    /// Records the requests of this data plane in `log`.
-    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Proxy {
-        self.log = log;
+    /// Records the requests of this data plane in `obs` (access log,
+    /// spans).
+    pub fn with_observer(mut self, obs: Option<Arc<Observer>>) -> Proxy {
+        self.obs = obs;
         self
     }
 
@@ -170,7 +172,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = headers::is_grpc(req.headers());
-        let mut entry = self.log.as_ref().and_then(|l| l.begin(kind.as_str()));
+        let mut entry = self.obs.as_ref().and_then(|o| o.begin(kind.as_str()));
         if let Some(e) = entry.as_deref_mut() {
             e.request(&req);
             e.client = Some(peer.ip.clone());
@@ -231,8 +233,8 @@ impl Proxy {
                     .observe(elapsed);
             }
         }
-        match (entry, &self.log) {
-            (Some(e), Some(log)) => log.respond(e, resp),
+        match (entry, &self.obs) {
+            (Some(e), Some(obs)) => obs.respond(e, resp),
             _ => resp,
         }
     }
@@ -262,6 +264,7 @@ impl Proxy {
             return (Err(f), None);
         }
         let h = req.headers_mut();
+        let had_traceparent = h.contains_key(&headers::TRACEPARENT);
         if let Err(f) = prelude::stamp(h, self.opts.max_hops) {
             return (Err(f), None);
         }
@@ -280,8 +283,8 @@ impl Proxy {
             });
         }
         prelude::forwarded_for(h, &peer.ip);
-        if let Some(e) = entry.as_deref_mut() {
-            e.ids(h);
+        if let (Some(e), Some(obs)) = (entry.as_deref_mut(), &self.obs) {
+            obs.enter(e, h, had_traceparent);
         }
 
         let uri_host = req.uri().host().map(str::to_string);
