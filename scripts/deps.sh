@@ -8,6 +8,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 case "${1:-}" in
   --test)
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+    # The console's browser test (tests/tests/console.rs).
+    [ -x /usr/bin/chromium ] || need+=(chromium)
     ;;
   --bench)
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -26,7 +28,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The end-to-end tests' real gRPC and WebSocket peers (tests/peers/), and
+# The end-to-end tests' real gRPC, WebSocket and OTLP peers and the
+# browser driver (Playwright, on Debian's Chromium) (tests/peers/), and
 # schemathesis, which fuzzes the admin API from its OpenAPI document.
 if [ "${1:-}" = "--test" ]; then
   command -v python3 >/dev/null 2>&1 || { echo "python3 is required for the tests"; exit 1; }
@@ -36,10 +39,11 @@ if [ "${1:-}" = "--test" ]; then
       | grep -v "Running pip as the 'root' user" || true
     command -v st >/dev/null 2>&1 || { echo "schemathesis did not install (st not on PATH)"; exit 1; }
   fi
-  if ! python3 -c "import grpc, websockets" >/dev/null 2>&1; then
-    echo "installing: grpcio websockets (PyPI)"
+  if ! python3 -c "import grpc, websockets, opentelemetry.proto, playwright" >/dev/null 2>&1; then
+    echo "installing: grpcio websockets opentelemetry-proto playwright (PyPI)"
     python3 -m pip install -q --disable-pip-version-check \
-      "grpcio==1.85.1" "websockets==17.4" 2>&1 | grep -v "Running pip as the 'root' user" || true
-    python3 -c "import grpc, websockets"
+      "grpcio==1.85.1" "websockets==17.4" "opentelemetry-proto==1.28.0" "playwright==1.49.1" 2>&1 \
+      | grep -v "Running pip as the 'root' user" || true
+    python3 -c "import grpc, websockets, opentelemetry.proto, playwright"
   fi
 fi

@@ -5,7 +5,9 @@
 //! Module map: [`api`] (the handlers), [`auth`] (bearer tokens and roles),
 //! [`error`] (the one JSON error shape), [`issuer`] (the online mesh CA:
 //! join tokens and workload certificates), [`ca`] (the CA on files, for
-//! `meshctl ca`), [`tls`] (the API over TLS), [`openapi`], [`client`].
+//! `meshctl ca`), [`tls`] (the API over TLS), [`openapi`], [`client`],
+//! [`topology`] (the live service graph); `console/index.html`, the web
+//! console served at `/console/`.
 
 #![forbid(unsafe_code)]
 
@@ -83,10 +85,39 @@ pub fn router(state: AdminState) -> Router {
         // Nodes asking for their identity authenticate with a join token
         // or their certificate, not an admin token.
         .merge(Router::new().route("/api/v1/identity", post(issuer::sign)))
+        // The console's page holds no data: it asks for a token and calls
+        // the API with it.
+        .merge(
+            Router::new()
+                .route(
+                    "/console",
+                    get(|| async { axum::response::Redirect::permanent("/console/") }),
+                )
+                .route("/console/", get(console)),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_body_bytes,
         ))
         .with_state(state)
+}
+
+/// The web console: one page embedded in the binary (no network access
+/// at run time), which works through `/api/v1` with the token it is given.
+async fn console() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Its own script and styles only; no frames, no other origin.
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (axum::http::header::REFERRER_POLICY, "no-referrer"),
+        ],
+        include_str!("console/index.html"),
+    )
+        .into_response()
 }
 
 async fn authenticate(State(st): State<AdminState>, mut req: Request, next: Next) -> Response {
