@@ -1537,8 +1537,12 @@ fn suggest_callers(items: &[Value]) -> BTreeMap<String, (Vec<String>, bool)> {
 /// line; a [`Failure`] (exit 1) when any.
 async fn check(api: &Api, identity_margin: &str, cert_margin: &str) -> Result<(), Failure> {
     let margin = |s: &str| {
-        meshgate_admin::api::parse_span(s)
-            .ok_or_else(|| Failure(format!("{s}: not a duration (e.g. 90s, 6h, 14d)"), Vec::new()))
+        meshgate_admin::api::parse_span(s).ok_or_else(|| {
+            Failure(
+                format!("{s}: not a duration (e.g. 90s, 6h, 14d)"),
+                Vec::new(),
+            )
+        })
     };
     let (id_margin, cert_margin) = (margin(identity_margin)?, margin(cert_margin)?);
     let mut lines: Vec<(bool, String)> = Vec::new();
