@@ -76,6 +76,27 @@ unsafe impl GlobalAlloc for MeshAlloc {
     }
 }
 
+/// mimalloc's `mi_option_purge_delay` (its place in `mi_option_t`, which
+/// `libmimalloc-sys` does not name; a test checks it against its default).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+extern "C" {
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: i32) -> std::ffi::c_long;
+}
+
+/// Has mimalloc (v3) return freed memory to the kernel at once rather
+/// than after its default delay of a second, for a process whose footprint matters more than its last
+/// few percent of speed (the sidecar). Measured on the sidecar under load
+/// with mutual TLS: 3.4 MB of its own memory instead of 4.2, and no
+/// change in CPU per request (BENCHMARKS.md).
+pub fn purge_at_once() {
+    // SAFETY: setting an option is thread-safe in mimalloc and takes
+    // effect at the next purge.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`),
 /// from the next page fault on. Call early in `main` (once logging is up).
 /// Failure (an old kernel) only costs memory, so it is logged and ignored.
@@ -88,6 +109,14 @@ pub fn no_huge_pages() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_purge_delay_option_is_the_one_we_set() {
+        // Its default in mimalloc v3 is 1000 (ms); no other option has
+        // that default.
+        // SAFETY: reading an option.
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, 1000);
+    }
 
     #[test]
     fn honours_every_alignment() {

@@ -60,6 +60,7 @@ fn main() {
     let args = Args::parse();
     node::init_logging(&args.log);
     meshgate_gateway::alloc::no_huge_pages();
+    meshgate_gateway::alloc::purge_at_once();
     let cfg = node::exit_on_error(
         "lite-sidecar",
         2,
