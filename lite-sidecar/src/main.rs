@@ -30,7 +30,7 @@ use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
 use meshgate_gateway::node::{bind, rejected, status_json, Process};
-use meshgate_gateway::observe::{AccessLog, Observer, Tracer};
+use meshgate_gateway::observe::Observer;
 use meshgate_gateway::proxy::{ListenerKind, Proxy, ProxyOptions};
 use meshgate_gateway::server::serve_tcp;
 use meshgate_gateway::snapshot::{Compiler, Defaults, SharedSnapshot, Snapshot};
@@ -181,19 +181,12 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
-    let access_log = AccessLog::start(&cfg.access_log, &metrics)?;
-    if let Some(log) = &access_log {
-        log.reopen_on_sighup();
-    }
-    let tracer = match &cfg.tracing {
-        Some(t) => Some(Tracer::start(
-            t,
-            &format!("lite-sidecar/{}", cfg.service),
-            &metrics,
-        )?),
-        None => None,
-    };
-    let observer = Observer::new(access_log.clone(), tracer);
+    let observer = Observer::start(
+        &cfg.access_log,
+        cfg.tracing.as_ref(),
+        &format!("lite-sidecar/{}", cfg.service),
+        &metrics,
+    )?;
     let fwd = Arc::new(Forwarder {
         service: HeaderValue::from_str(&cfg.service)?,
         policy: policy.clone(),
@@ -417,8 +410,8 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         registration.deregister().await;
     };
     node.run(follow, stopping).await;
-    if let Some(log) = access_log {
-        log.flush(Duration::from_secs(2));
+    if let Some(obs) = &observer {
+        obs.flush(Duration::from_secs(2));
     }
     Ok(())
 }

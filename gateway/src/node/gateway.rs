@@ -27,7 +27,7 @@ use crate::http::h2::Clients;
 use crate::metrics::Metrics;
 use crate::node::ops::{OpsExtra, OpsState};
 use crate::node::{bind, rejected, status_json, ClientSettings, Process};
-use crate::observe::{AccessLog, AccessLogSettings, Observer, Tracer, TracingSettings};
+use crate::observe::{AccessLogSettings, Observer, TracingSettings};
 use crate::proxy::{
     ListenerKind, Proxy, ProxyOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
@@ -328,19 +328,12 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     }
     let status = sync::spawn(store.clone(), opts, compiler);
 
-    let access_log = AccessLog::start(&cfg.access_log, &metrics)?;
-    if let Some(log) = &access_log {
-        log.reopen_on_sighup();
-    }
-    let tracer = match &cfg.tracing {
-        Some(t) => Some(Tracer::start(
-            t,
-            &format!("meshgate-gateway/{}", cfg.id),
-            &metrics,
-        )?),
-        None => None,
-    };
-    let observer = Observer::new(access_log.clone(), tracer);
+    let observer = Observer::start(
+        &cfg.access_log,
+        cfg.tracing.as_ref(),
+        &format!("meshgate-gateway/{}", cfg.id),
+        &metrics,
+    )?;
     let proxy = Arc::new(
         Proxy::new(
             shared.clone(),
@@ -352,7 +345,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
                 ..ProxyOptions::default()
             },
         )
-        .with_observer(observer),
+        .with_observer(observer.clone()),
     );
 
     // Ops port (+ what the binary embeds).
@@ -528,8 +521,8 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         registration.deregister().await;
     };
     node.run(follow, stopping).await;
-    if let Some(log) = access_log {
-        log.flush(Duration::from_secs(2));
+    if let Some(obs) = &observer {
+        obs.flush(Duration::from_secs(2));
     }
     tracing::info!("gateway stopped");
     Ok(())

@@ -34,9 +34,30 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// `None` when there is neither.
-    pub fn new(log: Option<Arc<AccessLog>>, tracer: Option<Arc<Tracer>>) -> Option<Arc<Observer>> {
-        (log.is_some() || tracer.is_some()).then(|| Arc::new(Observer { log, tracer }))
+    /// Starts a node's access log (reopened on SIGHUP) and tracer
+    /// (`service.name` default `process`); `None` when it has neither.
+    pub fn start(
+        log: &AccessLogSettings,
+        tracing: Option<&TracingSettings>,
+        process: &str,
+        metrics: &crate::metrics::Metrics,
+    ) -> anyhow::Result<Option<Arc<Observer>>> {
+        let log = AccessLog::start(log, metrics)?;
+        if let Some(l) = &log {
+            l.reopen_on_sighup();
+        }
+        let tracer = tracing
+            .map(|t| Tracer::start(t, process, metrics))
+            .transpose()?;
+        Ok((log.is_some() || tracer.is_some()).then(|| Arc::new(Observer { log, tracer })))
+    }
+
+    /// At shutdown: waits (at most `timeout`) for the access log's
+    /// records to be written.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        if let Some(l) = &self.log {
+            l.flush(timeout);
+        }
     }
 
     /// A new request's entry on `listener`: when the log takes it, or for
