@@ -268,7 +268,7 @@ impl Forwarder {
         let method_ok =
             headers::idempotent(&parts.method) || headers::marked_retryable(&parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers);
-        let body = match ReplayBody::new(body, &parts.headers, self.replay_buffer_bytes).await {
+        let mut body = match ReplayBody::new(body, &parts.headers, self.replay_buffer_bytes).await {
             Ok(b) => b,
             Err(e) => {
                 return (
@@ -278,6 +278,9 @@ impl Forwarder {
                 )
             }
         };
+        if let Some(t) = trail.as_deref_mut() {
+            t.count_upload(&mut body);
+        }
         let pq = prelude::target(&parts.uri);
         // The app's protocol is kept on the way to the gateway.
         let wire = if parts.version == Version::HTTP_2 {

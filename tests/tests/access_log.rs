@@ -145,6 +145,38 @@ async fn each_hop_logs_the_request_with_its_tries_and_reopens_on_sighup() {
     assert_eq!(sc_line["bytes_out"], *len as u64, "{sc_line}");
     assert_eq!(failed_over["bytes_out"], *len as u64);
 
+    // A chunked upload, streamed through: its bytes are counted on every
+    // hop as they go.
+    let upload = d.join("upload.bin");
+    std::fs::write(&upload, vec![b'x'; 100_000]).unwrap();
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "host: orders",
+        ])
+        .args([
+            "-H",
+            "x-request-id: upload",
+            "-H",
+            "transfer-encoding: chunked",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", upload.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+    for (log, hop) in [(&sc_log, "sidecar"), (&gw_log, "gateway")] {
+        let l = line_where(log, hop, |l| l["request_id"] == "upload").await;
+        assert_eq!(l["method"], "POST");
+        assert_eq!(l["bytes_in"], 100_000, "{hop}: {l}");
+    }
+
     // The group gateway dies: the sidecar's next request moves from the
     // group tier (refused) to the central tier, and its line says so.
     gw_a.kill();

@@ -162,7 +162,7 @@ impl Watched {
         ProxyBody,
         Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     ) {
-        if !matches!(inner, ProxyBody::Incoming(_)) {
+        if !matches!(inner, ProxyBody::Incoming(_) | ProxyBody::Observed(_)) {
             return (inner, None);
         }
         let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -236,6 +236,15 @@ impl Drop for Observed {
         // 204 answer, an empty body) ended whole.
         let whole = self.inner.is_end_stream();
         self.end(whole);
+    }
+}
+
+/// Stores a body's length when it ends.
+struct CountInto(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl OnEnd for CountInto {
+    fn ended(self: Box<Self>, bytes: u64, _whole: bool) {
+        self.0.store(bytes, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -326,7 +335,9 @@ pub(crate) fn empty() -> ProxyBody {
 /// into memory; anything else stays a stream and can be sent only once.
 pub enum ReplayBody {
     Buffered(Bytes),
-    Streaming(Incoming),
+    /// A stream (the client's body, perhaps counted: see
+    /// [`ReplayBody::count_into`]).
+    Streaming(ProxyBody),
     /// A streaming body already sent.
     Spent,
 }
@@ -370,7 +381,17 @@ impl ReplayBody {
                 })?;
                 Ok(ReplayBody::Buffered(collected.to_bytes()))
             }
-            _ => Ok(ReplayBody::Streaming(body)),
+            _ => Ok(ReplayBody::Streaming(ProxyBody::Incoming(body))),
+        }
+    }
+
+    /// Counts a streamed body's bytes into `counter` as they are sent on
+    /// (a buffered body's length is known); for the access log.
+    pub fn count_into(&mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        if let ReplayBody::Streaming(_) = self {
+            if let ReplayBody::Streaming(b) = std::mem::replace(self, ReplayBody::Spent) {
+                *self = ReplayBody::Streaming(Observed::wrap(b, Box::new(CountInto(counter))));
+            }
         }
     }
 
@@ -385,7 +406,7 @@ impl ReplayBody {
         match self {
             ReplayBody::Buffered(b) => Some(full(Full::new(b.clone()))),
             ReplayBody::Streaming(_) => match std::mem::replace(self, ReplayBody::Spent) {
-                ReplayBody::Streaming(inc) => Some(ProxyBody::Incoming(inc)),
+                ReplayBody::Streaming(b) => Some(b),
                 _ => None,
             },
             ReplayBody::Spent => None,

@@ -239,8 +239,8 @@ pub struct Entry {
     pub status: u16,
     /// The answer's `x-mesh-error`.
     pub error: Option<HeaderValue>,
-    /// The request body's length, when known (a chunked upload streamed
-    /// through is not counted).
+    /// The request body's length: known when it arrived whole or with a
+    /// `content-length`, else counted as it is streamed on.
     pub bytes_in: Option<u64>,
     pub bytes_out: u64,
     /// Whether the answer was sent whole (false: the client went away,
@@ -292,6 +292,9 @@ impl Entry {
     pub(crate) fn end(&mut self) {
         if self.duration.is_zero() {
             self.duration = self.start.elapsed();
+        }
+        if let (None, Some(n)) = (self.bytes_in, &self.trail.uploaded) {
+            self.bytes_in = Some(n.load(Ordering::Acquire));
         }
     }
 
@@ -408,10 +411,12 @@ pub const OK: &str = "ok";
 /// elsewhere, or passed on when no resend was left).
 pub const RETRY_STATUS: &str = "retry_status";
 
-/// Every member a request was tried on, in order.
+/// Every member a request was tried on, in order; and the bytes of its
+/// streamed body sent on, counted as they go.
 #[derive(Debug, Default)]
 pub struct Trail {
     pub tries: Vec<Try>,
+    pub uploaded: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// One try: which set (`service`, `tier`) and member, what came of it
@@ -439,6 +444,15 @@ impl Trail {
     pub fn last_failed(&mut self, outcome: &'static str) {
         if let Some(t) = self.tries.last_mut() {
             t.outcome = outcome;
+        }
+    }
+
+    /// Counts the bytes of `body` sent on, when it is a stream.
+    pub fn count_upload(&mut self, body: &mut crate::http::body::ReplayBody) {
+        if !body.replayable() {
+            let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            body.count_into(n.clone());
+            self.uploaded = Some(n);
         }
     }
 

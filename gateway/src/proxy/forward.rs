@@ -87,6 +87,10 @@ impl Proxy {
         let mut body = ReplayBody::new(body, &parts.headers, self.opts.replay_buffer_bytes)
             .await
             .map_err(|e| Failure::new(MeshError::BadRequest, e.to_string()))?;
+        let mut trail = trail;
+        if let Some(t) = trail.as_deref_mut() {
+            t.count_upload(&mut body);
+        }
         self.forward_prepared(dest, parts, &mut body, trail).await
     }
 
