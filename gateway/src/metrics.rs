@@ -66,6 +66,10 @@ pub struct Metrics {
     pub sidecar_failovers: IntCounterVec,
     /// A sidecar's plain-TCP connections, by destination, tier and result.
     pub sidecar_tcp: IntCounterVec,
+    /// Requests by listener, method and status class
+    /// (`requests_by_method_total`), resolved on first use.
+    by_method: IntCounterVec,
+    by_method_cache: Box<[std::sync::OnceLock<IntCounter>; LISTENERS.len() * METHODS.len() * 5]>,
     /// Trace spans exported, dropped (queue full), and failed exports.
     pub trace_spans_exported: IntCounter,
     pub trace_spans_dropped: IntCounter,
@@ -245,6 +249,14 @@ impl Metrics {
             "Access log records dropped because the writer was behind (never waited for)",
         )
         .expect("metric");
+        let by_method = IntCounterVec::new(
+            Opts::new(
+                "requests_by_method_total",
+                "Requests by listener, method (other: not a standard method) and status class",
+            ),
+            &["listener", "method", "class"],
+        )
+        .expect("metric");
         let trace_spans_exported = IntCounter::new(
             "trace_spans_exported_total",
             "Trace spans exported over OTLP",
@@ -291,6 +303,7 @@ impl Metrics {
             Box::new(sidecar_duration.clone()),
             Box::new(sidecar_failovers.clone()),
             Box::new(sidecar_tcp.clone()),
+            Box::new(by_method.clone()),
             Box::new(trace_spans_exported.clone()),
             Box::new(trace_spans_dropped.clone()),
             Box::new(trace_export_failures.clone()),
@@ -329,6 +342,8 @@ impl Metrics {
             sidecar_duration,
             sidecar_failovers,
             sidecar_tcp,
+            by_method,
+            by_method_cache: Box::new(std::array::from_fn(|_| std::sync::OnceLock::new())),
             trace_spans_exported,
             trace_spans_dropped,
             trace_export_failures,
@@ -349,6 +364,26 @@ impl Metrics {
             .encode(&families, &mut buf)
             .expect("text encoding");
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts a request on `listener` (`ingress`, `mesh`, `inbound`,
+    /// `app`) by its method and answer.
+    pub fn count_method(&self, listener: &str, method: &http::Method, status: u16) {
+        let Some(l) = LISTENERS.iter().position(|x| *x == listener) else {
+            return;
+        };
+        let m = METHODS
+            .iter()
+            .position(|x| *x == method.as_str())
+            .unwrap_or(METHODS.len() - 1);
+        let c = class_index(status);
+        let i = (l * METHODS.len() + m) * 5 + c;
+        self.by_method_cache[i]
+            .get_or_init(|| {
+                self.by_method
+                    .with_label_values(&[LISTENERS[l], METHODS[m], CLASSES[c]])
+            })
+            .inc();
     }
 
     /// Removes every series whose `label` is `value` (a deleted route or
@@ -579,6 +614,14 @@ const COMMON_NAMES: [&str; 16] = [
 ];
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The listeners counted by method.
+const LISTENERS: [&str; 4] = ["ingress", "mesh", "inbound", "app"];
+/// Methods with their own label; anything else is `other` (bounded: a
+/// client chooses the method).
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other",
+];
 
 /// Index of a status's class in [`CLASSES`].
 pub(crate) fn class_index(status: u16) -> usize {

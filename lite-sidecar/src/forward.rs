@@ -141,6 +141,7 @@ impl Forwarder {
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ProxyBody> {
         let start = std::time::Instant::now();
         let grpc = headers::is_grpc(req.headers());
+        let method = req.method().clone();
         let mut entry = self.obs.as_ref().and_then(|o| o.begin("app"));
         if let Some(e) = entry.as_deref_mut() {
             e.request(&req);
@@ -164,6 +165,7 @@ impl Forwarder {
             Err(f) => f.into_response(grpc),
         };
         let status = resp.status().as_u16();
+        self.metrics.count_method("app", &method, status);
         let mut code = itoa::Buffer::new();
         let label = self.destination_label(&dest);
         self.metrics

@@ -158,6 +158,10 @@ async fn every_metric_the_dashboard_and_alerts_query_is_live() {
         ),
         0.0
     );
+    // The method, per listener.
+    let by_method =
+        "meshgate_requests_by_method_total{class=\"2xx\",listener=\"app\",method=\"GET\"}";
+    assert!(metric_in(&sc, by_method) >= 10.0, "{sc}");
     // Callers: the gateways saw frontend call orders.
     let mut gw_text = String::new();
     for (_, p) in &m.gws {

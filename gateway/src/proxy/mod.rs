@@ -172,6 +172,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = headers::is_grpc(req.headers());
+        let method = req.method().clone();
         let mut entry = self.obs.as_ref().and_then(|o| o.begin(kind.as_str()));
         if let Some(e) = entry.as_deref_mut() {
             e.request(&req);
@@ -203,6 +204,7 @@ impl Proxy {
         };
         let status = resp.status().as_u16();
         let elapsed = start.elapsed().as_secs_f64();
+        self.metrics.count_method(kind.as_str(), &method, status);
         match route {
             Some((route, backend)) => {
                 let stats = route.stats.get_or_init(|| {
