@@ -13,7 +13,7 @@ SRC = "gateway/src"
 LAYERS = [
     {"alloc", "clock", "maps", "metrics", "tls"},
     {"http"},
-    {"server", "upstream", "observe"},
+    {"server", "upstream", "observe", "policy"},
     {"routing"},
     {"snapshot"},
     {"proxy"},

@@ -28,8 +28,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The end-to-end tests' real gRPC, WebSocket and OTLP peers and the
-# browser driver (Playwright, on Debian's Chromium) (tests/peers/), and
+# The end-to-end tests' real gRPC, WebSocket and OTLP peers, the JWT
+# signer (PyJWT with its crypto backend), and the browser driver (Playwright, on Debian's Chromium) (tests/peers/), and
 # schemathesis, which fuzzes the admin API from its OpenAPI document.
 if [ "${1:-}" = "--test" ]; then
   command -v python3 >/dev/null 2>&1 || { echo "python3 is required for the tests"; exit 1; }
@@ -39,11 +39,12 @@ if [ "${1:-}" = "--test" ]; then
       | grep -v "Running pip as the 'root' user" || true
     command -v st >/dev/null 2>&1 || { echo "schemathesis did not install (st not on PATH)"; exit 1; }
   fi
-  if ! python3 -c "import grpc, websockets, opentelemetry.proto, playwright" >/dev/null 2>&1; then
-    echo "installing: grpcio websockets opentelemetry-proto playwright (PyPI)"
+  if ! python3 -c "import grpc, websockets, opentelemetry.proto, playwright, jwt, cryptography" >/dev/null 2>&1; then
+    echo "installing: grpcio websockets opentelemetry-proto playwright pyjwt[crypto] (PyPI)"
     python3 -m pip install -q --disable-pip-version-check \
-      "grpcio==1.85.1" "websockets==17.4" "opentelemetry-proto==1.28.0" "playwright==1.49.1" 2>&1 \
+      "grpcio==1.85.1" "websockets==17.4" "opentelemetry-proto==1.28.0" "playwright==1.49.1" \
+      "pyjwt[crypto]==2.10.1" 2>&1 \
       | grep -v "Running pip as the 'root' user" || true
-    python3 -c "import grpc, websockets, opentelemetry.proto, playwright"
+    python3 -c "import grpc, websockets, opentelemetry.proto, playwright, jwt, cryptography"
   fi
 fi

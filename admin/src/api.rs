@@ -133,27 +133,63 @@ fn render(e: &Entry) -> Value {
     v
 }
 
-/// A certificate written without its `private_key` keeps the stored one
-/// (GET never shows it, so a spec read, edited and put back has none).
+/// What a write takes from the stored version: a certificate written
+/// without its `private_key` keeps the stored one (GET never shows it, so
+/// a spec read, edited and put back has none); a consumer's JWT key
+/// written without its `secret` keeps the stored secret of the same
+/// `kid`. (A consumer's API keys are hashed after validation, in
+/// [`plan_put_over`].)
 fn keep_stored_key<'a>(key: &Key, spec: &'a [u8], before: Option<&Entry>) -> Cow<'a, [u8]> {
-    let (Kind::Certs, Some(before)) = (key.kind, before) else {
+    if !matches!(key.kind, Kind::Certs | Kind::Consumers) {
         return Cow::Borrowed(spec);
-    };
+    }
     let Ok(Value::Object(mut new)) = serde_json::from_slice::<Value>(spec) else {
         return Cow::Borrowed(spec);
     };
+    let old = before.and_then(|b| match serde_json::from_slice::<Value>(&b.value) {
+        Ok(Value::Object(o)) => Some(o),
+        _ => None,
+    });
+    if key.kind == Kind::Consumers {
+        let mut v = Value::Object(new);
+        if let Some(old) = old {
+            keep_jwt_secrets(&mut v, &Value::Object(old));
+        }
+        return Cow::Owned(serde_json::to_vec(&v).expect("json encodes"));
+    }
     if new.get("private_key").is_some_and(|k| k != "") {
         return Cow::Borrowed(spec);
     }
-    let Ok(Value::Object(old)) = serde_json::from_slice::<Value>(&before.value) else {
-        return Cow::Borrowed(spec);
-    };
-    match old.get("private_key") {
+    match old.as_ref().and_then(|o| o.get("private_key")) {
         Some(k) => {
             new.insert("private_key".into(), k.clone());
             Cow::Owned(serde_json::to_vec(&new).expect("json encodes"))
         }
         None => Cow::Borrowed(spec),
+    }
+}
+
+/// Gives every JWT key of `new` without a `secret` the stored secret of
+/// the key with the same `kid` (or, without kids, at the same place).
+fn keep_jwt_secrets(new: &mut Value, old: &Value) {
+    let Some(old_keys) = old.pointer("/jwt/keys").and_then(Value::as_array) else {
+        return;
+    };
+    let Some(keys) = new.pointer_mut("/jwt/keys").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for (i, k) in keys.iter_mut().enumerate() {
+        let Some(k) = k.as_object_mut() else { continue };
+        if k.contains_key("secret") {
+            continue;
+        }
+        let stored = match k.get("kid") {
+            Some(kid) => old_keys.iter().find(|o| o.get("kid") == Some(kid)),
+            None => old_keys.get(i).filter(|o| o.get("kid").is_none()),
+        };
+        if let Some(secret) = stored.and_then(|o| o.get("secret")) {
+            k.insert("secret".into(), secret.clone());
+        }
     }
 }
 
@@ -337,7 +373,14 @@ async fn plan_put_over(
     overlay: &Overlay,
 ) -> Result<Plan, ApiError> {
     let spec = keep_stored_key(&key, spec, before.as_ref());
-    let obj = Object::decode(&key, &spec).map_err(ApiError::invalid)?;
+    let mut obj = Object::decode(&key, &spec).map_err(ApiError::invalid)?;
+    if key.kind == Kind::Consumers {
+        // The API keys, checked as written, are stored as hashes only.
+        let mut v: Value = serde_json::from_slice(&obj.to_json()).expect("config objects are JSON");
+        meshgate_config::validate::hash_api_keys(&mut v);
+        let hashed = serde_json::to_vec(&v).expect("json encodes");
+        obj = Object::decode(&key, &hashed).map_err(ApiError::invalid)?;
+    }
     let value = obj.to_json();
     let mut conds = Vec::new();
     for (field, r) in obj.references() {
@@ -1332,6 +1375,7 @@ fn referring_kinds(kind: Kind) -> &'static [Kind] {
     match kind {
         Kind::Services => &[Kind::Routes, Kind::TcpRoutes, Kind::Services],
         Kind::Groups => &[Kind::Services],
+        Kind::Consumers => &[Kind::Routes],
         _ => &[],
     }
 }

@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use meshgate_config::model::now_ms;
 use meshgate_config::store::{Cond, Op, TxnOutcome};
-use meshgate_config::tokens::{digest, same_digest};
+use meshgate_config::tokens::{digest, hex, parse_digest, same_digest};
 use meshgate_config::{Key, Kind};
 use rcgen::{CertificateSigningRequestParams, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
 use serde::{Deserialize, Serialize};
@@ -171,10 +171,6 @@ fn issuer(st: &AdminState) -> Result<&Arc<MeshIssuer>, ApiError> {
             "this admin has no mesh CA (configure `ca` in its config)",
         )
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `POST /api/v1/join-tokens` body.
@@ -339,16 +335,7 @@ pub async fn sign(
             let want = digest(secret);
             let found = records
                 .filter(|(n, _)| *n == name)
-                .find(|(_, t)| {
-                    let mut stored = [0u8; 32];
-                    let ok = t.sha256.len() == 64
-                        && (0..32).all(|i| {
-                            u8::from_str_radix(&t.sha256[2 * i..2 * i + 2], 16)
-                                .map(|b| stored[i] = b)
-                                .is_ok()
-                        });
-                    ok && same_digest(&stored, &want)
-                })
+                .find(|(_, t)| parse_digest(&t.sha256).is_some_and(|s| same_digest(&s, &want)))
                 .map(|(_, t)| t)
                 .ok_or_else(|| refused("unknown or revoked join token"))?;
             if found.expires_at_ms < now_ms() {

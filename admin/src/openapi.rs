@@ -10,14 +10,15 @@
 use schemars::gen::SchemaSettings;
 use serde_json::{json, Map, Value};
 
-use meshgate_config::model::{Cert, ExplainRequest, Group, Route, Service, TcpRoute};
+use meshgate_config::model::{Cert, Consumer, ExplainRequest, Group, Route, Service, TcpRoute};
 
 use crate::api::{Batch, RollbackRequest};
 
 /// The config kinds and the schema of their specs.
-const KINDS: [(&str, &str); 5] = [
+const KINDS: [(&str, &str); 6] = [
     ("certs", "Cert"),
     ("groups", "Group"),
+    ("consumers", "Consumer"),
     ("services", "Service"),
     ("routes", "Route"),
     ("tcp_routes", "TcpRoute"),
@@ -32,6 +33,7 @@ pub fn document() -> Value {
     gen.subschema_for::<Route>();
     gen.subschema_for::<TcpRoute>();
     gen.subschema_for::<Group>();
+    gen.subschema_for::<Consumer>();
     gen.subschema_for::<Batch>();
     gen.subschema_for::<RollbackRequest>();
     gen.subschema_for::<ExplainRequest>();

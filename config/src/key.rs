@@ -11,6 +11,8 @@ pub enum Kind {
     Routes,
     TcpRoutes,
     Groups,
+    /// External callers of ingress routes, with their credentials.
+    Consumers,
     Nodes,
     Instances,
     /// The admin API's change log (`history/<id>`).
@@ -22,10 +24,11 @@ pub enum Kind {
 
 impl Kind {
     /// Config kinds, managed through the admin API, in dependency order
-    /// (a route refers to services, a service to a group).
-    pub const CONFIG: [Kind; 5] = [
+    /// (a route refers to services and consumers, a service to a group).
+    pub const CONFIG: [Kind; 6] = [
         Kind::Certs,
         Kind::Groups,
+        Kind::Consumers,
         Kind::Services,
         Kind::Routes,
         Kind::TcpRoutes,
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Routes => "routes",
             Kind::TcpRoutes => "tcp_routes",
             Kind::Groups => "groups",
+            Kind::Consumers => "consumers",
             Kind::Nodes => "nodes",
             Kind::Instances => "instances",
             Kind::History => "history",
@@ -52,6 +56,7 @@ impl Kind {
             "routes" => Kind::Routes,
             "tcp_routes" => Kind::TcpRoutes,
             "groups" => Kind::Groups,
+            "consumers" => Kind::Consumers,
             "nodes" => Kind::Nodes,
             "instances" => Kind::Instances,
             "history" => Kind::History,
@@ -65,7 +70,12 @@ impl Kind {
     pub fn is_config(self) -> bool {
         matches!(
             self,
-            Kind::Certs | Kind::Services | Kind::Routes | Kind::TcpRoutes | Kind::Groups
+            Kind::Certs
+                | Kind::Services
+                | Kind::Routes
+                | Kind::TcpRoutes
+                | Kind::Groups
+                | Kind::Consumers
         )
     }
 

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod jwt;
 pub mod key;
 pub mod model;
 pub mod node;

@@ -1,7 +1,7 @@
 //! The config model: the serde types stored one JSON object per key in etcd
 //! (or together in the standalone YAML file).
 //!
-//! Config kinds: [`Cert`], [`Service`], [`Route`], [`Group`]. Runtime kinds, written by
+//! Config kinds: [`Cert`], [`Service`], [`Route`], [`Group`], [`Consumer`]. Runtime kinds, written by
 //! the processes under leases: [`Node`], [`Instance`]. Every type refuses
 //! unknown fields; [`crate::validate`] checks the semantics and names the
 //! field path of every problem.
@@ -76,6 +76,11 @@ pub struct Service {
     /// other destination goes to the central tier.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<Destination>,
+    /// Requests this service takes through the gateways from all callers
+    /// together (by `key`, per gateway or shared by the cluster): over it,
+    /// 429 `rate_limited`, whatever the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
 }
@@ -432,6 +437,16 @@ pub struct Route {
     /// Overrides the service's retry policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// Who may call the route: its consumers' credentials (ingress
+    /// routes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RouteAuth>,
+    /// Requests the route takes, by `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Delays or aborts injected into a share of the requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
 }
@@ -507,6 +522,10 @@ pub struct BackendRule {
     #[serde(rename = "match", default)]
     pub matches: RuleMatch,
     pub backends: Vec<Backend>,
+    /// Faults injected into the requests this rule takes (instead of the
+    /// route's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 /// The request conditions of a backend rule (all must hold).
@@ -579,6 +598,254 @@ pub struct DirectResponse {
     pub body: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+}
+
+// === edge policies ===
+
+/// A rate limit: `requests` per `per`, with `burst` taken at once (GCRA:
+/// a request is allowed when the limiter's theoretical arrival time is at
+/// most `burst` emission intervals ahead of now).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests allowed per `per` (at least 1).
+    pub requests: u32,
+    #[serde(default)]
+    pub per: Per,
+    /// Requests allowed at once (default: `requests`, a whole window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// What is counted separately: the whole route or service (default),
+    /// each consumer, each client address, or each value of `header`. A
+    /// consumer's own `rate_limit` is always by consumer.
+    #[serde(default)]
+    pub key: LimitKey,
+    /// The header whose value is the key (with `key: header`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// `gateway` (default): each gateway allows the limit; `cluster`: the
+    /// limit is shared by the live gateways that serve the route (each
+    /// allows `requests / N`, N read from `nodes/`).
+    #[serde(default)]
+    pub scope: LimitScope,
+    /// Distinct keys tracked per gateway (default 100 000); the least
+    /// used idle ones are forgotten first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<u32>,
+}
+
+/// The window of a rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    #[default]
+    Second,
+    Minute,
+}
+
+impl Per {
+    pub fn seconds(self) -> u64 {
+        match self {
+            Per::Second => 1,
+            Per::Minute => 60,
+        }
+    }
+}
+
+/// What a rate limit counts separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// One count for every request.
+    #[default]
+    Route,
+    /// One count per authenticated consumer (requests without one share
+    /// the count of the client address).
+    Consumer,
+    /// One count per client address.
+    SourceIp,
+    /// One count per value of `header` (requests without it share one).
+    Header,
+}
+
+/// Who shares a rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    #[default]
+    Gateway,
+    Cluster,
+}
+
+/// A route's authentication: the credentials it takes (`api_key`, `jwt`
+/// or both: the first one the request presents decides). The consumer
+/// found is sent upstream in `x-mesh-consumer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtAuth>,
+    /// The consumers allowed (others get 403); empty: every consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
+}
+
+/// Where a request's API key is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyAuth {
+    /// The header holding the key (default `x-api-key` when `query` is
+    /// not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The query parameter holding the key (removed before the request
+    /// goes upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// What a bearer JWT must satisfy (its signature: a key of a consumer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JwtAuth {
+    /// The `iss` required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// One of these must be in `aud` (empty: `aud` is not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Leeway for `exp` and `nbf` (default 30 s).
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_s: u64,
+    /// Claims that must be present (`exp` always is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<String>,
+}
+
+fn default_clock_skew() -> u64 {
+    30
+}
+
+/// Faults injected into a share of a route's requests, for chaos tests:
+/// a delay before the request goes on, and/or an abort answered by the
+/// gateway (`x-mesh-error: fault_injected`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+    /// Only requests carrying this header are eligible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+}
+
+/// An injected delay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    pub ms: u64,
+    /// Share of eligible requests delayed (0–100, decimals allowed).
+    pub percent: Percent,
+}
+
+/// An injected abort: `status` for HTTP callers, `grpc_status` (default
+/// 14, UNAVAILABLE) for gRPC callers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    #[serde(default = "default_abort_status")]
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u8>,
+    /// Share of eligible requests aborted (0–100, decimals allowed).
+    pub percent: Percent,
+}
+
+fn default_abort_status() -> u16 {
+    503
+}
+
+/// A percentage, 0 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Percent(pub f64);
+
+impl Eq for Percent {}
+
+// === consumers ===
+
+/// An external caller of ingress routes (`consumers/<name>`): its
+/// credentials, labels and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// API keys. Only their SHA-256 is stored: the admin API replaces a
+    /// written `key` by its `sha256`, and never shows either.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKey>,
+    /// Keys that verify this consumer's JWTs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<ConsumerJwt>,
+    /// This consumer's requests on this gateway, over every route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+/// One API key of a consumer: exactly one of `key` (write-only) and
+/// `sha256` (lower-case hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// A name for the key (to rotate it), shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A consumer's JWT verification keys: `keys`, and/or a JWKS document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerJwt {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<JwtKey>,
+    /// A JWKS document (`{"keys": [...]}`) held in the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+}
+
+/// One JWT verification key. A token whose header names a `kid` is
+/// checked with the key of that `kid` only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    pub algorithm: JwtAlgorithm,
+    /// The HS256 secret (write-only: never shown; a write without it
+    /// keeps the stored one of the same `kid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// The PEM public key (RS256, ES256, EdDSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// The JWT signature algorithms taken (never `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+    EdDSA,
 }
 
 // === certs ===

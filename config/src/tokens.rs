@@ -108,6 +108,30 @@ pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Lower-case hex of `bytes` (how a digest is written in an object).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A digest written as 64 hex digits, back into bytes.
+pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Compares two digests in constant time (no early exit on a mismatch).
 pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter()
@@ -118,7 +142,7 @@ pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// The credentials of `Bearer <token>`, the scheme in any case, then one
 /// or more spaces.
-fn bearer(authorization: &str) -> Option<&str> {
+pub fn bearer(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.split_once(' ')?;
     let token = token.trim_matches(' ');
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)

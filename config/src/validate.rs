@@ -53,6 +53,7 @@ pub enum Object {
     Route(Box<Route>),
     TcpRoute(TcpRoute),
     Group(Group),
+    Consumer(Box<Consumer>),
     Node(Node),
     Instance(Instance),
 }
@@ -66,6 +67,7 @@ impl Object {
             Kind::Routes => Object::Route(Box::new(decode_json(key, json)?)),
             Kind::TcpRoutes => Object::TcpRoute(decode_json(key, json)?),
             Kind::Groups => Object::Group(decode_json(key, json)?),
+            Kind::Consumers => Object::Consumer(Box::new(decode_json(key, json)?)),
             Kind::Nodes => Object::Node(decode_json(key, json)?),
             Kind::Instances => Object::Instance(decode_json(key, json)?),
             Kind::History | Kind::JoinTokens => {
@@ -98,6 +100,7 @@ impl Object {
                 v.check("service", valid_name(&t.service), NAME_MSG);
             }
             Object::Group(g) => validate_group(g, &mut v),
+            Object::Consumer(c) => validate_consumer(c, &mut v),
             Object::Node(n) => {
                 if let Some(a) = &n.address {
                     v.check("address", valid_address(a), ADDRESS_MSG);
@@ -122,6 +125,7 @@ impl Object {
             Object::Route(x) => serde_json::to_vec(x),
             Object::TcpRoute(x) => serde_json::to_vec(x),
             Object::Group(x) => serde_json::to_vec(x),
+            Object::Consumer(x) => serde_json::to_vec(x),
             Object::Node(x) => serde_json::to_vec(x),
             Object::Instance(x) => serde_json::to_vec(x),
         };
@@ -146,6 +150,9 @@ impl Object {
                 let mut out = refs(String::new(), &r.backends);
                 for (j, rule) in r.backend_rules.iter().enumerate() {
                     out.extend(refs(format!("backend_rules[{j}]."), &rule.backends));
+                }
+                for (i, c) in r.auth.iter().flat_map(|a| &a.consumers).enumerate() {
+                    out.push((format!("auth.consumers[{i}]"), Key::new(Kind::Consumers, c)));
                 }
                 out
             }
@@ -179,7 +186,38 @@ impl Object {
 pub fn public_spec(kind: Kind, spec: &mut serde_json::Value) -> Option<crate::tls::CertInfo> {
     match kind {
         Kind::Certs => crate::tls::redact_cert(spec),
+        Kind::Consumers => {
+            redact_consumer(spec);
+            None
+        }
         _ => None,
+    }
+}
+
+/// A consumer without its secrets: an API key shows as its `sha256` (a
+/// key written in a standalone file is hashed here), a JWT secret not at
+/// all.
+pub fn redact_consumer(spec: &mut serde_json::Value) {
+    hash_api_keys(spec);
+    let jwt_keys = spec.pointer_mut("/jwt/keys").and_then(|k| k.as_array_mut());
+    for k in jwt_keys
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_object_mut())
+    {
+        k.remove("secret");
+    }
+}
+
+/// Replaces each API key of a consumer by its `sha256`: the form stored.
+pub fn hash_api_keys(spec: &mut serde_json::Value) {
+    if let Some(keys) = spec.get_mut("api_keys").and_then(|k| k.as_array_mut()) {
+        for k in keys.iter_mut().filter_map(|k| k.as_object_mut()) {
+            if let Some(serde_json::Value::String(key)) = k.remove("key") {
+                let sha = crate::tokens::hex(&crate::tokens::digest(&key));
+                k.insert("sha256".into(), sha.into());
+            }
+        }
     }
 }
 
@@ -377,6 +415,14 @@ fn validate_service(s: &Service, v: &mut Errors) {
         }
     }
     validate_timeouts(&s.timeouts, "timeouts.", v);
+    if let Some(l) = &s.rate_limit {
+        validate_rate_limit(l, "rate_limit.", v);
+        v.check(
+            "rate_limit.key",
+            l.key != LimitKey::Consumer,
+            "consumers are known on ingress routes only: limit them on the route",
+        );
+    }
     if let Some(h) = &s.health_check {
         validate_health_check(h, v);
     }
@@ -842,7 +888,206 @@ fn validate_route(r: &Route, v: &mut Errors) {
     if let Some(t) = &r.timeouts {
         validate_timeouts(t, "timeouts.", v);
     }
+    if let Some(a) = &r.auth {
+        validate_auth(a, r.scope, v);
+    }
+    if let Some(l) = &r.rate_limit {
+        validate_rate_limit(l, "rate_limit.", v);
+        if l.key == LimitKey::Consumer && r.auth.is_none() {
+            v.push("rate_limit.key", "`consumer` needs the route's `auth`");
+        }
+    }
+    if let Some(f) = &r.fault {
+        validate_fault(f, "fault.", v);
+    }
+    for (j, rule) in r.backend_rules.iter().enumerate() {
+        if let Some(f) = &rule.fault {
+            validate_fault(f, &format!("backend_rules[{j}].fault."), v);
+        }
+    }
 }
+
+fn validate_auth(a: &RouteAuth, scope: Scope, v: &mut Errors) {
+    if a.api_key.is_none() && a.jwt.is_none() {
+        v.push("auth", "give `api_key`, `jwt` or both");
+    }
+    if scope != Scope::Ingress {
+        v.push(
+            "auth",
+            "consumers authenticate on ingress routes (mesh callers are authorized by identity: `allowed_callers`)",
+        );
+    }
+    if let Some(k) = &a.api_key {
+        if let Some(h) = &k.header {
+            v.check("auth.api_key.header", http_header_name(h), HEADER_MSG);
+        }
+        if let Some(q) = &k.query {
+            v.check(
+                "auth.api_key.query",
+                !q.is_empty()
+                    && q.bytes()
+                        .all(|c| c.is_ascii_graphic() && !b"&=#".contains(&c)),
+                "must be a query parameter name",
+            );
+        }
+    }
+    if let Some(j) = &a.jwt {
+        v.check(
+            "auth.jwt.clock_skew_s",
+            j.clock_skew_s <= 600,
+            "must be from 0 to 600",
+        );
+        for (i, aud) in j.audiences.iter().enumerate() {
+            v.check(
+                &format!("auth.jwt.audiences[{i}]"),
+                !aud.is_empty(),
+                "must not be empty",
+            );
+        }
+        for (i, c) in j.required_claims.iter().enumerate() {
+            v.check(
+                &format!("auth.jwt.required_claims[{i}]"),
+                !c.is_empty(),
+                "must not be empty",
+            );
+        }
+    }
+    for (i, c) in a.consumers.iter().enumerate() {
+        v.check(&format!("auth.consumers[{i}]"), valid_name(c), NAME_MSG);
+    }
+}
+
+/// The largest rate a limit may name: one request per nanosecond is what
+/// the limiter resolves.
+const MAX_RATE_PER_S: u64 = 1_000_000_000;
+
+fn validate_rate_limit(l: &RateLimit, base: &str, v: &mut Errors) {
+    v.check(
+        &format!("{base}requests"),
+        l.requests > 0 && u64::from(l.requests) / l.per.seconds() <= MAX_RATE_PER_S,
+        "must be a positive number of requests",
+    );
+    if let Some(b) = l.burst {
+        v.check(&format!("{base}burst"), b > 0, "must be at least 1");
+    }
+    if let Some(m) = l.max_keys {
+        v.check(
+            &format!("{base}max_keys"),
+            (1..=10_000_000).contains(&m),
+            "must be from 1 to 10000000",
+        );
+    }
+    match (&l.key, &l.header) {
+        (LimitKey::Header, Some(h)) => {
+            v.check(&format!("{base}header"), http_header_name(h), HEADER_MSG)
+        }
+        (LimitKey::Header, None) => {
+            v.push(&format!("{base}header"), "`key: header` needs `header`")
+        }
+        (_, Some(_)) => v.push(&format!("{base}header"), "only with `key: header`"),
+        _ => {}
+    }
+}
+
+fn validate_fault(f: &Fault, base: &str, v: &mut Errors) {
+    if f.delay.is_none() && f.abort.is_none() {
+        v.push(base.trim_end_matches('.'), "give `delay`, `abort` or both");
+    }
+    if let Some(d) = &f.delay {
+        v.check(
+            &format!("{base}delay.ms"),
+            (1..=MAX_TIMEOUT_MS).contains(&d.ms),
+            "must be from 1 to 3600000 (one hour)",
+        );
+        check_percent(&format!("{base}delay.percent"), d.percent, v);
+    }
+    if let Some(a) = &f.abort {
+        v.check(
+            &format!("{base}abort.status"),
+            (200..=599).contains(&a.status),
+            "must be an HTTP status from 200 to 599",
+        );
+        if let Some(g) = a.grpc_status {
+            v.check(
+                &format!("{base}abort.grpc_status"),
+                (1..=16).contains(&g),
+                "must be a gRPC status code from 1 to 16",
+            );
+        }
+        check_percent(&format!("{base}abort.percent"), a.percent, v);
+    }
+    if let Some(h) = &f.header {
+        v.check(&format!("{base}header"), http_header_name(h), HEADER_MSG);
+    }
+}
+
+fn check_percent(field: &str, p: Percent, v: &mut Errors) {
+    v.check(
+        field,
+        p.0.is_finite() && (0.0..=100.0).contains(&p.0),
+        "must be a percentage from 0 to 100",
+    );
+}
+
+fn validate_consumer(c: &Consumer, v: &mut Errors) {
+    let mut names = std::collections::HashSet::new();
+    for (i, k) in c.api_keys.iter().enumerate() {
+        let base = format!("api_keys[{i}]");
+        match (&k.key, &k.sha256) {
+            (Some(key), None) => v.check(
+                &format!("{base}.key"),
+                key.len() >= 16 && key.len() <= 512 && key.bytes().all(|b| b.is_ascii_graphic()),
+                "must be 16 to 512 printable ASCII characters",
+            ),
+            (None, Some(h)) => v.check(
+                &format!("{base}.sha256"),
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "must be 64 lower-case hex digits",
+            ),
+            _ => v.push(&base, "give exactly one of `key` and `sha256`"),
+        }
+        if let Some(n) = &k.name {
+            v.check(&format!("{base}.name"), valid_name(n), NAME_MSG);
+            if !names.insert(n.as_str()) {
+                v.push(&format!("{base}.name"), "duplicate key name");
+            }
+        }
+    }
+    if let Some(j) = &c.jwt {
+        if j.keys.is_empty() && j.jwks.is_none() {
+            v.push("jwt", "give `keys`, `jwks` or both");
+        }
+        let mut kids = std::collections::HashSet::new();
+        for (i, k) in j.keys.iter().enumerate() {
+            let base = format!("jwt.keys[{i}]");
+            if let Some(kid) = &k.kid {
+                if !kids.insert(kid.as_str()) {
+                    v.push(&format!("{base}.kid"), "duplicate kid");
+                }
+            }
+            if let Err((field, e)) = crate::jwt::decoding_key(k) {
+                v.push(&format!("{base}.{field}"), e);
+            }
+        }
+        if let Some(doc) = &j.jwks {
+            for (field, e) in crate::jwt::check_jwks(doc) {
+                v.push(&format!("jwt.jwks{field}"), e);
+            }
+        }
+    }
+    if let Some(l) = &c.rate_limit {
+        validate_rate_limit(l, "rate_limit.", v);
+        v.check(
+            "rate_limit.key",
+            matches!(l.key, LimitKey::Route | LimitKey::Consumer),
+            "a consumer's limit counts the consumer's requests (leave `key` out)",
+        );
+    }
+}
+
+const HEADER_MSG: &str = "must be a lower-case HTTP header name";
 
 /// An `allowed_callers` entry.
 fn caller_rule_ok(rule: &str) -> bool {
@@ -1269,5 +1514,108 @@ mod tests {
         );
         assert_eq!(problems(Kind::TcpRoutes, r#"{"service":"db"}"#), [""]);
         assert!(problems(Kind::TcpRoutes, r#"{"port":5432,"service":"db"}"#).is_empty());
+    }
+
+    #[test]
+    fn edge_policies_are_checked_with_field_paths() {
+        let route = |extra: &str| {
+            problems(
+                Kind::Routes,
+                &format!(r#"{{"scope":"ingress","backends":[{{"service":"a"}}],{extra}}}"#),
+            )
+        };
+        assert_eq!(
+            route(r#""rate_limit":{"requests":0}"#),
+            ["rate_limit.requests"]
+        );
+        assert_eq!(
+            route(r#""rate_limit":{"requests":-5}"#),
+            ["rate_limit.requests"]
+        );
+        assert_eq!(
+            route(r#""rate_limit":{"requests":5,"burst":0,"key":"header"}"#),
+            ["rate_limit.burst", "rate_limit.header"]
+        );
+        assert_eq!(
+            route(r#""rate_limit":{"requests":5,"key":"consumer"}"#),
+            ["rate_limit.key"]
+        );
+        assert_eq!(route(r#""auth":{}"#), ["auth"]);
+        assert_eq!(
+            route(r#""auth":{"api_key":{"header":"X-Key"},"consumers":["Bad Name"]}"#),
+            ["auth.api_key.header", "auth.consumers[0]"]
+        );
+        assert_eq!(
+            route(r#""fault":{"abort":{"status":99,"percent":101}}"#),
+            ["fault.abort.status", "fault.abort.percent"]
+        );
+        assert_eq!(route(r#""fault":{}"#), ["fault"]);
+        assert!(route(
+            r#""auth":{"jwt":{"issuer":"idp"}},"rate_limit":{"requests":5,"key":"consumer"},"fault":{"delay":{"ms":5,"percent":12.5}}"#
+        )
+        .is_empty());
+        // Consumers authenticate at the edge only.
+        assert_eq!(
+            problems(
+                Kind::Routes,
+                r#"{"backends":[{"service":"a"}],"auth":{"api_key":{}}}"#
+            ),
+            ["auth"]
+        );
+    }
+
+    #[test]
+    fn consumers_are_checked_with_field_paths() {
+        let c = |json: &str| problems(Kind::Consumers, json);
+        assert_eq!(c(r#"{"api_keys":[{"key":"short"}]}"#), ["api_keys[0].key"]);
+        assert_eq!(
+            c(r#"{"api_keys":[{"sha256":"XYZ"}]}"#),
+            ["api_keys[0].sha256"]
+        );
+        assert_eq!(c(r#"{"api_keys":[{}]}"#), ["api_keys[0]"]);
+        assert_eq!(
+            c(
+                r#"{"jwt":{"keys":[{"algorithm":"RS256","public_key":"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"}]}}"#
+            ),
+            ["jwt.keys[0].public_key"]
+        );
+        assert_eq!(
+            c(r#"{"jwt":{"keys":[{"algorithm":"HS256","secret":"too short"}]}}"#),
+            ["jwt.keys[0].secret"]
+        );
+        assert_eq!(
+            c(r#"{"jwt":{"keys":[{"algorithm":"none"}]}}"#),
+            ["jwt.keys[0].algorithm"]
+        );
+        assert_eq!(
+            c(r#"{"jwt":{"jwks":{"keys":[{"kty":"oct"}]}}}"#),
+            ["jwt.jwks"]
+        );
+        assert_eq!(
+            c(r#"{"rate_limit":{"requests":1,"key":"source_ip"}}"#),
+            ["rate_limit.key"]
+        );
+        assert!(c(
+            r#"{"api_keys":[{"name":"k1","key":"0123456789abcdef"}],"jwt":{"keys":[{"kid":"a","algorithm":"HS256","secret":"0123456789abcdef0123456789abcdef"}]}}"#
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn a_consumer_shows_no_secret() {
+        let mut v = serde_json::json!({
+            "api_keys": [{"name": "k", "key": "0123456789abcdef"}],
+            "jwt": {"keys": [{"kid": "a", "algorithm": "HS256", "secret": "s"}]}
+        });
+        public_spec(Kind::Consumers, &mut v);
+        let text = v.to_string();
+        assert!(
+            !text.contains("0123456789abcdef") && !text.contains("\"secret\""),
+            "{text}"
+        );
+        assert_eq!(
+            v["api_keys"][0]["sha256"],
+            crate::tokens::hex(&crate::tokens::digest("0123456789abcdef"))
+        );
     }
 }

@@ -14,11 +14,12 @@ use std::path::Path;
 use meshgate_config::{Key, Kind, Object};
 
 /// Each kind with a valid key name of that kind.
-const KINDS: [(Kind, &str); 7] = [
+const KINDS: [(Kind, &str); 8] = [
     (Kind::Services, "orders"),
     (Kind::Routes, "orders"),
     (Kind::TcpRoutes, "db"),
     (Kind::Groups, "shop"),
+    (Kind::Consumers, "mobile-app"),
     (Kind::Nodes, "gateway/gw-1"),
     (Kind::Instances, "orders/host-1"),
     (Kind::History, "1"),

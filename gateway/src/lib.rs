@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`alloc`], [`clock`], [`maps`], [`metrics`], [`tls`] | leaves: the allocator, the monotonic clock, the config-table map type, Prometheus handles, TLS configs and the certificates served by SNI |
 //! | [`http`] | bodies, headers, the synthetic error vocabulary, HTTP/1 wire primitives, the h1 client codec and pool, connection limits, the h2 client, the byte tunnel |
-//! | [`server`], [`upstream`], [`observe`] | accepting and serving client connections; endpoints, balancing, health, breakers, one attempt; the access log |
+//! | [`server`], [`upstream`], [`observe`], [`policy`] | accepting and serving client connections; endpoints, balancing, health, breakers, one attempt; the access log and spans; edge policies (consumers and their credentials, rate limits, injected faults) |
 //! | [`routing`] | compiled routes and their tables |
 //! | [`snapshot`] | the compiled config snapshot and the compiler |
 //! | [`proxy`] | the request path: prelude, phases, the attempt loop, the rescue, upgrades, `CONNECT`, TCP routes |
@@ -31,6 +31,7 @@ pub mod tls;
 
 pub mod http;
 pub mod observe;
+pub mod policy;
 pub mod server;
 pub mod upstream;
 

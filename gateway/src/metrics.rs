@@ -48,6 +48,8 @@ pub struct Metrics {
     pub identity_expiry: IntGauge,
     /// Calls refused by authorization, by destination service.
     pub authz_denied: IntCounterVec,
+    /// The live gateways a `cluster` rate limit is shared by, by pool.
+    pub cluster_gateways: IntGaugeVec,
     /// Access log lines written, and records dropped because the writer
     /// was behind.
     pub access_log_lines: IntCounter,
@@ -242,6 +244,14 @@ impl Metrics {
             &["service"],
         )
         .expect("metric");
+        let cluster_gateways = IntGaugeVec::new(
+            Opts::new(
+                "cluster_gateways",
+                "Live gateways that share this gateway's `cluster` rate limits, by pool (ingress, mesh, all)",
+            ),
+            &["pool"],
+        )
+        .expect("metric");
         let access_log_lines =
             IntCounter::new("access_log_lines_total", "Access log lines written").expect("metric");
         let access_log_dropped = IntCounter::new(
@@ -294,6 +304,7 @@ impl Metrics {
             Box::new(cert_expiry.clone()),
             Box::new(identity_expiry.clone()),
             Box::new(authz_denied.clone()),
+            Box::new(cluster_gateways.clone()),
             Box::new(access_log_lines.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(mesh_errors.clone()),
@@ -333,6 +344,7 @@ impl Metrics {
             cert_expiry,
             identity_expiry,
             authz_denied,
+            cluster_gateways,
             access_log_lines,
             access_log_dropped,
             mesh_errors,
@@ -579,9 +591,21 @@ impl RouteStats {
     }
 
     /// Counts a request served by backend `backend` (0 for routes without
-    /// backends) with `status`.
+    /// backends) with `status`; [`NO_BACKEND`]: answered before a backend
+    /// was chosen (a refusal of the route's policies), counted with
+    /// service "".
     pub(crate) fn count(&self, backend: usize, status: u16) {
         let Some(svc) = self.services.get(backend) else {
+            let mut code = itoa::Buffer::new();
+            self.vec
+                .with_label_values(&[
+                    &self.listener,
+                    &self.route,
+                    "",
+                    status_class(status),
+                    code.format(status),
+                ])
+                .inc();
             return;
         };
         let class = status_class(status);
@@ -603,6 +627,9 @@ impl RouteStats {
         }
     }
 }
+
+/// The backend index of a request answered before a backend was chosen.
+pub const NO_BACKEND: usize = usize::MAX;
 
 /// Status codes whose counters a route keeps at hand.
 const COMMON_CODES: [u16; 16] = [

@@ -1,7 +1,7 @@
 //! `meshctl`: the operator's CLI over the admin API.
 //!
 //! Config files use the standalone format: maps of name → spec under
-//! `groups`, `services`, `routes`, `tcp_routes` (a directory: every
+//! `certs`, `groups`, `consumers`, `services`, `routes`, `tcp_routes` (a directory: every
 //! `.yaml`/`.yml`/`.json` file in it). `apply` sends every changed object in
 //! one atomic batch, in dependency order; `diff` shows what it would change,
 //! field by field. Human tables by default; `-o json|yaml` prints the API's
@@ -899,7 +899,7 @@ fn load_file(p: &Path) -> Result<Vec<(Key, Value)>, Failure> {
             .filter(|k| k.is_config())
             .ok_or_else(|| {
                 format!(
-                    "{}: {kind}: not a config kind (groups, services, routes, tcp_routes)",
+                    "{}: {kind}: not a config kind (certs, groups, consumers, services, routes, tcp_routes)",
                     p.display()
                 )
             })?;
@@ -1206,6 +1206,11 @@ fn object_row(o: &Value) -> Vec<String> {
                 .join(", ")
         ),
         Some("tcp_routes") => format!("port {} → {}", s(&spec["port"]), s(&spec["service"])),
+        Some("consumers") => format!(
+            "{} API key(s), {} JWT key(s)",
+            spec["api_keys"].as_array().map_or(0, Vec::len),
+            spec["jwt"]["keys"].as_array().map_or(0, Vec::len)
+        ),
         _ => s(&spec["description"]),
     };
     vec![s(&o["kind"]), s(&o["name"]), s(&o["version"]), summary]

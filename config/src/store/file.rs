@@ -67,6 +67,8 @@ struct FileDoc {
     certs: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     groups: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    consumers: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     services: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
@@ -76,10 +78,11 @@ struct FileDoc {
 }
 
 impl FileDoc {
-    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 5] {
+    fn kinds(&self) -> [(Kind, &BTreeMap<String, serde_json::Value>); 6] {
         [
             (Kind::Certs, &self.certs),
             (Kind::Groups, &self.groups),
+            (Kind::Consumers, &self.consumers),
             (Kind::Services, &self.services),
             (Kind::Routes, &self.routes),
             (Kind::TcpRoutes, &self.tcp_routes),
@@ -236,6 +239,7 @@ impl FileStore {
             let map = match e.key.kind {
                 Kind::Certs => &mut doc.certs,
                 Kind::Groups => &mut doc.groups,
+                Kind::Consumers => &mut doc.consumers,
                 Kind::Services => &mut doc.services,
                 Kind::Routes => &mut doc.routes,
                 Kind::TcpRoutes => &mut doc.tcp_routes,

@@ -54,8 +54,18 @@ pub enum MeshError {
     /// The client went away in the middle of its upload (400, which it
     /// will not read; nginx logs such a request as 499).
     ClientAborted,
-    /// The caller's identity may not call the destination (403).
+    /// The caller's identity may not call the destination, or the
+    /// consumer may not use the route (403).
     Forbidden,
+    /// The route takes consumers' credentials and the request has none
+    /// that verify (401).
+    Unauthenticated,
+    /// A rate limit of the route, consumer or service is reached (429).
+    RateLimited,
+    /// A header (a credential) is too large to be read (431).
+    HeaderTooLarge,
+    /// An abort injected by the route's `fault` (its configured status).
+    FaultInjected,
 }
 
 impl MeshError {
@@ -76,6 +86,10 @@ impl MeshError {
             MeshError::NotImplemented => "not_implemented",
             MeshError::ClientAborted => "client_aborted",
             MeshError::Forbidden => "forbidden",
+            MeshError::Unauthenticated => "unauthenticated",
+            MeshError::RateLimited => "rate_limited",
+            MeshError::HeaderTooLarge => "header_too_large",
+            MeshError::FaultInjected => "fault_injected",
         }
     }
 
@@ -95,6 +109,10 @@ impl MeshError {
             MeshError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             MeshError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             MeshError::Forbidden => StatusCode::FORBIDDEN,
+            MeshError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            MeshError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            MeshError::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -117,7 +135,11 @@ impl MeshError {
             | MeshError::PayloadTooLarge
             | MeshError::NotImplemented
             | MeshError::ClientAborted
-            | MeshError::Forbidden => Side::Downstream,
+            | MeshError::Forbidden
+            | MeshError::Unauthenticated
+            | MeshError::RateLimited
+            | MeshError::HeaderTooLarge
+            | MeshError::FaultInjected => Side::Downstream,
             MeshError::NoRoute
             | MeshError::NoHealthyEndpoint
             | MeshError::NotReady
@@ -137,17 +159,21 @@ impl MeshError {
             MeshError::NoDestination | MeshError::BadRequest => 3, // INVALID_ARGUMENT
             MeshError::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
             MeshError::Forbidden => 7,       // PERMISSION_DENIED
+            MeshError::Unauthenticated => 16, // UNAUTHENTICATED
+            MeshError::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            MeshError::HeaderTooLarge => 3,  // INVALID_ARGUMENT
             MeshError::NoHealthyEndpoint
             | MeshError::UpstreamConnectFailed
             | MeshError::UpstreamReset
             | MeshError::NotReady
             | MeshError::ShuttingDown
-            | MeshError::CircuitOpen => 14, // UNAVAILABLE
+            | MeshError::CircuitOpen
+            | MeshError::FaultInjected => 14, // UNAVAILABLE
         }
     }
 
     /// Every error, for reverse lookups.
-    pub(crate) const ALL: [MeshError; 15] = [
+    pub(crate) const ALL: [MeshError; 19] = [
         MeshError::NoRoute,
         MeshError::NoHealthyEndpoint,
         MeshError::UpstreamConnectFailed,
@@ -163,6 +189,10 @@ impl MeshError {
         MeshError::NotImplemented,
         MeshError::ClientAborted,
         MeshError::Forbidden,
+        MeshError::Unauthenticated,
+        MeshError::RateLimited,
+        MeshError::HeaderTooLarge,
+        MeshError::FaultInjected,
     ];
 
     /// The reason code named in an `x-mesh-error` header value.
@@ -308,7 +338,10 @@ impl Failure {
         // a refusal of the caller itself: no other member or tier may serve
         // a call the caller may not make.
         let side = match reason {
-            MeshError::Forbidden => Side::Downstream,
+            MeshError::Forbidden
+            | MeshError::Unauthenticated
+            | MeshError::RateLimited
+            | MeshError::FaultInjected => Side::Downstream,
             _ => Side::Upstream,
         };
         Err(Failure {

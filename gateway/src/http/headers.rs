@@ -12,6 +12,9 @@ pub const X_MESH_SOURCE: HeaderName = HeaderName::from_static("x-mesh-source");
 /// The SPIFFE ID of the caller a gateway verified (set by the gateway that
 /// took the call from a sidecar; trusted only from a gateway's identity).
 pub const X_MESH_CALLER: HeaderName = HeaderName::from_static("x-mesh-caller");
+/// The consumer an ingress gateway authenticated (removed from every
+/// request an ingress listener takes, set again by the route's `auth`).
+pub const X_MESH_CONSUMER: HeaderName = HeaderName::from_static("x-mesh-consumer");
 pub(crate) const X_MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

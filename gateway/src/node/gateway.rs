@@ -290,6 +290,18 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         None => None,
     };
     let m = metrics.clone();
+    // The live gateways that share `cluster` rate limits.
+    let peers = Arc::new(crate::policy::limit::Peers::default());
+    let _peers_task = crate::node::peers::spawn(
+        store.clone(),
+        cfg.id.clone(),
+        crate::node::peers::Member {
+            roles: cfg.roles.clone(),
+            groups: cfg.groups.clone(),
+        },
+        peers.clone(),
+        metrics.cluster_gateways.clone(),
+    );
     let compiler = Compiler::new(
         shared.clone(),
         Defaults {
@@ -311,7 +323,8 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         }),
     )
     .with_mesh_identity(identity.clone())
-    .with_metrics(metrics.clone());
+    .with_metrics(metrics.clone())
+    .with_peers(peers.clone());
     let dump = compiler.dump_handle();
     let certs = compiler.certs_handle();
     let refused = compiler.rejections();

@@ -14,11 +14,13 @@
 //! - [`identity`]: identities issued by the admin's mesh CA (obtained
 //!   with a join token, renewed at half-life, kept in the `mesh_tls`
 //!   files)
+//! - `peers`: the live gateways that share a `cluster` rate limit
 
 pub mod explain;
 pub mod gateway;
 pub mod identity;
 pub mod ops;
+pub(crate) mod peers;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -252,6 +252,8 @@ pub struct Entry {
     pub caller: Option<HeaderValue>,
     /// The calling service (`x-mesh-source`).
     pub source: Option<HeaderValue>,
+    /// The consumer the route's `auth` authenticated.
+    pub consumer: Option<Arc<str>>,
     /// Whether the access log takes it (else it exists for its span).
     pub logged: bool,
     /// Its span, when the request is sampled for tracing.
@@ -283,6 +285,7 @@ impl Entry {
             traceparent: None,
             caller: None,
             source: None,
+            consumer: None,
             logged: true,
             trace: None,
         }
@@ -379,6 +382,7 @@ impl Entry {
             trace_id: text(&self.traceparent).and_then(trace_id),
             caller: text(&self.caller),
             source: text(&self.source),
+            consumer: self.consumer.as_deref(),
         };
         if serde_json::to_writer(&mut *out, &line).is_ok() {
             out.push(b'\n');
@@ -501,6 +505,7 @@ struct Line<'a> {
     trace_id: Option<&'a str>,
     caller: Option<&'a str>,
     source: Option<&'a str>,
+    consumer: Option<&'a str>,
 }
 
 enum Sink {

@@ -19,28 +19,36 @@
 //! 4. route match on the listener's table (mesh: by `x-mesh-service` or
 //!    host; a service named directly gets its implicit route; a sidecar's
 //!    inbound: its own service's implicit route) → 404 `no_route`
-//! 5. a direct response, or a backend: the first backend rule whose
+//! 5. the route's edge policies ([`edge`]): its consumer authenticated
+//!    (401 `unauthenticated` with `WWW-Authenticate`, 403 `forbidden` for
+//!    a consumer the route does not take; `x-mesh-consumer` set), the
+//!    route's and the consumer's rate limits (429 `rate_limited` with
+//!    `Retry-After` and the `RateLimit` headers)
+//! 6. a direct response, or a backend: the first backend rule whose
 //!    conditions hold, else the weighted split (sticky by header or cookie
 //!    hash when set) → the service (503 `no_healthy_endpoint` when it is
-//!    not configured); on mesh and inbound listeners, authorization of
+//!    not configured); the faults drawn for the rule or route (a delay;
+//!    an abort with its status, `fault_injected`); the service's own rate
+//!    limit (429); on mesh and inbound listeners, authorization of
 //!    the caller's verified identity ([`authz`]) → 403 `forbidden`,
 //!    never retried
-//! 6. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
+//! 7. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
 //!    ([`tunnel`])
-//! 7. forward ([`forward`]): breaker admission (503 `circuit_open`), the
+//! 8. forward ([`forward`]): breaker admission (503 `circuit_open`), the
 //!    body made replayable, hop-by-hop headers stripped, rewrites; the
 //!    attempt loop ([`attempts`]) over the service's endpoints (refused
 //!    connects move on; resets, per-try timeouts and listed statuses are
 //!    resent under the retry policy, budget and deadline; outcomes feed
 //!    outlier detection); the fallback service when no endpoint took it
-//! 8. the rescue: a [`Failure`] becomes its synthetic response, or a gRPC
+//! 9. the rescue: a [`Failure`] becomes its synthetic response, or a gRPC
 //!    status for a gRPC call ([`Failure::into_response`])
-//! 9. metrics per route and backend; the access log's record and the
-//!    hop's span ([`crate::observe`]), handed over when the answer's body
-//!    ends
+//! 10. metrics per route and backend; the access log's record and the
+//!     hop's span ([`crate::observe`]), handed over when the answer's body
+//!     ends
 
 pub mod attempts;
 pub(crate) mod authz;
+pub(crate) mod edge;
 pub mod forward;
 pub mod prelude;
 pub(crate) mod tcp;
@@ -57,7 +65,7 @@ use http_body_util::Full;
 use crate::http::body::{full, ProxyBody, RequestBody};
 use crate::http::error::{Failure, MeshError};
 use crate::http::headers;
-use crate::metrics::{status_class, Metrics, RouteStats};
+use crate::metrics::{status_class, Metrics, RouteStats, NO_BACKEND};
 use crate::observe::{Entry, Observer};
 use crate::routing::{CompiledRoute, RequestView};
 use crate::server::Peer;
@@ -273,6 +281,7 @@ impl Proxy {
         if kind == ListenerKind::Ingress {
             h.remove(&headers::X_MESH_SOURCE);
             h.remove(&headers::X_MESH_CALLER);
+            h.remove(&headers::X_MESH_CONSUMER);
             prelude::forwarded_proto(h, peer.tls.is_some());
         } else {
             prelude::source_from_identity(h, peer.tls.as_deref());
@@ -340,8 +349,24 @@ impl Proxy {
         if let Some(e) = entry.as_deref_mut() {
             e.route = Some(route.name.clone());
         }
-        // 5. direct response, or a backend
+        // 5. the route's edge policies
+        if let Some(policy) = &route.policy {
+            match edge::admit(policy, &snap, peer.ip.as_bytes(), grpc, &mut req) {
+                Ok(consumer) => {
+                    if let (Some(e), Some(c)) = (entry.as_deref_mut(), consumer) {
+                        e.consumer = Some(c.name.clone());
+                    }
+                }
+                Err(f) => return (Err(f), Some((route, NO_BACKEND))),
+            }
+        }
+        // 6. direct response, or a backend; the faults drawn for it
         if let Some((status, body, ctype)) = &route.direct {
+            if let Some(f) = route.policy.as_ref().and_then(|p| p.fault_for(None)) {
+                if let Err(f) = self.inject(f, grpc, req.headers()).await {
+                    return (Err(f), Some((route, 0)));
+                }
+            }
             let mut resp = Response::new(full(Full::new(body.clone())));
             *resp.status_mut() = *status;
             if let Some(c) = ctype {
@@ -349,6 +374,12 @@ impl Proxy {
             }
             return (Ok(resp), Some((route, 0)));
         }
+        let view = RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
         let Some((index, backend)) = route.pick_backend(&view) else {
             let f = Failure::new(
                 MeshError::NoHealthyEndpoint,
@@ -364,6 +395,24 @@ impl Proxy {
             let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
             return (Err(f), Some((route, index)));
         };
+        if let Some(policy) = &route.policy {
+            if let Some(f) = policy.fault_for(route.rule_of(index)) {
+                if let Err(f) = self.inject(f, grpc, req.headers()).await {
+                    return (Err(f), Some((route, index)));
+                }
+            }
+        }
+        if let (Some(limit), false) = (&svc.limit, kind == ListenerKind::Inbound) {
+            let consumer = req.headers().get(&headers::X_MESH_CONSUMER);
+            let input = crate::policy::limit::KeyInput {
+                consumer: consumer.and_then(|v| v.to_str().ok()),
+                client_ip: peer.ip.as_bytes(),
+                headers: req.headers(),
+            };
+            if let Err(f) = edge::check(limit, &input, grpc) {
+                return (Err(f), Some((route, index)));
+            }
+        }
         // authorization by identity (mesh listeners, a sidecar's inbound)
         if kind != ListenerKind::Ingress && snap.authz_active {
             if let Err(f) = authz::check(&snap, &svc, peer, req.headers()) {
@@ -381,14 +430,14 @@ impl Proxy {
         } else {
             None
         };
-        // 6. upgrade
+        // 7. upgrade
         if !req.body().is_whole() && headers::is_upgrade(req.headers()) {
             let t = svc.timeouts(route.timeouts.as_ref());
             let total = deadline.map_or(t.total, |d| d.min(t.total));
             let upgrade = self.forward_upgrade(svc, &route, total, t.idle, req);
             return (Box::pin(upgrade).await, Some((route, index)));
         }
-        // 7. forward
+        // 8. forward
         let dest = Dest {
             service: &svc,
             route: &route,
@@ -398,6 +447,27 @@ impl Proxy {
         };
         let result = self.forward(dest, req, entry.map(|e| &mut e.trail)).await;
         (result, Some((route, index)))
+    }
+}
+
+impl Proxy {
+    /// Applies the faults drawn for one request: waits out a delay, and
+    /// fails with an abort. Boxed: a rare path's timer would otherwise
+    /// widen every request's future.
+    async fn inject(
+        &self,
+        rule: &crate::policy::fault::FaultRule,
+        grpc: bool,
+        headers: &http::HeaderMap,
+    ) -> Result<(), Failure> {
+        let drawn = rule.draw(headers);
+        if let Some(d) = drawn.delay {
+            Box::pin(tokio::time::sleep(d)).await;
+        }
+        match drawn.abort {
+            Some(a) => Err(edge::aborted(a, grpc)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -301,6 +301,9 @@ pub struct CompiledRoute {
     /// Overrides the service's retry policy.
     pub retry: Option<crate::upstream::resilience::Retry>,
     pub rewrite: Option<CompiledRewrite>,
+    /// Authentication, rate limit, injected faults (set by the compiler;
+    /// `None` for a route that sets none of them).
+    pub policy: Option<crate::policy::RoutePolicy>,
     /// This route's metric handles, resolved on first use so the request
     /// path does not hash label values (see `metrics::RouteStats`).
     pub stats: std::sync::OnceLock<crate::metrics::RouteStats>,
@@ -382,6 +385,7 @@ impl CompiledRoute {
             rewrite: r.rewrite.as_ref().map(|rw| {
                 CompiledRewrite::new(rw, m.path.as_ref().and_then(|p| p.prefix.as_deref()))
             }),
+            policy: None,
             stats: Default::default(),
         }
     }
@@ -403,6 +407,9 @@ impl CompiledRoute {
             direct_response: None,
             timeouts: None,
             retry: None,
+            auth: None,
+            rate_limit: None,
+            fault: None,
             labels: Default::default(),
         };
         let mut c = CompiledRoute::new(service, 0, &r);
@@ -424,6 +431,14 @@ impl CompiledRoute {
         let hash = self.sticky.as_ref().and_then(|k| k.hash(req.headers, None));
         let i = choice.first + choice.pick(hash)?;
         Some((i, &self.backends[i]))
+    }
+
+    /// The backend rule a backend index of [`CompiledRoute::pick_backend`]
+    /// belongs to (`None`: the default backends).
+    pub fn rule_of(&self, index: usize) -> Option<usize> {
+        self.rules
+            .iter()
+            .position(|(_, c)| (c.first..c.first + c.weights.len()).contains(&index))
     }
 
     /// Why this route does not match a request for `host` (empty: it

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshgate_config::model::{
-    CircuitBreaker, Endpoint, Group, Instance, Mtls, Protocol, Rejection, Service, TcpRoute,
-    Timeouts,
+    CircuitBreaker, Consumer, Endpoint, Group, Instance, Mtls, Protocol, Rejection, Service,
+    TcpRoute, Timeouts,
 };
 use meshgate_config::sync::{Apply, Change};
 use meshgate_config::{Key, Kind, Object};
@@ -27,6 +27,9 @@ use meshgate_config::{Key, Kind, Object};
 use crate::http::h2::{Clients, HttpClient, Wire};
 use crate::http::limit::ConnLimit;
 use crate::maps::FastMap;
+use crate::policy::auth::Consumers;
+use crate::policy::limit::{Limiter, LimiterRegistry, Peers, Pool};
+use crate::policy::RoutePolicy;
 use crate::routing::{CompiledRoute, Router};
 use crate::tls::{CertTable, ClientTls, LiveIdentity, ServedCert, SharedCerts};
 use crate::upstream::balance::{Balancer, RequestKey};
@@ -68,6 +71,8 @@ pub struct ServiceRt {
     pub breaker: CircuitBreaker,
     pub retry: Option<Retry>,
     pub outlier: Option<Outlier>,
+    /// The service's own limit (`rate_limit`), over every caller.
+    pub limit: Option<Arc<Limiter>>,
 }
 
 /// The timeouts of one request: the route's, else the service's.
@@ -123,6 +128,8 @@ pub struct Snapshot {
     /// Some service has `allowed_callers` or some group denies by
     /// default: mesh calls are authorized (`proxy::authz`).
     pub authz_active: bool,
+    /// The consumers, by credential, for routes with `auth`.
+    pub consumers: Arc<Consumers>,
 }
 
 impl Snapshot {
@@ -237,6 +244,13 @@ pub struct Compiler {
     mesh_identity: Option<Arc<LiveIdentity>>,
     /// Where a deleted route's or service's metric series are removed.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Accepted consumers; the table is rebuilt at the next publish when
+    /// `consumers_changed`.
+    consumer_specs: BTreeMap<String, Consumer>,
+    consumers: Arc<Consumers>,
+    consumers_changed: bool,
+    /// Rate limiters by the object that sets them, kept across changes.
+    limiters: LimiterRegistry,
 }
 
 /// What `/config` shows: the applied objects at the applied revision and
@@ -307,7 +321,17 @@ impl Compiler {
             dump: ConfigDump::default(),
             mesh_identity: None,
             metrics: None,
+            consumer_specs: BTreeMap::new(),
+            consumers: Default::default(),
+            consumers_changed: false,
+            limiters: LimiterRegistry::default(),
         }
+    }
+
+    /// Divides `cluster` rate limits by the live gateways `peers` counts.
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Compiler {
+        self.limiters = LimiterRegistry::new(peers);
+        self
     }
 
     /// Removes the metric series of routes and services deleted from the
@@ -437,7 +461,16 @@ impl Compiler {
                 )
             })
             .collect();
+        let limit_id = format!("services/{name}");
+        let limit = match &spec.rate_limit {
+            Some(l) => Some(self.limiters.get(&limit_id, l, Pool::All)),
+            None => {
+                self.limiters.forget(&limit_id);
+                None
+            }
+        };
         ServiceRt {
+            limit,
             name: name.into(),
             version,
             balancer: Balancer::with_policy(members, spec.load_balancing.into()),
@@ -460,7 +493,17 @@ impl Compiler {
     }
 
     fn publish(&mut self, revision: i64) {
+        if std::mem::take(&mut self.consumers_changed) {
+            self.consumers = Arc::new(Consumers::new(self.consumer_specs.iter().map(|(n, c)| {
+                let limit = c.rate_limit.as_ref().map(|l| {
+                    self.limiters
+                        .get(&format!("consumers/{n}"), l, Pool::Ingress)
+                });
+                (n.as_str(), c, limit)
+            })));
+        }
         let snap = Snapshot {
+            consumers: self.consumers.clone(),
             revision,
             services: self.services.clone(),
             groups: self.groups.clone(),
@@ -501,6 +544,7 @@ impl Apply for Compiler {
                             }
                             self.services.remove(key.name.as_str());
                             self.specs.remove(&key.name);
+                            self.limiters.forget(&key.to_string());
                             self.checks_due.insert(key.name.as_str().into());
                         }
                         Kind::Instances => {
@@ -519,6 +563,7 @@ impl Apply for Compiler {
                             self.tcp_routes.remove(&key.name);
                         }
                         Kind::Routes => {
+                            self.limiters.forget(&key.to_string());
                             let removed = self.remove_route(&key.name);
                             if let (true, Some(m)) = (removed, &self.metrics) {
                                 m.forget("route", &key.name);
@@ -529,6 +574,11 @@ impl Apply for Compiler {
                         }
                         Kind::Certs => {
                             self.certs = Arc::new(self.certs.with(&key.name, None));
+                        }
+                        Kind::Consumers => {
+                            self.consumer_specs.remove(&key.name);
+                            self.limiters.forget(&key.to_string());
+                            self.consumers_changed = true;
                         }
                         _ => {}
                     }
@@ -615,7 +665,14 @@ impl Apply for Compiler {
                             self.tcp_routes.insert(key.name.clone(), Arc::new(t));
                         }
                         Object::Route(r) => {
-                            let c = Arc::new(CompiledRoute::new(&key.name, entry.mod_revision, &r));
+                            let mut c = CompiledRoute::new(&key.name, entry.mod_revision, &r);
+                            c.policy = RoutePolicy::compile(
+                                &key.name,
+                                entry.mod_revision,
+                                &r,
+                                &self.limiters,
+                            );
+                            let c = Arc::new(c);
                             self.remove_route(&key.name);
                             self.router_mut(c.scope).insert(c.clone());
                             self.routes.insert(key.name.clone(), c);
@@ -626,6 +683,10 @@ impl Apply for Compiler {
                                 false => self.authz.remove(&key),
                             };
                             self.groups.insert(key.name.clone(), g);
+                        }
+                        Object::Consumer(c) => {
+                            self.consumer_specs.insert(key.name.clone(), *c);
+                            self.consumers_changed = true;
                         }
                         Object::Node(_) => {}
                     }
