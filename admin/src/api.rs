@@ -34,6 +34,10 @@ pub type Explainer = Arc<
         + Sync,
 >;
 
+/// Drops a route's cached answers in process (a standalone gateway): how
+/// many keys, or why not.
+pub type Purger = Arc<dyn Fn(&str, Option<&str>) -> Result<u64, String> + Send + Sync>;
+
 /// Shared state of the admin API.
 #[derive(Clone)]
 pub struct AdminState {
@@ -41,6 +45,8 @@ pub struct AdminState {
     pub tokens: Arc<crate::auth::Tokens>,
     /// `None`: explain requests go to a live gateway's ops port.
     pub explainer: Option<Explainer>,
+    /// `None`: cache purges go to every live gateway's ops port.
+    pub purger: Option<Purger>,
     /// Change-log entries kept (default [`HISTORY_LIMIT`]).
     pub history_limit: usize,
     pub limits: Limits,
@@ -1524,6 +1530,71 @@ pub async fn explain(
     }
     v["gateway"] = Value::String(id);
     Ok(Json(v))
+}
+
+/// `POST /api/v1/cache/purge` body.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// The route whose cache to purge.
+    pub route: String,
+    /// One key: `host` + target (`shop.example.com/items?page=2`), or a
+    /// target for every host (`/items?page=2`); absent: every answer.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// `POST /api/v1/cache/purge`: drops a route's cached answers on every
+/// live gateway (in process on a standalone one). Answers how many keys
+/// each dropped; a gateway that did not answer is named with its error.
+pub async fn cache_purge(
+    State(st): State<AdminState>,
+    Body(body): Body,
+) -> Result<Json<Value>, ApiError> {
+    let req: PurgeRequest = decode_body(&body)?;
+    let key = Key::new(Kind::Routes, &req.route);
+    if !meshgate_config::key::valid_name(&req.route) || st.store.get(&key).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{key} does not exist"),
+        )
+        .field("route"));
+    }
+    if let Some(f) = &st.purger {
+        let n = f(&req.route, req.key.as_deref())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "no_cache", e).field("route"))?;
+        return Ok(Json(json!({"gateways": {"standalone": {"purged": n}}})));
+    }
+    let r = st.store.range(&node_prefix(NodeKind::Gateway)).await?;
+    let query = {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("route", &req.route);
+        if let Some(k) = &req.key {
+            q.append_pair("key", k);
+        }
+        q.finish()
+    };
+    let mut out = serde_json::Map::new();
+    for e in &r.entries {
+        let Ok(n) = decode_json::<Node>(&e.key, &e.value) else {
+            continue;
+        };
+        let Some(ops) = n.admin_address else { continue };
+        let url = format!("http://{ops}/cache/purge?{query}");
+        let answer = match crate::client::post_json(&url, Vec::new()).await {
+            Ok((status, body)) => {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                match status {
+                    StatusCode::OK => v,
+                    _ => json!({"error": v["message"].as_str().unwrap_or("refused")}),
+                }
+            }
+            Err(e) => json!({"error": e.to_string()}),
+        };
+        out.insert(e.key.node_id().to_string(), answer);
+    }
+    Ok(Json(json!({"gateways": out})))
 }
 
 /// Decodes a JSON request body; a problem names its field.

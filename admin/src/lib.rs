@@ -49,6 +49,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/batch", post(api::batch))
         .route("/api/v1/validate", post(api::validate))
         .route("/api/v1/explain", post(api::explain))
+        .route("/api/v1/cache/purge", post(api::cache_purge))
         .route("/api/v1/history", get(api::history))
         .route("/api/v1/rollback", post(api::rollback))
         .route(
@@ -164,6 +165,7 @@ pub fn state(store: Arc<dyn meshgate_config::store::ConfigStore>, tokens: Tokens
         store,
         tokens: Arc::new(tokens),
         explainer: None,
+        purger: None,
         history_limit: api::HISTORY_LIMIT,
         limits: api::Limits::default(),
         issuer: None,

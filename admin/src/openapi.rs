@@ -37,6 +37,7 @@ pub fn document() -> Value {
     gen.subschema_for::<Batch>();
     gen.subschema_for::<RollbackRequest>();
     gen.subschema_for::<ExplainRequest>();
+    gen.subschema_for::<crate::api::PurgeRequest>();
     gen.subschema_for::<crate::issuer::NewToken>();
     gen.subschema_for::<crate::issuer::SignRequest>();
     let mut schemas: Map<String, Value> = gen
@@ -264,6 +265,16 @@ pub fn paths() -> Value {
         &[(200, json!({"type": "object", "required": ["result", "candidates"], "properties": {
             "result": any_object(), "candidates": items}}))],
     )}));
+    p.insert(
+        "/api/v1/cache/purge".into(),
+        json!({"post": op(
+            "drop a route's cached answers (all, or one key's) on every live gateway",
+            vec![],
+            Some(reference("PurgeRequest")),
+            &[(200, json!({"type": "object", "required": ["gateways"], "properties": {
+                "gateways": any_object()}}))],
+        )}),
+    );
     p.insert("/api/v1/status".into(), json!({"get": op(
         "every live node's applied revision, lag, freshness and refused objects (a node that refuses an object is not in sync)",
         vec![],

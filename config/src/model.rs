@@ -447,6 +447,12 @@ pub struct Route {
     /// Delays or aborts injected into a share of the requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// A share of the requests copied to a shadow service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// Responses to GET and HEAD kept and served by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
 }
@@ -767,6 +773,45 @@ pub struct FaultAbort {
 
 fn default_abort_status() -> u16 {
     503
+}
+
+/// Traffic mirroring: a share of a route's requests also sent to a shadow
+/// service, fire-and-forget (its answer, time and failures never touch
+/// the main response). Bodies are mirrored up to the replay-buffer size;
+/// a request with a larger body is not mirrored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    pub service: String,
+    /// Share of the requests mirrored (0–100, decimals allowed; default 100).
+    #[serde(default = "full_percent")]
+    pub percent: Percent,
+}
+
+fn full_percent() -> Percent {
+    Percent(100.0)
+}
+
+/// A route's response cache (GET and HEAD): what the upstream allows by
+/// `Cache-Control` (`s-maxage`, `max-age`; never `no-store`, `private` or
+/// `no-cache`), `Expires`, and `Vary`. Answers carry `x-mesh-cache: hit`,
+/// `miss` or `bypass`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Total bytes of bodies kept per gateway (default 64 MiB).
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: u64,
+    /// The largest body kept (default 1 MiB).
+    #[serde(default = "default_cache_object_bytes")]
+    pub max_object_bytes: u64,
+}
+
+fn default_cache_bytes() -> u64 {
+    64 << 20
+}
+fn default_cache_object_bytes() -> u64 {
+    1 << 20
 }
 
 /// A percentage, 0 to 100.

@@ -151,6 +151,12 @@ impl Object {
                 for (j, rule) in r.backend_rules.iter().enumerate() {
                     out.extend(refs(format!("backend_rules[{j}]."), &rule.backends));
                 }
+                if let Some(m) = &r.mirror {
+                    out.push((
+                        "mirror.service".into(),
+                        Key::new(Kind::Services, &m.service),
+                    ));
+                }
                 for (i, c) in r.auth.iter().flat_map(|a| &a.consumers).enumerate() {
                     out.push((format!("auth.consumers[{i}]"), Key::new(Kind::Consumers, c)));
                 }
@@ -899,6 +905,25 @@ fn validate_route(r: &Route, v: &mut Errors) {
     }
     if let Some(f) = &r.fault {
         validate_fault(f, "fault.", v);
+    }
+    if let Some(m) = &r.mirror {
+        v.check("mirror.service", valid_name(&m.service), NAME_MSG);
+        check_percent("mirror.percent", m.percent, v);
+        if r.direct_response.is_some() {
+            v.push("mirror", "a direct_response route sends nothing upstream");
+        }
+    }
+    if let Some(c) = &r.cache {
+        v.check(
+            "cache.max_bytes",
+            (1..=1 << 40).contains(&c.max_bytes),
+            "must be from 1 to 1099511627776 bytes",
+        );
+        v.check(
+            "cache.max_object_bytes",
+            c.max_object_bytes >= 1 && c.max_object_bytes <= c.max_bytes,
+            "must be from 1 to `max_bytes`",
+        );
     }
     for (j, rule) in r.backend_rules.iter().enumerate() {
         if let Some(f) = &rule.fault {

@@ -179,6 +179,11 @@ mod admin {
             });
             Box::pin(std::future::ready(answer))
         }));
+        // Cache purges in process.
+        let snapshot = cx.snapshot.clone();
+        admin.purger = Some(Arc::new(move |route, key| {
+            snapshot.load().purge_cache(route, key)
+        }));
         let router = meshgate_admin::router(admin);
         Ok(Arc::new(move |req| {
             let router = router.clone();

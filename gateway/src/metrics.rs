@@ -50,6 +50,8 @@ pub struct Metrics {
     pub authz_denied: IntCounterVec,
     /// The live gateways a `cluster` rate limit is shared by, by pool.
     pub cluster_gateways: IntGaugeVec,
+    /// Mirrored requests by result.
+    pub mirror_requests: IntCounterVec,
     /// Access log lines written, and records dropped because the writer
     /// was behind.
     pub access_log_lines: IntCounter,
@@ -252,6 +254,14 @@ impl Metrics {
             &["pool"],
         )
         .expect("metric");
+        let mirror_requests = IntCounterVec::new(
+            Opts::new(
+                "mirror_requests_total",
+                "Requests copied to a route's shadow service, by result: answered, failed, dropped (too many in flight), skipped (body over the replay buffer)",
+            ),
+            &["result"],
+        )
+        .expect("metric");
         let access_log_lines =
             IntCounter::new("access_log_lines_total", "Access log lines written").expect("metric");
         let access_log_dropped = IntCounter::new(
@@ -305,6 +315,7 @@ impl Metrics {
             Box::new(identity_expiry.clone()),
             Box::new(authz_denied.clone()),
             Box::new(cluster_gateways.clone()),
+            Box::new(mirror_requests.clone()),
             Box::new(access_log_lines.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(mesh_errors.clone()),
@@ -345,6 +356,7 @@ impl Metrics {
             identity_expiry,
             authz_denied,
             cluster_gateways,
+            mirror_requests,
             access_log_lines,
             access_log_dropped,
             mesh_errors,

@@ -250,6 +250,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         }),
         status: status.clone(),
         explain: None,
+        purge: None,
         extra: None,
         tokens: Arc::new(match &cfg.ops_token_file {
             Some(p) => meshgate_config::tokens::Tokens::load(p)?,

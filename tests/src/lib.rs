@@ -549,6 +549,30 @@ impl Backend {
                             }
                             let method = req.method().clone();
                             let path = req.uri().path().to_string();
+                            // `?cc=<cache-control>&vary=<header>&sleep_ms=<ms>`:
+                            // the answer's caching headers (the body then
+                            // names the varying header's value).
+                            let (mut cache_control, mut vary) = (None, None);
+                            for (k, v) in
+                                form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                            {
+                                match &*k {
+                                    "cc" => cache_control = Some(v.into_owned()),
+                                    "vary" => vary = Some(v.into_owned()),
+                                    "sleep_ms" => {
+                                        let ms = v.parse().unwrap_or(0);
+                                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            let varied = vary.as_deref().map(|h| {
+                                req.headers()
+                                    .get(h)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("-")
+                                    .to_string()
+                            });
                             let src = req
                                 .headers()
                                 .get("x-mesh-source")
@@ -610,11 +634,22 @@ impl Backend {
                             {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
-                            let resp = http::Response::builder()
+                            let mut resp = http::Response::builder()
                                 .status(status)
                                 .header("x-served-by", &*n)
-                                .header("x-seen-source", src)
-                                .body(TestBody::Full(Full::new(Bytes::from(format!("{n}\n")))))
+                                .header("x-seen-source", src);
+                            if let Some(cc) = &cache_control {
+                                resp = resp.header("cache-control", cc.as_str());
+                            }
+                            if let Some(v) = &vary {
+                                resp = resp.header("vary", v.as_str());
+                            }
+                            let text = match &varied {
+                                Some(v) => format!("{n} {v}\n"),
+                                None => format!("{n}\n"),
+                            };
+                            let resp = resp
+                                .body(TestBody::Full(Full::new(Bytes::from(text))))
                                 .unwrap();
                             Ok::<_, BackendError>(resp)
                         }

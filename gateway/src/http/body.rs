@@ -89,6 +89,9 @@ pub enum ProxyBody {
     /// A response body that reports its length when it ends (see
     /// [`Observed`]).
     Observed(Box<Observed>),
+    /// Frames already read off a body, then the rest of it (see
+    /// [`Prefixed`]).
+    Prefixed(Box<Prefixed>),
 }
 
 /// The error of a body on the proxy path.
@@ -117,6 +120,10 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Observed(o) => o.poll(cx),
+            ProxyBody::Prefixed(p) => match p.read.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(&mut p.rest).poll_frame(cx),
+            },
         }
     }
 
@@ -128,6 +135,7 @@ impl Body for ProxyBody {
             ProxyBody::Guarded(g) => g.inner.is_end_stream(),
             ProxyBody::Watched(w) => w.inner.is_end_stream(),
             ProxyBody::Observed(o) => o.inner.is_end_stream(),
+            ProxyBody::Prefixed(p) => p.read.is_empty() && p.rest.is_end_stream(),
         }
     }
 
@@ -139,7 +147,26 @@ impl Body for ProxyBody {
             ProxyBody::Guarded(g) => g.inner.size_hint(),
             ProxyBody::Watched(w) => w.inner.size_hint(),
             ProxyBody::Observed(o) => o.inner.size_hint(),
+            ProxyBody::Prefixed(p) => match p.read.is_empty() {
+                true => p.rest.size_hint(),
+                false => SizeHint::default(),
+            },
         }
+    }
+}
+
+/// A body some frames of which were read before it was handed on (a
+/// response read for the cache that proved too large to keep): those
+/// frames, then the rest.
+#[derive(Debug)]
+pub struct Prefixed {
+    read: std::collections::VecDeque<Frame<Bytes>>,
+    rest: ProxyBody,
+}
+
+impl Prefixed {
+    pub fn wrap(read: std::collections::VecDeque<Frame<Bytes>>, rest: ProxyBody) -> ProxyBody {
+        ProxyBody::Prefixed(Box::new(Prefixed { read, rest }))
     }
 }
 

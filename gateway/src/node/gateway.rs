@@ -406,6 +406,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
                 crate::node::explain::explain(&shared.load(), req)
             })
         }),
+        purge: Some({
+            let shared = shared.clone();
+            Arc::new(move |route: &str, key: Option<&str>| shared.load().purge_cache(route, key))
+        }),
         extra,
         tokens: Arc::new(ops_tokens),
     };

@@ -54,6 +54,8 @@ pub struct OpsState {
     /// `POST /explain` (gateways): a request explained against the
     /// applied config.
     pub explain: Option<ExplainFn>,
+    /// `POST /cache/purge` (gateways): drops a route's cached answers.
+    pub purge: Option<PurgeFn>,
     /// Routes served after the ops endpoints (the embedded admin API).
     pub extra: Option<OpsExtra>,
     /// Who may read config here (see the module docs); empty: loopback
@@ -63,6 +65,9 @@ pub struct OpsState {
 
 /// Explains a request against the applied config.
 pub(crate) type ExplainFn = Arc<dyn Fn(&ExplainRequest) -> Result<Value, BadField> + Send + Sync>;
+
+/// Drops a route's cached answers (all, or one key's): how many keys.
+pub type PurgeFn = Arc<dyn Fn(&str, Option<&str>) -> Result<u64, String> + Send + Sync>;
 
 /// A future answer of the extra routes.
 pub(crate) type OpsFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
@@ -78,7 +83,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Answers one ops request.
 pub async fn handle(st: &OpsState, peer: &Peer, req: Request<RequestBody>) -> Response<ProxyBody> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
-    let reveals_config = matches!(req.uri().path(), "/config" | "/explain");
+    let reveals_config = matches!(req.uri().path(), "/config" | "/explain" | "/cache/purge");
     if reveals_config {
         if let Some(refused) = config_read_refused(st, peer, &req) {
             return refused;
@@ -123,9 +128,10 @@ pub async fn handle(st: &OpsState, peer: &Peer, req: Request<RequestBody>) -> Re
         ("/calls", true) => json_response(StatusCode::OK, &st.metrics.calls_json()),
         ("/config/revision", true) => revision(st, req.uri().query().unwrap_or("")).await,
         ("/explain", false) if req.method() == Method::POST => explain(st, req).await,
+        ("/cache/purge", false) if req.method() == Method::POST => purge(st, &req),
         (
             "/healthz" | "/readyz" | "/metrics" | "/calls" | "/config" | "/config/revision"
-            | "/explain",
+            | "/explain" | "/cache/purge",
             _,
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -172,6 +178,37 @@ fn config_read_refused(
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             Some(r)
         }
+    }
+}
+
+/// `POST /cache/purge?route=<name>[&key=<host/target or target>]`:
+/// `{"purged": <keys>}`.
+fn purge(st: &OpsState, req: &Request<RequestBody>) -> Response<ProxyBody> {
+    let Some(f) = &st.purge else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this process caches nothing",
+        );
+    };
+    let (mut route, mut key) = (None, None);
+    for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "route" => route = Some(v.into_owned()),
+            "key" => key = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let Some(route) = route else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "route: give the route whose cache to purge",
+        );
+    };
+    match f(&route, key.as_deref()) {
+        Ok(n) => json_response(StatusCode::OK, &json!({"purged": n})),
+        Err(e) => error(StatusCode::NOT_FOUND, "not_found", &e),
     }
 }
 
@@ -290,6 +327,7 @@ mod tests {
             config_dump: Arc::new(|| json!({"x": 1})),
             status: rx,
             explain: None,
+            purge: None,
             extra: None,
             tokens: Arc::new(Tokens::default()),
         };

@@ -17,7 +17,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -248,7 +248,7 @@ impl Shares {
 /// across config changes that leave a limit as it was.
 #[derive(Debug, Default)]
 pub struct LimiterRegistry {
-    limiters: Mutex<std::collections::HashMap<String, Arc<Limiter>>>,
+    kept: super::Kept<RateLimit, Limiter>,
     peers: Arc<Peers>,
 }
 
@@ -256,7 +256,7 @@ impl LimiterRegistry {
     /// A registry whose cluster limits divide by `peers`.
     pub fn new(peers: Arc<Peers>) -> LimiterRegistry {
         LimiterRegistry {
-            limiters: Default::default(),
+            kept: Default::default(),
             peers,
         }
     }
@@ -264,22 +264,14 @@ impl LimiterRegistry {
     /// The limiter of object `id` (e.g. `routes/api`) for `spec`: the
     /// current one if its spec is the same, else a new one.
     pub fn get(&self, id: &str, spec: &RateLimit, pool: Pool) -> Arc<Limiter> {
-        let mut map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(id) {
-            Some(l) if l.spec == *spec => l.clone(),
-            _ => {
-                let l = Arc::new(Limiter::new(spec, &self.peers, pool));
-                map.insert(id.to_string(), l.clone());
-                l
-            }
-        }
+        self.kept
+            .get(id, spec, || Limiter::new(spec, &self.peers, pool))
     }
 
     /// Drops the limiter of a deleted object (or one whose limit was
     /// removed).
     pub fn forget(&self, id: &str) {
-        let mut map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(id);
+        self.kept.forget(id);
     }
 }
 

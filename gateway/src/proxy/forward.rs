@@ -31,6 +31,7 @@ use crate::http::headers;
 use crate::http::limit::Overflow;
 use crate::metrics::Metrics;
 use crate::observe::Trail;
+use crate::policy::cache::{self, Lookup, RouteCache};
 use crate::routing::CompiledRoute;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::attempt::{self, AttemptError, AttemptOpts};
@@ -87,11 +88,44 @@ impl Proxy {
         let mut body = ReplayBody::new(body, &parts.headers, self.opts.replay_buffer_bytes)
             .await
             .map_err(|e| Failure::new(MeshError::BadRequest, e.to_string()))?;
+        if let Some(m) = dest.route.policy.as_ref().and_then(|p| p.mirror.as_ref()) {
+            self.mirrors
+                .copy(m, dest.snapshot, &parts, &body, &self.metrics);
+        }
         let mut trail = trail;
         if let Some(t) = trail.as_deref_mut() {
             t.count_upload(&mut body);
         }
         self.forward_prepared(dest, parts, &mut body, trail).await
+    }
+
+    /// [`Proxy::forward`] through the route's response cache: a hit is
+    /// answered from it; the first miss for a key goes upstream and stores
+    /// what may be stored while the others wait for it. Keyed by the
+    /// request's host and target.
+    pub(crate) async fn forward_cached(
+        &self,
+        cache: &Arc<RouteCache>,
+        dest: Dest<'_>,
+        req: Request<RequestBody>,
+        trail: Option<&mut Trail>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let host = headers::request_host(req.headers(), req.uri().host()).unwrap_or_default();
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let key = cache::key(&host, pq);
+        match cache.lookup(req.method(), req.headers(), &key).await {
+            Lookup::Hit(resp) => Ok(*resp),
+            Lookup::Bypass => Ok(cache::mark(self.forward(dest, req, trail).await?, "bypass")),
+            Lookup::Miss(None) => Ok(cache::mark(self.forward(dest, req, trail).await?, "miss")),
+            Lookup::Miss(Some(fetch)) => {
+                let headers = req.headers().clone();
+                let resp = self.forward(dest, req, trail).await?;
+                cache
+                    .store(fetch, &headers, resp)
+                    .await
+                    .map_err(|e| Failure::new(MeshError::UpstreamReset, e))
+            }
+        }
     }
 
     /// [`Proxy::forward`] of a request whose body is already read into a

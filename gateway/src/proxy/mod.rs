@@ -34,8 +34,11 @@
 //!    never retried
 //! 7. an `Upgrade` (WebSocket) → a fresh connection, `101` → a byte tunnel
 //!    ([`tunnel`])
-//! 8. forward ([`forward`]): breaker admission (503 `circuit_open`), the
-//!    body made replayable, hop-by-hop headers stripped, rewrites; the
+//! 8. forward ([`forward`]): a GET or HEAD answered from the route's
+//!    cache when it holds a fresh answer (misses of one key coalesced);
+//!    breaker admission (503 `circuit_open`), the body made replayable
+//!    (and a share copied to the route's mirror, [`mirror`]), hop-by-hop
+//!    headers stripped, rewrites; the
 //!    attempt loop ([`attempts`]) over the service's endpoints (refused
 //!    connects move on; resets, per-try timeouts and listed statuses are
 //!    resent under the retry policy, budget and deadline; outcomes feed
@@ -50,6 +53,7 @@ pub mod attempts;
 pub(crate) mod authz;
 pub(crate) mod edge;
 pub mod forward;
+pub mod mirror;
 pub mod prelude;
 pub(crate) mod tcp;
 pub mod tunnel;
@@ -124,6 +128,8 @@ pub struct Proxy {
     inbound: Option<Arc<str>>,
     /// The access log and tracer, when the node has either.
     obs: Option<Arc<Observer>>,
+    /// Mirrored copies in flight.
+    mirrors: mirror::Mirrors,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -147,6 +153,7 @@ impl Proxy {
             opts,
             inbound: None,
             obs: None,
+            mirrors: Default::default(),
         }
     }
 
@@ -445,7 +452,12 @@ impl Proxy {
             client_ip: &peer.ip,
             deadline,
         };
-        let result = self.forward(dest, req, entry.map(|e| &mut e.trail)).await;
+        let trail = entry.map(|e| &mut e.trail);
+        let result = match route.policy.as_ref().and_then(|p| p.cache.as_ref()) {
+            // Boxed: the cache's path would widen every request's future.
+            Some(cache) => Box::pin(self.forward_cached(cache, dest, req, trail)).await,
+            None => self.forward(dest, req, trail).await,
+        };
         (result, Some((route, index)))
     }
 }

@@ -410,6 +410,8 @@ impl CompiledRoute {
             auth: None,
             rate_limit: None,
             fault: None,
+            mirror: None,
+            cache: None,
             labels: Default::default(),
         };
         let mut c = CompiledRoute::new(service, 0, &r);

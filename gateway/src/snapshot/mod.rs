@@ -29,7 +29,7 @@ use crate::http::limit::ConnLimit;
 use crate::maps::FastMap;
 use crate::policy::auth::Consumers;
 use crate::policy::limit::{Limiter, LimiterRegistry, Peers, Pool};
-use crate::policy::RoutePolicy;
+use crate::policy::{PolicyState, RoutePolicy};
 use crate::routing::{CompiledRoute, Router};
 use crate::tls::{CertTable, ClientTls, LiveIdentity, ServedCert, SharedCerts};
 use crate::upstream::balance::{Balancer, RequestKey};
@@ -133,6 +133,22 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Drops the cached answers of route `route` (all, or those of `key`:
+    /// `host` + target, or a target for every host). The number of keys
+    /// dropped; an error for a route that does not exist or has no cache.
+    pub fn purge_cache(&self, route: &str, key: Option<&str>) -> Result<u64, String> {
+        let r = self
+            .routes
+            .get(route)
+            .ok_or_else(|| format!("routes/{route} does not exist"))?;
+        let cache = r
+            .policy
+            .as_ref()
+            .and_then(|p| p.cache.as_ref())
+            .ok_or_else(|| format!("routes/{route} has no cache"))?;
+        Ok(cache.purge(key))
+    }
+
     /// The service's fallback service, when it names one other than itself.
     pub(crate) fn fallback_of(&self, svc: &ServiceRt) -> Option<Arc<ServiceRt>> {
         let name = svc.spec.fallback.as_deref()?;
@@ -249,8 +265,9 @@ pub struct Compiler {
     consumer_specs: BTreeMap<String, Consumer>,
     consumers: Arc<Consumers>,
     consumers_changed: bool,
-    /// Rate limiters by the object that sets them, kept across changes.
-    limiters: LimiterRegistry,
+    /// Rate limiters and route caches by the object that sets them, kept
+    /// across changes.
+    policy: PolicyState,
 }
 
 /// What `/config` shows: the applied objects at the applied revision and
@@ -324,13 +341,13 @@ impl Compiler {
             consumer_specs: BTreeMap::new(),
             consumers: Default::default(),
             consumers_changed: false,
-            limiters: LimiterRegistry::default(),
+            policy: PolicyState::default(),
         }
     }
 
     /// Divides `cluster` rate limits by the live gateways `peers` counts.
     pub fn with_peers(mut self, peers: Arc<Peers>) -> Compiler {
-        self.limiters = LimiterRegistry::new(peers);
+        self.policy.limiters = LimiterRegistry::new(peers);
         self
     }
 
@@ -463,9 +480,9 @@ impl Compiler {
             .collect();
         let limit_id = format!("services/{name}");
         let limit = match &spec.rate_limit {
-            Some(l) => Some(self.limiters.get(&limit_id, l, Pool::All)),
+            Some(l) => Some(self.policy.limiters.get(&limit_id, l, Pool::All)),
             None => {
-                self.limiters.forget(&limit_id);
+                self.policy.limiters.forget(&limit_id);
                 None
             }
         };
@@ -496,7 +513,8 @@ impl Compiler {
         if std::mem::take(&mut self.consumers_changed) {
             self.consumers = Arc::new(Consumers::new(self.consumer_specs.iter().map(|(n, c)| {
                 let limit = c.rate_limit.as_ref().map(|l| {
-                    self.limiters
+                    self.policy
+                        .limiters
                         .get(&format!("consumers/{n}"), l, Pool::Ingress)
                 });
                 (n.as_str(), c, limit)
@@ -544,7 +562,7 @@ impl Apply for Compiler {
                             }
                             self.services.remove(key.name.as_str());
                             self.specs.remove(&key.name);
-                            self.limiters.forget(&key.to_string());
+                            self.policy.limiters.forget(&key.to_string());
                             self.checks_due.insert(key.name.as_str().into());
                         }
                         Kind::Instances => {
@@ -563,7 +581,8 @@ impl Apply for Compiler {
                             self.tcp_routes.remove(&key.name);
                         }
                         Kind::Routes => {
-                            self.limiters.forget(&key.to_string());
+                            self.policy.limiters.forget(&key.to_string());
+                            self.policy.caches.forget(&key.to_string());
                             let removed = self.remove_route(&key.name);
                             if let (true, Some(m)) = (removed, &self.metrics) {
                                 m.forget("route", &key.name);
@@ -577,7 +596,7 @@ impl Apply for Compiler {
                         }
                         Kind::Consumers => {
                             self.consumer_specs.remove(&key.name);
-                            self.limiters.forget(&key.to_string());
+                            self.policy.limiters.forget(&key.to_string());
                             self.consumers_changed = true;
                         }
                         _ => {}
@@ -670,7 +689,7 @@ impl Apply for Compiler {
                                 &key.name,
                                 entry.mod_revision,
                                 &r,
-                                &self.limiters,
+                                &self.policy,
                             );
                             let c = Arc::new(c);
                             self.remove_route(&key.name);
