@@ -23,8 +23,11 @@ kept. Uses only the Python standard library.
 """
 
 import argparse
+import base64
 import concurrent.futures
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import platform
@@ -207,6 +210,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.backend_port};
     location / {{ return 200 "hello from the backend\\n"; }}
+    location /p/cache {{ add_header Cache-Control "max-age=3600"; return 200 "hello from the backend\\n"; }}
   }}
 }}
 """)
@@ -281,7 +285,7 @@ backend be
         wait_until("haproxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
         return {"name": "haproxy", "port": port, "h2_port": h2, "pids": lambda: [p.pid]}
 
-    def start_meshgate(self, extra_model="", tls=False, extra_args=(), name=None):
+    def start_meshgate(self, extra_model="", tls=False, extra_args=(), name=None, extra_routes=""):
         """A standalone gateway on the demo config plus the bench route (and
         a TLS ingress listener serving `extra_model`'s certificate);
         `extra_args` are added to its command line."""
@@ -291,7 +295,7 @@ backend be
         bench_route = ("  bench:\n    scope: ingress\n    match:\n      path:\n        prefix: /\n"
                        "    priority: -1\n    backends:\n      - service: bench-backend\n")
         model = demo.replace("services:\n", "services:\n" + bench_service, 1)
-        model = model.replace("routes:\n", "routes:\n" + bench_route, 1) + extra_model
+        model = model.replace("routes:\n", "routes:\n" + bench_route + extra_routes, 1) + extra_model
         # The demo's exact "/" status route would answer the bench's GET /.
         path = "/bench"
         mesh_yaml = self.write("mesh.yaml", model)
@@ -378,8 +382,13 @@ backend be
     def pinned(self, cmd):
         return ["taskset", "-c", str(self.load_cpu)] + cmd
 
-    def wrk(self, url, conns, duration):
-        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", url]
+    def wrk(self, url, conns, duration, headers=(), script=None):
+        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s"]
+        for h in headers:
+            cmd += ["-H", h]
+        if script:
+            cmd += ["-s", script]
+        cmd.append(url)
         out = subprocess.run(self.pinned(cmd), capture_output=True, text=True, check=True).stdout
         reqs = int(re.search(r"(\d+) requests in", out).group(1))
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -822,6 +831,70 @@ backend be
         for t in targets:
             self.procs.stop(t["proc"])
 
+    EDGE_ROUTES = {
+        # name: (path, route fields, request headers)
+        "no policy": ("/bench", None, ()),
+        "rate limit (route)": ("/p/limit", "rate_limit: {requests: 100000000}", ()),
+        "rate limit (source_ip)": ("/p/limit-ip", "rate_limit: {requests: 100000000, key: source_ip}", ()),
+        "API key": ("/p/key", "auth: {api_key: {}}", ("x-api-key: bench-api-key-0123456789",)),
+        "JWT (HS256, cached)": ("/p/jwt", "auth: {jwt: {issuer: bench}}", ("authorization: Bearer {jwt}",)),
+        "fault (0%)": ("/p/fault", "fault: {abort: {status: 503, percent: 0}, delay: {ms: 1, percent: 0}}", ()),
+        "cache (hits)": ("/p/cache", "cache: {}", ()),
+        "mirror (100%)": ("/p/mirror", "mirror: {service: bench-backend}", ()),
+    }
+
+    def edge_policies(self):
+        """The gateway's CPU per request on a route without policies and on
+        routes with each edge policy (one gateway, the same backend; wrk,
+        50 connections, interleaved); then its memory while a rate limit
+        keyed by a header sees a million and then two million distinct
+        keys (the keyed state's bound, as for a million source addresses)."""
+        if not hasattr(self, "backend_port"):
+            self.start_backend()
+        secret = "bench-hs256-secret-0123456789abcdef0123"
+        b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+        head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "b1"}).encode())
+        claims = b64(json.dumps({"iss": "bench", "exp": int(time.time()) + 86400}).encode())
+        sig = b64(hmac.new(secret.encode(), f"{head}.{claims}".encode(), hashlib.sha256).digest())
+        jwt = f"{head}.{claims}.{sig}"
+        routes = ""
+        for name, (path, fields, _) in self.EDGE_ROUTES.items():
+            if fields:
+                rname = "p" + path.replace("/", "-")
+                routes += (f"  {rname}:\n    scope: ingress\n    match: {{path: {{prefix: {path}}}}}\n"
+                           f"    backends: [{{service: bench-backend}}]\n    {fields}\n")
+        routes += ("  p-keys:\n    scope: ingress\n    match: {path: {prefix: /p/keys}}\n"
+                   "    backends: [{service: bench-backend}]\n"
+                   "    rate_limit: {requests: 100000000, key: header, header: x-client}\n")
+        consumers = ("consumers:\n  bench:\n    api_keys: [{key: bench-api-key-0123456789}]\n"
+                     f"    jwt: {{keys: [{{kid: b1, algorithm: HS256, secret: {secret}}}]}}\n")
+        t = self.start_meshgate(extra_model=consumers, name="meshgate-edge", extra_routes=routes)
+        targets = []
+        for name, (path, _, headers) in self.EDGE_ROUTES.items():
+            targets.append(dict(t, name=name, path=path,
+                                headers=tuple(h.replace("{jwt}", jwt) for h in headers)))
+        d = self.args.duration
+        log("edge policies: CPU per request by policy, 50 connections (wrk)")
+        self.note_cmd(f"taskset -c {self.load_cpu} wrk -t1 -c50 -d{d}s [-H <credential>] "
+                      "http://127.0.0.1:<port>/<route's path>  (one standalone gateway, a route per policy)")
+        runs = self.interleaved(targets, lambda x: self.measured(
+            x, lambda: self.wrk(self.url(x), 50, d, headers=x["headers"])))
+        pid = t["proc"].pid
+        rss = {"before": self.rss_sample(pid)}
+        script = self.write("keys.lua", "counter = 0\nrequest = function()\n  counter = counter + 1\n"
+                            "  return wrk.format(nil, nil, {[\"x-client\"] = tostring(counter) .. \"-\" .. "
+                            "tostring(math.random(1, 1000000000))})\nend\n")
+        sent = 0
+        self.note_cmd(f"taskset -c {self.load_cpu} wrk -t1 -c50 -d<s> -s keys.lua http://127.0.0.1:<port>/p/keys  "
+                      "(a distinct x-client value per request: a rate limit keyed by header)")
+        for goal in (1_000_000, 2_000_000):
+            while sent < goal:
+                r = self.wrk(f"http://127.0.0.1:{t['port']}/p/keys", 50, 10, script=script)
+                sent += r["requests"]
+            rss[f"after {goal // 1_000_000}M keys"] = dict(self.rss_sample(pid), requests=sent)
+        self.results["edge_policies"] = {"runs": runs, "rss": rss}
+        self.procs.stop(t["proc"])
+
     def sidecar_tier(self, url):
         req = urllib.request.Request(url, headers={"x-mesh-service": "backend"})
         with urllib.request.urlopen(req, timeout=2) as r:
@@ -886,6 +959,7 @@ backend be
             self.cluster(direct, nginx)
             self.mtls()
             self.access_log()
+            self.edge_policies()
             self.sidecar_scale()
             self.failover()
             self.route_scale()
@@ -1033,6 +1107,31 @@ def report(res, machine, args, commands):
         for name, rs in al["runs"].items():
             L.append(f"| {name} | {fmt(median([r['rps'] for r in rs]))} | "
                      f"{fmt(median([r.get('cpu_us_per_req', 0) for r in rs]), 1)} |")
+        L.append("")
+
+    if "edge_policies" in res:
+        ep = res["edge_policies"]
+        base = median([r.get("cpu_us_per_req", 0) for r in ep["runs"]["no policy"]])
+        L.append("### Edge policies: the gateway's cost per request\n")
+        L.append("One standalone gateway, a route per policy to the same backend, closed loop over 50 "
+                 "connections, interleaved. Limits are set high enough that nothing is refused; the JWT is "
+                 "HS256 and verified once (then a cache hit); the fault route draws 0% so it measures the "
+                 "draw; the cache route is answered from the cache; the mirror route sends every request "
+                 "twice (the copy to the same backend).\n")
+        L.append("| route | req/s | CPU µs/req | vs no policy |")
+        L.append("|---|---|---|---|")
+        for name, rs in ep["runs"].items():
+            cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
+            L.append(f"| {name} | {fmt(median([r['rps'] for r in rs]))} | {fmt(cpu, 1)} | "
+                     f"{'—' if name == 'no policy' else f'{cpu - base:+.1f} µs'} |")
+        L.append("")
+        L.append("Memory of the gateway while a rate limit keyed by a header (`max_keys` 100,000, the "
+                 "default) sees a distinct key on every request (as a million source addresses would):\n")
+        L.append("| when | requests with distinct keys | RSS MB | own memory (RssAnon) MB |")
+        L.append("|---|---|---|---|")
+        for when, r in ep["rss"].items():
+            L.append(f"| {when} | {fmt(r.get('requests', 0))} | {fmt(r['rss_kb'] / 1024, 1)} | "
+                     f"{fmt(r['anon_kb'] / 1024, 1)} |")
         L.append("")
 
     th = res["two_hop"]

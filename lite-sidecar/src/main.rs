@@ -186,6 +186,9 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         cfg.tracing.as_ref(),
         &format!("lite-sidecar/{}", cfg.service),
         &metrics,
+        // No gRPC export: the sidecar exports over HTTP/protobuf, and
+        // links no gRPC client (its binary's pages are most of its memory).
+        None,
     )?;
     let fwd = Arc::new(Forwarder {
         service: HeaderValue::from_str(&cfg.service)?,

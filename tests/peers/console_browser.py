@@ -2,14 +2,15 @@
 headless, through Playwright) for the end-to-end tests, and prints one JSON
 object with what each page showed.
 
-    console_browser.py BASE_URL TOKEN OUT_DIR ROUTE EXPLAIN_HOST [VIEWER_TOKEN]
+    console_browser.py BASE_URL TOKEN OUT_DIR ROUTE EXPLAIN_HOST [VIEWER_TOKEN [CONSUMER]]
 
 Signs in with TOKEN; reads the topology graph (services and edges drawn),
 the nodes table, the config browser of routes/ROUTE (its versions), rolls
 ROUTE back to its oldest recorded version through the button, asks explain
 about EXPLAIN_HOST, reads the propagation of the last write; saves a
 screenshot of each page in OUT_DIR. With VIEWER_TOKEN, then signs in as a
-viewer and tries the same rollback (the API refuses it).
+viewer and tries the same rollback (the API refuses it); with CONSUMER,
+reads that consumer's page in the config browser.
 """
 import json
 import re
@@ -32,6 +33,7 @@ def sign_in(page, base, token):
 def main():
     base, token, out, route, host = sys.argv[1:6]
     viewer = sys.argv[6] if len(sys.argv) > 6 else None
+    consumer = sys.argv[7] if len(sys.argv) > 7 else None
     result = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS)
@@ -88,6 +90,13 @@ def main():
             page.click("button.rollback >> nth=0")
             expect(page.locator("#error")).not_to_be_empty(timeout=10000)
             result["viewer_error"] = page.inner_text("#error")
+        if consumer:
+            page.goto(base + "/console/#/config/consumers")
+            page.wait_for_selector(f"a[href='#/config/consumers/{consumer}']", timeout=10000)
+            page.goto(base + f"/console/#/config/consumers/{consumer}")
+            page.wait_for_selector("#spec", timeout=10000)
+            result["consumer_spec"] = page.inner_text("#spec")
+            page.screenshot(path=f"{out}/consumer.png", full_page=True)
         browser.close()
     print(json.dumps(result))
 

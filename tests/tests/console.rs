@@ -31,6 +31,12 @@ async fn the_console_shows_the_mesh_and_rolls_back_through_the_ui() {
     assert_eq!(admin.put("routes/orders", &v1).await.status, 201);
     let v2 = json!({"scope": "mesh", "match": {"hosts": ["orders"], "path": {"prefix": "/v2"}}, "backends": [{"service": "orders"}]});
     assert_eq!(admin.put("routes/orders", &v2).await.status, 200);
+    // A consumer with secrets: the console shows its key's hash only.
+    let consumer = json!({
+        "api_keys": [{"name": "main", "key": "mobile-key-0123456789"}],
+        "jwt": {"keys": [{"kid": "m1", "algorithm": "HS256", "secret": "mobile-secret-0123456789abcdef0123"}]},
+    });
+    assert_eq!(admin.put("consumers/mobile", &consumer).await.status, 201);
 
     let (_gw, a) = start_gateway(d, "gw-a", &["egress"], &["shop"], &ep);
     let (_sc, sp) = start_sidecar(d, "sc", "frontend", "shop", &[], &ep);
@@ -62,6 +68,7 @@ async fn the_console_shows_the_mesh_and_rolls_back_through_the_ui() {
             "orders",
             "orders",
             "viewer-token-0123456789",
+            "mobile",
         ])
         .output()
         .expect("run the browser");
@@ -96,6 +103,15 @@ async fn the_console_shows_the_mesh_and_rolls_back_through_the_ui() {
             .unwrap()
             .contains(&json!(["frontend", "orders"])),
         "{seen}"
+    );
+    // The consumer's page: its key as a hash, no secret.
+    let spec = seen["consumer_spec"].as_str().unwrap_or_default();
+    let hash =
+        meshgate_config::tokens::hex(&meshgate_config::tokens::digest("mobile-key-0123456789"));
+    assert!(spec.contains(&hash), "{spec}");
+    assert!(
+        !spec.contains("mobile-key-0123456789") && !spec.contains("mobile-secret"),
+        "{spec}"
     );
     // Nodes: every live node.
     let status = admin.get("status").await.json();

@@ -206,4 +206,32 @@ async fn spans_join_across_hops_follow_the_sampled_flag_and_record_fail_over() {
     assert_eq!(ev["name"], "tier member failed", "{side:?}");
     assert_eq!(ev["attributes"]["meshgate.set"], "group");
     assert!(metric(sp.ops, "meshgate_trace_spans_exported_total").await >= 4.0);
+
+    // A sidecar exports over HTTP only (it links no gRPC client): asked
+    // for gRPC, it refuses to start, naming the field.
+    let (mut refused, _) = start_sidecar_with(
+        d,
+        "sc-grpc",
+        "frontend",
+        "shop",
+        &[],
+        &ep,
+        tracing_cfg(grpc_port, "grpc", 1.0),
+    );
+    wait_until(
+        "the sidecar asked for gRPC export exits",
+        Duration::from_secs(15),
+        || {
+            let running = refused.running();
+            async move { !running }
+        },
+    )
+    .await;
+    assert!(
+        refused
+            .log_text()
+            .contains("tracing.protocol: grpc is not offered"),
+        "{}",
+        refused.log_tail(20)
+    );
 }

@@ -324,7 +324,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     )
     .with_mesh_identity(identity.clone())
     .with_metrics(metrics.clone())
-    .with_peers(peers.clone());
+    .with_edge_policies(crate::policy::compiler(peers.clone()));
     let dump = compiler.dump_handle();
     let certs = compiler.certs_handle();
     let refused = compiler.rejections();
@@ -346,6 +346,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
         cfg.tracing.as_ref(),
         &format!("meshgate-gateway/{}", cfg.id),
         &metrics,
+        Some(crate::observe::trace::grpc_exporter),
     )?;
     let proxy = Arc::new(
         Proxy::new(

@@ -41,13 +41,14 @@ impl Observer {
         tracing: Option<&TracingSettings>,
         process: &str,
         metrics: &crate::metrics::Metrics,
+        grpc: Option<trace::GrpcExport>,
     ) -> anyhow::Result<Option<Arc<Observer>>> {
         let log = AccessLog::start(log, metrics)?;
         if let Some(l) = &log {
             l.reopen_on_sighup();
         }
         let tracer = tracing
-            .map(|t| Tracer::start(t, process, metrics))
+            .map(|t| Tracer::start(t, process, metrics, grpc))
             .transpose()?;
         Ok((log.is_some() || tracer.is_some()).then(|| Arc::new(Observer { log, tracer })))
     }

@@ -139,9 +139,10 @@ impl Tracer {
         settings: &TracingSettings,
         process: &str,
         metrics: &Metrics,
+        grpc: Option<GrpcExport>,
     ) -> anyhow::Result<Arc<Tracer>> {
         let (tx, rx) = tokio::sync::mpsc::channel(settings.max_queue_spans);
-        let exporter = Exporter::new(settings)?;
+        let exporter = Exporter::new(settings, grpc)?;
         let service = settings
             .service_name
             .clone()
@@ -339,6 +340,8 @@ fn span_of(e: &Entry, ctx: &SpanCtx) -> Span {
     }
 }
 
+// One per process, made once and never moved on a request's path.
+#[allow(clippy::large_enum_variant)]
 enum Exporter {
     /// Through the engine's own pooled client (the one HTTP/2 upstreams
     /// use), over TLS for an `https://` collector (the system's roots).
@@ -346,15 +349,53 @@ enum Exporter {
         url: String,
         client: crate::http::h2::HttpClient,
     },
-    Grpc(
+    Grpc(Box<dyn GrpcSink>),
+}
+
+/// An OTLP/gRPC exporter (tonic), behind a trait object so that a process
+/// that does not offer gRPC export (the lite sidecar: it passes no
+/// [`GrpcExport`] to [`Tracer::start`]) links no gRPC client.
+pub trait GrpcSink: Send {
+    fn export(
+        &mut self,
+        req: ExportTraceServiceRequest,
+    ) -> futures::future::BoxFuture<'_, Result<(), String>>;
+}
+
+/// Makes the gRPC exporter for a collector's base URL.
+pub type GrpcExport = fn(&str) -> anyhow::Result<Box<dyn GrpcSink>>;
+
+/// The OTLP/gRPC exporter (tonic, a lazily connected channel).
+pub fn grpc_exporter(base: &str) -> anyhow::Result<Box<dyn GrpcSink>> {
+    type Client =
         opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
             tonic::transport::Channel,
-        >,
-    ),
+        >;
+    struct Sink(Client);
+    impl GrpcSink for Sink {
+        fn export(
+            &mut self,
+            req: ExportTraceServiceRequest,
+        ) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                self.0
+                    .export(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+    let channel = tonic::transport::Endpoint::from_shared(base.to_string())
+        .map_err(|e| anyhow::anyhow!("tracing.endpoint: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    Ok(Box::new(Sink(Client::new(channel))))
 }
 
 impl Exporter {
-    fn new(s: &TracingSettings) -> anyhow::Result<Exporter> {
+    fn new(s: &TracingSettings, grpc: Option<GrpcExport>) -> anyhow::Result<Exporter> {
         let base = s.endpoint.trim_end_matches('/');
         Ok(match s.protocol {
             OtlpProtocol::Http => {
@@ -385,16 +426,12 @@ impl Exporter {
                 }
             }
             OtlpProtocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(base.to_string())
-                    .map_err(|e| anyhow::anyhow!("tracing.endpoint: {e}"))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(10))
-                    .connect_lazy();
-                Exporter::Grpc(
-                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient::new(
-                        channel,
-                    ),
-                )
+                let make = grpc.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "tracing.protocol: grpc is not offered by this process (the lite sidecar exports over http)"
+                    )
+                })?;
+                Exporter::Grpc(make(base)?)
             }
         })
     }
@@ -418,11 +455,7 @@ impl Exporter {
                     false => Err(format!("collector answered {}", resp.status())),
                 }
             }
-            Exporter::Grpc(client) => client
-                .export(req)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Exporter::Grpc(sink) => sink.export(req).await,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -72,7 +73,55 @@ pub struct RouteCache {
     spec: Cache,
     entries: moka::sync::Cache<String, Variants>,
     /// Keys being fetched now, for coalescing.
-    inflight: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    inflight: Inflight,
+}
+
+type Inflight = Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>;
+
+/// A route's cache as the request path uses it.
+pub trait ResponseCache: Send + Sync + std::fmt::Debug {
+    /// Looks `key` up for a request with `method` and `headers`; waits
+    /// for a fetch of the same key in progress.
+    fn lookup<'a>(
+        &'a self,
+        method: &'a Method,
+        headers: &'a HeaderMap,
+        key: &'a str,
+    ) -> BoxFuture<'a, Lookup>;
+    /// Stores `resp`, the answer to the fetch's request (whose headers
+    /// are `req`), when it may be; the answer for the client.
+    fn store<'a>(
+        &'a self,
+        fetch: Fetch,
+        req: &'a HeaderMap,
+        resp: Response<ProxyBody>,
+    ) -> BoxFuture<'a, Result<Response<ProxyBody>, String>>;
+    /// Drops every stored answer, or those of one key; how many keys.
+    fn purge(&self, key: Option<&str>) -> u64;
+}
+
+impl ResponseCache for RouteCache {
+    fn lookup<'a>(
+        &'a self,
+        method: &'a Method,
+        headers: &'a HeaderMap,
+        key: &'a str,
+    ) -> BoxFuture<'a, Lookup> {
+        Box::pin(RouteCache::lookup(self, method, headers, key))
+    }
+
+    fn store<'a>(
+        &'a self,
+        fetch: Fetch,
+        req: &'a HeaderMap,
+        resp: Response<ProxyBody>,
+    ) -> BoxFuture<'a, Result<Response<ProxyBody>, String>> {
+        Box::pin(RouteCache::store(self, fetch, req, resp))
+    }
+
+    fn purge(&self, key: Option<&str>) -> u64 {
+        RouteCache::purge(self, key)
+    }
 }
 
 impl std::fmt::Debug for RouteCache {
@@ -100,16 +149,12 @@ pub enum Lookup {
 pub struct Fetch {
     key: String,
     done: watch::Sender<bool>,
-    cache: Arc<RouteCache>,
+    inflight: Inflight,
 }
 
 impl Drop for Fetch {
     fn drop(&mut self) {
-        let mut inflight = self
-            .cache
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         inflight.remove(&self.key);
         let _ = self.done.send(true);
     }
@@ -131,7 +176,7 @@ impl RouteCache {
                 })
                 .build(),
             spec: spec.clone(),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -142,12 +187,7 @@ impl RouteCache {
 
     /// Looks `key` up for a request with `method` and `headers`; waits for
     /// a fetch of the same key in progress.
-    pub async fn lookup(
-        self: &Arc<Self>,
-        method: &Method,
-        headers: &HeaderMap,
-        key: &str,
-    ) -> Lookup {
+    pub async fn lookup(&self, method: &Method, headers: &HeaderMap, key: &str) -> Lookup {
         if !matches!(*method, Method::GET | Method::HEAD) || directive(headers, "no-store") {
             return Lookup::Bypass;
         }
@@ -174,7 +214,7 @@ impl RouteCache {
                         return Lookup::Miss(Some(Fetch {
                             key: key.to_string(),
                             done: tx,
-                            cache: self.clone(),
+                            inflight: self.inflight.clone(),
                         }));
                     }
                 }
@@ -520,6 +560,57 @@ mod tests {
         assert!(matches!(
             c.lookup(&Method::GET, &req, "h/x").await,
             Lookup::Hit(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn expires_and_age_set_the_freshness() {
+        let c = Arc::new(RouteCache::new(&spec()));
+        let req = HeaderMap::new();
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let in_a_minute = httpdate::fmt_http_date(now + Duration::from_secs(60));
+        let resp = |cc: &str, extra: &[(&str, &str)]| {
+            let mut r = answer(cc, "e", extra);
+            if cc.is_empty() {
+                r.headers_mut().remove(header::CACHE_CONTROL);
+            }
+            r
+        };
+        // Expires a minute after Date: fresh.
+        fill(
+            &c,
+            &req,
+            resp("", &[("date", &date), ("expires", &in_a_minute)]),
+        )
+        .await;
+        assert!(matches!(
+            c.lookup(&Method::GET, &req, "h/x").await,
+            Lookup::Hit(_)
+        ));
+        c.purge(None);
+        // An invalid Expires is in the past; max-age wins over Expires.
+        fill(&c, &req, resp("", &[("expires", "0")])).await;
+        assert!(matches!(
+            c.lookup(&Method::GET, &req, "h/x").await,
+            Lookup::Miss(_)
+        ));
+        fill(&c, &req, resp("max-age=0", &[("expires", &in_a_minute)])).await;
+        assert!(matches!(
+            c.lookup(&Method::GET, &req, "h/x").await,
+            Lookup::Miss(_)
+        ));
+        // Already older than its max-age when it arrived: not kept.
+        fill(&c, &req, resp("max-age=60", &[("age", "120")])).await;
+        assert!(matches!(
+            c.lookup(&Method::GET, &req, "h/x").await,
+            Lookup::Miss(_)
+        ));
+        // No freshness information at all: not kept.
+        fill(&c, &req, resp("", &[])).await;
+        assert!(matches!(
+            c.lookup(&Method::GET, &req, "h/x").await,
+            Lookup::Miss(_)
         ));
     }
 

@@ -91,6 +91,18 @@ pub struct Denied {
     pub retry_after: Duration,
 }
 
+/// A limit, as the request path counts against it.
+pub trait LimitCheck: Send + Sync + std::fmt::Debug {
+    /// Counts one request; `Err` when it is over the limit.
+    fn check(&self, input: &KeyInput<'_>) -> Result<(), Denied>;
+}
+
+impl LimitCheck for Limiter {
+    fn check(&self, input: &KeyInput<'_>) -> Result<(), Denied> {
+        Limiter::check(self, input)
+    }
+}
+
 /// One configured limit and its state.
 pub struct Limiter {
     spec: RateLimit,

@@ -5,23 +5,84 @@
 //! faults injected for chaos tests ([`fault`]), which requests are
 //! mirrored to a shadow service ([`MirrorRule`]), and a route's response
 //! cache ([`cache`]). A route that sets none of
-//! them carries no [`RoutePolicy`], and its requests pay nothing for them.
+//! them carries no policy, and its requests pay nothing for them.
+//!
+//! The request path and the snapshot hold them as trait objects
+//! ([`RouteEdge`], [`limit::LimitCheck`], [`cache::ResponseCache`],
+//! [`ConsumerTable`]), made only by the [`EdgeCompiler`] that [`compiler`]
+//! returns and the gateway process gives its config compiler. A process
+//! that never does (the lite sidecar) links none of their code: moka,
+//! governor and JWT verification stay out of its binary, whose resident
+//! pages are most of its memory (BENCHMARKS.md, mutual TLS).
 
 pub mod auth;
 pub mod cache;
 pub mod fault;
 pub mod limit;
+pub(crate) mod refusal;
 
-use std::collections::HashMap;
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use meshgate_config::model::{Cache, Route, Scope};
+use http::{HeaderMap, HeaderValue, Request};
+use meshgate_config::model::{Cache, Consumer, Route, Scope, Service};
 
-use cache::RouteCache;
+use cache::{ResponseCache, RouteCache};
 
-use auth::AuthRule;
-use fault::FaultRule;
-use limit::{Limiter, LimiterRegistry, Pool};
+use crate::http::body::RequestBody;
+use crate::http::error::Failure;
+use crate::http::headers::X_MESH_CONSUMER;
+use auth::{AuthRule, Consumers};
+use fault::{FaultRule, Injected};
+use limit::{KeyInput, LimitCheck, Limiter, LimiterRegistry, Peers, Pool};
+
+/// The consumers table routes with `auth` read (an [`auth::Consumers`]).
+pub type ConsumerTable = Arc<dyn Any + Send + Sync>;
+
+/// A route's edge policies, as the request path applies them.
+pub trait RouteEdge: Send + Sync + std::fmt::Debug {
+    /// Authenticates the request's consumer (when the route has `auth`:
+    /// `x-mesh-consumer` set, an API key in the query removed) and counts
+    /// it against the route's and the consumer's limits. The consumer's
+    /// name, when there is one.
+    fn admit(
+        &self,
+        consumers: Option<&ConsumerTable>,
+        client_ip: &[u8],
+        grpc: bool,
+        req: &mut Request<RequestBody>,
+    ) -> Result<Option<Arc<str>>, Failure>;
+    /// The faults drawn for a request that took backend rule `rule`
+    /// (`None`: the default backends, or a direct response).
+    fn faults(&self, rule: Option<usize>, headers: &HeaderMap) -> Injected;
+    /// The route's mirroring.
+    fn mirror(&self) -> Option<&MirrorRule>;
+    /// The route's response cache.
+    fn cache(&self) -> Option<&dyn ResponseCache>;
+}
+
+/// Compiles edge policies for a config compiler, keeping their state
+/// across config changes.
+pub trait EdgeCompiler: Send + Sync {
+    /// Route `name`'s policies; `None` when it sets none.
+    fn route(&self, name: &str, version: i64, r: &Route) -> Option<Arc<dyn RouteEdge>>;
+    /// Service `name`'s own limit.
+    fn service_limit(&self, name: &str, s: &Service) -> Option<Arc<dyn LimitCheck>>;
+    /// The consumers table of these consumers.
+    fn consumers(&self, specs: &BTreeMap<String, Consumer>) -> ConsumerTable;
+    /// Drops the state of deleted object `id` (e.g. `routes/api`).
+    fn forget(&self, id: &str);
+}
+
+/// The edge-policy compiler of a gateway whose `cluster` limits divide by
+/// `peers`.
+pub fn compiler(peers: Arc<Peers>) -> Box<dyn EdgeCompiler> {
+    Box::new(PolicyState {
+        limiters: LimiterRegistry::new(peers),
+        caches: Kept::default(),
+    })
+}
 
 /// A route's edge policies.
 #[derive(Debug)]
@@ -160,5 +221,129 @@ impl RoutePolicy {
     pub fn fault_for(&self, rule: Option<usize>) -> Option<&FaultRule> {
         rule.and_then(|i| self.rule_faults.get(i)?.as_ref())
             .or(self.fault.as_ref())
+    }
+}
+
+impl RouteEdge for RoutePolicy {
+    fn admit(
+        &self,
+        consumers: Option<&ConsumerTable>,
+        client_ip: &[u8],
+        grpc: bool,
+        req: &mut Request<RequestBody>,
+    ) -> Result<Option<Arc<str>>, Failure> {
+        let consumer = match &self.auth {
+            Some(rule) => {
+                let empty = Consumers::default();
+                let table = consumers
+                    .and_then(|c| c.downcast_ref::<Consumers>())
+                    .unwrap_or(&empty);
+                let found = rule
+                    .authenticate(table, req.headers(), req.uri().query())
+                    .map_err(|r| refusal::refused(r, grpc))?;
+                if let Ok(v) = HeaderValue::from_str(&found.name) {
+                    req.headers_mut().insert(X_MESH_CONSUMER, v);
+                }
+                if let Some(param) = rule.query_param() {
+                    refusal::strip_query_param(req, param);
+                }
+                Some(found)
+            }
+            None => None,
+        };
+        let input = KeyInput {
+            consumer: consumer.as_deref().map(|c| &*c.name),
+            client_ip,
+            headers: req.headers(),
+        };
+        if let Some(l) = &self.limit {
+            l.check(&input).map_err(|d| refusal::limited(d, grpc))?;
+        }
+        if let Some(l) = consumer.as_ref().and_then(|c| c.limit.as_ref()) {
+            l.check(&input).map_err(|d| refusal::limited(d, grpc))?;
+        }
+        Ok(consumer.map(|c| c.name.clone()))
+    }
+
+    fn faults(&self, rule: Option<usize>, headers: &HeaderMap) -> Injected {
+        self.fault_for(rule)
+            .map_or_else(Injected::default, |f| f.draw(headers))
+    }
+
+    fn mirror(&self) -> Option<&MirrorRule> {
+        self.mirror.as_ref()
+    }
+
+    fn cache(&self) -> Option<&dyn ResponseCache> {
+        self.cache.as_deref().map(|c| c as &dyn ResponseCache)
+    }
+}
+
+impl EdgeCompiler for PolicyState {
+    fn route(&self, name: &str, version: i64, r: &Route) -> Option<Arc<dyn RouteEdge>> {
+        RoutePolicy::compile(name, version, r, self).map(|p| Arc::new(p) as Arc<dyn RouteEdge>)
+    }
+
+    fn service_limit(&self, name: &str, s: &Service) -> Option<Arc<dyn LimitCheck>> {
+        let id = format!("services/{name}");
+        match &s.rate_limit {
+            Some(l) => Some(self.limiters.get(&id, l, Pool::All) as Arc<dyn LimitCheck>),
+            None => {
+                self.limiters.forget(&id);
+                None
+            }
+        }
+    }
+
+    fn consumers(&self, specs: &BTreeMap<String, Consumer>) -> ConsumerTable {
+        Arc::new(Consumers::new(specs.iter().map(|(n, c)| {
+            let limit = c.rate_limit.as_ref().map(|l| {
+                self.limiters
+                    .get(&format!("consumers/{n}"), l, Pool::Ingress)
+            });
+            (n.as_str(), c, limit)
+        })))
+    }
+
+    fn forget(&self, id: &str) {
+        self.limiters.forget(id);
+        self.caches.forget(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_rule_s_fault_replaces_the_route_s() {
+        let r: Route = serde_json::from_value(serde_json::json!({
+            "scope": "ingress",
+            "backends": [{"service": "a"}],
+            "backend_rules": [
+                {"match": {"headers": [{"name": "x-canary"}]}, "backends": [{"service": "b"}],
+                 "fault": {"abort": {"status": 500, "percent": 100}}},
+                {"match": {"headers": [{"name": "x-other"}]}, "backends": [{"service": "c"}]}
+            ],
+            "fault": {"abort": {"status": 418, "percent": 100}}
+        }))
+        .unwrap();
+        let p = RoutePolicy::compile("r", 1, &r, &PolicyState::default()).unwrap();
+        let status = |rule| {
+            p.fault_for(rule)
+                .unwrap()
+                .draw(&http::HeaderMap::new())
+                .abort
+                .unwrap()
+                .status
+        };
+        assert_eq!(status(None), 418);
+        assert_eq!(status(Some(0)), 500);
+        // A rule without its own fault takes the route's.
+        assert_eq!(status(Some(1)), 418);
+        // A route without policies carries none.
+        let plain: Route =
+            serde_json::from_value(serde_json::json!({"backends": [{"service": "a"}]})).unwrap();
+        assert!(RoutePolicy::compile("p", 1, &plain, &PolicyState::default()).is_none());
     }
 }

@@ -1,149 +1,41 @@
 //! The edge phase: a route's policies ([`crate::policy`]) applied to one
-//! request: the consumer authenticated (`x-mesh-consumer` set upstream,
-//! an API key in the query removed), the route's and the consumer's rate
-//! limits, then the faults drawn for the backend chosen; and a service's
-//! own limit. Every refusal is a [`Failure`] carrying its full answer
-//! (`WWW-Authenticate`, `Retry-After`, `RateLimit-Policy`, `RateLimit`),
-//! final at every hop: no other member or tier takes a refused request.
+//! request through the route's [`RouteEdge`]: the consumer authenticated
+//! (`x-mesh-consumer` set upstream, an API key in the query removed), the
+//! route's and the consumer's rate limits, then the faults drawn for the
+//! backend chosen; and a service's own limit. Every refusal is a
+//! [`Failure`] carrying its full answer (`crate::policy::refusal`).
 
-use std::sync::Arc;
+use http::HeaderMap;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Uri};
+use crate::http::error::Failure;
+use crate::policy::limit::{KeyInput, LimitCheck};
+use crate::policy::{refusal, RouteEdge};
 
-use crate::http::body::RequestBody;
-use crate::http::error::{Failure, MeshError};
-use crate::http::headers::X_MESH_CONSUMER;
-use crate::policy::auth::{ConsumerRt, Refusal};
-use crate::policy::fault::Abort;
-use crate::policy::limit::{Denied, KeyInput, Limiter};
-use crate::policy::RoutePolicy;
-use crate::snapshot::Snapshot;
-
-/// Authenticates the request's consumer and applies the route's and the
-/// consumer's limits. The consumer, when the route has `auth`.
-pub(crate) fn admit(
-    policy: &RoutePolicy,
-    snap: &Snapshot,
-    client_ip: &[u8],
+/// Counts a request against a service's `limit`: 429 `rate_limited` over
+/// it.
+pub(crate) fn check(
+    limit: &dyn LimitCheck,
+    input: &KeyInput<'_>,
     grpc: bool,
-    req: &mut Request<RequestBody>,
-) -> Result<Option<Arc<ConsumerRt>>, Failure> {
-    let consumer = match &policy.auth {
-        Some(rule) => {
-            let found = rule
-                .authenticate(&snap.consumers, req.headers(), req.uri().query())
-                .map_err(|r| refused(r, grpc))?;
-            if let Ok(v) = HeaderValue::from_str(&found.name) {
-                req.headers_mut().insert(X_MESH_CONSUMER, v);
-            }
-            if let Some(param) = rule.query_param() {
-                strip_query_param(req, param);
-            }
-            Some(found)
-        }
-        None => None,
-    };
-    let input = KeyInput {
-        consumer: consumer.as_deref().map(|c| &*c.name),
-        client_ip,
-        headers: req.headers(),
-    };
-    if let Some(l) = &policy.limit {
-        check(l, &input, grpc)?;
-    }
-    if let Some(l) = consumer.as_ref().and_then(|c| c.limit.as_ref()) {
-        check(l, &input, grpc)?;
-    }
-    Ok(consumer)
+) -> Result<(), Failure> {
+    limit.check(input).map_err(|d| refusal::limited(d, grpc))
 }
 
-/// Counts a request against `limit`: 429 `rate_limited` over it.
-pub(crate) fn check(limit: &Limiter, input: &KeyInput<'_>, grpc: bool) -> Result<(), Failure> {
-    limit.check(input).map_err(|d| limited(d, grpc))
-}
-
-fn limited(d: Denied, grpc: bool) -> Failure {
-    // Whole seconds, rounded up: a client that waits that long is let in.
-    let secs = d.retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
-    let message = format!("rate limit reached; retry in {secs} s");
-    let mut resp = answer(MeshError::RateLimited, &message, grpc);
-    let h = resp.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    h.insert("ratelimit-policy", d.policy);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"limit\";r=0;t={secs}")) {
-        h.insert("ratelimit", v);
-    }
-    with_answer(MeshError::RateLimited, message, resp)
-}
-
-fn refused(r: Refusal, grpc: bool) -> Failure {
-    match r {
-        Refusal::Unauthenticated { message, challenge } => {
-            let mut resp = answer(MeshError::Unauthenticated, &message, grpc);
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
-            with_answer(MeshError::Unauthenticated, message, resp)
-        }
-        Refusal::NotAllowed(message) => Failure::new(MeshError::Forbidden, message),
-        Refusal::TooLarge => Failure::new(
-            MeshError::HeaderTooLarge,
-            "the credential is larger than the gateway reads",
-        ),
-    }
-}
-
-/// An injected abort, as the route configured it.
-pub(crate) fn aborted(a: Abort, grpc: bool) -> Failure {
-    let message = "fault injected by the route";
-    let mut resp = answer(MeshError::FaultInjected, message, grpc);
-    if grpc {
-        resp.headers_mut()
-            .insert("grpc-status", HeaderValue::from(u16::from(a.grpc_status)));
-    } else {
-        *resp.status_mut() = a.status;
-    }
-    with_answer(MeshError::FaultInjected, message.into(), resp)
-}
-
-fn answer(
-    reason: MeshError,
-    message: &str,
+/// The faults drawn for a request that took backend rule `rule`: waits
+/// out a delay, and fails with an abort. Boxed: a rare path's timer would
+/// otherwise widen every request's future.
+pub(crate) async fn inject(
+    policy: &dyn RouteEdge,
+    rule: Option<usize>,
     grpc: bool,
-) -> http::Response<crate::http::body::ProxyBody> {
-    match grpc {
-        true => reason.grpc_response(message),
-        false => reason.response(message),
+    headers: &HeaderMap,
+) -> Result<(), Failure> {
+    let drawn = policy.faults(rule, headers);
+    if let Some(d) = drawn.delay {
+        Box::pin(tokio::time::sleep(d)).await;
     }
-}
-
-fn with_answer(
-    reason: MeshError,
-    message: String,
-    resp: http::Response<crate::http::body::ProxyBody>,
-) -> Failure {
-    let mut f = Failure::new(reason, message);
-    f.answer = Some(Box::new(resp));
-    f
-}
-
-/// Removes query parameter `name` (a credential) from the request's target.
-fn strip_query_param(req: &mut Request<RequestBody>, name: &str) {
-    let Some(query) = req.uri().query() else {
-        return;
-    };
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
-        .collect();
-    let path = req.uri().path();
-    let pq = match kept.is_empty() {
-        true => path.to_string(),
-        false => format!("{path}?{}", kept.join("&")),
-    };
-    let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = pq.parse().ok();
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    match drawn.abort {
+        Some(a) => Err(refusal::aborted(a, grpc)),
+        None => Ok(()),
     }
 }

@@ -31,7 +31,7 @@ use crate::http::headers;
 use crate::http::limit::Overflow;
 use crate::metrics::Metrics;
 use crate::observe::Trail;
-use crate::policy::cache::{self, Lookup, RouteCache};
+use crate::policy::cache::{self, Lookup, ResponseCache};
 use crate::routing::CompiledRoute;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::attempt::{self, AttemptError, AttemptOpts};
@@ -88,7 +88,7 @@ impl Proxy {
         let mut body = ReplayBody::new(body, &parts.headers, self.opts.replay_buffer_bytes)
             .await
             .map_err(|e| Failure::new(MeshError::BadRequest, e.to_string()))?;
-        if let Some(m) = dest.route.policy.as_ref().and_then(|p| p.mirror.as_ref()) {
+        if let Some(m) = dest.route.policy.as_ref().and_then(|p| p.mirror()) {
             self.mirrors
                 .copy(m, dest.snapshot, &parts, &body, &self.metrics);
         }
@@ -105,7 +105,7 @@ impl Proxy {
     /// request's host and target.
     pub(crate) async fn forward_cached(
         &self,
-        cache: &Arc<RouteCache>,
+        cache: &dyn ResponseCache,
         dest: Dest<'_>,
         req: Request<RequestBody>,
         trail: Option<&mut Trail>,

@@ -358,10 +358,10 @@ impl Proxy {
         }
         // 5. the route's edge policies
         if let Some(policy) = &route.policy {
-            match edge::admit(policy, &snap, peer.ip.as_bytes(), grpc, &mut req) {
+            match policy.admit(snap.consumers.as_ref(), peer.ip.as_bytes(), grpc, &mut req) {
                 Ok(consumer) => {
                     if let (Some(e), Some(c)) = (entry.as_deref_mut(), consumer) {
-                        e.consumer = Some(c.name.clone());
+                        e.consumer = Some(c);
                     }
                 }
                 Err(f) => return (Err(f), Some((route, NO_BACKEND))),
@@ -369,8 +369,8 @@ impl Proxy {
         }
         // 6. direct response, or a backend; the faults drawn for it
         if let Some((status, body, ctype)) = &route.direct {
-            if let Some(f) = route.policy.as_ref().and_then(|p| p.fault_for(None)) {
-                if let Err(f) = self.inject(f, grpc, req.headers()).await {
+            if let Some(p) = &route.policy {
+                if let Err(f) = edge::inject(&**p, None, grpc, req.headers()).await {
                     return (Err(f), Some((route, 0)));
                 }
             }
@@ -402,11 +402,9 @@ impl Proxy {
             let f = Failure::new(MeshError::NoHealthyEndpoint, msg);
             return (Err(f), Some((route, index)));
         };
-        if let Some(policy) = &route.policy {
-            if let Some(f) = policy.fault_for(route.rule_of(index)) {
-                if let Err(f) = self.inject(f, grpc, req.headers()).await {
-                    return (Err(f), Some((route, index)));
-                }
+        if let Some(p) = &route.policy {
+            if let Err(f) = edge::inject(&**p, route.rule_of(index), grpc, req.headers()).await {
+                return (Err(f), Some((route, index)));
             }
         }
         if let (Some(limit), false) = (&svc.limit, kind == ListenerKind::Inbound) {
@@ -416,7 +414,7 @@ impl Proxy {
                 client_ip: peer.ip.as_bytes(),
                 headers: req.headers(),
             };
-            if let Err(f) = edge::check(limit, &input, grpc) {
+            if let Err(f) = edge::check(&**limit, &input, grpc) {
                 return (Err(f), Some((route, index)));
             }
         }
@@ -453,33 +451,12 @@ impl Proxy {
             deadline,
         };
         let trail = entry.map(|e| &mut e.trail);
-        let result = match route.policy.as_ref().and_then(|p| p.cache.as_ref()) {
+        let result = match route.policy.as_ref().and_then(|p| p.cache()) {
             // Boxed: the cache's path would widen every request's future.
             Some(cache) => Box::pin(self.forward_cached(cache, dest, req, trail)).await,
             None => self.forward(dest, req, trail).await,
         };
         (result, Some((route, index)))
-    }
-}
-
-impl Proxy {
-    /// Applies the faults drawn for one request: waits out a delay, and
-    /// fails with an abort. Boxed: a rare path's timer would otherwise
-    /// widen every request's future.
-    async fn inject(
-        &self,
-        rule: &crate::policy::fault::FaultRule,
-        grpc: bool,
-        headers: &http::HeaderMap,
-    ) -> Result<(), Failure> {
-        let drawn = rule.draw(headers);
-        if let Some(d) = drawn.delay {
-            Box::pin(tokio::time::sleep(d)).await;
-        }
-        match drawn.abort {
-            Some(a) => Err(edge::aborted(a, grpc)),
-            None => Ok(()),
-        }
     }
 }
 

@@ -303,7 +303,7 @@ pub struct CompiledRoute {
     pub rewrite: Option<CompiledRewrite>,
     /// Authentication, rate limit, injected faults (set by the compiler;
     /// `None` for a route that sets none of them).
-    pub policy: Option<crate::policy::RoutePolicy>,
+    pub policy: Option<Arc<dyn crate::policy::RouteEdge>>,
     /// This route's metric handles, resolved on first use so the request
     /// path does not hash label values (see `metrics::RouteStats`).
     pub stats: std::sync::OnceLock<crate::metrics::RouteStats>,
@@ -799,6 +799,19 @@ mod tests {
             panic!()
         };
         Arc::new(CompiledRoute::new(name, 1, &r))
+    }
+
+    #[test]
+    fn a_backend_index_names_its_rule() {
+        let r = route(
+            "r",
+            r#"{"backends": [{"service": "a"}, {"service": "b"}],
+                "backend_rules": [
+                  {"match": {"headers": [{"name": "x-1"}]}, "backends": [{"service": "c"}]},
+                  {"match": {"headers": [{"name": "x-2"}]}, "backends": [{"service": "d"}, {"service": "e"}]}]}"#,
+        );
+        let rules: Vec<Option<usize>> = (0..5).map(|i| r.rule_of(i)).collect();
+        assert_eq!(rules, [None, None, Some(0), Some(1), Some(1)]);
     }
 
     fn find<'a>(

@@ -27,9 +27,8 @@ use meshgate_config::{Key, Kind, Object};
 use crate::http::h2::{Clients, HttpClient, Wire};
 use crate::http::limit::ConnLimit;
 use crate::maps::FastMap;
-use crate::policy::auth::Consumers;
-use crate::policy::limit::{Limiter, LimiterRegistry, Peers, Pool};
-use crate::policy::{PolicyState, RoutePolicy};
+use crate::policy::limit::LimitCheck;
+use crate::policy::{ConsumerTable, EdgeCompiler};
 use crate::routing::{CompiledRoute, Router};
 use crate::tls::{CertTable, ClientTls, LiveIdentity, ServedCert, SharedCerts};
 use crate::upstream::balance::{Balancer, RequestKey};
@@ -72,7 +71,7 @@ pub struct ServiceRt {
     pub retry: Option<Retry>,
     pub outlier: Option<Outlier>,
     /// The service's own limit (`rate_limit`), over every caller.
-    pub limit: Option<Arc<Limiter>>,
+    pub limit: Option<Arc<dyn LimitCheck>>,
 }
 
 /// The timeouts of one request: the route's, else the service's.
@@ -128,8 +127,9 @@ pub struct Snapshot {
     /// Some service has `allowed_callers` or some group denies by
     /// default: mesh calls are authorized (`proxy::authz`).
     pub authz_active: bool,
-    /// The consumers, by credential, for routes with `auth`.
-    pub consumers: Arc<Consumers>,
+    /// The consumers, by credential, for routes with `auth` (none in a
+    /// process without edge policies).
+    pub consumers: Option<ConsumerTable>,
 }
 
 impl Snapshot {
@@ -144,7 +144,7 @@ impl Snapshot {
         let cache = r
             .policy
             .as_ref()
-            .and_then(|p| p.cache.as_ref())
+            .and_then(|p| p.cache())
             .ok_or_else(|| format!("routes/{route} has no cache"))?;
         Ok(cache.purge(key))
     }
@@ -263,11 +263,11 @@ pub struct Compiler {
     /// Accepted consumers; the table is rebuilt at the next publish when
     /// `consumers_changed`.
     consumer_specs: BTreeMap<String, Consumer>,
-    consumers: Arc<Consumers>,
+    consumers: Option<ConsumerTable>,
     consumers_changed: bool,
-    /// Rate limiters and route caches by the object that sets them, kept
-    /// across changes.
-    policy: PolicyState,
+    /// The edge policies' compiler (a gateway's; none in a sidecar, which
+    /// then links none of their code).
+    edge: Option<Box<dyn EdgeCompiler>>,
 }
 
 /// What `/config` shows: the applied objects at the applied revision and
@@ -339,16 +339,24 @@ impl Compiler {
             mesh_identity: None,
             metrics: None,
             consumer_specs: BTreeMap::new(),
-            consumers: Default::default(),
+            consumers: None,
             consumers_changed: false,
-            policy: PolicyState::default(),
+            edge: None,
         }
     }
 
-    /// Divides `cluster` rate limits by the live gateways `peers` counts.
-    pub fn with_peers(mut self, peers: Arc<Peers>) -> Compiler {
-        self.policy.limiters = LimiterRegistry::new(peers);
+    /// Compiles routes' and services' edge policies and the consumers
+    /// with `edge` (`crate::policy::compiler`); without, they are ignored.
+    pub fn with_edge_policies(mut self, edge: Box<dyn EdgeCompiler>) -> Compiler {
+        self.edge = Some(edge);
         self
+    }
+
+    /// Drops the edge state of a deleted object.
+    fn forget_edge(&self, key: &Key) {
+        if let Some(e) = &self.edge {
+            e.forget(&key.to_string());
+        }
     }
 
     /// Removes the metric series of routes and services deleted from the
@@ -478,14 +486,10 @@ impl Compiler {
                 )
             })
             .collect();
-        let limit_id = format!("services/{name}");
-        let limit = match &spec.rate_limit {
-            Some(l) => Some(self.policy.limiters.get(&limit_id, l, Pool::All)),
-            None => {
-                self.policy.limiters.forget(&limit_id);
-                None
-            }
-        };
+        let limit = self
+            .edge
+            .as_ref()
+            .and_then(|e| e.service_limit(name, &spec));
         ServiceRt {
             limit,
             name: name.into(),
@@ -511,14 +515,10 @@ impl Compiler {
 
     fn publish(&mut self, revision: i64) {
         if std::mem::take(&mut self.consumers_changed) {
-            self.consumers = Arc::new(Consumers::new(self.consumer_specs.iter().map(|(n, c)| {
-                let limit = c.rate_limit.as_ref().map(|l| {
-                    self.policy
-                        .limiters
-                        .get(&format!("consumers/{n}"), l, Pool::Ingress)
-                });
-                (n.as_str(), c, limit)
-            })));
+            self.consumers = self
+                .edge
+                .as_ref()
+                .map(|e| e.consumers(&self.consumer_specs));
         }
         let snap = Snapshot {
             consumers: self.consumers.clone(),
@@ -562,7 +562,7 @@ impl Apply for Compiler {
                             }
                             self.services.remove(key.name.as_str());
                             self.specs.remove(&key.name);
-                            self.policy.limiters.forget(&key.to_string());
+                            self.forget_edge(&key);
                             self.checks_due.insert(key.name.as_str().into());
                         }
                         Kind::Instances => {
@@ -581,8 +581,7 @@ impl Apply for Compiler {
                             self.tcp_routes.remove(&key.name);
                         }
                         Kind::Routes => {
-                            self.policy.limiters.forget(&key.to_string());
-                            self.policy.caches.forget(&key.to_string());
+                            self.forget_edge(&key);
                             let removed = self.remove_route(&key.name);
                             if let (true, Some(m)) = (removed, &self.metrics) {
                                 m.forget("route", &key.name);
@@ -596,7 +595,7 @@ impl Apply for Compiler {
                         }
                         Kind::Consumers => {
                             self.consumer_specs.remove(&key.name);
-                            self.policy.limiters.forget(&key.to_string());
+                            self.forget_edge(&key);
                             self.consumers_changed = true;
                         }
                         _ => {}
@@ -685,12 +684,10 @@ impl Apply for Compiler {
                         }
                         Object::Route(r) => {
                             let mut c = CompiledRoute::new(&key.name, entry.mod_revision, &r);
-                            c.policy = RoutePolicy::compile(
-                                &key.name,
-                                entry.mod_revision,
-                                &r,
-                                &self.policy,
-                            );
+                            c.policy = self
+                                .edge
+                                .as_ref()
+                                .and_then(|e| e.route(&key.name, entry.mod_revision, &r));
                             let c = Arc::new(c);
                             self.remove_route(&key.name);
                             self.router_mut(c.scope).insert(c.clone());
