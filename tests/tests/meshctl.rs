@@ -358,6 +358,28 @@ async fn meshctl_serves_gitops_round_trips_prune_contexts_and_check() {
     let (code, _, err) = run(&["apply", "-f", "-", "--prune"], one);
     assert_eq!(code, 2, "--prune needs a selector: {err}");
 
+    // Consumers from a file: the key goes in clear, only its hash is
+    // stored, and the same file diffs clean (both sides are compared as
+    // the server shows them: keys hashed, secrets left out).
+    let consumer = "consumers:\n  mobile:\n    api_keys: [{name: main, key: mobile-key-0123456789}]\n    jwt: {keys: [{kid: m1, algorithm: HS256, secret: mobile-secret-0123456789abcdef0123}]}\n";
+    let (code, out, err) = run(&["apply", "-f", "-"], consumer);
+    assert_eq!(code, 0, "{out}{err}");
+    let stored = admin.get("consumers/mobile").await;
+    assert_eq!(stored.status, 200);
+    assert!(
+        !stored.body.contains("mobile-key") && !stored.body.contains("mobile-secret"),
+        "{}",
+        stored.body
+    );
+    let (code, out, err) = run(&["diff", "-f", "-"], consumer);
+    assert_eq!(code, 0, "the same file: no differences; {out}{err}");
+    let (code, out, _) = run(&["-o", "yaml", "get", "consumers"], "");
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("sha256") && !out.contains("mobile-key"),
+        "{out}"
+    );
+
     // Contexts: an unknown one is named; --token-file works alone.
     let (code, _, err) = run(&["--context", "nosuch", "status"], "");
     assert_eq!(code, 1);
