@@ -567,7 +567,10 @@ backend be
             "central": [f"127.0.0.1:{central}"],
             "snapshot_file": os.path.join(self.workdir, f"{sid}.snapshot.json"),
             "store": {"etcd": {"endpoints": [self.etcd_url], "timeout_ms": 2000}}, **(extra or {})}))
-        p = self.procs.start(sid, [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
+        # Development: MESHGATE_BENCH_SIDECAR_WRAP runs the sidecar under a
+        # tool (e.g. valgrind, to list the functions it runs).
+        wrap = os.environ.get("MESHGATE_BENCH_SIDECAR_WRAP", "").split()
+        p = self.procs.start(sid, wrap + [os.path.join(BIN, "lite-sidecar"), "--config", cfg],
                              cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
         if wait:
             wait_until(sid, lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"))
@@ -799,7 +802,17 @@ backend be
             "handshakes": handshakes, "requests": mtls_requests,
             "handshakes_per_10k": handshakes * 10_000 / max(mtls_requests, 1),
             "sidecar_rss": {n: self.rss_sample(p["sc"]["proc"].pid) for n, p in paths.items()},
+            "hot_symbols": self.hot_symbols_found(),
         }
+
+    def hot_symbols_found(self):
+        """How many of the names in lite-sidecar/hot-symbols.txt the
+        sidecar binary has (the list goes stale as crate hashes change)."""
+        with open(os.path.join(ROOT, "lite-sidecar", "hot-symbols.txt")) as f:
+            wanted = {l.strip() for l in f if l.strip().startswith("_ZN")}
+        out = subprocess.run(["nm", os.path.join(BIN, "lite-sidecar")], capture_output=True, text=True).stdout
+        have = {l.split()[-1] for l in out.splitlines() if l.strip()}
+        return {"listed": len(wanted), "found": len(wanted & have)}
 
     def access_log(self):
         """The gateway's CPU per request with its access log off, writing
