@@ -17,7 +17,8 @@
 //! `Bearer` token (401 without one). `/healthz`, `/readyz` (with a count
 //! of refusals instead of the list), `/metrics`, `/calls` and
 //! `/config/revision` stay open to probes and scrapers: they carry no
-//! config.
+//! config. `POST /cache/purge` (a route's cached answers dropped) follows
+//! the same rule, but with tokens it needs an admin's.
 //!
 //! Served by the engine's own listener ([`crate::server`]), so the library
 //! (and the sidecar) needs no web framework.
@@ -32,7 +33,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use meshgate_config::model::ExplainRequest;
 use meshgate_config::sync::SyncStatus;
-use meshgate_config::tokens::Tokens;
+use meshgate_config::tokens::{Role, Tokens};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -87,6 +88,20 @@ pub async fn handle(st: &OpsState, peer: &Peer, req: Request<RequestBody>) -> Re
     if reveals_config {
         if let Some(refused) = config_read_refused(st, peer, &req) {
             return refused;
+        }
+    }
+    // A purge changes what the gateway serves: with tokens, an admin's.
+    if req.uri().path() == "/cache/purge" && !st.tokens.is_empty() {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if st.tokens.check(authorization).map(|c| c.role) != Some(Role::Admin) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "purging a cache needs an admin token",
+            );
         }
     }
     match (req.uri().path(), get) {
@@ -463,5 +478,9 @@ mod tests {
         .await;
         assert_eq!(readyz(r).await["rejected_count"], 1);
         assert_eq!(handle(&st, &remote, get("/metrics")).await.status(), 200);
+        // A purge changes what is served: a viewer's token is not enough.
+        let mut purge = with("/cache/purge?route=r", "Bearer viewer-token-0123456789");
+        *purge.method_mut() = Method::POST;
+        assert_eq!(handle(&st, &local(), purge).await.status(), 403);
     }
 }
