@@ -180,11 +180,6 @@ impl RouteCache {
         }
     }
 
-    /// The spec it was built for.
-    pub fn spec(&self) -> &Cache {
-        &self.spec
-    }
-
     /// Looks `key` up for a request with `method` and `headers`; waits for
     /// a fetch of the same key in progress.
     pub async fn lookup(&self, method: &Method, headers: &HeaderMap, key: &str) -> Lookup {

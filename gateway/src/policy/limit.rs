@@ -155,11 +155,6 @@ impl Limiter {
         }
     }
 
-    /// The limit as configured.
-    pub fn spec(&self) -> &RateLimit {
-        &self.spec
-    }
-
     /// Counts one request; `Err` when it is over the limit.
     pub fn check(&self, input: &KeyInput<'_>) -> Result<(), Denied> {
         let mut state = self.state.load();
@@ -209,8 +204,9 @@ impl Limiter {
         }
     }
 
-    /// Keys tracked now (for tests and the benchmark).
-    pub fn keys(&self) -> u64 {
+    /// Keys tracked now.
+    #[cfg(test)]
+    fn keys(&self) -> u64 {
         let state = self.state.load();
         state.keyed.as_ref().map_or(0, |k| {
             k.run_pending_tasks();

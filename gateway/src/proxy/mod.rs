@@ -357,14 +357,14 @@ impl Proxy {
             e.route = Some(route.name.clone());
         }
         // 5. the route's edge policies
+        let mut consumer = None;
         if let Some(policy) = &route.policy {
             match policy.admit(snap.consumers.as_ref(), peer.ip.as_bytes(), grpc, &mut req) {
-                Ok(consumer) => {
-                    if let (Some(e), Some(c)) = (entry.as_deref_mut(), consumer) {
-                        e.consumer = Some(c);
-                    }
-                }
+                Ok(c) => consumer = c,
                 Err(f) => return (Err(f), Some((route, NO_BACKEND))),
+            }
+            if let Some(e) = entry.as_deref_mut() {
+                e.consumer.clone_from(&consumer);
             }
         }
         // 6. direct response, or a backend; the faults drawn for it
@@ -408,9 +408,8 @@ impl Proxy {
             }
         }
         if let (Some(limit), false) = (&svc.limit, kind == ListenerKind::Inbound) {
-            let consumer = req.headers().get(&headers::X_MESH_CONSUMER);
             let input = crate::policy::limit::KeyInput {
-                consumer: consumer.and_then(|v| v.to_str().ok()),
+                consumer: consumer.as_deref(),
                 client_ip: peer.ip.as_bytes(),
                 headers: req.headers(),
             };
