@@ -181,7 +181,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = async {
         node::shutdown_signal().await;
         tracing::info!("shutting down");
+        node::notify(node::Notify::Stopping);
     };
+    // The admin keeps no state of its own: it serves once it listens.
+    node::notify(node::Notify::Ready);
     match &cfg.tls {
         None => {
             tracing::info!(listen = %cfg.listen, "admin API listening");

@@ -285,6 +285,31 @@ pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Tells the service manager (systemd, `Type=notify`) how the process
+/// stands: `READY=1` once it serves, `STOPPING=1` when it drains,
+/// `MAINPID=` when a successor takes over. Does nothing when the process
+/// was not started by one (no `NOTIFY_SOCKET`).
+pub fn notify(state: Notify) {
+    use sd_notify::NotifyState;
+    let st = match state {
+        Notify::Ready => NotifyState::Ready,
+        Notify::Stopping => NotifyState::Stopping,
+        Notify::MainPid(pid) => NotifyState::MainPid(pid),
+    };
+    if let Err(e) = sd_notify::notify(false, &[st]) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// What [`notify`] tells the service manager.
+#[derive(Debug, Clone, Copy)]
+pub enum Notify {
+    Ready,
+    Stopping,
+    /// A successor process with this pid is now the service's main process.
+    MainPid(u32),
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -13,6 +13,21 @@ use tokio::sync::{oneshot, watch};
 use crate::key::Key;
 use crate::store::{ConfigStore, Op};
 
+/// Whether this process is handing its registrations over to a successor
+/// (a hot upgrade): while set, no registration writes its object, so the
+/// successor's writes, bound to its own leases, are the last. Cleared if
+/// the upgrade fails, and every registration writes again.
+fn handing_over() -> &'static watch::Sender<bool> {
+    static PAUSED: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
+    PAUSED.get_or_init(|| watch::channel(false).0)
+}
+
+/// Stops (`true`) or resumes (`false`) every registration's writes of this
+/// process; leases are still renewed. See [`handing_over`].
+pub fn hand_over(paused: bool) {
+    handing_over().send_if_modified(|p| std::mem::replace(p, paused) != paused);
+}
+
 /// A live registration. Update its value with [`Registration::update`];
 /// remove it at once with [`Registration::deregister`].
 pub struct Registration {
@@ -70,8 +85,17 @@ async fn run(
     let mut written = false;
     let mut tick = tokio::time::interval(renew_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = handing_over().subscribe();
     loop {
         tokio::select! {
+            r = paused.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // Resumed after a failed hand-over: the successor may have
+                // written the object under its lease; write it again.
+                written = false;
+            }
             done = &mut stop => {
                 if let Some(l) = lease {
                     if let Err(e) = store.revoke(l).await {
@@ -103,6 +127,9 @@ async fn run(
                     }
                 }
             }
+        }
+        if *paused.borrow() {
+            continue;
         }
         if lease.is_none() {
             written = false;

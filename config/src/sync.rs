@@ -64,6 +64,21 @@ pub struct SyncStatus {
     /// ([`crate::store::ConfigStore::source_errors`]), refreshed every
     /// second.
     pub source_errors: Vec<Rejection>,
+    /// The last time the store's revision was found lower than the one
+    /// the view reflected (etcd wiped, or restored from an older backup):
+    /// the view was re-read and replaced by the store's.
+    pub store_reset: Option<StoreReset>,
+}
+
+/// A store found at a lower revision than the view reflected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreReset {
+    /// The revision the view reflected.
+    pub from: i64,
+    /// The store's revision when found.
+    pub to: i64,
+    /// Unix ms.
+    pub at_ms: u64,
 }
 
 impl SyncStatus {
@@ -115,6 +130,7 @@ pub fn spawn(
         last_sync_ms: 0,
         last_error: None,
         source_errors: Vec::new(),
+        store_reset: None,
     });
     tokio::spawn(Syncer::new(store, opts, applier, tx).run());
     rx
@@ -162,8 +178,7 @@ impl<A: Apply> Syncer<A> {
     }
 
     async fn run(mut self) {
-        let (min_backoff, max_backoff) = self.opts.backoff;
-        let mut backoff = min_backoff;
+        let mut backoff = Backoff::new(self.opts.backoff);
         let mut need_load = true;
         let mut tried_snapshot = false;
         loop {
@@ -176,22 +191,35 @@ impl<A: Apply> Syncer<A> {
                             tried_snapshot = true;
                             self.load_snapshot_file();
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(max_backoff);
+                        tokio::time::sleep(backoff.next()).await;
                         continue;
                     }
                 }
             }
             match self.watch().await {
                 WatchEnd::Compacted | WatchEnd::Rescoped => need_load = true,
+                WatchEnd::Reset { from, to } => {
+                    tracing::warn!(
+                        applied_revision = from,
+                        store_revision = to,
+                        "the store is at a lower revision than the applied config: etcd was wiped or restored from an older backup; re-reading it and applying the difference"
+                    );
+                    self.status.send_modify(|s| {
+                        s.store_reset = Some(StoreReset {
+                            from,
+                            to,
+                            at_ms: now_ms(),
+                        })
+                    });
+                    need_load = true;
+                }
                 WatchEnd::Error(e) => {
                     self.disconnected(&e);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(max_backoff);
+                    tokio::time::sleep(backoff.next()).await;
                     continue;
                 }
             }
-            backoff = min_backoff;
+            backoff.reset();
         }
     }
 
@@ -255,6 +283,19 @@ impl<A: Apply> Syncer<A> {
         &mut self,
         rescope: &mut Option<watch::Receiver<Vec<String>>>,
     ) -> WatchEnd {
+        // A store behind the view (wiped, or restored from an older
+        // backup) would hold watches at a revision it has not reached.
+        let seen = self.revs.iter().copied().max().unwrap_or(0);
+        match self.store.revision().await {
+            Ok(Some(now)) if now < seen => {
+                return WatchEnd::Reset {
+                    from: seen,
+                    to: now,
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return WatchEnd::Error(e),
+        }
         let mut streams = Vec::with_capacity(self.opts.prefixes.len());
         for (i, p) in self.opts.prefixes.iter().enumerate() {
             match self.store.watch(p, self.revs[i] + 1).await {
@@ -434,7 +475,45 @@ impl<A: Apply> Syncer<A> {
 enum WatchEnd {
     Compacted,
     Rescoped,
+    /// The store is at revision `to`, below the view's `from`.
+    Reset {
+        from: i64,
+        to: i64,
+    },
     Error(StoreError),
+}
+
+/// Pauses between reconnection attempts: the bound doubles from the
+/// smallest to the largest, and each pause is drawn at random below it
+/// ("full jitter"), so the thousands of sidecars that lost the store
+/// together do not all come back in the same instant when it returns.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    bound: Duration,
+}
+
+impl Backoff {
+    fn new((min, max): (Duration, Duration)) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            bound: min,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        use rand::Rng;
+        let ms = self.bound.as_millis() as u64;
+        let pause = Duration::from_millis(rand::thread_rng().gen_range(0..=ms));
+        self.bound = (self.bound * 2).min(self.max);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.bound = self.min;
+    }
 }
 
 /// Resolves when the watched prefixes change; never without a channel or
@@ -497,6 +576,26 @@ mod tests {
             "routes/orders",
             &Key::new(Kind::Services, "orders")
         ));
+    }
+
+    #[test]
+    fn backoff_pauses_are_jittered_below_a_doubling_bound() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(3000));
+        let mut b = Backoff::new((min, max));
+        let mut bound = min;
+        for _ in 0..8 {
+            assert!(b.next() <= bound);
+            bound = (bound * 2).min(max);
+        }
+        // At the largest bound the pauses spread over it rather than
+        // coinciding (a draw of 200 from 3001 values being all equal, or
+        // all in one tenth of the range, is practically impossible).
+        let pauses: Vec<Duration> = (0..200).map(|_| b.next()).collect();
+        assert!(pauses.iter().all(|p| *p <= max));
+        assert!(pauses.iter().any(|p| *p < max / 10));
+        assert!(pauses.iter().any(|p| *p > max * 9 / 10));
+        b.reset();
+        assert!(b.next() <= min);
     }
 
     #[test]

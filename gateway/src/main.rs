@@ -62,12 +62,52 @@ struct Args {
     /// Standalone: the access log's file (default: standard output).
     #[arg(long, requires = "standalone")]
     access_log_path: Option<PathBuf>,
+    /// Standalone: the upgrade socket (see `upgrade_socket` in the node
+    /// config).
+    #[arg(long, requires = "standalone")]
+    upgrade_socket: Option<PathBuf>,
+    /// Standalone: after SIGTERM, ms the listeners keep accepting once
+    /// readiness went false.
+    #[arg(long, default_value_t = 0, requires = "standalone")]
+    drain_delay_ms: u64,
+    /// Start by taking over the listening sockets of the process serving
+    /// this upgrade socket (a hot upgrade); it drains and exits once this
+    /// one serves.
+    #[arg(long)]
+    takeover: Option<PathBuf>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `meshgate_gateway=debug`.
     #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
     log: String,
 }
 
+/// `meshgate-gateway upgrade`: starts the new binary in place of the
+/// running gateway, which hands it its listening sockets and drains.
+#[derive(Parser, Debug)]
+#[command(name = "meshgate-gateway upgrade")]
+struct UpgradeArgs {
+    /// The running gateway's node config (its `upgrade_socket`).
+    #[arg(short, long, required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The upgrade socket itself.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+}
+
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "upgrade") {
+        let args = UpgradeArgs::parse_from(std::env::args_os().skip(1));
+        let socket = match (args.socket, &args.config) {
+            (Some(s), _) => Ok(s),
+            (None, Some(c)) => meshgate_config::node::load_checked(c, GatewayConfig::problems)
+                .and_then(|g: GatewayConfig| {
+                    g.upgrade_socket.ok_or_else(|| {
+                        anyhow::anyhow!("{}: upgrade_socket is not set", c.display())
+                    })
+                }),
+            (None, None) => unreachable!("clap requires one"),
+        };
+        meshgate_gateway::node::upgrade::command("meshgate-gateway", socket);
+    }
     let args = Args::parse();
     meshgate_config::node::init_logging(&args.log);
     meshgate_gateway::alloc::no_huge_pages();
@@ -82,7 +122,7 @@ fn main() {
         1,
         rt.block_on(async {
             let embed = cfg.admin_api.clone().map(admin::embed);
-            meshgate_gateway::node::gateway::run(cfg, embed).await
+            meshgate_gateway::node::gateway::run(cfg, embed, args.takeover.clone()).await
         }),
     );
 }
@@ -115,6 +155,8 @@ fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
             proxy: Default::default(),
             lease_ttl_s: 10,
             shutdown_grace_ms: 10_000,
+            drain_delay_ms: args.drain_delay_ms,
+            upgrade_socket: args.upgrade_socket.clone(),
             workers: args.workers,
             zone: args.zone.clone(),
             admin_api: Some(EmbeddedAdmin {

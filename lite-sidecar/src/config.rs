@@ -44,6 +44,15 @@ pub struct SidecarConfig {
     pub proxy: SidecarProxy,
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, how long the listeners keep accepting once readiness
+    /// went false, ms; default 0.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
+    /// The Unix socket a new binary takes the listening sockets over from
+    /// (`--takeover`, `meshgate-sidecar upgrade`); hot upgrades are off
+    /// without it.
+    #[serde(default)]
+    pub upgrade_socket: Option<PathBuf>,
     /// Worker threads (default 1: a sidecar serves one app, and one thread
     /// keeps its CPU and memory small; 0 = one per CPU).
     #[serde(default = "default_workers")]

@@ -815,6 +815,7 @@ mod tests {
             last_sync_ms: now_ms() - age_ms,
             last_error: None,
             source_errors: Vec::new(),
+            store_reset: None,
         }
     }
 

@@ -51,12 +51,45 @@ struct Args {
     /// Sidecar node config file (YAML). See docs/configuration.md.
     #[arg(short, long)]
     config: PathBuf,
+    /// Start by taking over the listening sockets of the sidecar serving
+    /// this upgrade socket (a hot upgrade); it drains and exits once this
+    /// one serves.
+    #[arg(long)]
+    takeover: Option<PathBuf>,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "MESHGATE_LOG", default_value = "info")]
     log: String,
 }
 
+/// `meshgate-sidecar upgrade`: starts the new binary in place of the
+/// running sidecar, which hands it its listening sockets and drains.
+#[derive(Parser, Debug)]
+#[command(name = "meshgate-sidecar upgrade")]
+struct UpgradeArgs {
+    /// The running sidecar's node config (its `upgrade_socket`).
+    #[arg(short, long, required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The upgrade socket itself.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+}
+
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "upgrade") {
+        let args = UpgradeArgs::parse_from(std::env::args_os().skip(1));
+        let socket = match (args.socket, &args.config) {
+            (Some(s), _) => Ok(s),
+            (None, Some(c)) => {
+                node::load_checked(c, SidecarConfig::problems).and_then(|sc: SidecarConfig| {
+                    sc.upgrade_socket.ok_or_else(|| {
+                        anyhow::anyhow!("{}: upgrade_socket is not set", c.display())
+                    })
+                })
+            }
+            (None, None) => unreachable!("clap requires one"),
+        };
+        meshgate_gateway::node::upgrade::command("meshgate-sidecar", socket);
+    }
     let args = Args::parse();
     node::init_logging(&args.log);
     meshgate_gateway::alloc::no_huge_pages();
@@ -71,10 +104,19 @@ fn main() {
         1,
         node::runtime(cfg.workers).map_err(Into::into),
     );
-    node::exit_on_error("lite-sidecar", 1, rt.block_on(run(cfg)));
+    node::exit_on_error("lite-sidecar", 1, rt.block_on(run(cfg, args.takeover)));
 }
 
-async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
+async fn run(cfg: SidecarConfig, takeover: Option<PathBuf>) -> anyhow::Result<()> {
+    // A hot upgrade takes the running process's sockets before binding.
+    let upgrades = meshgate_gateway::node::upgrade::Upgrades {
+        socket: cfg.upgrade_socket.clone(),
+        takeover: match &takeover {
+            Some(p) => Some(meshgate_gateway::node::upgrade::Takeover::start(p).await?),
+            None => None,
+        },
+    };
+    upgrades.check("upgrade_socket")?;
     let listener = bind(cfg.listen, "listen").await?;
     let ops_listener = bind(cfg.admin_listen, "admin_listen").await?;
     let inbound_listener = match &cfg.inbound {
@@ -217,7 +259,12 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let mut node = Process::new(
         Duration::from_millis(cfg.shutdown_grace_ms),
         cfg.client.limits(),
-    );
+    )
+    .with_drain_delay(Duration::from_millis(cfg.drain_delay_ms))
+    .with_upgrades(upgrades);
+    let serving = node.serving();
+    let draining = Arc::new(AtomicBool::new(false));
+    let dr = draining.clone();
     let f = fwd.clone();
     let st = status.clone();
     let pol = policy.clone();
@@ -230,8 +277,10 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let fresh = f.freshness();
             let p = pol.load();
             // Serving is possible with a policy, or with a central tier to fall back to.
-            let ready = fresh != Freshness::Unavailable || !p.central_tier.members.is_empty();
-            let mut v = status_json(&s, false, &rejected(&refused_now, &s));
+            let draining = dr.load(std::sync::atomic::Ordering::Relaxed);
+            let ready = !draining
+                && (fresh != Freshness::Unavailable || !p.central_tier.members.is_empty());
+            let mut v = status_json(&s, draining, &rejected(&refused_now, &s));
             v["ready"] = ready.into();
             v["policy"] = fresh.as_str().into();
             if let Some(live) = &identity_now {
@@ -387,6 +436,9 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
             let refusals = rejected(&refused, &s);
             metrics.config_rejected.set(refusals.len() as i64);
             let fresh = fwd.freshness();
+            if fresh != Freshness::Unavailable || !policy.load().central_tier.members.is_empty() {
+                serving.now();
+            }
             for f in [Freshness::Fresh, Freshness::Stale, Freshness::Unavailable] {
                 policy_state
                     .with_label_values(&[f.as_str()])
@@ -406,6 +458,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     };
     let stopping = async {
         tracing::info!("shutdown: deregistering, then draining");
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
         // The instance first, so gateways stop sending before the drain.
         let _ = app_stop.send(true);
         if let Some(t) = app_task {
@@ -423,7 +476,7 @@ async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 /// Accepts on a plain-TCP local port until shutdown; every connection is
 /// tunnelled to `service` (open tunnels carry on after the listener stops).
 async fn tcp_port(
-    listener: tokio::net::TcpListener,
+    listener: meshgate_gateway::server::listeners::Listener,
     service: String,
     fwd: Arc<Forwarder>,
     metrics: Arc<Metrics>,

@@ -58,6 +58,9 @@ pub struct LoadConfig {
     pub seq_header: Option<HeaderName>,
     /// Keep at most this many individual failure records.
     pub max_failure_records: usize,
+    /// HTTP/1.1: a new connection for every request (sent with
+    /// `connection: close`).
+    pub new_connections: bool,
 }
 
 impl LoadConfig {
@@ -77,6 +80,7 @@ impl LoadConfig {
             timeout: Duration::from_secs(10),
             seq_header: None,
             max_failure_records: 100_000,
+            new_connections: false,
         }
     }
 
@@ -538,64 +542,81 @@ async fn one(cfg: &LoadConfig, conn: &mut Conn, slot: Slot) -> Outcome {
         req.headers_mut()
             .insert(h.clone(), HeaderValue::from(slot.seq));
     }
-    let sent = match conn {
-        Conn::None | Conn::H1(_) => {
-            if !matches!(conn, Conn::H1(tx) if !tx.is_closed()) {
-                let Ok(io) = connect(cfg).await else {
-                    *conn = Conn::None;
-                    return Outcome::failed("connect");
-                };
-                match http1::handshake(io).await {
-                    Ok((tx, c)) => {
-                        tokio::spawn(c);
-                        *conn = Conn::H1(tx);
-                    }
-                    Err(_) => return Outcome::failed("connect"),
-                }
-            }
-            let Conn::H1(tx) = conn else {
-                unreachable!("connected above")
-            };
-            *req.uri_mut() = cfg.path.parse().expect("path");
-            if tx.ready().await.is_err() {
-                *conn = Conn::None;
-                return Outcome::failed("io");
-            }
-            tokio::time::timeout(cfg.timeout, async {
-                let resp = tx.send_request(req).await?;
-                read(resp).await
-            })
-            .await
-        }
-        Conn::H2(shared) => {
-            let tx = {
-                let mut g = shared.lock().await;
-                if g.as_ref().is_none_or(|t| t.is_closed()) {
-                    *g = None;
+    if cfg.new_connections && !cfg.http2 {
+        req.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    // A request the connection never sent (it had closed, or the server
+    // refused it unprocessed: an HTTP/2 GOAWAY) goes on a new connection;
+    // one that was sent and not answered is a failure.
+    let mut tries = 0;
+    let sent = loop {
+        tries += 1;
+        let attempt = match conn {
+            Conn::None | Conn::H1(_) => {
+                if cfg.new_connections || !matches!(conn, Conn::H1(tx) if !tx.is_closed()) {
                     let Ok(io) = connect(cfg).await else {
+                        *conn = Conn::None;
                         return Outcome::failed("connect");
                     };
-                    match http2::handshake(TokioExecutor::new(), io).await {
+                    match http1::handshake(io).await {
                         Ok((tx, c)) => {
                             tokio::spawn(c);
-                            *g = Some(tx);
+                            *conn = Conn::H1(tx);
                         }
                         Err(_) => return Outcome::failed("connect"),
                     }
                 }
-                g.clone().expect("connected above")
-            };
-            let mut tx = tx;
-            *req.uri_mut() = format!("http://{}:{}{}", cfg.host, cfg.port, cfg.path)
-                .parse()
-                .expect("uri");
-            *req.version_mut() = http::Version::HTTP_2;
-            tokio::time::timeout(cfg.timeout, async {
-                tx.ready().await?;
-                let resp = tx.send_request(req).await?;
-                read(resp).await
-            })
-            .await
+                let Conn::H1(tx) = conn else {
+                    unreachable!("connected above")
+                };
+                *req.uri_mut() = cfg.path.parse().expect("path");
+                match tx.ready().await {
+                    Err(_) => Err(req),
+                    Ok(()) => send(cfg.timeout, tx.try_send_request(req)).await,
+                }
+            }
+            Conn::H2(shared) => {
+                let tx = {
+                    let mut g = shared.lock().await;
+                    if g.as_ref().is_none_or(|t| t.is_closed()) {
+                        *g = None;
+                        let Ok(io) = connect(cfg).await else {
+                            return Outcome::failed("connect");
+                        };
+                        match http2::handshake(TokioExecutor::new(), io).await {
+                            Ok((tx, c)) => {
+                                tokio::spawn(c);
+                                *g = Some(tx);
+                            }
+                            Err(_) => return Outcome::failed("connect"),
+                        }
+                    }
+                    g.clone().expect("connected above")
+                };
+                let mut tx = tx;
+                *req.uri_mut() = format!("http://{}:{}{}", cfg.host, cfg.port, cfg.path)
+                    .parse()
+                    .expect("uri");
+                *req.version_mut() = http::Version::HTTP_2;
+                match tx.ready().await {
+                    Err(_) => {
+                        shared.lock().await.take();
+                        Err(req)
+                    }
+                    Ok(()) => send(cfg.timeout, tx.try_send_request(req)).await,
+                }
+            }
+        };
+        match attempt {
+            Ok(answered) => break answered,
+            Err(unsent) if tries < 3 => {
+                if let Conn::H1(_) = conn {
+                    *conn = Conn::None;
+                }
+                req = unsent;
+            }
+            Err(_) => return Outcome::failed("io"),
         }
     };
     let latency_us = slot.intended.elapsed().as_micros() as u64;
@@ -630,6 +651,38 @@ async fn one(cfg: &LoadConfig, conn: &mut Conn, slot: Slot) -> Outcome {
             },
             None => Outcome::Ok(latency_us),
         },
+    }
+}
+
+/// What became of a request sent: timed out, or its answer (status and
+/// `x-mesh-error`) or error.
+type Sent = Result<hyper::Result<(u16, Option<String>)>, tokio::time::error::Elapsed>;
+
+/// Awaits a request handed to a connection; `Err` gives the request back
+/// when the connection never sent it.
+async fn send(
+    timeout: Duration,
+    sending: impl std::future::Future<
+        Output = Result<
+            http::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<Request<Full<Bytes>>>,
+        >,
+    >,
+) -> Result<Sent, Request<Full<Bytes>>> {
+    let answered = tokio::time::timeout(timeout, async {
+        match sending.await {
+            Ok(resp) => Ok(read(resp).await),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(req),
+                None => Ok(Err(e.into_error())),
+            },
+        }
+    })
+    .await;
+    match answered {
+        Err(elapsed) => Ok(Err(elapsed)),
+        Ok(Ok(r)) => Ok(Ok(r)),
+        Ok(Err(req)) => Err(req),
     }
 }
 

@@ -108,16 +108,32 @@ pub struct Proc {
     child: Option<Child>,
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Proc {
+        Self::spawn_env(name, program, args, dir, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut p = Proc {
             name: name.to_string(),
             child: None,
             program: program.to_path_buf(),
             args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: dir.join(format!("{name}.log")),
         };
         p.start();
@@ -138,6 +154,7 @@ impl Proc {
                 "MESHGATE_LOG",
                 "info,meshgate_gateway=debug,lite_sidecar=debug",
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -183,6 +200,27 @@ impl Proc {
         None
     }
 
+    /// Waits (bounded) for the process to exit by itself; its status, or
+    /// `None` if it still runs after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn sigterm(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         match &mut self.child {
@@ -214,6 +252,89 @@ impl Drop for Proc {
                 eprintln!("{l}");
             }
         }
+    }
+}
+
+/// A real etcd cluster of several members on loopback, each with its own
+/// data dir and ports.
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    pub async fn start(dir: &Path, n: usize) -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let etcd = which("etcd")
+            .expect("etcd not installed: run scripts/test.sh (it installs etcd-server)");
+        let members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let args: Vec<String> = [
+                    "--name".to_string(),
+                    format!("m{i}"),
+                    "--data-dir".into(),
+                    dir.join(format!("etcd-m{i}")).to_string_lossy().into(),
+                    "--listen-client-urls".into(),
+                    format!("http://127.0.0.1:{client}"),
+                    "--advertise-client-urls".into(),
+                    format!("http://127.0.0.1:{client}"),
+                    "--listen-peer-urls".into(),
+                    format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls".into(),
+                    format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster".into(),
+                    initial.join(","),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    "--log-level".into(),
+                    "warn".into(),
+                ]
+                .into();
+                Etcd {
+                    proc: Proc::spawn(&format!("etcd-m{i}"), &etcd, &args, dir),
+                    client_port: *client,
+                    tls_ca: None,
+                }
+            })
+            .collect();
+        // Each is healthy once the cluster has a leader.
+        for m in &members {
+            m.wait_healthy().await;
+        }
+        EtcdCluster { members }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Etcd::endpoint).collect()
+    }
+
+    /// The index of the current leader, as the members that answer see it.
+    pub async fn leader(&self) -> usize {
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for m in &self.members {
+            let Ok(mut c) = m.client_as(None).await else {
+                ids.push(None);
+                continue;
+            };
+            match c.status().await {
+                Ok(st) => {
+                    ids.push(st.header().map(|h| h.member_id()));
+                    leader = Some(st.leader());
+                }
+                Err(_) => ids.push(None),
+            }
+        }
+        let leader = leader.expect("a member answers");
+        ids.iter()
+            .position(|id| *id == Some(leader))
+            .expect("the leader is a member")
     }
 }
 
@@ -251,7 +372,7 @@ impl Etcd {
         let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let client_port = free_port();
         let peer_port = free_port();
-        let data = dir.join("etcd-data");
+        let data = Etcd::data_dir(dir);
         let args: Vec<String> = [
             "--name",
             "test",
@@ -283,6 +404,11 @@ impl Etcd {
         };
         e.wait_healthy().await;
         e
+    }
+
+    /// The data directory (`start`'s).
+    pub fn data_dir(dir: &Path) -> PathBuf {
+        dir.join("etcd-data")
     }
 
     pub fn endpoint(&self) -> String {

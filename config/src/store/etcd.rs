@@ -13,6 +13,7 @@
 //! process started while etcd is down starts from its snapshot as
 //! always), and made again when etcd refuses its token (tokens expire).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,9 +40,11 @@ pub struct EtcdOptions {
 
 /// The etcd-backed [`ConfigStore`].
 pub struct EtcdStore {
-    /// The client, once made (see the module docs); `None` again after
-    /// etcd refused its token.
-    client: tokio::sync::Mutex<Option<Client>>,
+    /// A client per endpoint, once made (see the module docs); `None`
+    /// again after etcd refused its token.
+    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
+    /// The endpoint calls go to, until it cannot be reached.
+    pinned: AtomicUsize,
     options: EtcdOptions,
     prefix: String,
 }
@@ -53,23 +56,31 @@ impl EtcdStore {
     pub async fn connect(opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
         let mut prefix = opts.prefix.trim_end_matches('/').to_string();
         prefix.push('/');
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Invalid("etcd: no endpoints".into()));
+        }
         let store = EtcdStore {
-            client: tokio::sync::Mutex::new(None),
+            clients: tokio::sync::Mutex::new(vec![None; opts.endpoints.len()]),
+            pinned: AtomicUsize::new(0),
             options: opts,
             prefix,
         };
         if store.options.user.is_none() {
-            let client = store.make_client().await.map_err(|e| match e {
-                StoreError::Unavailable(m) => StoreError::Invalid(m),
-                e => e,
-            })?;
-            *store.client.lock().await = Some(client);
+            for i in 0..store.options.endpoints.len() {
+                let client = store.make_client(i).await.map_err(|e| match e {
+                    StoreError::Unavailable(m) => StoreError::Invalid(m),
+                    e => e,
+                })?;
+                store.clients.lock().await[i] = Some(client);
+            }
         }
         Ok(store)
     }
 
-    async fn make_client(&self) -> Result<Client, StoreError> {
+    /// A client of the endpoint `i` alone.
+    async fn make_client(&self, i: usize) -> Result<Client, StoreError> {
         let o = &self.options;
+        let endpoint = &o.endpoints[i];
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(o.timeout)
             .with_timeout(o.timeout)
@@ -81,36 +92,38 @@ impl EtcdStore {
         if let Some((user, password)) = &o.user {
             connect = connect.with_user(user.clone(), password.clone());
         }
-        match tokio::time::timeout(o.timeout, Client::connect(&o.endpoints, Some(connect))).await {
+        match tokio::time::timeout(o.timeout, Client::connect([endpoint], Some(connect))).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("etcd connect: {e}"))),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "etcd connect {endpoint}: {e}"
+            ))),
             Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd connect: no answer within {:?}",
+                "etcd connect {endpoint}: no answer within {:?}",
                 o.timeout
             ))),
         }
     }
 
-    /// The client, made first if there is none.
-    async fn client(&self) -> Result<Client, StoreError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &*slot {
+    /// The client of endpoint `i`, made first if there is none.
+    async fn client(&self, i: usize) -> Result<Client, StoreError> {
+        let mut slots = self.clients.lock().await;
+        if let Some(c) = &slots[i] {
             return Ok(c.clone());
         }
-        let c = self.make_client().await?;
-        *slot = Some(c.clone());
+        let c = self.make_client(i).await?;
+        slots[i] = Some(c.clone());
         Ok(c)
     }
 
     /// Whether etcd refused the client's auth token (it expired, or the
     /// user's password changed); if so, the client is dropped so that the
     /// next call authenticates again.
-    async fn token_refused(&self, e: &etcd_client::Error) -> bool {
+    async fn token_refused(&self, i: usize, e: &etcd_client::Error) -> bool {
         if self.options.user.is_none() || !refused_token(e) {
             return false;
         }
         tracing::info!(error = %e, "etcd refused the auth token; authenticating again");
-        self.client.lock().await.take();
+        self.clients.lock().await[i].take();
         true
     }
 
@@ -136,28 +149,92 @@ impl EtcdStore {
         key
     }
 
-    /// Runs `call` on the client within the timeout; when etcd refused the
-    /// auth token, once more with a client that authenticated again.
+    /// Runs `call` on the pinned member's client within the timeout; when
+    /// etcd refused the auth token, once more with a client that
+    /// authenticated again. When the member cannot be reached, the next
+    /// one is pinned and the call made there — always for a read, a watch
+    /// or a lease call; for a write (`retry` false) only when it cannot
+    /// have been sent (the connection could not be made), never after an
+    /// answer could have been lost.
+    async fn call_on<T, F, Fut>(&self, what: &str, retry: bool, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.options.endpoints.len();
+        let mut reauthenticated = false;
+        let mut tried = 0;
+        loop {
+            let i = self.pinned.load(Ordering::Relaxed) % n;
+            tried += 1;
+            let failed = match self.client(i).await {
+                Err(e) => e,
+                Ok(client) => {
+                    match tokio::time::timeout(self.options.timeout, call(client)).await {
+                        Ok(Ok(v)) => return Ok(v),
+                        Ok(Err(e)) if !reauthenticated && self.token_refused(i, &e).await => {
+                            reauthenticated = true;
+                            tried -= 1;
+                            continue;
+                        }
+                        Ok(Err(e)) if retry || not_sent(&e) => {
+                            StoreError::Unavailable(format!("etcd {what}: {e}"))
+                        }
+                        Ok(Err(e)) => {
+                            return Err(StoreError::Unavailable(format!("etcd {what}: {e}")))
+                        }
+                        Err(_) if retry => StoreError::Unavailable(format!(
+                            "etcd {what}: no answer within {:?}",
+                            self.options.timeout
+                        )),
+                        Err(_) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "etcd {what}: no answer within {:?}",
+                                self.options.timeout
+                            )))
+                        }
+                    }
+                }
+            };
+            if tried >= n {
+                return Err(failed);
+            }
+            // Pin the next member (unless another call already moved on).
+            let next = (i + 1) % n;
+            if self
+                .pinned
+                .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(
+                    from = %self.options.endpoints[i],
+                    to = %self.options.endpoints[next],
+                    error = %failed,
+                    "etcd member unreachable; failing over"
+                );
+            }
+        }
+    }
+
+    /// [`EtcdStore::call_on`] for a read, a watch or a lease call.
     async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, StoreError>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut retried = false;
-        loop {
-            let client = self.client().await?;
-            match tokio::time::timeout(self.options.timeout, call(client)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if !retried && self.token_refused(&e).await => retried = true,
-                Ok(Err(e)) => return Err(StoreError::Unavailable(format!("etcd {what}: {e}"))),
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "etcd {what}: no answer within {:?}",
-                        self.options.timeout
-                    )))
-                }
-            }
+        self.call_on(what, true, call).await
+    }
+}
+
+/// Whether a call failed before anything reached etcd (no connection
+/// could be made), so that making it elsewhere cannot apply it twice.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
         }
+        _ => false,
     }
 }
 
@@ -189,6 +266,20 @@ impl ConfigStore for EtcdStore {
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let entries = resp.kvs().iter().filter_map(|kv| self.entry(kv)).collect();
         Ok(Range { entries, revision })
+    }
+
+    async fn revision(&self) -> Result<Option<i64>, StoreError> {
+        let key = self.abs("");
+        let resp = self
+            .call("revision", |c| {
+                let key = key.clone();
+                async move {
+                    let opts = GetOptions::new().with_prefix().with_count_only();
+                    c.kv_client().get(key, Some(opts)).await
+                }
+            })
+            .await?;
+        Ok(resp.header().map(|h| h.revision()))
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
@@ -296,7 +387,7 @@ impl ConfigStore for EtcdStore {
             })
             .collect();
         let resp = self
-            .call("txn", |c| {
+            .call_on("txn", false, |c| {
                 let txn = Txn::new().when(compares.clone()).and_then(txn_ops.clone());
                 async move { c.kv_client().txn(txn).await }
             })

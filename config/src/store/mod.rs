@@ -149,6 +149,13 @@ pub trait ConfigStore: Send + Sync + 'static {
     /// Revokes a lease, deleting its objects.
     async fn revoke(&self, lease: i64) -> Result<(), StoreError>;
 
+    /// The store's current revision, where it can go back (an etcd wiped,
+    /// or restored from an older backup, and started again); `None` for a
+    /// store whose revision never goes back (the standalone file).
+    async fn revision(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
+
     /// What the store refused of its own source, while the previous config
     /// stays in force: the standalone file that does not parse, an object
     /// name in it that is not valid. Empty for etcd (whose objects are

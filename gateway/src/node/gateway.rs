@@ -73,6 +73,15 @@ pub struct GatewayConfig {
     /// How long to drain in-flight requests on shutdown, ms.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, how long the listeners keep accepting once readiness
+    /// went false (for load balancers to stop sending), ms; default 0.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
+    /// The Unix socket a new binary takes the listening sockets over from
+    /// (`--takeover`, `meshgate-gateway upgrade`); hot upgrades are off
+    /// without it.
+    #[serde(default)]
+    pub upgrade_socket: Option<PathBuf>,
     /// Embed the admin API on the ops port.
     #[serde(default)]
     pub admin_api: Option<EmbeddedAdmin>,
@@ -246,7 +255,20 @@ pub type Embed = Box<dyn FnOnce(EmbedContext) -> anyhow::Result<OpsExtra> + Send
 
 /// Runs the gateway until SIGTERM/SIGINT. `embed` mounts extra routes on
 /// the ops port (the binary's embedded admin API).
-pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: GatewayConfig,
+    embed: Option<Embed>,
+    takeover: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    // A hot upgrade takes the running process's sockets before binding.
+    let upgrades = crate::node::upgrade::Upgrades {
+        socket: cfg.upgrade_socket.clone(),
+        takeover: match &takeover {
+            Some(p) => Some(crate::node::upgrade::Takeover::start(p).await?),
+            None => None,
+        },
+    };
+    upgrades.check("upgrade_socket")?;
     let mesh_listener = match cfg.listen {
         Some(a) => Some(bind(a, "listen").await?),
         None => None,
@@ -418,7 +440,10 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
     let mut node = Process::new(
         Duration::from_millis(cfg.shutdown_grace_ms),
         cfg.client.limits(),
-    );
+    )
+    .with_drain_delay(Duration::from_millis(cfg.drain_delay_ms))
+    .with_upgrades(upgrades);
+    let serving = node.serving();
     node.serve_ops(ops_listener, ops_state);
     for (listener, kind) in [
         (mesh_listener, ListenerKind::Mesh),
@@ -515,6 +540,7 @@ pub async fn run(cfg: GatewayConfig, embed: Option<Embed>) -> anyhow::Result<()>
             metrics.config_rejected.set(refusals.len() as i64);
             if s.source != Source::None {
                 ready.store(true, Ordering::Release);
+                serving.now();
                 // Rewrite the node record only when the revision, the
                 // refusals or the identity's expiry change.
                 let expiry = identity.as_ref().map(|l| l.current().not_after);

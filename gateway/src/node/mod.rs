@@ -3,9 +3,12 @@
 //!
 //! - [`Process`]: the skeleton both run on: listeners bound first (a port
 //!   conflict fails start-up naming the config field), every listener and
-//!   the ops port served until shutdown, then the ordered stop: the
-//!   process's own steps (readiness down, deregistration), then every
-//!   listener stops accepting and drains within the grace time
+//!   the ops port served from when the process serves (its config
+//!   applied) until shutdown, then the ordered stop: the process's own
+//!   steps (readiness down, deregistration) alongside the drain delay
+//!   (listeners still accepting), then every listener stops accepting
+//!   and drains within the grace time; or, when a successor took over,
+//!   the drain at once
 //! - [`gateway`]: the gateway process (node config, store, sync, data
 //!   plane, registration)
 //! - [`ops`]: the ops port (`/healthz`, `/readyz`, `/metrics`, `/config`,
@@ -15,22 +18,25 @@
 //!   with a join token, renewed at half-life, kept in the `mesh_tls`
 //!   files)
 //! - `peers`: the live gateways that share a `cluster` rate limit
+//! - [`upgrade`]: hot upgrade (a new binary takes over the listening
+//!   sockets over the upgrade socket)
 
 pub mod explain;
 pub mod gateway;
 pub mod identity;
 pub mod ops;
 pub(crate) mod peers;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::server::listeners::Listener;
 use http::{Request, Response};
 use meshgate_config::model::Rejection;
 use meshgate_config::sync::{Source, SyncStatus};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -38,9 +44,10 @@ use crate::http::body::{ProxyBody, RequestBody};
 use crate::server::{self, Peer};
 use crate::snapshot::Rejections;
 
-/// Binds `addr` for the node-config field `field`.
-pub async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+/// Binds `addr` for the node-config field `field` (or takes the socket
+/// inherited from the predecessor of a hot upgrade).
+pub async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<Listener> {
+    server::listeners::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("{field}: cannot bind {addr}: {e}"))
 }
@@ -282,8 +289,13 @@ pub const HOP_HEADROOM: usize = 4 * 1024;
 #[derive(Debug)]
 pub struct Process {
     shutdown: watch::Sender<bool>,
+    /// Turns true when the process serves (its config applied): its
+    /// listeners accept from then on.
+    serving: Arc<watch::Sender<bool>>,
     grace: Duration,
+    drain_delay: Duration,
     limits: server::Limits,
+    upgrades: upgrade::Upgrades,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -293,10 +305,37 @@ impl Process {
     pub fn new(grace: Duration, limits: server::Limits) -> Process {
         Process {
             shutdown: watch::channel(false).0,
+            serving: Arc::new(watch::channel(false).0),
             grace,
+            drain_delay: Duration::ZERO,
             limits,
+            upgrades: upgrade::Upgrades::default(),
             tasks: Vec::new(),
         }
+    }
+
+    /// After SIGTERM, with readiness already down, the listeners keep
+    /// accepting for `delay` (load balancers take that long to stop
+    /// sending), then close.
+    pub fn with_drain_delay(mut self, delay: Duration) -> Process {
+        self.drain_delay = delay;
+        self
+    }
+
+    /// Hot upgrades: the upgrade socket to answer successors on, and the
+    /// takeover this process started with (its listeners wait to accept
+    /// until it serves, while the predecessor accepts on the same sockets).
+    pub fn with_upgrades(mut self, upgrades: upgrade::Upgrades) -> Process {
+        self.upgrades = upgrades;
+        self
+    }
+
+    /// The switch the process turns once it serves (its config applied):
+    /// the service manager is told, a predecessor it took over from stops
+    /// (and this process's listeners start accepting), and the upgrade
+    /// socket answers.
+    pub fn serving(&self) -> Serving {
+        Serving(self.serving.clone())
     }
 
     /// Turns true when the node stops.
@@ -306,7 +345,7 @@ impl Process {
 
     /// Serves HTTP on `listener` with `handler` until the node stops, then
     /// drains it.
-    pub fn serve<H, F>(&mut self, name: &'static str, listener: TcpListener, handler: H)
+    pub fn serve<H, F>(&mut self, name: &'static str, listener: Listener, handler: H)
     where
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -318,7 +357,7 @@ impl Process {
     pub fn serve_tls<H, F>(
         &mut self,
         name: &'static str,
-        listener: TcpListener,
+        listener: Listener,
         tls: crate::tls::TlsListener,
         handler: H,
     ) where
@@ -336,7 +375,7 @@ impl Process {
     pub fn serve_mesh<H, F>(
         &mut self,
         name: &'static str,
-        listener: TcpListener,
+        listener: Listener,
         tls: Option<crate::tls::TlsListener>,
         handler: H,
     ) where
@@ -351,7 +390,7 @@ impl Process {
     fn serve_with<H, F>(
         &mut self,
         name: &'static str,
-        listener: TcpListener,
+        listener: Listener,
         limits: server::Limits,
         tls: Option<crate::tls::TlsListener>,
         handler: H,
@@ -359,14 +398,26 @@ impl Process {
         H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
-        let shutdown = self.shutdown();
+        let mut shutdown = self.shutdown();
+        let mut serving = self.serving.subscribe();
+        let wait = self.upgrades.takeover.is_some();
         let grace = self.grace;
-        let task = server::serve(name, listener, handler, shutdown, grace, limits, tls);
-        self.tasks.push(tokio::spawn(task));
+        self.tasks.push(tokio::spawn(async move {
+            // A successor accepts once it serves, while the predecessor
+            // accepts on the same sockets; otherwise at once (the ops
+            // port answers probes before the config is in).
+            if wait {
+                tokio::select! {
+                    _ = server::wait_true(&mut serving) => {}
+                    _ = server::wait_true(&mut shutdown) => return,
+                }
+            }
+            server::serve(name, listener, handler, shutdown, grace, limits, tls).await
+        }));
     }
 
     /// Serves the ops port.
-    pub fn serve_ops(&mut self, listener: TcpListener, state: ops::OpsState) {
+    pub fn serve_ops(&mut self, listener: Listener, state: ops::OpsState) {
         let state = std::sync::Arc::new(state);
         self.serve("ops", listener, move |peer, req| {
             let state = state.clone();
@@ -382,18 +433,54 @@ impl Process {
 
     /// Runs `follow` (the process following its config sync) until
     /// SIGTERM/SIGINT, or until it ends; then `stopping` (the process's own
-    /// steps: readiness down, deregistration), then stops every listener
-    /// and waits for them to drain.
+    /// steps: readiness down, deregistration) alongside the drain delay,
+    /// then stops every listener and waits for them to drain. When a
+    /// successor takes over (a hot upgrade) the process skips `stopping`
+    /// and the delay (the successor accepts on the same sockets and keeps
+    /// the registrations) and drains at once.
     pub async fn run(self, follow: impl Future<Output = ()>, stopping: impl Future<Output = ()>) {
-        tokio::select! {
-            _ = follow => {}
-            _ = meshgate_config::node::shutdown_signal() => {}
+        let (taken_tx, mut taken) = watch::channel(None);
+        let mut serving = self.serving.subscribe();
+        let upgrades = self.upgrades;
+        let mut shutdown = self.shutdown.subscribe();
+        let starting = tokio::spawn(async move {
+            tokio::select! {
+                _ = server::wait_true(&mut serving) => upgrades.serving(taken_tx).await,
+                _ = server::wait_true(&mut shutdown) => {}
+            }
+        });
+        let handed_over = tokio::select! {
+            _ = follow => false,
+            _ = meshgate_config::node::shutdown_signal() => false,
+            // (A process without an upgrade socket drops the sender.)
+            Ok(_) = taken.wait_for(Option::is_some) => true,
+        };
+        if !handed_over {
+            meshgate_config::node::notify(meshgate_config::node::Notify::Stopping);
+            if !self.drain_delay.is_zero() {
+                tracing::info!(
+                    "draining: readiness is down; listeners accept for {} ms more",
+                    self.drain_delay.as_millis()
+                );
+            }
+            tokio::join!(stopping, tokio::time::sleep(self.drain_delay));
         }
-        stopping.await;
         let _ = self.shutdown.send(true);
+        starting.abort();
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+/// Turns a [`Process`] to serving; see [`Process::serving`].
+#[derive(Debug, Clone)]
+pub struct Serving(Arc<watch::Sender<bool>>);
+
+impl Serving {
+    /// The process serves (idempotent).
+    pub fn now(&self) {
+        self.0.send_if_modified(|s| !std::mem::replace(s, true));
     }
 }
 
@@ -423,5 +510,8 @@ pub fn status_json(s: &SyncStatus, draining: bool, rejected: &[Rejection]) -> se
         "last_sync_ms": s.last_sync_ms,
         "last_error": last_error,
         "rejected": rejected,
+        "store_reset": s.store_reset.map(|r| serde_json::json!({
+            "from_revision": r.from, "to_revision": r.to, "at_ms": r.at_ms,
+        })),
     })
 }

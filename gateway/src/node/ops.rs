@@ -335,6 +335,7 @@ mod tests {
             last_sync_ms: 0,
             last_error: None,
             source_errors: Vec::new(),
+            store_reset: None,
         });
         let st = OpsState {
             metrics: Arc::new(Metrics::new("test")),

@@ -19,7 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::server::listeners::Listener;
 use tokio::sync::watch;
 
 use crate::http::tunnel::{tunnel, DEFAULT_TUNNEL_IDLE};
@@ -62,7 +64,7 @@ pub(crate) async fn run_listeners<T>(
                 continue;
             }
             let addr = SocketAddr::new(ip, route.port);
-            match TcpListener::bind(addr).await {
+            match crate::server::listeners::bind(addr).await {
                 Ok(l) => {
                     tracing::info!(route = %name, %addr, "tcp route listening");
                     let (stop, stop_rx) = watch::channel(false);
@@ -108,7 +110,7 @@ pub(crate) async fn run_listeners<T>(
 
 async fn accept_loop(
     route: String,
-    listener: TcpListener,
+    listener: Listener,
     snapshot: SharedSnapshot,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,

@@ -84,6 +84,11 @@ const COALESCE: usize = 64 * 1024;
 /// once per this much time instead of once per request.
 const TIMER_SLACK: Duration = Duration::from_secs(1);
 
+/// While stopping, how long an idle keep-alive connection is kept open
+/// for a request its client may have sent already: answered (with
+/// `connection: close`), where closing would fail it.
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
 /// The limits of client connections (every listener: the fast path,
 /// hyper's HTTP/1.1 and HTTP/2).
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +163,10 @@ where
     let shut = wait_true(shutdown);
     tokio::pin!(timer, shut);
     let mut stopping = false;
+    // Once stopping: how long an idle connection is kept for a request its
+    // client may already be sending (answered, then closed) rather than
+    // cut under it.
+    let mut drain_until = None;
     let mut served = false;
     loop {
         let mut head_deadline = None;
@@ -176,18 +185,22 @@ where
                     }
                     Parse::Partial => {}
                 }
-            } else if stopping {
-                return End::Closed;
             }
             let deadline = if rbuf.is_empty() {
-                Instant::now() + limits.keep_alive_idle
+                match drain_until {
+                    Some(t) => t,
+                    None => Instant::now() + limits.keep_alive_idle,
+                }
             } else {
                 *head_deadline.get_or_insert_with(|| Instant::now() + limits.request_read)
             };
             let shut = (!stopping).then_some(shut.as_mut());
             match fill(io, &mut rbuf, timer.as_mut(), deadline, shut).await {
                 Fill::Data => {}
-                Fill::Stopping => stopping = true,
+                Fill::Stopping => {
+                    stopping = true;
+                    drain_until = Some(Instant::now() + DRAIN_IDLE.min(limits.keep_alive_idle));
+                }
                 Fill::Closed | Fill::TimedOut => return End::Closed,
             }
         };
@@ -921,6 +934,11 @@ mod tests {
             .await
             .unwrap();
         read_responses(&mut idle, 1).await;
+        let mut late = connect(srv.port).await;
+        late.write_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        read_responses(&mut late, 1).await;
         let mut busy = connect(srv.port).await;
         busy.write_all(b"GET /wait HTTP/1.1\r\nHost: h\r\n\r\n")
             .await
@@ -928,9 +946,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), srv.gate.0.notified())
             .await
             .expect("the request reaches the handler");
-        // The idle connection closes once shutdown is signalled, while the
-        // request in flight is still held.
+        // The idle connection closes once shutdown is signalled (after
+        // `DRAIN_IDLE`), while the request in flight is still held; a
+        // request sent on an idle connection meanwhile is answered, then
+        // the connection closes.
         srv.stop.send(true).unwrap();
+        late.write_all(b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(&mut late).await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nGET /late "), "{out}");
         assert_eq!(read_to_close(&mut idle).await, "");
         srv.gate.1.notify_one();
         let out = read_to_close(&mut busy).await;

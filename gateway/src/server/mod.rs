@@ -10,8 +10,13 @@
 //! lingering close. Malformed HTTP/1 gets hyper's `400 Bad Request` and a
 //! closed connection. A TLS listener ([`crate::tls::TlsListener`]) runs
 //! each connection's handshake first, in the connection's task, bounded by
-//! its handshake timeout; a failed handshake costs only its connection. On shutdown the loop stops accepting, idle
-//! connections close, and in-flight requests are drained up to a deadline.
+//! its handshake timeout; a failed handshake costs only its connection.
+//! On shutdown the loop stops accepting; handshakes under way finish, a
+//! request in flight is answered with `connection: close` (HTTP/2: a
+//! GOAWAY), an idle HTTP/1.1 connection is kept briefly for a request its
+//! client may be sending, and everything ends by the grace deadline.
+//! [`listeners`] binds every listener, taking over the sockets of the
+//! process a hot upgrade replaces.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +35,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+
+use listeners::Listener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -39,6 +46,7 @@ pub(crate) mod client_io;
 #[cfg(test)]
 mod differential;
 pub(crate) mod h1;
+pub mod listeners;
 
 use client_io::{ClientIo, Stream};
 use h1::End;
@@ -68,7 +76,7 @@ impl Peer {
 /// then drains open connections for at most `grace`.
 pub async fn serve<H, F>(
     name: &'static str,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -100,6 +108,7 @@ pub async fn serve<H, F>(
         .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
         .keep_alive(true);
     let hyper = Arc::new((builder, h1_only));
+    let listener: Listener = listener.into();
     let connections = TaskTracker::new();
     loop {
         tokio::select! {
@@ -116,7 +125,7 @@ pub async fn serve<H, F>(
                             tls.handshakes.with_label_values(&[name, "plaintext"]).inc();
                             Stream::Plain(stream)
                         }
-                        Some(tls) => match handshake(name, &tls, stream, &mut shutdown).await {
+                        Some(tls) => match handshake(name, &tls, stream).await {
                             Some((s, info)) => {
                                 peer.tls = Some(Arc::new(info));
                                 Stream::Tls(Box::new(s))
@@ -181,15 +190,12 @@ async fn handshake(
     name: &str,
     tls: &TlsListener,
     stream: TcpStream,
-    shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsInfo)> {
     let remote = stream.peer_addr().ok();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
-    let accept = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream));
-    let result = tokio::select! {
-        r = accept => r,
-        _ = wait_true(shutdown) => return None,
-    };
+    // A handshake under way when the listener stops is finished (bounded
+    // by the handshake timeout), so its request is served, not cut.
+    let result = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)).await;
     let outcome = match result {
         Ok(Ok(s)) => {
             let info = TlsInfo::of(s.get_ref().1);
@@ -230,7 +236,7 @@ fn refused_certificate(e: &std::io::Error) -> bool {
 /// after the listener stops).
 pub async fn serve_tcp<H, F>(
     name: &str,
-    listener: TcpListener,
+    listener: Listener,
     conn: H,
     mut stop: watch::Receiver<bool>,
 ) where
