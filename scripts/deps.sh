@@ -10,6 +10,10 @@ case "${1:-}" in
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
     # The console's browser test (tests/tests/console.rs).
     [ -x /usr/bin/chromium ] || need+=(chromium)
+    # The packaging check (scripts/check-packaging.sh): systemd-analyze
+    # verifies the units; dpkg-shlibdeps gives the package its Depends.
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+    command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
     ;;
   --bench)
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -46,5 +50,18 @@ if [ "${1:-}" = "--test" ]; then
       "pyjwt[crypto]==2.10.1" 2>&1 \
       | grep -v "Running pip as the 'root' user" || true
     python3 -c "import grpc, websockets, opentelemetry.proto, playwright, jwt, cryptography"
+  fi
+  # The packaging check (scripts/check-packaging.sh): Kubernetes manifests
+  # validated offline against the schemas this package bundles.
+  if [ "$(kubernetes-validate --version 2>/dev/null)" != "1.37.0" ]; then
+    echo "installing: kubernetes-validate (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" 2>&1 \
+      | grep -v "Running pip as the 'root' user" || true
+    command -v kubernetes-validate >/dev/null 2>&1 || { echo "kubernetes-validate did not install (not on PATH)"; exit 1; }
+  fi
+  # ... and the Debian package, built with cargo-deb.
+  if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing: cargo-deb (crates.io)"
+    cargo install cargo-deb --locked --version 3.8.0 --quiet
   fi
 fi

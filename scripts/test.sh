@@ -10,6 +10,10 @@ scripts/check-layers.sh
 scripts/check-docs.sh
 cargo clippy --all-targets -- -D warnings
 cargo build --workspace --bins
+# The packaging (deploy/): manifests validated, the .deb built from these
+# debug binaries, installed, run (a hot upgrade through the units'
+# ExecReload included) and purged (as root; see the script).
+scripts/check-packaging.sh
 cargo test --workspace
 # The gateway fuzz targets' invariants on the seed corpus (stable toolchain).
 cargo test -p meshgate-gateway --features fuzzing --lib fuzzing
