@@ -81,6 +81,13 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
+  # Anything else running as the package's user was started by this
+  # check (a successor whose pid a failed upgrade never reported).
+  if getent passwd meshgate >/dev/null; then
+    pkill -TERM -u meshgate 2>/dev/null || true
+    for _ in $(seq 50); do pgrep -u meshgate >/dev/null || break; sleep 0.1; done
+    pkill -KILL -u meshgate 2>/dev/null || true
+  fi
   if dpkg-query -W -f='${Status}' meshgate 2>/dev/null | grep -q 'installed\|config-files\|half'; then
     echo "check-packaging: cleaning up: dpkg --purge meshgate" >&2
     dpkg --purge meshgate >"$work/purge-cleanup.log" 2>&1 \

@@ -327,6 +327,7 @@ impl Upgrades {
                 let shared = Arc::new(Shared {
                     path,
                     relaunch,
+                    successor: watch::channel(None).0,
                     taken,
                     busy: AtomicBool::new(false),
                     starting: AtomicBool::new(false),
@@ -357,6 +358,11 @@ fn bind_socket(path: &Path) -> io::Result<UnixListener> {
 struct Shared {
     path: PathBuf,
     relaunch: Relaunch,
+    /// The successor's pid once it serves.
+    successor: watch::Sender<Option<u32>>,
+    /// The same, for the process to stop on: set once the `upgrade`
+    /// command that started the successor (if any) has its answer, so the
+    /// process does not exit before giving it.
     taken: watch::Sender<Option<u32>>,
     /// A successor holds the sockets and has not yet said it serves.
     busy: AtomicBool,
@@ -388,7 +394,7 @@ async fn on_signal(shared: Arc<Shared>) {
         tracing::info!("SIGUSR2: upgrading");
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = start_successor(&shared).await {
+            if let Err(e) = start_successor(&shared, |_| async {}).await {
                 tracing::error!(error = %e, "upgrade failed; still serving");
             }
         });
@@ -406,14 +412,21 @@ async fn answer(mut chan: Channel, shared: Arc<Shared>) {
             hand_over(chan, pid, &shared).await;
         }
         Some("upgrade") => {
-            let reply = match start_successor(&shared).await {
-                Ok(pid) => json!({"ok": true, "pid": pid}),
-                Err(e) => {
-                    tracing::error!(error = %e, "upgrade failed; still serving");
-                    json!({"ok": false, "error": format!("{e:#}")})
+            // The answer is given before the process may stop.
+            let outcome = start_successor(&shared, |outcome: &anyhow::Result<u32>| {
+                let reply = match outcome {
+                    Ok(pid) => json!({"ok": true, "pid": pid}),
+                    Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+                };
+                let chan = &mut chan;
+                async move {
+                    let _ = chan.send(&reply).await;
                 }
-            };
-            let _ = chan.send(&reply).await;
+            })
+            .await;
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "upgrade failed; still serving");
+            }
         }
         _ => {
             let _ = chan
@@ -426,7 +439,7 @@ async fn answer(mut chan: Channel, shared: Arc<Shared>) {
 /// Hands this process's sockets to the successor `pid` on `chan`, and
 /// stops once it serves.
 async fn hand_over(mut chan: Channel, pid: u32, shared: &Shared) {
-    if shared.busy.swap(true, Ordering::AcqRel) || shared.taken.borrow().is_some() {
+    if shared.busy.swap(true, Ordering::AcqRel) || shared.successor.borrow().is_some() {
         let _ = chan
             .send(&json!({"error": "another process is taking over"}))
             .await;
@@ -446,6 +459,15 @@ async fn hand_over(mut chan: Channel, pid: u32, shared: &Shared) {
                         "upgrade: the successor serves; stopping accepting and draining"
                     );
                     notify(Notify::MainPid(pid));
+                    shared.successor.send_replace(Some(pid));
+                    // An `upgrade` command that started it gets its answer
+                    // first (bounded).
+                    for _ in 0..500 {
+                        if !shared.starting.load(Ordering::Acquire) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     shared.taken.send_replace(Some(pid));
                     // Held until this process exits: its end tells the
                     // successor so.
@@ -488,18 +510,25 @@ async fn give_sockets(chan: &mut Channel) -> io::Result<()> {
 }
 
 /// Starts this process's binary again to take over from it; its pid once
-/// it serves.
-async fn start_successor(shared: &Shared) -> anyhow::Result<u32> {
+/// it serves. `answer` is given the outcome before the process may stop.
+async fn start_successor<F, Fut>(shared: &Shared, answer: F) -> anyhow::Result<u32>
+where
+    F: FnOnce(&anyhow::Result<u32>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     if shared.starting.swap(true, Ordering::AcqRel) {
-        anyhow::bail!("an upgrade is already under way");
+        let busy = Err(anyhow::anyhow!("an upgrade is already under way"));
+        answer(&busy).await;
+        return busy;
     }
     let r = start_successor_once(shared).await;
+    answer(&r).await;
     shared.starting.store(false, Ordering::Release);
     r
 }
 
 async fn start_successor_once(shared: &Shared) -> anyhow::Result<u32> {
-    if shared.taken.borrow().is_some() {
+    if shared.successor.borrow().is_some() {
         anyhow::bail!("this process has already been taken over");
     }
     let mut child = tokio::process::Command::new(&shared.relaunch.exe)
@@ -511,7 +540,7 @@ async fn start_successor_once(shared: &Shared) -> anyhow::Result<u32> {
         .with_context(|| format!("cannot start {}", shared.relaunch.exe.display()))?;
     let pid = child.id().unwrap_or(0);
     tracing::info!(pid, exe = %shared.relaunch.exe.display(), "upgrade: started the new binary");
-    let mut taken = shared.taken.subscribe();
+    let mut taken = shared.successor.subscribe();
     let outcome = tokio::select! {
         r = taken.wait_for(|t| *t == Some(pid)) => match r {
             Ok(_) => Ok(pid),
