@@ -1200,8 +1200,84 @@ pub async fn validate(
 /// applied revision and freshness. A gateway is `in_sync` once it has
 /// applied the newest config object's version (deletions leave no
 /// version behind; `?wait` on a write tracks those exactly).
-pub async fn status(State(st): State<AdminState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(status_view(&st).await?))
+pub async fn status(
+    State(st): State<AdminState>,
+    Query(p): Query<NodeListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let mut v = status_view(&st).await?;
+    let all = match v["nodes"].take() {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    };
+    let count = |kind: Option<&str>, in_sync: Option<bool>| {
+        all.iter()
+            .filter(|n| kind.is_none_or(|k| n["kind"] == k))
+            .filter(|n| in_sync.is_none_or(|s| n["in_sync"] == s))
+            .count()
+    };
+    v["counts"] = json!({
+        "nodes": all.len(),
+        "gateways": count(Some("gateway"), None),
+        "sidecars": count(Some("sidecar"), None),
+        "in_sync": count(None, Some(true)),
+        "not_in_sync": count(None, Some(false)),
+    });
+    let (page, next) = node_page(all, &p)?;
+    v["nodes"] = Value::Array(page);
+    v["next"] = json!(next);
+    Ok(Json(v))
+}
+
+/// `GET /api/v1/nodes` and `/status` parameters: a page of the nodes,
+/// in id order.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeListParams {
+    /// Page size (1-1000, default 1000).
+    limit: Option<usize>,
+    /// Start after this node (`<kind>/<id>`: the `next` of the previous
+    /// page).
+    after: Option<String>,
+    /// Only nodes of this kind: `gateway` or `sidecar`.
+    kind: Option<String>,
+}
+
+/// The page of `nodes` (in the order of their keys, `<kind>/<id>`; each
+/// has its `id` and `kind`) that `p` asks for, and the cursor to continue
+/// after when more follow.
+fn node_page(
+    nodes: Vec<Value>,
+    p: &NodeListParams,
+) -> Result<(Vec<Value>, Option<String>), ApiError> {
+    let limit = page_limit(p.limit, MAX_PAGE)?;
+    if let Some(k) = p.kind.as_deref() {
+        if !matches!(k, "gateway" | "sidecar") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "kind: give gateway or sidecar",
+            )
+            .field("kind"));
+        }
+    }
+    // The cursor is `<kind>/<id>`: the order of the nodes' keys.
+    let cursor = |n: &Value| {
+        format!(
+            "{}/{}",
+            n["kind"].as_str().unwrap_or(""),
+            n["id"].as_str().unwrap_or("")
+        )
+    };
+    let mut rest = nodes
+        .into_iter()
+        .filter(|n| p.kind.as_deref().is_none_or(|k| n["kind"] == k))
+        .filter(|n| p.after.as_deref().is_none_or(|a| cursor(n).as_str() > a));
+    let page: Vec<Value> = rest.by_ref().take(limit).collect();
+    let next = match rest.next() {
+        Some(_) => page.last().map(cursor),
+        None => None,
+    };
+    Ok((page, next))
 }
 
 /// `GET /api/v1/metrics`: the cluster as `/status` sees it, in the
@@ -1329,12 +1405,7 @@ pub async fn topology(
 async fn status_view(st: &AdminState) -> Result<Value, ApiError> {
     let mut config_revision = 0;
     for kind in Kind::CONFIG {
-        let r = st.store.range(&kind.prefix()).await?;
-        config_revision = r
-            .entries
-            .iter()
-            .map(|e| e.mod_revision)
-            .fold(config_revision, i64::max);
+        config_revision = config_revision.max(st.store.newest_revision(&kind.prefix()).await?);
     }
     let r = st.store.range(&Kind::Nodes.prefix()).await?;
     let now = meshgate_config::model::now_ms();
@@ -1386,7 +1457,11 @@ fn referring_kinds(kind: Kind) -> &'static [Kind] {
     }
 }
 
-pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError> {
+/// `GET /api/v1/nodes`: a page of the live gateways and sidecars.
+pub async fn nodes(
+    State(st): State<AdminState>,
+    Query(p): Query<NodeListParams>,
+) -> Result<Json<Value>, ApiError> {
     let r = st.store.range(&Kind::Nodes.prefix()).await?;
     let items: Vec<Value> = r
         .entries
@@ -1399,7 +1474,10 @@ pub async fn nodes(State(st): State<AdminState>) -> Result<Json<Value>, ApiError
             Some(v)
         })
         .collect();
-    Ok(Json(json!({ "items": items, "revision": r.revision })))
+    let (items, next) = node_page(items, &p)?;
+    Ok(Json(
+        json!({ "items": items, "revision": r.revision, "next": next }),
+    ))
 }
 
 /// The object's spec from a request body: either the spec itself, or the

@@ -275,12 +275,33 @@ pub fn paths() -> Value {
                 "gateways": any_object()}}))],
         )}),
     );
+    let node_params = || {
+        vec![
+            query(
+                "limit",
+                json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+                "page size (default 1000)",
+            ),
+            query(
+                "after",
+                json!({"type": "string"}),
+                "start after this node, <kind>/<id> (the previous page's next)",
+            ),
+            query(
+                "kind",
+                json!({"type": "string", "enum": ["gateway", "sidecar"]}),
+                "only nodes of this kind",
+            ),
+        ]
+    };
+    let next = json!({"type": ["string", "null"], "description": "what to give as after for the next page; null on the last"});
     p.insert("/api/v1/status".into(), json!({"get": op(
-        "every live node's applied revision, lag, freshness and refused objects (a node that refuses an object is not in sync)",
-        vec![],
+        "every live node's applied revision, lag, freshness and refused objects (a node that refuses an object is not in sync), a page at a time; counts and in_sync cover every node",
+        node_params(),
         None,
-        &[(200, json!({"type": "object", "required": ["config_revision", "nodes", "in_sync"], "properties": {
+        &[(200, json!({"type": "object", "required": ["config_revision", "nodes", "in_sync", "counts", "next"], "properties": {
             "config_revision": revision, "in_sync": {"type": "boolean"}, "nodes": items,
+            "counts": any_object(), "next": next,
             "store": any_object()}}))],
     )}));
     let mut metrics = op(
@@ -304,11 +325,11 @@ pub fn paths() -> Value {
     p.insert(
         "/api/v1/nodes".into(),
         json!({"get": op(
-            "live gateways and sidecars",
-            vec![],
+            "live gateways and sidecars, a page at a time (gateways, then sidecars, each in id order)",
+            node_params(),
             None,
-            &[(200, json!({"type": "object", "required": ["items", "revision"], "properties": {
-                "items": items, "revision": revision}}))],
+            &[(200, json!({"type": "object", "required": ["items", "revision", "next"], "properties": {
+                "items": items, "revision": revision, "next": next}}))],
         )}),
     );
     p.insert("/api/v1/history".into(), json!({"get": op(

@@ -978,3 +978,79 @@ async fn the_change_log_is_bounded() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_and_status_come_a_page_at_a_time_with_counts_over_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path()).await;
+    let (_admin_proc, base, token) = start_admin(dir.path(), &etcd.endpoint());
+    let admin = Admin { base, token };
+    admin.wait_up().await;
+    // 3 gateways and 22 sidecars, registered as the processes do.
+    let mut c = etcd.client().await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let (kind, id) = match i < 3 {
+            true => ("gateway", format!("gw-{i:02}")),
+            false => ("sidecar", format!("sc-{i:02}")),
+        };
+        let node =
+            json!({"kind": kind, "version": "test", "applied_revision": 0, "updated_at_ms": 0});
+        c.put(
+            format!("/meshgate/v1/nodes/{kind}/{id}"),
+            node.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    // Every node once, gateways then sidecars, each in id order, 10 at a
+    // time.
+    for path in ["nodes", "status"] {
+        let field = if path == "nodes" { "items" } else { "nodes" };
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let q = match &after {
+                Some(a) => format!("{path}?limit=10&after={a}"),
+                None => format!("{path}?limit=10"),
+            };
+            let r = admin.get(&q).await;
+            assert_eq!(r.status, 200, "{r:?}");
+            let v = r.json();
+            let page: Vec<String> = v[field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["id"].as_str().unwrap().to_string())
+                .collect();
+            assert!(page.len() <= 10);
+            seen.extend(page);
+            if path == "status" {
+                assert_eq!(v["counts"]["nodes"], 25, "{v}");
+                assert_eq!(v["counts"]["gateways"], 3);
+                assert_eq!(v["counts"]["sidecars"], 22);
+            }
+            match v["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids, "{path}");
+    }
+    // A kind alone.
+    let v = admin.get("nodes?kind=gateway").await.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 3);
+    assert_eq!(v["next"], serde_json::Value::Null);
+    // Bad paging is refused with the field.
+    for (q, field) in [
+        ("status?kind=router", "kind"),
+        ("nodes?limit=0", "limit"),
+        ("nodes?limit=1001", "limit"),
+    ] {
+        let r = admin.get(q).await;
+        assert_eq!(r.status, 400, "{q}: {r:?}");
+        assert_eq!(r.json()["field"], field, "{q}");
+    }
+}

@@ -396,6 +396,24 @@ impl Api {
         }
     }
 
+    /// `/status` with every node, page by page (the counts and `in_sync`
+    /// of every page cover them all).
+    async fn status(&self) -> Result<Value, Failure> {
+        let mut v = self.call(Method::GET, "status?limit=1000", None).await?;
+        let mut next = v["next"].as_str().map(str::to_string);
+        while let Some(after) = next {
+            let q = format!("status?limit=1000&after={after}");
+            let page = self.call(Method::GET, &q, None).await?;
+            let more = page["nodes"].as_array().cloned().unwrap_or_default();
+            if let Some(nodes) = v["nodes"].as_array_mut() {
+                nodes.extend(more);
+            }
+            next = page["next"].as_str().map(str::to_string);
+        }
+        v["next"] = Value::Null;
+        Ok(v)
+    }
+
     /// Calls `/api/v1/<path>`; an error status becomes a [`Failure`] with
     /// the API's message and field paths.
     async fn call(
@@ -713,7 +731,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 .transpose()?
                 .map(|d| Instant::now() + d);
             let v = loop {
-                let v = api.call(Method::GET, "status", None).await?;
+                let v = api.status().await?;
                 let gateways_in_sync = v["nodes"]
                     .as_array()
                     .into_iter()
@@ -1552,7 +1570,7 @@ async fn check(api: &Api, identity_margin: &str, cert_margin: &str) -> Result<()
     let (id_margin, cert_margin) = (margin(identity_margin)?, margin(cert_margin)?);
     let mut lines: Vec<(bool, String)> = Vec::new();
     // The admin API, and etcd behind it (`/status` reads the store).
-    let status = match api.call(Method::GET, "status", None).await {
+    let status = match api.status().await {
         Ok(v) => {
             lines.push((true, format!("admin API {} answers", api.conn.server)));
             lines.push((

@@ -282,6 +282,25 @@ impl ConfigStore for EtcdStore {
         Ok(resp.header().map(|h| h.revision()))
     }
 
+    async fn newest_revision(&self, prefix: &str) -> Result<i64, StoreError> {
+        use etcd_client::{SortOrder, SortTarget};
+        let key = self.abs(prefix);
+        let resp = self
+            .call("newest revision", |c| {
+                let key = key.clone();
+                async move {
+                    let opts = GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Mod, SortOrder::Descend)
+                        .with_limit(1)
+                        .with_keys_only();
+                    c.kv_client().get(key, Some(opts)).await
+                }
+            })
+            .await?;
+        Ok(resp.kvs().first().map_or(0, |kv| kv.mod_revision()))
+    }
+
     async fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
         let key = self.abs(&key.to_string());
         let resp = self

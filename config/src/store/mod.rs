@@ -156,6 +156,13 @@ pub trait ConfigStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The newest `mod_revision` among the objects under `prefix` (0 when
+    /// there are none), without reading them all where the store can.
+    async fn newest_revision(&self, prefix: &str) -> Result<i64, StoreError> {
+        let r = self.range(prefix).await?;
+        Ok(r.entries.iter().map(|e| e.mod_revision).max().unwrap_or(0))
+    }
+
     /// What the store refused of its own source, while the previous config
     /// stays in force: the standalone file that does not parse, an object
     /// name in it that is not valid. Empty for etcd (whose objects are
