@@ -47,7 +47,7 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.environ.get("MESHGATE_BENCH_BIN", os.path.join(ROOT, "target", "release"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BEGIN = "<!-- results:begin (written by loadtest/bench.py; edits here are overwritten) -->"
 END = "<!-- results:end -->"
@@ -682,6 +682,72 @@ backend be
                       "/readyz fresh (sidecar) or ready (gateway), RSS 1 s later")
         self.results["sidecar_scale"] = out
 
+    def scale(self):
+        """The control plane at 10,000 sidecars, 10,000 services and 50,000
+        routes (issue 19): etcd, `etcd grpc-proxy` (etcd's own watch-
+        coalescing proxy) in front of it for the sidecars, the admin API,
+        two gateways holding the whole config, and meshgate-scalebench
+        running the simulated sidecars (the real sync and registration code
+        on a connection each, no data plane). Records the fan-out of one
+        write to every sidecar, the admin's /status, /nodes and ?wait with
+        every node registered, and etcd's and the proxy's CPU and memory."""
+        import resource
+        # As many descriptors as this machine allows (a connection per
+        # simulated sidecar, at the harness and at the proxy).
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nofile = (hard, hard)
+
+        def raise_nofile():
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        # Processes here need more descriptors than the default 1024.
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        proxy_port = free_port()
+        proxy = self.procs.start("grpc-proxy", [
+            "etcd", "grpc-proxy", "start", f"--endpoints={self.etcd_url.removeprefix('http://')}",
+            f"--listen-addr=127.0.0.1:{proxy_port}"])
+        wait_until("grpc-proxy", lambda: http_ok(f"http://127.0.0.1:{proxy_port}/health"))
+        gws = [self.start_cluster_gateway(f"scale-gw-{i}", [], roles=("central",)) for i in range(2)]
+        pids = {"etcd": self.etcd.pid, "grpc_proxy": proxy.pid}
+        for g in gws:
+            pids[g["id"]] = g["proc"].pid
+        cpu0 = {k: cpu_seconds([v]) for k, v in pids.items()}
+        t0 = time.time()
+        args = [os.path.join(BIN, "meshgate-scalebench"),
+                "--sidecar-etcd", f"http://127.0.0.1:{proxy_port}", "--etcd", self.etcd_url,
+                "--admin", self.admin, "--token", self.token,
+                "--sidecars", str(self.args.scale_sidecars), "--services", str(self.args.scale_sidecars),
+                "--routes", str(self.args.routes), "--steady-s", "30"]
+        logf = open(os.path.join(self.workdir, "scalebench.log"), "ab")
+        bench = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=logf, text=True,
+                                 cwd=self.workdir, preexec_fn=raise_nofile)
+        out = {"samples": []}
+        for line in bench.stdout:
+            msg = json.loads(line)
+            if msg.get("phase") == "steady":
+                # Steady state: every sidecar synced and registered; CPU over
+                # the next 20 s (lease keep-alives, watch progress).
+                c1 = {k: cpu_seconds([v]) for k, v in pids.items()}
+                time.sleep(20)
+                c2 = {k: cpu_seconds([v]) for k, v in pids.items()}
+                out["steady_cpu_pct"] = {k: round((c2[k] - c1[k]) / 20 * 100, 1) for k in pids}
+                out["steady_rss_kb"] = {k: mem_kb(v, "VmRSS") for k, v in pids.items()}
+                out["startup_cpu_s"] = {k: round(c1[k] - cpu0[k], 1) for k in pids}
+            elif msg.get("phase") == "result":
+                out["result"] = msg
+        bench.wait()
+        out["wall_s"] = round(time.time() - t0, 1)
+        out["peak_rss_kb"] = {k: mem_kb(v, "VmHWM") for k, v in pids.items()}
+        try:
+            out["etcd_db_bytes"] = os.path.getsize(os.path.join(self.workdir, "etcd", "member", "snap", "db"))
+        except OSError:
+            pass
+        self.note_cmd(f"scale: python3 loadtest/bench.py --only scale --scale-sidecars {self.args.scale_sidecars} "
+                      f"--routes {self.args.routes}")
+        self.results["scale"] = out
+        for g in gws:
+            self.procs.stop(g["proc"])
+        self.procs.stop(proxy)
+
     def failover(self):
         """Constant load through a sidecar while a group gateway is SIGKILLed,
         then while etcd is stopped: the errors and the latency spike."""
@@ -1270,6 +1336,8 @@ def main():
     ap.add_argument("--routes", type=int, default=50_000, help="routes for the route-table scale test")
     ap.add_argument("--scale-services", type=lambda v: [int(x) for x in v.split(",")],
                     default=[10, 1000, 10000], help="mesh sizes (services in etcd) for the sidecar scale test")
+    ap.add_argument("--scale-sidecars", type=int, default=10_000,
+                    help="simulated sidecars (and services) in the control-plane scale scenario")
     ap.add_argument("--failover-rate", type=int, default=1000, help="req/s through the sidecar in the fail-over run")
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
