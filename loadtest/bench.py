@@ -716,11 +716,15 @@ backend be
                 "--sidecar-etcd", f"http://127.0.0.1:{proxy_port}", "--etcd", self.etcd_url,
                 "--admin", self.admin, "--token", self.token,
                 "--sidecars", str(self.args.scale_sidecars), "--services", str(self.args.scale_sidecars),
-                "--routes", str(self.args.routes), "--steady-s", "30"]
+                "--routes", str(self.args.routes), "--steady-s", "30",
+                "--lease-ttl-s", str(self.args.scale_lease_ttl)]
         logf = open(os.path.join(self.workdir, "scalebench.log"), "ab")
         bench = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=logf, text=True,
                                  cwd=self.workdir, preexec_fn=raise_nofile)
-        out = {"samples": []}
+        # The harness itself (the simulated sidecars) shares the machine.
+        pids["harness"] = bench.pid
+        cpu0["harness"] = 0.0
+        out = {"sidecars": self.args.scale_sidecars}
         for line in bench.stdout:
             msg = json.loads(line)
             if msg.get("phase") == "steady":
@@ -734,19 +738,189 @@ backend be
                 out["startup_cpu_s"] = {k: round(c1[k] - cpu0[k], 1) for k in pids}
             elif msg.get("phase") == "result":
                 out["result"] = msg
+                out["peak_rss_kb"] = {k: mem_kb(v, "VmHWM") for k, v in pids.items()}
         bench.wait()
         out["wall_s"] = round(time.time() - t0, 1)
-        out["peak_rss_kb"] = {k: mem_kb(v, "VmHWM") for k, v in pids.items()}
         try:
             out["etcd_db_bytes"] = os.path.getsize(os.path.join(self.workdir, "etcd", "member", "snap", "db"))
         except OSError:
             pass
         self.note_cmd(f"scale: python3 loadtest/bench.py --only scale --scale-sidecars {self.args.scale_sidecars} "
-                      f"--routes {self.args.routes}")
+                      f"--routes {self.args.routes} --scale-lease-ttl {self.args.scale_lease_ttl}")
         self.results["scale"] = out
         for g in gws:
             self.procs.stop(g["proc"])
         self.procs.stop(proxy)
+
+    def soak(self):
+        """Hours of operation compressed to one (configurable): steady
+        traffic through a sidecar and its group gateways, a config change
+        every second, a group gateway SIGKILLed and restarted every five
+        minutes, etcd stopped for a minute every ten. Records the failures
+        in each phase (steady, gateway down, etcd down: 0 expected for these
+        GETs), the RSS and open descriptors of every process over time (and
+        the slope after warm-up), and etcd's database size."""
+        minutes = self.args.soak_minutes
+        duration = int(minutes * 60)
+        kill_every, etcd_every, etcd_down = (self.args.soak_kill_every, self.args.soak_etcd_every,
+                                             self.args.soak_etcd_down)
+        self.api("PUT", "/groups/soak", {"description": "soak"})
+        self.api("PUT", "/services/soak-backend", {
+            "group": "soak", "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
+        self.api("PUT", "/services/soak-client", {"group": "soak", "destinations": [{"service": "soak-backend"}]})
+        snap = lambda gid: {"snapshot_file": os.path.join(self.workdir, f"{gid}.snapshot.json")}
+        central = self.start_cluster_gateway("soak-central", [], roles=("central",), extra=snap("soak-central"))
+        gws = [self.start_cluster_gateway(g, ["soak"], extra=snap(g)) for g in ("soak-a", "soak-b")]
+        sc = self.start_sidecar(central["mesh"], sid="soak-sidecar", service="soak-client", group="soak")
+        url = f"http://127.0.0.1:{sc['app']}/"
+        wait_until("the soak sidecar reaches the backend", lambda: http(
+            "GET", url, headers={"x-mesh-service": "soak-backend"})[0] == 200)
+        procs = {"sidecar": sc["proc"], "central": central["proc"], "gw-a": gws[0]["proc"],
+                 "gw-b": gws[1]["proc"], "etcd": self.etcd}
+        admin_proc = next(p for n, p in self.procs.procs if n == "admin")
+        procs["admin"] = admin_proc
+        rate = self.args.soak_rate
+        cmd = [os.path.join(BIN, "meshgate-load"), "--json", "-c", "20", "-d", str(duration),
+               "-r", str(rate), "-H", "x-mesh-service: soak-backend", url]
+        self.note_cmd(f"soak: python3 loadtest/bench.py --only soak --soak-minutes {minutes} "
+                      f"(meshgate-load -c 20 -r {rate} through the sidecar; a route change every second; "
+                      f"SIGKILL + restart of a group gateway every {kill_every} s; etcd stopped {etcd_down} s "
+                      f"every {etcd_every} s)")
+        log(f"soak: {minutes} min at {rate} req/s")
+        t0 = time.time()
+        load = subprocess.Popen(self.pinned(cmd), stdout=subprocess.PIPE, text=True)
+        events, samples = [], []
+        changes = {"ok": 0, "refused": 0}
+        stop = threading.Event()
+
+        def change_config():
+            n = 0
+            while not stop.wait(1.0):
+                n += 1
+                try:
+                    st, _ = http("PUT", f"{self.admin}/api/v1/routes/soak-{n % 50}", {
+                        "scope": "mesh", "match": {"hosts": [f"soak-{n % 50}.internal"]},
+                        "backends": [{"service": "soak-backend"}], "labels": {"n": str(n)}},
+                        {"authorization": f"Bearer {self.token}"}, timeout=5.0)
+                except OSError:
+                    st = 0
+                # Refused while etcd is down (503): nothing was changed.
+                changes["ok" if st in (200, 201) else "refused"] += 1
+        changer = threading.Thread(target=change_config, daemon=True)
+        changer.start()
+
+        def sample(now):
+            row = {"t": round(now - t0, 1)}
+            for name, p in procs.items():
+                if p.poll() is None:
+                    try:
+                        row[name] = {"rss_kb": mem_kb(p.pid, "VmRSS"), "fds": len(os.listdir(f"/proc/{p.pid}/fd"))}
+                    except OSError:
+                        pass
+            try:
+                row["etcd_db_bytes"] = os.path.getsize(os.path.join(self.workdir, "etcd", "member", "snap", "db"))
+            except OSError:
+                pass
+            samples.append(row)
+        gw_cmds = {}
+        for name, g in (("gw-a", gws[0]), ("gw-b", gws[1])):
+            gw_cmds[name] = g["proc"].args
+        next_kill, next_etcd, victim = kill_every, etcd_every, 0
+        etcd_back_at, gw_back_at, down_gw = None, None, None
+        while True:
+            now = time.time()
+            el = now - t0
+            if el >= duration:
+                break
+            if not samples or now - t0 - samples[-1]["t"] >= 10:
+                sample(now)
+            if el >= next_kill and down_gw is None:
+                down_gw = ("gw-a", "gw-b")[victim % 2]
+                victim += 1
+                self.procs.stop(procs[down_gw], signal.SIGKILL)
+                events.append({"t": round(el, 1), "event": f"SIGKILL {down_gw}"})
+                gw_back_at = el + 10
+                next_kill += kill_every
+            if gw_back_at is not None and el >= gw_back_at:
+                logf = open(os.path.join(self.workdir, f"{down_gw}.log"), "ab")
+                p = subprocess.Popen(gw_cmds[down_gw], stdout=logf, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "MESHGATE_LOG": "warn"}, cwd=self.workdir,
+                                     start_new_session=True)
+                self.procs.procs.append((down_gw, p))
+                procs[down_gw] = p
+                events.append({"t": round(el, 1), "event": f"restarted {down_gw}"})
+                gw_back_at, down_gw = None, None
+            if el >= next_etcd and etcd_back_at is None:
+                self.procs.stop(procs["etcd"])
+                events.append({"t": round(el, 1), "event": "etcd stopped"})
+                etcd_back_at = el + etcd_down
+                next_etcd += etcd_every
+            if etcd_back_at is not None and el >= etcd_back_at:
+                procs["etcd"] = self.start_etcd_again()
+                events.append({"t": round(time.time() - t0, 1), "event": "etcd started"})
+                etcd_back_at = None
+            time.sleep(0.2)
+        sample(time.time())
+        stop.set()
+        out, _ = load.communicate(timeout=120)
+        r = json.loads(out)
+        # Each second of the load's timeline in the phase it fell in.
+        def phase(sec):
+            state = "steady"
+            down = {"gateway": False, "etcd": False}
+            for e in events:
+                if e["t"] > sec + 1:
+                    break
+                if e["event"].startswith("SIGKILL"):
+                    down["gateway"] = True
+                elif e["event"].startswith("restarted"):
+                    down["gateway"] = False
+                elif e["event"] == "etcd stopped":
+                    down["etcd"] = True
+                elif e["event"] == "etcd started":
+                    down["etcd"] = False
+            if down["etcd"]:
+                state = "etcd down"
+            elif down["gateway"]:
+                state = "gateway down"
+            return state
+        phases = {}
+        for secrow in r["timeline"]:
+            p = phases.setdefault(phase(secrow["second"]), {"seconds": 0, "ok": 0, "errors": 0, "p99_us": 0})
+            p["seconds"] += 1
+            p["ok"] += secrow["ok"]
+            p["errors"] += secrow["errors"]
+            p["p99_us"] = max(p["p99_us"], secrow["p99_us"])
+
+        def slope(name):
+            # KB per hour, least squares over the samples after warm-up.
+            pts = [(row["t"], row[name]["rss_kb"]) for row in samples
+                   if name in row and row["t"] >= self.args.soak_warmup]
+            if len(pts) < 3:
+                return None
+            n = len(pts)
+            mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+            den = sum((x - mx) ** 2 for x, _ in pts)
+            return round(sum((x - mx) * (y - my) for x, y in pts) / den * 3600, 1) if den else None
+        self.results["soak"] = {
+            "minutes": minutes, "rate": rate, "requests": r["requests"], "errors": r["errors"],
+            "phases": phases, "events": events, "config_changes": changes,
+            # Restarted processes (the killed gateways, etcd) start over:
+            # a slope across their lives would mean nothing.
+            "rss_slope_kb_per_h": {n: slope(n) for n in ("sidecar", "central", "admin")},
+            "first": samples[0] if samples else None, "last": samples[-1] if samples else None,
+            "samples": samples, "failures": r["failures"][:50]}
+
+    def start_etcd_again(self):
+        """etcd started again on its ports and data (after a stop)."""
+        name, p = next((n, p) for n, p in reversed(self.procs.procs) if n == "etcd")
+        logf = open(os.path.join(self.workdir, "etcd.log"), "ab")
+        q = subprocess.Popen(p.args, stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir,
+                             start_new_session=True)
+        self.procs.procs.append((name, q))
+        self.etcd = q
+        wait_until("etcd again", lambda: http_ok(f"{self.etcd_url}/health"))
+        return q
 
     def failover(self):
         """Constant load through a sidecar while a group gateway is SIGKILLed,
@@ -1338,6 +1512,14 @@ def main():
                     default=[10, 1000, 10000], help="mesh sizes (services in etcd) for the sidecar scale test")
     ap.add_argument("--scale-sidecars", type=int, default=10_000,
                     help="simulated sidecars (and services) in the control-plane scale scenario")
+    ap.add_argument("--scale-lease-ttl", type=int, default=10,
+                    help="scale: the simulated sidecars' node-record lease TTL, s (lease_ttl_s)")
+    ap.add_argument("--soak-minutes", type=float, default=60, help="soak: how long")
+    ap.add_argument("--soak-rate", type=int, default=200, help="soak: req/s through the sidecar")
+    ap.add_argument("--soak-kill-every", type=int, default=300, help="soak: s between group-gateway kills")
+    ap.add_argument("--soak-etcd-every", type=int, default=600, help="soak: s between etcd stops")
+    ap.add_argument("--soak-etcd-down", type=int, default=60, help="soak: s etcd stays down")
+    ap.add_argument("--soak-warmup", type=int, default=300, help="soak: s before RSS slopes are fitted")
     ap.add_argument("--failover-rate", type=int, default=1000, help="req/s through the sidecar in the fail-over run")
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)

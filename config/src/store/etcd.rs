@@ -269,12 +269,16 @@ impl ConfigStore for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Option<i64>, StoreError> {
+        // Any read answers with the store's revision: the cheapest is one
+        // key (the prefix itself, which holds nothing). A count over the
+        // prefix would visit every key, from every process at every
+        // reconnect.
         let key = self.abs("");
         let resp = self
             .call("revision", |c| {
                 let key = key.clone();
                 async move {
-                    let opts = GetOptions::new().with_prefix().with_count_only();
+                    let opts = GetOptions::new().with_count_only();
                     c.kv_client().get(key, Some(opts)).await
                 }
             })

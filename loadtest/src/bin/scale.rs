@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     writes: usize,
     /// Sidecars started per second.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     start_rate: usize,
     /// Node-record lease TTL, seconds.
     #[arg(long, default_value_t = 10)]
@@ -312,13 +312,24 @@ async fn main() -> anyhow::Result<()> {
     let mut writes = Vec::new();
     for k in 0..a.writes {
         let t0 = start.elapsed().as_nanos() as u64;
-        let (st, v) = admin(
-            &a,
-            "PUT",
-            "groups/shop",
-            Some(json!({"description": format!("write {k}")})),
-        )
-        .await?;
+        // A write etcd refused under load (503: nothing changed) is tried
+        // again, and counted.
+        let mut refused = 0;
+        let (st, v) = loop {
+            let (st, v) = admin(
+                &a,
+                "PUT",
+                "groups/shop",
+                Some(json!({"description": format!("write {k}")})),
+            )
+            .await?;
+            if st == 503 && refused < 20 {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            break (st, v);
+        };
         anyhow::ensure!(st < 300, "PUT groups/shop: {st} {v}");
         let rev = v["version"].as_i64().unwrap_or(i64::MAX);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -343,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
                 missed += 1;
             }
         }
-        writes.push(json!({"revision": rev, "fanout": quantiles(&h), "missed": missed}));
+        writes.push(json!({"revision": rev, "fanout": quantiles(&h), "missed": missed, "refused_first": refused}));
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
