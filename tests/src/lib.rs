@@ -183,16 +183,20 @@ impl Proc {
         }
     }
 
+    /// The exit status if the process has exited (then reaped).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(st)
+    }
+
     /// SIGTERM and wait (bounded; SIGKILL after `timeout`). Returns the exit status.
     pub fn term(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(c) = &mut self.child {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return Some(st);
-                }
+            if let Some(st) = self.exited() {
+                return Some(st);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -205,11 +209,8 @@ impl Proc {
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(c) = &mut self.child {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return Some(st);
-                }
+            if let Some(st) = self.exited() {
+                return Some(st);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -144,13 +144,12 @@ fn assert_nothing_failed(reports: &[(String, Report)]) -> u64 {
     reports.iter().map(|(_, r)| r.ok).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_upgrade_under_load_fails_no_request_and_refuses_no_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = Backend::start("b").await;
-    let socket = dir.path().join("gateway.sock");
-    let (mut old, ports, _) = start_standalone_with(
-        dir.path(),
+/// A standalone gateway routing everything to `b`, with an upgrade socket
+/// in `dir`; returned once the socket answers.
+async fn upgradable_gateway(dir: &Path, b: &Backend) -> (Proc, GatewayPorts, std::path::PathBuf) {
+    let socket = dir.join("gateway.sock");
+    let (gw, ports, _) = start_standalone_with(
+        dir,
         &orders_everywhere(b.addr),
         &["--upgrade-socket", socket.to_str().unwrap()],
     )
@@ -158,9 +157,17 @@ async fn a_gateway_upgrade_under_load_fails_no_request_and_refuses_no_connection
     let s = socket.clone();
     wait_until("the upgrade socket is up", Duration::from_secs(10), || {
         let s = s.clone();
-        async move { s.exists() }
+        async move { std::os::unix::net::UnixStream::connect(&s).is_ok() }
     })
     .await;
+    (gw, ports, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_upgrade_under_load_fails_no_request_and_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backend::start("b").await;
+    let (mut old, ports, socket) = upgradable_gateway(dir.path(), &b).await;
     let old_pid = old.pid();
     let work = loads(ports.ingress, "a.example", 60.0, Duration::from_secs(12));
     let mut successor = None;
@@ -207,19 +214,7 @@ async fn a_gateway_upgrade_under_load_fails_no_request_and_refuses_no_connection
 async fn a_failed_upgrade_leaves_the_running_gateway_serving() {
     let dir = tempfile::tempdir().unwrap();
     let b = Backend::start("b").await;
-    let socket = dir.path().join("gateway.sock");
-    let (mut gw, ports, _) = start_standalone_with(
-        dir.path(),
-        &orders_everywhere(b.addr),
-        &["--upgrade-socket", socket.to_str().unwrap()],
-    )
-    .await;
-    let s = socket.clone();
-    wait_until("the upgrade socket is up", Duration::from_secs(10), || {
-        let s = s.clone();
-        async move { s.exists() }
-    })
-    .await;
+    let (mut gw, ports, socket) = upgradable_gateway(dir.path(), &b).await;
     // A second gateway on the same ports without --takeover is refused
     // at start, naming the socket.
     let out = std::process::Command::new(bin("meshgate-gateway"))
@@ -308,7 +303,7 @@ async fn a_sidecar_upgrade_while_its_app_sends_traffic_fails_nothing() {
     let s = socket.clone();
     wait_until("the upgrade socket is up", Duration::from_secs(10), || {
         let s = s.clone();
-        async move { s.exists() }
+        async move { std::os::unix::net::UnixStream::connect(&s).is_ok() }
     })
     .await;
     // The sidecar's node record, under the old process's lease.
