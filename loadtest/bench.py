@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import ssl
@@ -165,6 +166,25 @@ def mem_kb(pid, field):
     return 0
 
 
+def read_response(s):
+    """Reads one HTTP/1.1 response with a content-length from socket s."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed before a response head")
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise OSError(f"unexpected answer: {head[:40]!r}")
+    length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed inside a response body")
+        body += chunk
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -198,6 +218,7 @@ class Bench:
 
     def start_backend(self):
         self.backend_port = free_port()
+        self.backend_status_port = free_port()
         conf = self.write("backend.conf", f"""
 worker_processes 1;
 daemon off;
@@ -207,6 +228,10 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{self.backend_status_port};
+    location / {{ stub_status; }}
+  }}
   server {{
     listen 127.0.0.1:{self.backend_port};
     location / {{ return 200 "hello from the backend\\n"; }}
@@ -218,6 +243,12 @@ http {{
                                         cpu=self.proxy_cpu)
         wait_until("nginx backend", lambda: http_ok(f"http://127.0.0.1:{self.backend_port}/"))
 
+    def backend_accepts(self):
+        """Connections the backend has accepted so far (its stub_status),
+        this read's own included."""
+        body = http("GET", f"http://127.0.0.1:{self.backend_status_port}/")[1].decode()
+        return int(re.search(r"server accepts handled requests\s+(\d+)", body).group(1))
+
     def nginx_proxy(self, name, listens, upstream_port, server_extra="", ready=None):
         """An nginx reverse proxy (one worker, pinned) to 127.0.0.1:upstream_port."""
         listen = "\n".join(f"    listen 127.0.0.1:{x};" for x in listens)
@@ -227,7 +258,8 @@ worker_processes 1;
 daemon off;
 pid {self.workdir}/{name}.pid;
 error_log {self.workdir}/{name}.err warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16384; }}
 http {{
   access_log off;
   keepalive_requests 10000000;
@@ -267,7 +299,7 @@ http {{
         conf = self.write("haproxy.cfg", f"""
 global
   nbthread 1
-  maxconn 4000
+  maxconn 10500
 defaults
   mode http
   timeout connect 2s
@@ -443,8 +475,18 @@ backend be
             order = list(targets)
             random.shuffle(order)
             for t in order:
-                out[t["name"]].append(run_one(t))
+                out[t["name"]].append(self.connects_counted(lambda: run_one(t)))
         return out
+
+    def connects_counted(self, fn):
+        """Runs fn() and adds the connections the backend accepted meanwhile
+        (`upstream_connects`: the proxy's new upstream connections; for the
+        `direct` target, the load generator's own)."""
+        before = self.backend_accepts()
+        r = fn()
+        # The second read's own connection is not the run's.
+        r["upstream_connects"] = self.backend_accepts() - before - 1
+        return r
 
     def url(self, t, port_key="port"):
         return f"{t.get('scheme', 'http')}://127.0.0.1:{t[port_key]}{t.get('path', '/')}"
@@ -468,13 +510,51 @@ backend be
             res = self.interleaved(targets, lambda t: self.load(self.url(t), 50, d, rate))
             self.results[f"latency_{pct}"] = {"rate": rate, "runs": res}
 
+    # (connections, streams per connection) of the HTTP/2 rows.
+    H2_SHAPES = ((10, 10), (50, 1), (50, 10))
+
     def http2(self, targets):
         d = self.args.duration
-        log("HTTP/2 (h2c prior knowledge), 10 connections x 10 streams")
-        self.note_cmd(f"taskset -c {self.load_cpu} h2load -t1 -c10 -m10 -D{d} http://127.0.0.1:<port>/")
-        res = self.interleaved(targets, lambda t: self.measured(
-            t, lambda: self.h2load(self.url(t, "h2_port"), 10, 10, d)))
-        self.results["http2"] = res
+        for c, m in self.H2_SHAPES:
+            log(f"HTTP/2 (h2c prior knowledge), {c} connections x {m} streams")
+            self.note_cmd(f"taskset -c {self.load_cpu} h2load -t1 -c{c} -m{m} -D{d} http://127.0.0.1:<port>/")
+            res = self.interleaved(targets, lambda t: self.measured(
+                t, lambda: self.h2load(self.url(t, "h2_port"), c, m, d)))
+            self.results[f"http2_{c}_{m}"] = res
+
+    def idle_memory(self, targets):
+        """Memory of idle keep-alive client connections: `--idle-conns`
+        connections to each target, each answered once and then left idle.
+        The proxy's RSS before, right after the last answer, and after
+        `--idle-wait` seconds idle."""
+        n, wait = self.args.idle_conns, self.args.idle_wait
+        log(f"idle connections: {n} per target, RSS after {wait} s idle")
+        self.note_cmd(f"bench.py idle_memory: {n} connections, one GET each, then idle {wait} s (RSS from /proc)")
+        out = {}
+        for t in targets:
+            rss = lambda: sum(mem_kb(p, "VmRSS") for p in t["pids"]())
+            path = t.get("path", "/")
+            req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+            before = rss()
+            socks = []
+            try:
+                for _ in range(n):
+                    s = socket.create_connection(("127.0.0.1", t["port"]), timeout=10)
+                    socks.append(s)
+                    s.sendall(req)
+                    read_response(s)
+                hot = rss()
+                time.sleep(wait)
+                idle = rss()
+                # Still open and served: each connection answers again.
+                for s in socks[:: max(1, n // 100)]:
+                    s.sendall(req)
+                    read_response(s)
+            finally:
+                for s in socks:
+                    s.close()
+            out[t["name"]] = {"conns": n, "wait_s": wait, "before_kb": before, "hot_kb": hot, "idle_kb": idle}
+        self.results["idle_memory"] = out
 
     def s_time(self, port, duration):
         """Full TLS handshakes, one after another (`openssl s_time -new`)."""
@@ -1201,13 +1281,14 @@ backend be
             nginx = self.start_nginx()
             haproxy = self.start_haproxy()
             if self.args.only:
-                return self.run_only()
+                return self.run_only(direct, nginx, haproxy)
             mg = self.start_meshgate()
             self.results["gateway_rss_idle"] = self.rss_sample(mg["proc"].pid)
             self.throughput([direct, nginx, haproxy, mg])
             self.latency([nginx, haproxy, mg])
             self.http2([nginx, haproxy, mg])
             self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
+            self.idle_memory([nginx, haproxy, mg])
             self.tls()
             self.cluster(direct, nginx)
             self.mtls()
@@ -1220,9 +1301,18 @@ backend be
             self.procs.stop_all()
         return self.results
 
-    def run_only(self):
+    def run_only(self, direct, nginx, haproxy):
         """A partial run for development (`--only`): etcd, admin and the
-        named scenarios; prints raw results."""
+        named scenarios; prints raw results. The single-proxy scenarios
+        (throughput, http2, idle_memory) run against nginx, HAProxy and a
+        standalone gateway."""
+        single = [s for s in self.args.only if s in ("throughput", "http2", "idle_memory")]
+        if single:
+            mg = self.start_meshgate()
+            for name in single:
+                getattr(self, name)(([direct] if name == "throughput" else []) + [nginx, haproxy, mg])
+            if len(single) == len(self.args.only):
+                return self.results
         self.start_etcd()
         self.start_admin()
         self.api("PUT", "/groups/bench", {"description": "benchmark group"})
@@ -1230,7 +1320,8 @@ backend be
         self.api("PUT", "/services/backend", {
             "group": "bench", "endpoints": [{"address": f"127.0.0.1:{self.backend_port}"}]})
         for name in self.args.only:
-            getattr(self, name)()
+            if name not in single:
+                getattr(self, name)()
         return self.results
 
     def machine(self):
@@ -1266,6 +1357,17 @@ def fmt(x, digits=0):
     return f"{x:,.{digits}f}"
 
 
+def conns(rs):
+    """New upstream connections over a row's runs, and per 10,000 requests."""
+    c = sum(r.get("upstream_connects", 0) for r in rs)
+    n = sum(r.get("requests", 0) for r in rs)
+    return f"{fmt(c)} ({c * 10000 / n:.1f})" if n else fmt(c)
+
+
+CONNS_NOTE = ("`upstream conns`: connections the backend accepted during the row's runs (from its "
+              "`stub_status`), and per 10,000 requests; for `direct`, the load generator's own.\n")
+
+
 def report(res, machine, args, commands):
     L = []
     L.append(f"Generated by `loadtest/run.sh --runs {args.runs} --duration {args.duration}` on {machine['date']} "
@@ -1278,6 +1380,7 @@ def report(res, machine, args, commands):
              f"Meshgate `--workers 1`) and the nginx backend pinned to CPU {args.proxy_cpu}; load generators "
              f"pinned to CPU {args.load_cpu}. Each run {args.duration} s, {args.runs} interleaved repetitions, "
              f"medians shown.\n")
+    L.append(CONNS_NOTE)
     L.append("### Commands\n")
     L.append("```")
     L.extend(commands)
@@ -1288,8 +1391,9 @@ def report(res, machine, args, commands):
         nginx_rps = median([r["rps"] for r in runs["nginx"]])
         nginx_cpu = median([r.get("cpu_us_per_req", 0) for r in runs["nginx"]])
         L.append(f"### {title}\n")
-        L.append("| target | req/s (median) | runs | vs nginx | CPU µs/req (proxy) | CPU vs nginx | errors |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| target | req/s (median) | runs | vs nginx | CPU µs/req (proxy) | CPU vs nginx | "
+                 "upstream conns (per 10k req) | errors |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for name, rs in runs.items():
             rps = median([r["rps"] for r in rs])
             cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
@@ -1297,7 +1401,7 @@ def report(res, machine, args, commands):
             cpu_s = "-" if name == "direct" else fmt(cpu, 1)
             cpu_ratio = "-" if name == "direct" else f"{cpu / nginx_cpu:.2f}×"
             L.append(f"| {name} | {fmt(rps)} | {' / '.join(fmt(r['rps']) for r in rs)} | "
-                     f"{rps / nginx_rps:.2f}× | {cpu_s} | {cpu_ratio} | {errs} |")
+                     f"{rps / nginx_rps:.2f}× | {cpu_s} | {cpu_ratio} | {conns(rs)} | {errs} |")
         L.append("")
 
     tp_table("throughput_10", "HTTP/1.1 keep-alive, max throughput, 10 connections (wrk)")
@@ -1306,8 +1410,8 @@ def report(res, machine, args, commands):
     L.append(f"### Latency at fixed rates (meshgate-load, open loop, 50 connections)\n")
     L.append(f"Rates are fractions of nginx's median maximum at 50 connections "
              f"({fmt(res['nginx_max_rps'])} req/s). Latency in µs from each request's intended send time.\n")
-    L.append("| load | target | p50 | p99 | p99.9 | p99 vs nginx | errors |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| load | target | p50 | p99 | p99.9 | p99 vs nginx | upstream conns (per 10k req) | errors |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for pct in (25, 50, 75):
         block = res[f"latency_{pct}"]
         n99 = median([r["latency_us"]["p99"] for r in block["runs"]["nginx"]])
@@ -1317,10 +1421,27 @@ def report(res, machine, args, commands):
             p999 = median([r["latency_us"]["p999"] for r in rs])
             errs = sum(sum(r["errors"].values()) for r in rs)
             L.append(f"| {pct}% ({fmt(block['rate'])}/s) | {name} | {fmt(p50)} | {fmt(p99)} | {fmt(p999)} | "
-                     f"{p99 / n99:.2f}× | {errs} |")
+                     f"{p99 / n99:.2f}× | {conns(rs)} | {errs} |")
     L.append("")
 
-    tp_table("http2", "HTTP/2 cleartext, 10 connections × 10 streams (h2load; upstream HTTP/1.1)")
+    for c, m in Bench.H2_SHAPES:
+        tp_table(f"http2_{c}_{m}", f"HTTP/2 cleartext, {c} connections × {m} streams (h2load; upstream HTTP/1.1)")
+
+    if "idle_memory" in res:
+        im = res["idle_memory"]
+        first = next(iter(im.values()))
+        L.append(f"### Idle keep-alive client connections: memory\n")
+        L.append(f"{fmt(first['conns'])} connections to each proxy, each answered once (HTTP/1.1 GET) and then "
+                 f"left open and idle; the proxy's RSS before they were opened, right after the last answer, and "
+                 f"after {first['wait_s']} s idle. Every hundredth connection is asked again afterwards "
+                 f"(all still open and served).\n")
+        L.append("| target | RSS before MB | right after MB | after idle MB | per 10,000 idle connections MB |")
+        L.append("|---|---|---|---|---|")
+        for name, r in im.items():
+            per = (r["idle_kb"] - r["before_kb"]) / 1024 * 10_000 / r["conns"]
+            L.append(f"| {name} | {fmt(r['before_kb'] / 1024, 1)} | {fmt(r['hot_kb'] / 1024, 1)} | "
+                     f"{fmt(r['idle_kb'] / 1024, 1)} | {fmt(per, 1)} |")
+        L.append("")
 
     if "tls" in res:
         tls = res["tls"]
@@ -1338,14 +1459,15 @@ def report(res, machine, args, commands):
                  f"(P-256 SPIFFE certificates). Open loop at {fmt(mt['rate'])} req/s, 50 connections; then "
                  f"closed loop. TLS handshakes on the gateway's mesh listener: {fmt(mt['handshakes'])} for "
                  f"{fmt(mt['requests'])} requests ({mt['handshakes_per_10k']:.2f} per 10,000).\n")
-        L.append("| hop | p50 µs | p99 µs | max req/s | CPU µs/req (sidecar + gateway) | sidecar RSS peak |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| hop | p50 µs | p99 µs | max req/s | CPU µs/req (sidecar + gateway) | sidecar RSS peak | "
+                 "upstream conns (per 10k req) |")
+        L.append("|---|---|---|---|---|---|---|")
         for name in ("plaintext", "mTLS"):
             fx, mx = mt["fixed"][name], mt["max"][name]
             L.append(f"| {name} | {fmt(median([r['latency_us']['p50'] for r in fx]))} | "
                      f"{fmt(median([r['latency_us']['p99'] for r in fx]))} | {fmt(median([r['rps'] for r in mx]))} | "
                      f"{fmt(median([r.get('cpu_us_per_req', 0) for r in mx]), 1)} | "
-                     f"{fmt(mt['sidecar_rss'][name]['hwm_kb'] / 1024, 1)} MB |")
+                     f"{fmt(mt['sidecar_rss'][name]['hwm_kb'] / 1024, 1)} MB | {conns(fx + mx)} |")
         L.append("")
 
     if "access_log" in res:
@@ -1355,11 +1477,11 @@ def report(res, machine, args, commands):
                  f"for errors only (no request fails, so this is the cost of recording each request without "
                  f"writing it). `log all` wrote {fmt(al['lines'])} lines for {fmt(al['requests'])} requests "
                  f"and dropped {fmt(al['dropped'])}.\n")
-        L.append("| log | req/s | CPU µs/req |")
-        L.append("|---|---|---|")
+        L.append("| log | req/s | CPU µs/req | upstream conns (per 10k req) |")
+        L.append("|---|---|---|---|")
         for name, rs in al["runs"].items():
             L.append(f"| {name} | {fmt(median([r['rps'] for r in rs]))} | "
-                     f"{fmt(median([r.get('cpu_us_per_req', 0) for r in rs]), 1)} |")
+                     f"{fmt(median([r.get('cpu_us_per_req', 0) for r in rs]), 1)} | {conns(rs)} |")
         L.append("")
 
     if "edge_policies" in res:
@@ -1371,12 +1493,12 @@ def report(res, machine, args, commands):
                  "HS256 and verified once (then a cache hit); the fault route draws 0% so it measures the "
                  "draw; the cache route is answered from the cache; the mirror route sends every request "
                  "twice (the copy to the same backend).\n")
-        L.append("| route | req/s | CPU µs/req | vs no policy |")
-        L.append("|---|---|---|---|")
+        L.append("| route | req/s | CPU µs/req | vs no policy | upstream conns (per 10k req) |")
+        L.append("|---|---|---|---|---|")
         for name, rs in ep["runs"].items():
             cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
             L.append(f"| {name} | {fmt(median([r['rps'] for r in rs]))} | {fmt(cpu, 1)} | "
-                     f"{'—' if name == 'no policy' else f'{cpu - base:+.1f} µs'} |")
+                     f"{'—' if name == 'no policy' else f'{cpu - base:+.1f} µs'} | {conns(rs)} |")
         L.append("")
         L.append("Memory of the gateway while a rate limit keyed by a header (`max_keys` 100,000, the "
                  "default) sees a distinct key on every request (as a million source addresses would):\n")
@@ -1393,8 +1515,8 @@ def report(res, machine, args, commands):
              f"share the proxy CPU, so this is about half of what a two-hop path on one core can carry), "
              f"50 connections. The sidecar and the egress gateway run one worker each; etcd and the admin API "
              f"run on the load CPU. `nginx two-hop` is nginx → nginx → backend, the like-for-like baseline.\n")
-    L.append("| path | p50 µs | p99 µs | p99.9 µs | added p50 | added p99 | errors |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| path | p50 µs | p99 µs | p99.9 µs | added p50 | added p99 | upstream conns (per 10k req) | errors |")
+    L.append("|---|---|---|---|---|---|---|---|")
     base50 = median([r["latency_us"]["p50"] for r in th["runs"]["direct"]])
     base99 = median([r["latency_us"]["p99"] for r in th["runs"]["direct"]])
     added = {}
@@ -1404,7 +1526,8 @@ def report(res, machine, args, commands):
         p999 = median([r["latency_us"]["p999"] for r in rs])
         errs = sum(sum(r["errors"].values()) for r in rs)
         added[name] = (p50 - base50, p99 - base99)
-        L.append(f"| {name} | {fmt(p50)} | {fmt(p99)} | {fmt(p999)} | {fmt(p50 - base50)} | {fmt(p99 - base99)} | {errs} |")
+        L.append(f"| {name} | {fmt(p50)} | {fmt(p99)} | {fmt(p999)} | {fmt(p50 - base50)} | {fmt(p99 - base99)} | "
+                 f"{conns(rs)} | {errs} |")
     if added.get("nginx", (0, 0))[0] > 0:
         L.append(f"\nAdded p50 latency of the two-hop mesh path vs one nginx hop: "
                  f"**{added['mesh two-hop'][0] / added['nginx'][0]:.2f}×** (target ≤ 2×); added p99: "
@@ -1412,11 +1535,11 @@ def report(res, machine, args, commands):
     if added.get("nginx two-hop", (0, 0))[0] > 0:
         L.append(f"Against two nginx hops: {added['mesh two-hop'][0] / added['nginx two-hop'][0]:.2f}× the added p50.")
     L.append("\nTwo-hop max throughput, 50 connections, closed loop (meshgate-load):\n")
-    L.append("| path | req/s | CPU µs/req (both proxies) |")
-    L.append("|---|---|---|")
+    L.append("| path | req/s | CPU µs/req (both proxies) | upstream conns (per 10k req) |")
+    L.append("|---|---|---|---|")
     for name, m in res["two_hop_max"].items():
         L.append(f"| {name} | {fmt(median([r['rps'] for r in m]))} | "
-                 f"{fmt(median([r.get('cpu_us_per_req', 0) for r in m]), 1)} |")
+                 f"{fmt(median([r.get('cpu_us_per_req', 0) for r in m]), 1)} | {conns(m)} |")
     L.append("")
 
     L.append("### Memory (RSS)\n")
@@ -1521,6 +1644,8 @@ def main():
     ap.add_argument("--soak-etcd-down", type=int, default=60, help="soak: s etcd stays down")
     ap.add_argument("--soak-warmup", type=int, default=300, help="soak: s before RSS slopes are fitted")
     ap.add_argument("--failover-rate", type=int, default=1000, help="req/s through the sidecar in the fail-over run")
+    ap.add_argument("--idle-conns", type=int, default=10_000, help="idle_memory: client connections per target")
+    ap.add_argument("--idle-wait", type=int, default=5, help="idle_memory: s idle before RSS is read")
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
@@ -1530,7 +1655,12 @@ def main():
     ap.add_argument("--only", type=lambda v: v.split(","),
                     help="development: run only these cluster scenarios (e.g. sidecar_scale,failover); prints raw JSON")
     args = ap.parse_args()
+    # Room for the idle-connection row's client sockets (the proxies
+    # inherit it too).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.quick:
+        args.idle_conns = 1000
         args.runs, args.duration, args.changes, args.routes = 1, 2, 20, 5000
         args.scale_services = [10, 500]
     for tool in ("nginx", "haproxy", "wrk", "h2load", "etcd", "taskset"):

@@ -127,6 +127,7 @@ async fn run(cfg: SidecarConfig, takeover: Option<PathBuf>) -> anyhow::Result<()
     let metrics = Arc::new(Metrics::new("sidecar"));
 
     let registry = Arc::new(EndpointRegistry::default());
+    let _sweeper = registry.spawn_sweeper();
     // Mutual TLS to the gateway tiers (and on the inbound listener), with
     // the sidecar's identity, renewed as its files change. The inbound
     // starts strict; the service's `mtls` sets it once known.

@@ -1,7 +1,7 @@
 //! HTTP/1.1 upstream connections, pooled per endpoint.
 //!
 //! Each endpoint keeps its idle keep-alive connections ([`Conn`]) in a
-//! small LIFO stack. The request path checks one out, or connects, and
+//! LIFO stack. The request path checks one out, or connects, and
 //! runs the exchange on it from its own task ([`super::h1`]); the response
 //! body hands the connection back when it has been read to the end, so a
 //! connection is never shared by two exchanges. Compared with hyper-util's
@@ -12,7 +12,20 @@
 //! the request's own body (the client's), and a failure after the request
 //! was (or may have been) written. A pooled connection the peer has
 //! closed is noticed at checkout and skipped.
+//!
+//! **How many stay open.** Every connection that comes back whole is kept:
+//! no count cap, so a load that needs N connections at once keeps N and
+//! opens none after warming up (a fixed cap closed and re-opened
+//! connections at the rate of the load once concurrency passed it). What
+//! bounds them is the service's `max_connections` (idle ones hold their
+//! slot) and time: the stack is used from the top, so connections beyond
+//! what the load needs sink to the bottom and are closed once idle for
+//! [`IDLE_TIMEOUT`] (as the pool is used, and by
+//! [`crate::upstream::endpoint::EndpointRegistry::sweep_idle`] when it is
+//! not). This is HAProxy's policy (`http-reuse`, idle connections purged
+//! by age), with most-recently-used first, as Envoy and HAProxy pick.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -27,15 +40,17 @@ use crate::http::h1::{Conn, DeadlinePassed, Exchange, RequestBodyFailed};
 use crate::http::limit::{self, ConnLimit, ConnSlot, Overflow};
 use crate::tls::ClientTls;
 
-/// Idle connections kept per endpoint.
-const MAX_IDLE: usize = 256;
 /// Idle connections older than this are closed instead of reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shorter than the keep-alive timeouts of common servers (nginx 75 s,
+/// Node 5 s excepted: its close is noticed at checkout), so the pool
+/// usually closes first.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The idle HTTP/1.1 connections of one endpoint.
 #[derive(Default)]
 pub struct H1Pool {
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    /// Most recently used at the back, each with when it came back.
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
     /// Woken when a connection comes back idle (for requests waiting under
     /// a connection limit).
     released: tokio::sync::Notify,
@@ -83,7 +98,7 @@ impl H1Pool {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Conn, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -91,8 +106,13 @@ impl H1Pool {
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
         let now = Instant::now();
-        while let Some((mut conn, since)) = idle.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && conn.usable_when_idle() {
+        while let Some((mut conn, since)) = idle.pop_back() {
+            if now.duration_since(since) >= IDLE_TIMEOUT {
+                // Everything below is older still.
+                idle.clear();
+                return None;
+            }
+            if conn.usable_when_idle() {
                 return Some(conn);
             }
         }
@@ -101,19 +121,28 @@ impl H1Pool {
 
     /// Returns a connection whose last response was read to the end.
     fn put(&self, conn: Conn) {
-        let mut idle = self.lock();
         let now = Instant::now();
-        // Drop the oldest when full or expired (the bottom of the stack).
-        if idle.len() >= MAX_IDLE
-            || idle
-                .first()
-                .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
-        {
-            idle.remove(0);
-        }
-        idle.push((conn, now));
+        let mut idle = self.lock();
+        let expired = expire(&mut idle, now);
+        idle.push_back((conn, now));
         drop(idle);
+        drop(expired);
         self.released.notify_waiters();
+    }
+
+    /// Closes the connections idle for [`IDLE_TIMEOUT`] or longer; returns
+    /// how many.
+    pub(crate) fn close_expired(&self) -> usize {
+        self.close_expired_at(Instant::now())
+    }
+
+    fn close_expired_at(&self, now: Instant) -> usize {
+        let expired = {
+            let mut idle = self.lock();
+            expire(&mut idle, now)
+        };
+        // Closed (dropped) outside the lock.
+        expired.len()
     }
 
     /// A new connection slot under `limit`: at once when one is free, else
@@ -220,6 +249,16 @@ impl H1Pool {
             .await
             .map_err(Opened::Failed)
     }
+}
+
+/// Takes the connections idle since before `now` − [`IDLE_TIMEOUT`] off
+/// the bottom of the stack (the oldest are there).
+fn expire(idle: &mut VecDeque<(Conn, Instant)>, now: Instant) -> Vec<(Conn, Instant)> {
+    let n = idle
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+        .count();
+    idle.drain(..n).collect()
 }
 
 /// Why no connection was opened.
@@ -351,6 +390,141 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    /// A backend that answers once `together` requests are in at once
+    /// (so that many connections are open together), counting the
+    /// connections it accepted and those still open.
+    struct Gathering {
+        addr: String,
+        accepted: Arc<AtomicUsize>,
+        open: Arc<AtomicUsize>,
+    }
+
+    async fn gathering(together: usize) -> Gathering {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(tokio::sync::Barrier::new(together));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let (barrier, o) = (barrier.clone(), o.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let barrier = barrier.clone();
+                        async move {
+                            barrier.wait().await;
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"hi"),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Gathering {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    /// `n` requests at once through `pool`, each answered in full.
+    async fn at_once(pool: &Arc<H1Pool>, addr: &str, n: usize) {
+        let all = (0..n).map(|_| exchange(pool, addr));
+        for body in futures::future::join_all(all).await {
+            assert_eq!(body, "hi");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keeps_as_many_connections_as_the_load_needs_at_once() {
+        // More than any fixed idle cap the pool had (256): each round
+        // needs 300 connections open together.
+        const AT_ONCE: usize = 300;
+        let b = gathering(AT_ONCE).await;
+        let pool = Arc::new(H1Pool::default());
+        at_once(&pool, &b.addr, AT_ONCE).await;
+        assert_eq!(b.accepted.load(Ordering::SeqCst), AT_ONCE);
+        assert_eq!(pool.idle_count(), AT_ONCE);
+        for _ in 0..3 {
+            at_once(&pool, &b.addr, AT_ONCE).await;
+        }
+        assert_eq!(
+            b.accepted.load(Ordering::SeqCst),
+            AT_ONCE,
+            "connections were opened again after warming up"
+        );
+        assert_eq!(pool.idle_count(), AT_ONCE);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_past_their_time_are_closed() {
+        let b = gathering(20).await;
+        let pool = Arc::new(H1Pool::default());
+        at_once(&pool, &b.addr, 20).await;
+        assert_eq!(pool.idle_count(), 20);
+        // Not yet.
+        assert_eq!(pool.close_expired(), 0);
+        assert_eq!(pool.close_expired_at(Instant::now() + IDLE_TIMEOUT), 20);
+        assert_eq!(pool.idle_count(), 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.open.load(Ordering::SeqCst) != 0 {
+            assert!(Instant::now() < deadline, "the backend still has them open");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_limit_holds_under_concurrency() {
+        let b = gathering(1).await;
+        let pool = Arc::new(H1Pool::default());
+        let counter = Arc::new(limit::ConnCounter::default());
+        let lim = ConnLimit {
+            counter: &counter,
+            max_connections: 8,
+            max_pending: 1000,
+        };
+        let sends = (0..200).map(|_| {
+            let pool = pool.clone();
+            let addr = b.addr.clone();
+            async move {
+                let resp = pool
+                    .send(
+                        &addr,
+                        None,
+                        Duration::from_secs(5),
+                        Some(lim),
+                        get(&addr),
+                        far(),
+                    )
+                    .await
+                    .unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            }
+        });
+        for body in futures::future::join_all(sends).await {
+            assert_eq!(body, "hi");
+        }
+        assert!(
+            b.accepted.load(Ordering::SeqCst) <= 8,
+            "{} connections opened under a limit of 8",
+            b.accepted.load(Ordering::SeqCst)
+        );
+        assert!(counter.open.load(Ordering::SeqCst) <= 8);
+        assert_eq!(
+            pool.idle_count() as u32,
+            counter.open.load(Ordering::SeqCst)
+        );
     }
 
     #[tokio::test]

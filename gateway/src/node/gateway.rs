@@ -324,6 +324,8 @@ pub async fn run(
         peers.clone(),
         metrics.cluster_gateways.clone(),
     );
+    let endpoints = Arc::new(EndpointRegistry::default());
+    let _sweeper = endpoints.spawn_sweeper();
     let compiler = Compiler::new(
         shared.clone(),
         Defaults {
@@ -332,7 +334,7 @@ pub async fn run(
             zone: cfg.zone.clone(),
         },
         Arc::new(Clients::default()),
-        Arc::new(EndpointRegistry::default()),
+        endpoints,
         Arc::new(HealthChecks::new(Some(metrics.health_checks.clone()))),
         Box::new(move |snap: &Snapshot| {
             m.config_revision.set(snap.revision);

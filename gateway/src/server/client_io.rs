@@ -137,6 +137,30 @@ impl ClientIo {
         }
     }
 
+    /// Whether [`ClientIo::poll_readable`] can tell when the client sends:
+    /// on a plaintext socket. Not over TLS, whose session may hold
+    /// decrypted bytes not yet read (and keeps its own buffers).
+    pub(crate) fn can_wait_unbuffered(&self) -> bool {
+        matches!(self.stream, Some(Stream::Plain(_)))
+    }
+
+    /// Counts, for tests, a release of the connection's buffers.
+    pub(crate) fn note_released(&self) {
+        #[cfg(test)]
+        if let Some(s) = &self.stream {
+            tests_only::note_released(s.tcp());
+        }
+    }
+
+    /// Ready once the client has sent something or closed, without
+    /// reading; `None` where [`ClientIo::can_wait_unbuffered`] is false.
+    pub(crate) fn poll_readable(&self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
+        match self.stream.as_ref()? {
+            Stream::Plain(s) => Some(s.poll_read_ready(cx)),
+            Stream::Tls(_) => None,
+        }
+    }
+
     fn stream(&mut self) -> Pin<&mut Stream> {
         Pin::new(self.stream.as_mut().expect("open until dropped"))
     }
@@ -262,6 +286,16 @@ pub(crate) fn open(port: u16) -> usize {
         .unwrap_or(0)
 }
 
+/// Times a connection to `port` released its buffers while idle.
+#[cfg(test)]
+pub(crate) fn released(port: u16) -> usize {
+    let released = tests_only::RELEASED.lock().unwrap();
+    released
+        .as_ref()
+        .and_then(|m| m.get(&port).copied())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests_only {
     use std::collections::HashMap;
@@ -270,6 +304,17 @@ mod tests_only {
     use tokio::net::TcpStream;
 
     pub(super) static OPEN: Mutex<Option<HashMap<u16, usize>>> = Mutex::new(None);
+    pub(super) static RELEASED: Mutex<Option<HashMap<u16, usize>>> = Mutex::new(None);
+
+    pub(super) fn note_released(stream: &TcpStream) {
+        if let Ok(port) = stream.local_addr().map(|a| a.port()) {
+            let mut released = RELEASED.lock().unwrap();
+            *released
+                .get_or_insert_with(HashMap::new)
+                .entry(port)
+                .or_default() += 1;
+        }
+    }
 
     pub(super) fn count(stream: &TcpStream, by: isize) {
         let Ok(port) = stream.local_addr().map(|a| a.port()) else {

@@ -36,6 +36,14 @@
 //! connection has one timer, moved forward lazily rather than re-armed per
 //! request.
 //!
+//! **Idle connections hold no buffers.** A plaintext keep-alive connection
+//! idle for [`RELEASE_IDLE`] gives its read and write buffers back and
+//! waits for the socket to become readable without one (as nginx and
+//! HAProxy do); they are allocated again when the client sends. A busy
+//! connection keeps them (the release point rides on the same lazy
+//! timer, so it costs nothing per request). Over TLS they are kept: the
+//! session may hold decrypted bytes the socket's readiness cannot show.
+//!
 //! **Response framing** (RFC 9112 §6):
 //! - no body for `HEAD`, 1xx, 204 and 304;
 //! - `content-length` when the body's size is known;
@@ -80,6 +88,8 @@ const ADDED_HEADERS: usize = 6;
 const READ_CHUNK: usize = 8 * 1024;
 /// Response data up to this size is gathered into one write.
 const COALESCE: usize = 64 * 1024;
+/// A plaintext keep-alive connection idle this long releases its buffers.
+pub(crate) const RELEASE_IDLE: Duration = Duration::from_secs(1);
 /// How late the keep-alive deadline may fire: the timer is moved at most
 /// once per this much time instead of once per request.
 const TIMER_SLACK: Duration = Duration::from_secs(1);
@@ -186,7 +196,8 @@ where
                     Parse::Partial => {}
                 }
             }
-            let deadline = if rbuf.is_empty() {
+            let idle = rbuf.is_empty();
+            let deadline = if idle {
                 match drain_until {
                     Some(t) => t,
                     None => Instant::now() + limits.keep_alive_idle,
@@ -195,7 +206,36 @@ where
                 *head_deadline.get_or_insert_with(|| Instant::now() + limits.request_read)
             };
             let shut = (!stopping).then_some(shut.as_mut());
-            match fill(io, &mut rbuf, timer.as_mut(), deadline, shut).await {
+            let filled = if rbuf.capacity() == 0 {
+                // Released while idle: wait for the client without a buffer.
+                let r = readable(io, timer.as_mut(), deadline, shut).await;
+                rbuf.reserve(READ_CHUNK);
+                wbuf.reserve(READ_CHUNK);
+                r
+            } else {
+                // Idle: first until the release point (see the module docs).
+                let release = (idle && io.can_wait_unbuffered())
+                    .then(|| Instant::now() + RELEASE_IDLE)
+                    .filter(|at| *at < deadline);
+                match fill(
+                    io,
+                    &mut rbuf,
+                    timer.as_mut(),
+                    release.unwrap_or(deadline),
+                    shut,
+                )
+                .await
+                {
+                    Fill::TimedOut if release.is_some() && Instant::now() < deadline => {
+                        rbuf = BytesMut::new();
+                        wbuf = Vec::new();
+                        io.note_released();
+                        Fill::Data
+                    }
+                    r => r,
+                }
+            };
+            match filled {
                 Fill::Data => {}
                 Fill::Stopping => {
                     stopping = true;
@@ -301,6 +341,40 @@ async fn fill<S: Future<Output = ()>>(
         }
         // The timer may stand up to TIMER_SLACK before the deadline: when
         // it fires early it is re-aimed, and only the deadline times out.
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(Fill::TimedOut);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// [`fill`] without a buffer: until the client has sent something (or
+/// closed: the read that follows tells), `deadline`, or `shut`. Only for a
+/// connection that [`ClientIo::can_wait_unbuffered`].
+async fn readable<S: Future<Output = ()>>(
+    io: &mut ClientIo,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    mut shut: Option<Pin<&mut S>>,
+) -> Fill {
+    if deadline < timer.deadline() {
+        timer.as_mut().reset(deadline);
+    }
+    poll_fn(|cx| {
+        match io.poll_readable(cx) {
+            Some(Poll::Ready(Ok(()))) => return Poll::Ready(Fill::Data),
+            Some(Poll::Ready(Err(_))) | None => return Poll::Ready(Fill::Closed),
+            Some(Poll::Pending) => {}
+        }
+        if let Some(s) = shut.as_mut() {
+            if s.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Fill::Stopping);
+            }
+        }
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
                 return Poll::Ready(Fill::TimedOut);
@@ -903,6 +977,55 @@ mod tests {
             &got[..],
             format!("POST http://127.0.0.1:{}/h2 over h2", srv.port).as_bytes()
         );
+    }
+
+    /// Waits until `cond`, for at most 10 s.
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 10 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_gives_its_buffers_back_and_serves_on() {
+        let srv = server(Limits::default()).await;
+        let released = || crate::server::client_io::released(srv.port);
+        let mut s = connect(srv.port).await;
+        s.write_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(body(&read_responses(&mut s, 1).await[0]), "GET /one ");
+        eventually("the idle connection releases its buffers", || {
+            released() == 1
+        })
+        .await;
+        // Served on: a head longer than a read step, with a second request
+        // pipelined behind it, and a body read whole.
+        let long = "x".repeat(3 * READ_CHUNK);
+        s.write_all(
+            format!(
+                "GET /two HTTP/1.1\r\nHost: h\r\nx-long: {long}\r\n\r\n\
+                 POST /three HTTP/1.1\r\nHost: h\r\ncontent-length: 5\r\n\r\nabcde"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let out = read_responses(&mut s, 2).await;
+        assert_eq!(body(&out[0]), "GET /two ");
+        assert_eq!(body(&out[1]), "POST /three abcde");
+        // Released again; then the client goes away and the connection ends.
+        eventually("released a second time", || released() == 2).await;
+        drop(s);
+        eventually("the connection ends", || {
+            crate::server::client_io::open(srv.port) == 0
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -260,4 +260,38 @@ impl EndpointRegistry {
         }
         s
     }
+
+    /// Closes, in every live endpoint's pool, the connections idle for the
+    /// pool's idle timeout (see [`crate::http::pool`]): what a pool does
+    /// as it is used, done here for pools no request uses any more.
+    /// Returns how many were closed.
+    pub fn sweep_idle(&self) -> usize {
+        let live: Vec<Arc<EndpointState>> = {
+            let map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+            map.values().filter_map(|w| w.upgrade()).collect()
+        };
+        live.iter().map(|e| e.h1.close_expired()).sum()
+    }
+
+    /// Runs [`EndpointRegistry::sweep_idle`] every [`SWEEP_EVERY`] on the
+    /// current runtime, until the registry is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(r) = registry.upgrade() else { return };
+                let closed = r.sweep_idle();
+                if closed > 0 {
+                    tracing::debug!(closed, "idle upstream connections closed");
+                }
+            }
+        })
+    }
 }
+
+/// How often idle upstream connections past their time are looked for.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
