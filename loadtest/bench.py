@@ -219,6 +219,7 @@ class Bench:
     def start_backend(self):
         self.backend_port = free_port()
         self.backend_status_port = free_port()
+        self.backend_h2_port = free_port()
         conf = self.write("backend.conf", f"""
 worker_processes 1;
 daemon off;
@@ -232,8 +233,10 @@ http {{
     listen 127.0.0.1:{self.backend_status_port};
     location / {{ stub_status; }}
   }}
+  http2_max_concurrent_streams 128;
   server {{
     listen 127.0.0.1:{self.backend_port};
+    listen 127.0.0.1:{self.backend_h2_port} http2;
     location / {{ return 200 "hello from the backend\\n"; }}
     location /p/cache {{ add_header Cache-Control "max-age=3600"; return 200 "hello from the backend\\n"; }}
   }}
@@ -294,6 +297,47 @@ http {{
         first = self.nginx_pids
         return {"name": "nginx two-hop", "port": port, "pids": lambda: front() + first()}
 
+    def start_haproxy_h2_upstream(self):
+        """HAProxy speaking HTTP/2 (h2c) to the backend."""
+        port = free_port()
+        conf = self.write("haproxy-h2up.cfg", f"""
+global
+  nbthread 1
+  maxconn 10500
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port} proto h2
+  default_backend be
+backend be
+  server s1 127.0.0.1:{self.backend_h2_port} proto h2
+""")
+        p = self.procs.start("haproxy-h2up", ["haproxy", "-f", conf], cpu=self.proxy_cpu)
+        wait_until("haproxy-h2up", lambda: subprocess.run(
+            ["curl", "-sf", "--http2-prior-knowledge", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode == 0)
+        return {"name": "haproxy", "port": port, "h2_port": port, "pids": lambda: [p.pid]}
+
+    def h2_upstream(self, _targets=None):
+        """HTTP/2 to the upstream: HAProxy and the gateway speaking h2c to
+        the backend (nginx, 128 streams per connection), against the
+        gateway speaking HTTP/1.1 to it; HTTP/2 clients throughout."""
+        d = self.args.duration
+        hp = self.start_haproxy_h2_upstream()
+        mg2 = self.start_meshgate(h2_upstream=True, name="meshgate-h2up")
+        mg2["name"] = "meshgate (h2 upstream)"
+        mg1 = self.mg if hasattr(self, "mg") else self.start_meshgate(name="meshgate-h1up")
+        mg1 = dict(mg1, name="meshgate (HTTP/1.1 upstream)")
+        targets = [dict(hp, name="haproxy (h2 upstream)"), mg2, mg1]
+        for c, m in ((10, 10), (50, 10)):
+            log(f"HTTP/2 upstream: h2load {c} connections x {m} streams")
+            self.note_cmd(f"taskset -c {self.load_cpu} h2load -t1 -c{c} -m{m} -D{d} http://127.0.0.1:<port>/  (h2 upstream)")
+            self.results[f"h2_upstream_{c}_{m}"] = self.interleaved(targets, lambda t: self.measured(
+                t, lambda: self.h2load(self.url(t, "h2_port"), c, m, d)))
+
     def start_haproxy(self):
         port, h2 = free_port(), free_port()
         conf = self.write("haproxy.cfg", f"""
@@ -317,20 +361,27 @@ backend be
         wait_until("haproxy", lambda: http_ok(f"http://127.0.0.1:{port}/"))
         return {"name": "haproxy", "port": port, "h2_port": h2, "pids": lambda: [p.pid]}
 
-    def start_meshgate(self, extra_model="", tls=False, extra_args=(), name=None, extra_routes=""):
+    def start_meshgate(self, extra_model="", tls=False, extra_args=(), name=None, extra_routes="", h2_upstream=False):
         """A standalone gateway on the demo config plus the bench route (and
         a TLS ingress listener serving `extra_model`'s certificate);
-        `extra_args` are added to its command line."""
+        `extra_args` are added to its command line. `h2_upstream`: the bench
+        service speaks HTTP/2 (h2c) to the backend."""
         with open(os.path.join(ROOT, "config", "examples", "demo.yaml")) as f:
             demo = f.read()
-        bench_service = f"  bench-backend:\n    endpoints:\n      - address: 127.0.0.1:{self.backend_port}\n"
+        if h2_upstream:
+            bench_service = (f"  bench-backend:\n    protocol: http2\n    endpoints:\n"
+                             f"      - address: 127.0.0.1:{self.backend_h2_port}\n")
+        else:
+            bench_service = f"  bench-backend:\n    endpoints:\n      - address: 127.0.0.1:{self.backend_port}\n"
         bench_route = ("  bench:\n    scope: ingress\n    match:\n      path:\n        prefix: /\n"
                        "    priority: -1\n    backends:\n      - service: bench-backend\n")
         model = demo.replace("services:\n", "services:\n" + bench_service, 1)
         model = model.replace("routes:\n", "routes:\n" + bench_route + extra_routes, 1) + extra_model
         # The demo's exact "/" status route would answer the bench's GET /.
         path = "/bench"
-        mesh_yaml = self.write("mesh.yaml", model)
+        name = name or ("meshgate-tls" if tls else "meshgate")
+        # One file per gateway: a standalone gateway follows its file.
+        mesh_yaml = self.write(f"{name}.yaml", model)
         port, mesh_port, ops, tls_port = free_port(), free_port(), free_port(), free_port()
         cmd = [os.path.join(BIN, "meshgate-gateway"), "--standalone", mesh_yaml, "--workers", "1",
                "--listen", f"127.0.0.1:{mesh_port}", "--ingress-listen", f"127.0.0.1:{port}",
@@ -338,7 +389,6 @@ backend be
         if tls:
             cmd += ["--ingress-tls-listen", f"127.0.0.1:{tls_port}", "--default-cert", "bench"]
         cmd += list(extra_args)
-        name = name or ("meshgate-tls" if tls else "meshgate")
         p = self.procs.start(name, cmd, cpu=self.proxy_cpu, env={"MESHGATE_LOG": "warn"})
         wait_until(name, lambda: http_ok(f"http://127.0.0.1:{port}{path}"))
         if tls:
@@ -1289,6 +1339,8 @@ backend be
             self.http2([nginx, haproxy, mg])
             self.results["gateway_rss_load"] = self.rss_sample(mg["proc"].pid)
             self.idle_memory([nginx, haproxy, mg])
+            self.mg = mg
+            self.h2_upstream()
             self.tls()
             self.cluster(direct, nginx)
             self.mtls()
@@ -1306,9 +1358,9 @@ backend be
         named scenarios; prints raw results. The single-proxy scenarios
         (throughput, http2, idle_memory) run against nginx, HAProxy and a
         standalone gateway."""
-        single = [s for s in self.args.only if s in ("throughput", "http2", "idle_memory")]
+        single = [s for s in self.args.only if s in ("throughput", "http2", "idle_memory", "h2_upstream")]
         if single:
-            mg = self.start_meshgate()
+            mg = self.mg = self.start_meshgate()
             for name in single:
                 getattr(self, name)(([direct] if name == "throughput" else []) + [nginx, haproxy, mg])
             if len(single) == len(self.args.only):
@@ -1442,6 +1494,23 @@ def report(res, machine, args, commands):
             L.append(f"| {name} | {fmt(r['before_kb'] / 1024, 1)} | {fmt(r['hot_kb'] / 1024, 1)} | "
                      f"{fmt(r['idle_kb'] / 1024, 1)} | {fmt(per, 1)} |")
         L.append("")
+
+    for c, m in ((10, 10), (50, 10)):
+        if f"h2_upstream_{c}_{m}" in res:
+            runs = res[f"h2_upstream_{c}_{m}"]
+            base = median([r["rps"] for r in runs["haproxy (h2 upstream)"]])
+            base_cpu = median([r.get("cpu_us_per_req", 0) for r in runs["haproxy (h2 upstream)"]])
+            L.append(f"### HTTP/2 to the upstream, {c} connections × {m} streams (h2load; backend: nginx h2c, "
+                     f"128 streams per connection)\n")
+            L.append("| target | req/s (median) | runs | vs HAProxy | CPU µs/req (proxy) | CPU vs HAProxy | "
+                     "upstream conns (per 10k req) | errors |")
+            L.append("|---|---|---|---|---|---|---|---|")
+            for name, rs in runs.items():
+                rps = median([r["rps"] for r in rs])
+                cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
+                L.append(f"| {name} | {fmt(rps)} | {' / '.join(fmt(r['rps']) for r in rs)} | {rps / base:.2f}× | "
+                         f"{fmt(cpu, 1)} | {cpu / base_cpu:.2f}× | {conns(rs)} | {sum(r['errors'] for r in rs)} |")
+            L.append("")
 
     if "tls" in res:
         tls = res["tls"]

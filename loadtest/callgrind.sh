@@ -3,7 +3,11 @@
 # repeatable for the same binary whatever else the machine does, so it
 # compares builds where wall-clock rates drift by ±10% (BENCHMARKS.md).
 #
-#   loadtest/callgrind.sh [BIN_DIR]      # default: target/release
+#   loadtest/callgrind.sh [--h2] [BIN_DIR]      # default: target/release
+#
+# With --h2 the clients speak HTTP/2 (h2c): h2load sends 6,000 and then
+# 18,000 requests over 10 connections × 10 streams (the upstream is
+# HTTP/1.1 either way).
 #
 # A standalone gateway (one worker) runs under valgrind in front of
 # meshgate-echo; meshgate-load sends an open loop of 2,000 req/s (10
@@ -12,6 +16,8 @@
 # start-up and shutdown excluded. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+H2=0
+if [ "${1:-}" = "--h2" ]; then H2=1; shift; fi
 BIN=${1:-target/release}
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind not found (apt-get install valgrind)" >&2; exit 2; }
 WORK=$(mktemp -d)
@@ -44,11 +50,15 @@ run() {
         --admin-listen "127.0.0.1:$ops" >/dev/null 2>&1 &
     local pid=$!
     wait_http "http://127.0.0.1:$ops/readyz"
-    local report
-    report=$("$BIN/meshgate-load" --json -c 10 -r 2000 -d "$secs" "http://127.0.0.1:$ingress/x")
+    local report ok
+    if [ "$H2" = 1 ]; then
+        report=$(h2load -t1 -c10 -m10 -n $((secs * 2000)) "http://127.0.0.1:$ingress/x")
+        ok=$(echo "$report" | sed -n 's/.* \([0-9]*\) succeeded.*/\1/p')
+    else
+        report=$("$BIN/meshgate-load" --json -c 10 -r 2000 -d "$secs" "http://127.0.0.1:$ingress/x")
+        ok=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["ok"])' "$report")
+    fi
     kill -TERM "$pid"; wait "$pid" || true
-    local ok
-    ok=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["ok"])' "$report")
     local ir
     ir=$(grep -m1 '^summary:' "$out" | awk '{print $2}')
     echo "$ok $ir"

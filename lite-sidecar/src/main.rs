@@ -25,7 +25,7 @@ use meshgate_config::node;
 use meshgate_config::registration::Registration;
 use meshgate_config::sync::{self, SyncOptions};
 use meshgate_gateway::http::body::RequestBody;
-use meshgate_gateway::http::h2::{Clients, Wire};
+use meshgate_gateway::http::h2::Clients;
 use meshgate_gateway::http::headers;
 use meshgate_gateway::metrics::Metrics;
 use meshgate_gateway::node::ops::OpsState;
@@ -239,7 +239,7 @@ async fn run(cfg: SidecarConfig, takeover: Option<PathBuf>) -> anyhow::Result<()
         status: status.clone(),
         default_staleness: Duration::from_secs(cfg.max_policy_staleness_s),
         connect_timeout: connect,
-        h2: Clients::default().get(Wire::Http2, connect, mesh_tls(&[b"h2"])?),
+        h2: Clients::default().get(connect, mesh_tls(&[b"h2"])?),
         metrics: metrics.clone(),
         max_hops: cfg.proxy.max_hops,
         replay_buffer_bytes: cfg.proxy.replay_buffer_bytes,

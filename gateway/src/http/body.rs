@@ -76,8 +76,10 @@ impl Body for RequestBody {
 /// A request or response body passing through the proxy.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed from a client, or from an HTTP/2 upstream.
+    /// Streamed from a client.
     Incoming(Incoming),
+    /// Streamed from an HTTP/2 upstream connection.
+    H2(crate::http::h2::H2Body),
     /// Streamed from a pooled HTTP/1.1 upstream connection.
     Upstream(UpstreamBody),
     /// In memory.
@@ -107,6 +109,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Full(b) => Pin::new(b)
                 .poll_frame(cx)
@@ -130,6 +133,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::H2(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_end_stream(),
             ProxyBody::Guarded(g) => g.inner.is_end_stream(),
@@ -142,6 +146,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::H2(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Guarded(g) => g.inner.size_hint(),

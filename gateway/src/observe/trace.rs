@@ -346,8 +346,11 @@ enum Exporter {
     /// Through the engine's own pooled client (the one HTTP/2 upstreams
     /// use), over TLS for an `https://` collector (the system's roots).
     Http {
-        url: String,
-        client: crate::http::h2::HttpClient,
+        /// The collector's address (`host:port`) and the request target.
+        address: String,
+        target: http::uri::PathAndQuery,
+        pool: Arc<crate::http::pool::H1Pool>,
+        tls: Option<Arc<crate::tls::ClientTls>>,
     },
     Grpc(Box<dyn GrpcSink>),
 }
@@ -412,17 +415,28 @@ impl Exporter {
                     }
                     false => None,
                 };
+                let url = if base.ends_with("/v1/traces") {
+                    base.to_string()
+                } else {
+                    format!("{base}/v1/traces")
+                };
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("tracing.endpoint: {e}"))?;
+                let Some(authority) = uri.authority() else {
+                    anyhow::bail!("tracing.endpoint: no host in {url}");
+                };
+                let port = authority
+                    .port_u16()
+                    .unwrap_or(if tls.is_some() { 443 } else { 80 });
                 Exporter::Http {
-                    url: if base.ends_with("/v1/traces") {
-                        base.to_string()
-                    } else {
-                        format!("{base}/v1/traces")
-                    },
-                    client: crate::http::h2::Clients::default().get(
-                        crate::http::h2::Wire::Http1,
-                        Duration::from_secs(2),
-                        tls,
-                    ),
+                    address: format!("{}:{port}", authority.host()),
+                    target: uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                    pool: Arc::default(),
+                    tls,
                 }
             }
             OtlpProtocol::Grpc => {
@@ -438,21 +452,38 @@ impl Exporter {
 
     async fn send(&mut self, req: ExportTraceServiceRequest) -> Result<(), String> {
         match self {
-            Exporter::Http { url, client } => {
+            Exporter::Http {
+                address,
+                target,
+                pool,
+                tls,
+            } => {
                 let body = prost::Message::encode_to_vec(&req);
-                let r = http::Request::post(url.as_str())
+                let r = http::Request::post(http::Uri::from(target.clone()))
+                    .header(http::header::HOST, address.as_str())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
                     .body(crate::http::body::full(http_body_util::Full::new(
                         bytes::Bytes::from(body),
                     )))
                     .map_err(|e| e.to_string())?;
-                let resp = tokio::time::timeout(Duration::from_secs(10), client.request(r))
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                let resp = pool
+                    .send(
+                        address,
+                        tls.as_deref(),
+                        Duration::from_secs(2),
+                        None,
+                        r,
+                        deadline,
+                    )
                     .await
-                    .map_err(|_| "timed out".to_string())?
                     .map_err(|e| e.to_string())?;
-                match resp.status().is_success() {
+                // Read to the end, so the connection goes back to the pool.
+                let status = resp.status();
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                match status.is_success() {
                     true => Ok(()),
-                    false => Err(format!("collector answered {}", resp.status())),
+                    false => Err(format!("collector answered {status}")),
                 }
             }
             Exporter::Grpc(sink) => sink.export(req).await,

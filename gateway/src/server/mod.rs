@@ -4,7 +4,8 @@
 //! HTTP/2 preface, malformed input) hands the connection, with the bytes
 //! already read, to hyper's auto builder for the rest of its life
 //! (HTTP/1.1 with keep-alive and upgrades, or HTTP/2 cleartext by prior
-//! knowledge). Both enforce the same [`Limits`]: a request-read timeout
+//! knowledge; its streams run in the connection's task, see [`streams`]).
+//! Both enforce the same [`Limits`]: a request-read timeout
 //! against slow senders, a largest request head (431), and, through
 //! [`client_io`], a write timeout against clients that stop reading and a
 //! lingering close. Malformed HTTP/1 gets hyper's `400 Bad Request` and a
@@ -31,7 +32,7 @@ use bytes::{Buf, Bytes};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,10 +48,12 @@ pub(crate) mod client_io;
 mod differential;
 pub(crate) mod h1;
 pub mod listeners;
+mod streams;
 
 use client_io::{ClientIo, Stream};
 use h1::End;
 pub use h1::{Limits, DEFAULT_MAX_HEAD, DEFAULT_WRITE_TIMEOUT, MIN_MAX_HEAD};
+use streams::{ConnExec, Streams};
 
 /// The client end of a connection, resolved once per connection.
 #[derive(Debug, Clone)]
@@ -86,19 +89,6 @@ pub async fn serve<H, F>(
     H: Fn(Peer, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_read)
-        .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(20))
-        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
     // After a request served on the fast path the connection is HTTP/1.1
     // for good: the rest goes to hyper's HTTP/1 alone.
     let mut h1_only = hyper::server::conn::http1::Builder::new();
@@ -107,7 +97,7 @@ pub async fn serve<H, F>(
         .header_read_timeout(limits.request_read)
         .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
         .keep_alive(true);
-    let hyper = Arc::new((builder, h1_only));
+    let hyper = Arc::new(h1_only);
     let listener: Listener = listener.into();
     let connections = TaskTracker::new();
     loop {
@@ -145,8 +135,8 @@ pub async fn serve<H, F>(
                         End::HandOff { read, served } => {
                             let io = Rewind { read: read.freeze(), io: stream };
                             let conn = match served {
-                                true => Hyper::Http1(&hyper.1),
-                                false => Hyper::Auto(&hyper.0),
+                                true => Hyper::Http1(&hyper),
+                                false => Hyper::Auto,
                             };
                             if let Err(e) = with_hyper(io, peer, handler, conn, limits, shutdown).await {
                                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
@@ -270,10 +260,29 @@ async fn accept(name: &str, listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
+/// hyper's server for a connection that may be HTTP/1.1 or HTTP/2 by
+/// prior knowledge, with the connection's own executor (see [`streams`]).
+fn auto_builder(limits: Limits, exec: ConnExec) -> Builder<ConnExec> {
+    let mut builder = Builder::new(exec);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_read)
+        .max_buf_size(limits.max_head.max(MIN_MAX_HEAD))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    builder
+}
+
 /// Which of hyper's connections serves the rest of a connection.
 enum Hyper<'a> {
     /// HTTP/1.1, or HTTP/2 by prior knowledge.
-    Auto(&'a Builder<TokioExecutor>),
+    Auto,
     /// HTTP/1.1 only (the fast path served a request first).
     Http1(&'a hyper::server::conn::http1::Builder),
 }
@@ -306,14 +315,16 @@ where
     });
     let io = TokioIo::new(io);
     match conn {
-        Hyper::Auto(b) => {
-            let conn = b.serve_connection_with_upgrades(io, svc);
+        Hyper::Auto => {
+            let mut streams = Streams::default();
+            let builder = auto_builder(limits, streams.exec());
+            let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             tokio::select! {
-                res = conn.as_mut() => res,
+                res = streams::drive(&mut streams, conn.as_mut()) => res,
                 _ = wait_true(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    streams::drive(&mut streams, conn.as_mut()).await
                 }
             }
         }

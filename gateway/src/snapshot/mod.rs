@@ -498,7 +498,7 @@ impl Compiler {
             hash_on: spec.hash_on.as_ref().and_then(|h| {
                 RequestKey::new(h.header.as_deref(), h.cookie.as_deref(), h.source_ip)
             }),
-            client: self.clients.get(wire, connect, tls),
+            client: self.clients.get(connect, tls),
             wire,
             connect_timeout: connect,
             request_timeout,

@@ -167,7 +167,7 @@ pub async fn attempt(
                     .is_some_and(|f| f.load(Ordering::Acquire))
             };
             match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
-                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::Incoming)),
+                Ok(Ok(resp)) => Ok(resp.map(ProxyBody::H2)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
                 Ok(Err(e)) if client_body() => Err(AttemptError::RequestBody(
                     root_cause(&e),
@@ -307,7 +307,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::http::h2::build;
+    use crate::http::h2::HttpClient;
 
     /// An HTTP/2 upstream that reads each request body whole, then answers.
     async fn h2_upstream() -> String {
@@ -346,7 +346,7 @@ mod tests {
                 let (upstream, tx) = (upstream.clone(), tx.clone());
                 async move {
                     let ep = Arc::new(EndpointState::new(upstream));
-                    let h2 = build(Wire::Http2, Duration::from_secs(1));
+                    let h2 = HttpClient::plain(Duration::from_secs(1));
                     let opts = AttemptOpts {
                         wire: Wire::Http2,
                         h2: &h2,
