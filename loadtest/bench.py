@@ -338,6 +338,26 @@ backend be
             self.results[f"h2_upstream_{c}_{m}"] = self.interleaved(targets, lambda t: self.measured(
                 t, lambda: self.h2load(self.url(t, "h2_port"), c, m, d)))
 
+    def uring(self, _targets=None):
+        """The io_uring decision (issue 20): one minimal HTTP/1.1 proxy
+        (meshgate-uringproto) on epoll and on io_uring, CPU per request
+        under wrk at 10 and 50 connections."""
+        d = self.args.duration
+        targets = []
+        for mode in ("epoll", "uring"):
+            port = free_port()
+            p = self.procs.start(f"uringproto-{mode}", [
+                os.path.join(BIN, "meshgate-uringproto"), "--mode", mode, "--listen", f"127.0.0.1:{port}",
+                "--upstream", f"127.0.0.1:{self.backend_port}"], cpu=self.proxy_cpu)
+            wait_until(f"uringproto {mode}", lambda: http_ok(f"http://127.0.0.1:{port}/"))
+            targets.append({"name": mode, "port": port, "pids": lambda p=p: [p.pid]})
+        for conns in (10, 50):
+            log(f"io_uring prototype: wrk {conns} connections")
+            self.note_cmd(f"meshgate-uringproto --mode epoll|uring ...; taskset -c {self.load_cpu} wrk -t1 -c{conns} "
+                          f"-d{d}s http://127.0.0.1:<port>/")
+            self.results[f"uring_{conns}"] = self.interleaved(
+                targets, lambda t: self.measured(t, lambda: self.wrk(self.url(t), conns, d)))
+
     def start_haproxy(self):
         port, h2 = free_port(), free_port()
         conf = self.write("haproxy.cfg", f"""
@@ -1341,6 +1361,7 @@ backend be
             self.idle_memory([nginx, haproxy, mg])
             self.mg = mg
             self.h2_upstream()
+            self.uring()
             self.tls()
             self.cluster(direct, nginx)
             self.mtls()
@@ -1358,7 +1379,7 @@ backend be
         named scenarios; prints raw results. The single-proxy scenarios
         (throughput, http2, idle_memory) run against nginx, HAProxy and a
         standalone gateway."""
-        single = [s for s in self.args.only if s in ("throughput", "http2", "idle_memory", "h2_upstream")]
+        single = [s for s in self.args.only if s in ("throughput", "http2", "idle_memory", "h2_upstream", "uring")]
         if single:
             mg = self.mg = self.start_meshgate()
             for name in single:
@@ -1511,6 +1532,22 @@ def report(res, machine, args, commands):
                 L.append(f"| {name} | {fmt(rps)} | {' / '.join(fmt(r['rps']) for r in rs)} | {rps / base:.2f}× | "
                          f"{fmt(cpu, 1)} | {cpu / base_cpu:.2f}× | {conns(rs)} | {sum(r['errors'] for r in rs)} |")
             L.append("")
+
+    if "uring_50" in res:
+        L.append("### io_uring: the same minimal proxy on epoll and on io_uring\n")
+        L.append("`meshgate-uringproto` (loadtest/src/bin/uring.rs): read a request head, parse it, send it on a "
+                 "pooled upstream connection, read and parse the answer, write it back; one thread each, pinned "
+                 "like the proxies. What io_uring saves in the kernel shows here at its largest.\n")
+        L.append("| connections | data path | req/s (median) | CPU µs/req | vs epoll |")
+        L.append("|---|---|---|---|---|")
+        for conns in (10, 50):
+            runs = res[f"uring_{conns}"]
+            base = median([r.get("cpu_us_per_req", 0) for r in runs["epoll"]])
+            for name, rs in runs.items():
+                cpu = median([r.get("cpu_us_per_req", 0) for r in rs])
+                L.append(f"| {conns} | {name} | {fmt(median([r['rps'] for r in rs]))} | {fmt(cpu, 1)} | "
+                         f"{cpu / base:.2f}× |")
+        L.append("")
 
     if "tls" in res:
         tls = res["tls"]
