@@ -139,15 +139,15 @@ impl HttpClient {
         }))
     }
 
-    /// Sends `req` (absolute URI: its authority is the endpoint).
-    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<H2Body>, H2Error> {
-        let Some(authority) = req.uri().authority() else {
-            return Err(H2Error::Connect(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the request names no authority",
-            )));
-        };
-        let pool = self.pool(authority.as_str());
+    /// Sends `req` to the endpoint at `address` (`host:port`). Its URI is
+    /// absolute: scheme and authority become `:scheme` and `:authority`
+    /// (the host the request is for, which need not be the address).
+    pub async fn request(
+        &self,
+        address: &str,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<H2Body>, H2Error> {
+        let pool = self.pool(address);
         pool.send(&self.0, req).await
     }
 
@@ -401,7 +401,7 @@ mod tests {
             let client = client.clone();
             let addr = addr.to_string();
             async move {
-                let resp = client.request(get(&addr, i)).await.unwrap();
+                let resp = client.request(&addr, get(&addr, i)).await.unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(body, format!("/{i}"));
             }
@@ -440,7 +440,7 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
         let client = HttpClient::plain(Duration::from_secs(1));
-        let e = client.request(get(&addr, 0)).await.unwrap_err();
+        let e = client.request(&addr, get(&addr, 0)).await.unwrap_err();
         assert!(e.is_connect(), "{e}");
     }
 
@@ -484,7 +484,7 @@ mod tests {
         });
         let client = HttpClient::plain(Duration::from_secs(2));
         for i in 0..5 {
-            let resp = client.request(get(&addr, i)).await.unwrap();
+            let resp = client.request(&addr, get(&addr, i)).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "once");
             // The peer closes it; the next request opens another.

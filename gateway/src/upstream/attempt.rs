@@ -117,9 +117,18 @@ pub async fn attempt(
                 Some(_) => Scheme::HTTPS,
                 None => Scheme::HTTP,
             };
+            // The caller's host travels as `:authority`, and no `Host`
+            // beside it (RFC 9113 §8.3.1: servers such as nginx refuse a
+            // `Host` that differs); the endpoint's address only picks the
+            // connection.
+            let host = req
+                .headers_mut()
+                .remove(http::header::HOST)
+                .and_then(|v| http::uri::Authority::try_from(v.as_bytes()).ok())
+                .unwrap_or_else(|| auth.clone());
             *req.uri_mut() = Uri::builder()
                 .scheme(scheme)
-                .authority(auth.clone())
+                .authority(host)
                 .path_and_query(pq.clone())
                 .build()
                 .expect("valid uri parts");
@@ -166,7 +175,8 @@ pub async fn attempt(
                     .as_ref()
                     .is_some_and(|f| f.load(Ordering::Acquire))
             };
-            match tokio::time::timeout(opts.timeout, Box::pin(opts.h2.request(req))).await {
+            let sent = opts.h2.request(&ep.address, req);
+            match tokio::time::timeout(opts.timeout, Box::pin(sent)).await {
                 Ok(Ok(resp)) => Ok(resp.map(ProxyBody::H2)),
                 Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(root_cause(&e), None)),
                 Ok(Err(e)) if client_body() => Err(AttemptError::RequestBody(
@@ -327,6 +337,49 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// The host a request is for reaches an HTTP/2 upstream as
+    /// `:authority`, with no `Host` field beside it (nginx refuses a
+    /// request whose `Host` differs from `:authority` with 400).
+    #[tokio::test]
+    async fn an_h2_upstream_gets_the_host_as_authority_and_no_host_field() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let seen = format!(
+                    "{} {:?} {}",
+                    req.uri().authority().map_or("-", |a| a.as_str()),
+                    req.headers().get(http::header::HOST),
+                    req.uri().path()
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from(seen))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+        let ep = Arc::new(EndpointState::new(addr));
+        let h2 = HttpClient::plain(Duration::from_secs(1));
+        let opts = AttemptOpts {
+            wire: Wire::Http2,
+            h2: &h2,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            track_load: false,
+            conn_limit: None,
+        };
+        let mut req = Request::new(crate::http::body::empty());
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("orders.example:8080"),
+        );
+        let pq = PathAndQuery::from_static("/v1/x");
+        let resp = attempt(&ep, opts, &pq, req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "orders.example:8080 None /v1/x");
     }
 
     /// A client that abandons its upload mid-body, through an HTTP/1.1
