@@ -58,7 +58,13 @@ fn message_end(buf: &[u8], response: bool) -> Result<Option<usize>, ()> {
     let len = hs
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
         .unwrap_or(0);
     Ok((buf.len() >= head + len).then_some(head + len))
 }
@@ -92,7 +98,9 @@ mod epoll {
             let l = TcpListener::bind(listen).await.expect("bind");
             let pool: Pool = Rc::default();
             loop {
-                let Ok((c, _)) = l.accept().await else { continue };
+                let Ok((c, _)) = l.accept().await else {
+                    continue;
+                };
                 let _ = c.set_nodelay(true);
                 tokio::task::spawn_local(serve(c, upstream, pool.clone()));
             }
@@ -120,7 +128,9 @@ mod epoll {
         let mut req = Vec::with_capacity(BUF);
         let mut resp = Vec::with_capacity(BUF);
         while let Some(n) = read_message(&mut c, &mut req, false).await {
-            let mut up = match pool.borrow_mut().pop() {
+            // Not borrowed across the connect's await.
+            let pooled = pool.borrow_mut().pop();
+            let mut up = match pooled {
                 Some(u) => u,
                 None => match TcpStream::connect(upstream).await {
                     Ok(u) => {
@@ -156,7 +166,9 @@ mod uring {
             let l = TcpListener::bind(listen).expect("bind");
             let pool: Pool = Rc::default();
             loop {
-                let Ok((c, _)) = l.accept().await else { continue };
+                let Ok((c, _)) = l.accept().await else {
+                    continue;
+                };
                 let _ = c.set_nodelay(true);
                 tokio_uring::spawn(serve(c, upstream, pool.clone()));
             }
@@ -198,7 +210,9 @@ mod uring {
             let (b, n) = read_message(&c, req, false).await;
             req = b;
             let Some(n) = n else { return };
-            let up = match pool.borrow_mut().pop() {
+            // Not borrowed across the connect's await.
+            let pooled = pool.borrow_mut().pop();
+            let up = match pooled {
                 Some(u) => u,
                 None => match TcpStream::connect(upstream).await {
                     Ok(u) => {
