@@ -413,7 +413,7 @@ mod tests {
     async fn streams_share_one_connection_up_to_the_limit_then_a_second_opens() {
         // 150 at once: 100 on the first connection, 50 on a second.
         let (addr, accepted) = backend(150, 1000).await;
-        let client = HttpClient::plain(Duration::from_secs(2));
+        let client = HttpClient::plain(Duration::from_secs(30));
         at_once(&client, &addr, 150).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // Again: the same two carry it, nothing new is opened.
@@ -427,7 +427,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_load_under_the_limit_uses_one_connection() {
         let (addr, accepted) = backend(40, 1000).await;
-        let client = HttpClient::plain(Duration::from_secs(2));
+        let client = HttpClient::plain(Duration::from_secs(30));
         for _ in 0..3 {
             at_once(&client, &addr, 40).await;
         }
@@ -482,7 +482,7 @@ mod tests {
                 });
             }
         });
-        let client = HttpClient::plain(Duration::from_secs(2));
+        let client = HttpClient::plain(Duration::from_secs(30));
         for i in 0..5 {
             let resp = client.request(&addr, get(&addr, i)).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -270,7 +270,10 @@ where
             RequestBody::Whole(Some(rbuf.split_to(body_len).freeze()))
         };
         let head_only = parts.method == Method::HEAD;
-        let resp = handler(peer.clone(), Request::from_parts(parts, body)).await;
+        // Boxed: held inline, the request's future (the whole proxy path)
+        // would size the connection's task, idle or not (see the module
+        // docs on idle connections).
+        let resp = Box::pin(handler(peer.clone(), Request::from_parts(parts, body))).await;
         // The handler may close the connection (a malformed request).
         let closes = resp
             .headers()

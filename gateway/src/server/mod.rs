@@ -115,7 +115,7 @@ pub async fn serve<H, F>(
                             tls.handshakes.with_label_values(&[name, "plaintext"]).inc();
                             Stream::Plain(stream)
                         }
-                        Some(tls) => match handshake(name, &tls, stream).await {
+                        Some(tls) => match Box::pin(handshake(name, &tls, stream)).await {
                             Some((s, info)) => {
                                 peer.tls = Some(Arc::new(info));
                                 Stream::Tls(Box::new(s))
@@ -138,7 +138,9 @@ pub async fn serve<H, F>(
                                 true => Hyper::Http1(&hyper),
                                 false => Hyper::Auto,
                             };
-                            if let Err(e) = with_hyper(io, peer, handler, conn, limits, shutdown).await {
+                            // Boxed: hyper's connection state would
+                            // otherwise size every connection's task.
+                            if let Err(e) = Box::pin(with_hyper(io, peer, handler, conn, limits, shutdown)).await {
                                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
                             }
                         }
