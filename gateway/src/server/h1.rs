@@ -43,6 +43,8 @@
 //! connection keeps them (the release point rides on the same lazy
 //! timer, so it costs nothing per request). Over TLS they are kept: the
 //! session may hold decrypted bytes the socket's readiness cannot show.
+//! The request's future is boxed, so the connection's task is small
+//! while it waits (inline, the whole proxy path sized every task).
 //!
 //! **Response framing** (RFC 9112 §6):
 //! - no body for `HEAD`, 1xx, 204 and 304;
@@ -333,26 +335,36 @@ async fn fill<S: Future<Output = ()>>(
     }
     poll_fn(|cx| {
         match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
-            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Fill::Closed),
-            Poll::Ready(Ok(_)) => return Poll::Ready(Fill::Data),
-            Poll::Pending => {}
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Fill::Closed),
+            Poll::Ready(Ok(_)) => Poll::Ready(Fill::Data),
+            Poll::Pending => poll_stop(cx, &mut shut, timer.as_mut(), deadline),
         }
-        if let Some(s) = shut.as_mut() {
-            if s.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Fill::Stopping);
-            }
-        }
-        // The timer may stand up to TIMER_SLACK before the deadline: when
-        // it fires early it is re-aimed, and only the deadline times out.
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return Poll::Ready(Fill::TimedOut);
-            }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
     })
     .await
+}
+
+/// While waiting for bytes: `Stopping` once `shut` completes, `TimedOut`
+/// at `deadline`. The timer may stand up to [`TIMER_SLACK`] before the
+/// deadline: when it fires early it is re-aimed, and only the deadline
+/// times out.
+fn poll_stop<S: Future<Output = ()>>(
+    cx: &mut std::task::Context<'_>,
+    shut: &mut Option<Pin<&mut S>>,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+) -> Poll<Fill> {
+    if let Some(s) = shut.as_mut() {
+        if s.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Fill::Stopping);
+        }
+    }
+    while timer.as_mut().poll(cx).is_ready() {
+        if Instant::now() >= deadline {
+            return Poll::Ready(Fill::TimedOut);
+        }
+        timer.as_mut().reset(deadline);
+    }
+    Poll::Pending
 }
 
 /// [`fill`] without a buffer: until the client has sent something (or
@@ -367,24 +379,10 @@ async fn readable<S: Future<Output = ()>>(
     if deadline < timer.deadline() {
         timer.as_mut().reset(deadline);
     }
-    poll_fn(|cx| {
-        match io.poll_readable(cx) {
-            Some(Poll::Ready(Ok(()))) => return Poll::Ready(Fill::Data),
-            Some(Poll::Ready(Err(_))) | None => return Poll::Ready(Fill::Closed),
-            Some(Poll::Pending) => {}
-        }
-        if let Some(s) = shut.as_mut() {
-            if s.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Fill::Stopping);
-            }
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return Poll::Ready(Fill::TimedOut);
-            }
-            timer.as_mut().reset(deadline);
-        }
-        Poll::Pending
+    poll_fn(|cx| match io.poll_readable(cx) {
+        Some(Poll::Ready(Ok(()))) => Poll::Ready(Fill::Data),
+        Some(Poll::Ready(Err(_))) | None => Poll::Ready(Fill::Closed),
+        Some(Poll::Pending) => poll_stop(cx, &mut shut, timer.as_mut(), deadline),
     })
     .await
 }

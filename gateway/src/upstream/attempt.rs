@@ -339,6 +339,18 @@ mod tests {
         addr
     }
 
+    /// An HTTP/2 attempt through `h2`, 5 s for the answer.
+    fn h2_opts(h2: &HttpClient) -> AttemptOpts<'_> {
+        AttemptOpts {
+            wire: Wire::Http2,
+            h2,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            track_load: false,
+            conn_limit: None,
+        }
+    }
+
     /// The host a request is for reaches an HTTP/2 upstream as
     /// `:authority`, with no `Host` field beside it (nginx refuses a
     /// request whose `Host` differs from `:authority` with 400).
@@ -363,14 +375,7 @@ mod tests {
         });
         let ep = Arc::new(EndpointState::new(addr));
         let h2 = HttpClient::plain(Duration::from_secs(1));
-        let opts = AttemptOpts {
-            wire: Wire::Http2,
-            h2: &h2,
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(5),
-            track_load: false,
-            conn_limit: None,
-        };
+        let opts = h2_opts(&h2);
         let mut req = Request::new(crate::http::body::empty());
         req.headers_mut().insert(
             http::header::HOST,
@@ -400,14 +405,7 @@ mod tests {
                 async move {
                     let ep = Arc::new(EndpointState::new(upstream));
                     let h2 = HttpClient::plain(Duration::from_secs(1));
-                    let opts = AttemptOpts {
-                        wire: Wire::Http2,
-                        h2: &h2,
-                        connect_timeout: Duration::from_secs(1),
-                        timeout: Duration::from_secs(5),
-                        track_load: false,
-                        conn_limit: None,
-                    };
+                    let opts = h2_opts(&h2);
                     let pq = PathAndQuery::from_static("/up");
                     let sent = attempt(&ep, opts, &pq, req.map(ProxyBody::Incoming)).await;
                     let verdict = match sent {
