@@ -333,13 +333,13 @@ async fn fill<S: Future<Output = ()>>(
     if rbuf.capacity() - rbuf.len() < READ_CHUNK / 2 {
         rbuf.reserve(READ_CHUNK);
     }
-    poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
+    poll_fn(
+        |cx| match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
             Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Fill::Closed),
             Poll::Ready(Ok(_)) => Poll::Ready(Fill::Data),
             Poll::Pending => poll_stop(cx, &mut shut, timer.as_mut(), deadline),
-        }
-    })
+        },
+    )
     .await
 }
 
