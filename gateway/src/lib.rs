@@ -43,6 +43,9 @@ pub mod proxy;
 
 pub mod node;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

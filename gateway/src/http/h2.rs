@@ -488,11 +488,10 @@ mod tests {
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "once");
             // The peer closes it; the next request opens another.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while client.connections(&addr) != 0 {
-                assert!(tokio::time::Instant::now() < deadline, "never closed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            crate::testing::eventually("the peer's close is seen", || {
+                client.connections(&addr) == 0
+            })
+            .await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }

@@ -485,11 +485,10 @@ mod tests {
         assert_eq!(pool.close_expired(), 0);
         assert_eq!(pool.close_expired_at(Instant::now() + IDLE_TIMEOUT), 20);
         assert_eq!(pool.idle_count(), 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while b.open.load(Ordering::SeqCst) != 0 {
-            assert!(Instant::now() < deadline, "the backend still has them open");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::testing::eventually("the backend sees them closed", || {
+            b.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,10 +199,12 @@ where
                 }
             }
             let idle = rbuf.is_empty();
-            let deadline = if idle {
+            // One clock read for both of an idle wait's points.
+            let idle_since = idle.then(Instant::now);
+            let deadline = if let Some(now) = idle_since {
                 match drain_until {
                     Some(t) => t,
-                    None => Instant::now() + limits.keep_alive_idle,
+                    None => now + limits.keep_alive_idle,
                 }
             } else {
                 *head_deadline.get_or_insert_with(|| Instant::now() + limits.request_read)
@@ -216,8 +218,9 @@ where
                 r
             } else {
                 // Idle: first until the release point (see the module docs).
-                let release = (idle && io.can_wait_unbuffered())
-                    .then(|| Instant::now() + RELEASE_IDLE)
+                let release = idle_since
+                    .filter(|_| io.can_wait_unbuffered())
+                    .map(|now| now + RELEASE_IDLE)
                     .filter(|at| *at < deadline);
                 match fill(
                     io,
@@ -980,18 +983,6 @@ mod tests {
         );
     }
 
-    /// Waits until `cond`, for at most 10 s.
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not within 10 s: {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     #[tokio::test]
     async fn an_idle_connection_gives_its_buffers_back_and_serves_on() {
         let srv = server(Limits::default()).await;
@@ -1001,7 +992,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(body(&read_responses(&mut s, 1).await[0]), "GET /one ");
-        eventually("the idle connection releases its buffers", || {
+        crate::testing::eventually("the idle connection releases its buffers", || {
             released() == 1
         })
         .await;
@@ -1021,9 +1012,9 @@ mod tests {
         assert_eq!(body(&out[0]), "GET /two ");
         assert_eq!(body(&out[1]), "POST /three abcde");
         // Released again; then the client goes away and the connection ends.
-        eventually("released a second time", || released() == 2).await;
+        crate::testing::eventually("released a second time", || released() == 2).await;
         drop(s);
-        eventually("the connection ends", || {
+        crate::testing::eventually("the connection ends", || {
             crate::server::client_io::open(srv.port) == 0
         })
         .await;
