@@ -5,7 +5,7 @@
 //!
 //! | layer | owns |
 //! |---|---|
-//! | [`alloc`], [`clock`], [`maps`], [`metrics`], [`tls`] | leaves: the allocator, the monotonic clock, the config-table map type, Prometheus handles, TLS configs and the certificates served by SNI |
+//! | [`alloc`], [`clock`], [`maps`], [`metrics`], [`tls`], `testing` | leaves: the allocator, the monotonic clock, the config-table map type, Prometheus handles, TLS configs and the certificates served by SNI; the unit tests' shared helpers (`cfg(test)` only) |
 //! | [`http`] | bodies, headers, the synthetic error vocabulary, HTTP/1 wire primitives, the h1 client codec and pool, connection limits, the h2 client, the byte tunnel |
 //! | [`server`], [`upstream`], [`observe`], [`policy`] | accepting and serving client connections; endpoints, balancing, health, breakers, one attempt; the access log and spans; edge policies (consumers and their credentials, rate limits, injected faults) |
 //! | [`routing`] | compiled routes and their tables |
