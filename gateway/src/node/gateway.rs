@@ -326,6 +326,7 @@ pub async fn run(
     );
     let endpoints = Arc::new(EndpointRegistry::default());
     let _sweeper = endpoints.spawn_sweeper();
+    let _purger = crate::alloc::spawn_purger();
     let compiler = Compiler::new(
         shared.clone(),
         Defaults {
