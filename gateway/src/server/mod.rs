@@ -306,8 +306,12 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let svc = service_fn(move |req: Request<Incoming>| {
+        // Boxed: hyper moves the future it is given several times (into
+        // its HTTP/2 stream task, into the executor), and the proxy's is
+        // kilobytes; moved by value it was most of the instructions of an
+        // HTTP/2 request (callgrind).
         let fut = (h1_head_len(&req) <= limits.max_head)
-            .then(|| handler(peer.clone(), req.map(RequestBody::Incoming)));
+            .then(|| Box::pin(handler(peer.clone(), req.map(RequestBody::Incoming))));
         async move {
             Ok::<_, Infallible>(match fut {
                 Some(fut) => fut.await,
