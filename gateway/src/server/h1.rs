@@ -278,7 +278,7 @@ where
         // Boxed: held inline, the request's future (the whole proxy path)
         // would size the connection's task, idle or not (see the module
         // docs on idle connections).
-        let resp = Box::pin(handler(peer.clone(), Request::from_parts(parts, body))).await;
+        let resp = super::boxed(|| handler(peer.clone(), Request::from_parts(parts, body))).await;
         // The handler may close the connection (a malformed request).
         let closes = resp
             .headers()
