@@ -534,7 +534,10 @@ async fn commit(st: &AdminState, caller: &Caller, plans: &[Plan]) -> Result<Opti
             // most a twentieth of the limit, so the excess stays small).
             static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let every = (st.history_limit as u64 / 20).clamp(1, TRIM_EVERY);
-            if COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % every == 0 {
+            if COMMITS
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(every)
+            {
                 let st = st.clone();
                 tokio::spawn(async move { trim_history(&st).await });
             }

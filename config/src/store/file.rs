@@ -308,7 +308,9 @@ async fn poll_loop(store: Weak<FileStore>) {
         tokio::time::sleep(POLL).await;
         let Some(store) = store.upgrade() else { return };
         tick = tick.wrapping_add(1);
-        store.check_file(tick % FULL_CHECK_EVERY == 0).await;
+        store
+            .check_file(tick.is_multiple_of(FULL_CHECK_EVERY))
+            .await;
         store.expire_leases().await;
     }
 }

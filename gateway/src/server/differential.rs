@@ -1324,7 +1324,7 @@ fn generated() -> Vec<Case> {
             Case {
                 name: format!("random-{i:03}"),
                 bytes,
-                bytewise: i % BYTEWISE_EVERY == 0,
+                bytewise: i.is_multiple_of(BYTEWISE_EVERY),
                 sentinel: true,
             }
         })
