@@ -115,7 +115,7 @@ pub async fn serve<H, F>(
                             tls.handshakes.with_label_values(&[name, "plaintext"]).inc();
                             Stream::Plain(stream)
                         }
-                        Some(tls) => match Box::pin(handshake(name, &tls, stream)).await {
+                        Some(tls) => match boxed(|| handshake(name, &tls, stream)).await {
                             Some((s, info)) => {
                                 peer.tls = Some(Arc::new(info));
                                 Stream::Tls(Box::new(s))
@@ -140,7 +140,7 @@ pub async fn serve<H, F>(
                             };
                             // Boxed: hyper's connection state would
                             // otherwise size every connection's task.
-                            if let Err(e) = Box::pin(with_hyper(io, peer, handler, conn, limits, shutdown)).await {
+                            if let Err(e) = boxed(|| with_hyper(io, peer, handler, conn, limits, shutdown)).await {
                                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with error");
                             }
                         }
@@ -348,10 +348,12 @@ where
     }
 }
 
-/// A request's future, boxed. The box is allocated first and the future
-/// made after, so that the compiler can build it in the box rather than
-/// on the stack and then copy it in: the proxy's future is about 8 KB,
-/// and `Box::pin(handler(..))` copied all of it on every request.
+/// A future, boxed (a request's, or a connection's stage), so that it
+/// does not size the task that awaits it. The box is allocated first and
+/// the future made after, so that the compiler can build it in the box
+/// rather than on the stack and then copy it in: the proxy's future is
+/// about 8 KB, and `Box::pin(handler(..))` copied all of it on every
+/// request.
 #[inline(always)]
 pub(crate) fn boxed<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let slot = Box::new_uninit();
